@@ -1,0 +1,105 @@
+//! `#[derive(OutboxEvent)]`.
+
+use proc_macro2::TokenStream;
+use quote::{quote, quote_spanned};
+use syn::{Data, DeriveInput};
+
+use crate::ast::{self, Event};
+use crate::attr::Accessor;
+use crate::ctxt::Ctxt;
+use crate::expand::validate::{schema_constraints, validate_impl};
+
+pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
+    let mut cx = Ctxt::default();
+    let event = ast::event(&mut cx, input);
+    match event {
+        Some(event) if !cx.has_errors() => expand(&event),
+        _ => {
+            let errors = cx.into_compile_errors();
+            let stub = fallback(input);
+            quote!(#errors #stub)
+        }
+    }
+}
+
+pub(crate) fn expand(ev: &Event<'_>) -> TokenStream {
+    let ident = ev.ident;
+    let (event_type, version, service) = (&ev.event_type, ev.version, &ev.service);
+    let key = accessor(ev.key.as_ref());
+    let aggregate = ev.aggregate.as_ref().map(|a| {
+        let get = accessor(Some(a));
+        quote! {
+            fn aggregate_id(&self) -> ::core::option::Option<::std::string::String> {
+                #get
+            }
+        }
+    });
+    let constraints = schema_constraints(&ev.body);
+    let schema = (!constraints.is_empty()).then(|| {
+        quote! {
+            fn json_schema() -> ::outbox_runtime::__private::schemars::Schema {
+                let mut __schema = ::outbox_runtime::__private::schemars::schema_for!(Self);
+                #(#constraints)*
+                __schema
+            }
+        }
+    });
+    let validate = validate_impl(&ev.body);
+    // The impl header carries the struct's span: when the payload is not `Serialize`,
+    // `Deserialize` or `JsonSchema`, the error underlines the struct's name.
+    let header = quote_spanned!(ident.span()=> impl ::outbox_runtime::OutboxEvent for #ident);
+    quote! {
+        #[automatically_derived]
+        #header {
+            const EVENT_TYPE: &'static str = #event_type;
+            const VERSION: u32 = #version;
+            const SERVICE: &'static str = #service;
+
+            fn message_key(&self) -> ::core::option::Option<::std::string::String> {
+                #key
+            }
+            #aggregate
+            #schema
+        }
+
+        #validate
+    }
+}
+
+/// `self.field` or `self.method()`, as a key. The call carries the span of the name written
+/// in the attribute, so a type that cannot be a key is reported there.
+fn accessor(acc: Option<&Accessor>) -> TokenStream {
+    match acc {
+        None => quote!(::core::option::Option::None),
+        Some(Accessor::Field(f)) => quote_spanned! {f.span()=>
+            ::outbox_runtime::event::ToKey::to_key(&self.#f)
+        },
+        Some(Accessor::Method(m)) => quote_spanned! {m.span()=>
+            ::outbox_runtime::event::ToKey::to_key(&self.#m())
+        },
+    }
+}
+
+/// After an error, a stub impl for structs, so that using the type elsewhere (in a service enum,
+/// in `enqueue`) does not add a cascade of "not an outbox event" errors to the real one.
+fn fallback(input: &DeriveInput) -> TokenStream {
+    if !matches!(input.data, Data::Struct(_)) || !input.generics.params.is_empty() {
+        return TokenStream::new();
+    }
+    let ident = &input.ident;
+    quote! {
+        #[automatically_derived]
+        impl ::outbox_runtime::OutboxEvent for #ident {
+            const EVENT_TYPE: &'static str = "";
+            const VERSION: u32 = 0;
+            const SERVICE: &'static str = "";
+            fn message_key(&self) -> ::core::option::Option<::std::string::String> {
+                ::core::unimplemented!()
+            }
+        }
+        #[automatically_derived]
+        impl ::outbox_runtime::Validate for #ident {
+            fn validate_into(&self, _: &str, _: &mut ::outbox_runtime::Violations) {}
+        }
+    }
+}

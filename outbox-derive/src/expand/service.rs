@@ -1,0 +1,299 @@
+//! `#[derive(OutboxService)]`: the `OutboxService` impl, the handler trait, the `Dispatch` impl,
+//! and the compile-time checks that tie the variants to the service.
+
+use proc_macro2::TokenStream;
+use quote::{ToTokens, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{Data, DeriveInput, LitStr};
+
+use crate::ast::{self, Service};
+use crate::ctxt::Ctxt;
+
+pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
+    let mut cx = Ctxt::default();
+    let service = ast::service(&mut cx, input);
+    match service {
+        Some(s) if !cx.has_errors() => expand(&s),
+        other => {
+            let errors = cx.into_compile_errors();
+            let stub = other.map(|s| fallback(&s, input));
+            quote!(#errors #stub)
+        }
+    }
+}
+
+pub(crate) fn expand(s: &Service<'_>) -> TokenStream {
+    let imp = service_impl(s);
+    let checks = checks(s);
+    let handler = handler_trait(s);
+    let dispatch = dispatch_impl(s);
+    let from = from_impls(s);
+    quote! {
+        #imp
+        #checks
+        #handler
+        #dispatch
+        #from
+    }
+}
+
+fn event(ty: &syn::Type) -> TokenStream {
+    quote!(<#ty as ::outbox_runtime::OutboxEvent>)
+}
+
+fn option(lit: Option<&LitStr>) -> TokenStream {
+    match lit {
+        Some(l) => quote!(::core::option::Option::Some(#l)),
+        None => quote!(::core::option::Option::None),
+    }
+}
+
+fn service_impl(s: &Service<'_>) -> TokenStream {
+    let ident = s.ident;
+    let service = &s.service;
+    let (table, topic, group) = (
+        option(s.table.as_ref()),
+        option(s.topic.as_ref()),
+        option(s.group.as_ref()),
+    );
+    let specs = s.variants.iter().map(|v| {
+        let ev = event(v.ty);
+        let payload = v.ty.to_token_stream().to_string().replace(' ', "");
+        let variant = v.ident.to_string();
+        let method = v.method.to_string();
+        quote! {
+            ::outbox_runtime::route::EventSpec {
+                event_type: #ev::EVENT_TYPE,
+                version: #ev::VERSION,
+                payload: #payload,
+                variant: #variant,
+                handler: #method,
+                schema: #ev::json_schema,
+            }
+        }
+    });
+    let decode = s.variants.iter().map(|v| {
+        let (ev, ty, var) = (event(v.ty), v.ty, v.ident);
+        quote! {
+            if event_type == #ev::EVENT_TYPE && version == #ev::VERSION {
+                return ::outbox_runtime::__private::decode::<Self, #ty>(payload, Self::#var);
+            }
+        }
+    });
+    let arms = |body: TokenStream| {
+        let arms = s.variants.iter().map(move |v| {
+            let var = v.ident;
+            let ev = event(v.ty);
+            let body = body.clone();
+            quote!(Self::#var(__event) => { let _ = &__event; #ev::#body })
+        });
+        quote!(match self { #(#arms,)* })
+    };
+    let event_type = arms(quote!(EVENT_TYPE));
+    let version = arms(quote!(VERSION));
+    let key = arms(quote!(message_key(__event)));
+    let aggregate = arms(quote!(aggregate_id(__event)));
+    let payload_arms = s.variants.iter().map(|v| {
+        let var = v.ident;
+        quote!(Self::#var(__event) => ::outbox_runtime::__private::serde_json::to_vec(__event))
+    });
+    quote! {
+        #[automatically_derived]
+        impl ::outbox_runtime::OutboxService for #ident {
+            const SERVICE: &'static str = #service;
+            const ROUTE: ::outbox_runtime::route::RouteSpec = ::outbox_runtime::route::RouteSpec {
+                service: #service,
+                table: #table,
+                topic: #topic,
+                group: #group,
+            };
+            const EVENTS: &'static [::outbox_runtime::route::EventSpec] = &[#(#specs),*];
+
+            fn decode(
+                event_type: &str,
+                version: u32,
+                payload: &[u8],
+            ) -> ::core::result::Result<Self, ::outbox_runtime::Rejection> {
+                #(#decode)*
+                ::core::result::Result::Err(::outbox_runtime::__private::reject::<Self>(event_type, version))
+            }
+
+            fn event_type(&self) -> &'static str {
+                #event_type
+            }
+
+            fn version(&self) -> u32 {
+                #version
+            }
+
+            fn message_key(&self) -> ::core::option::Option<::std::string::String> {
+                #key
+            }
+
+            fn aggregate_id(&self) -> ::core::option::Option<::std::string::String> {
+                #aggregate
+            }
+
+            fn to_payload(&self) -> ::core::result::Result<::std::vec::Vec<u8>, ::outbox_runtime::__private::serde_json::Error> {
+                match self { #(#payload_arms,)* }
+            }
+        }
+    }
+}
+
+/// Compile-time checks, each failing at the variant it is about:
+/// every event belongs to this enum's service, and no (event type, version) appears twice.
+fn checks(s: &Service<'_>) -> TokenStream {
+    let ident = s.ident;
+    let service = s.service.value();
+    let owned = s.variants.iter().map(|v| {
+        let ev = event(v.ty);
+        let msg = format!(
+            "the event in variant `{var}` belongs to another service: `{ident}` holds the events of service `{service}`, so `{ty}` needs `service = \"{service}\"` in its `#[outbox(...)]`, or the variant belongs in the enum of the event's own service",
+            var = v.ident,
+            ty = v.ty.to_token_stream().to_string().replace(' ', ""),
+        );
+        // An empty service is the stub left by a failed `#[derive(OutboxEvent)]`, whose own error
+        // already explains it.
+        quote_spanned! {v.ty.span()=>
+            ::core::assert!(
+                #ev::SERVICE.is_empty() || ::outbox_runtime::__private::str_eq(#ev::SERVICE, #service),
+                #msg
+            );
+        }
+    });
+    let pairs = s.variants.iter().map(|v| {
+        let ev = event(v.ty);
+        quote!((#ev::EVENT_TYPE, #ev::VERSION))
+    });
+    let unique = s.variants.iter().enumerate().skip(1).map(|(i, v)| {
+        let msg = format!(
+            "variant `{var}` repeats the event type and version of an earlier variant of `{ident}`; each (event type, version) has one handler, so give `{ty}` a new `version` or remove one of the variants",
+            var = v.ident,
+            ty = v.ty.to_token_stream().to_string().replace(' ', ""),
+        );
+        quote_spanned! {v.ty.span()=>
+            ::core::assert!(
+                __EVENTS[#i].1 == 0 || !::outbox_runtime::__private::repeats_earlier(__EVENTS, #i),
+                #msg
+            );
+        }
+    });
+    quote! {
+        const _: () = {
+            #(#owned)*
+            const __EVENTS: &[(&str, u32)] = &[#(#pairs),*];
+            #(#unique)*
+        };
+    }
+}
+
+fn handler_trait(s: &Service<'_>) -> TokenStream {
+    let (vis, ident, name, service) = (s.vis, s.ident, &s.handler, s.service.value());
+    let ctx = ctx_param(s);
+    let methods = s.variants.iter().map(|v| {
+        let (ty, method, var, docs) = (v.ty, &v.method, v.ident, &v.docs);
+        let summary = format!(
+            " Handles a `{}` event (variant `{ident}::{var}`).",
+            ty.to_token_stream().to_string().replace(' ', "")
+        );
+        let sep = (!docs.is_empty()).then(|| quote!(#[doc = ""]));
+        quote! {
+            #[doc = #summary]
+            #sep
+            #(#docs)*
+            fn #method(
+                &self,
+                ctx: &mut #ctx,
+                event: #ty,
+            ) -> impl ::core::future::Future<
+                Output = ::core::result::Result<(), ::outbox_runtime::HandlerError>,
+            > + ::core::marker::Send;
+        }
+    });
+    let doc = format!(
+        " Handles every event of service `{service}`: one method per variant of [`{ident}`].\n\n Generated by `#[derive(OutboxService)]`. A consumer of `{ident}` needs an implementation of this trait, so a missing handler is a compile error naming the event. `Ctx` is what the runtime hands each call (for example, the database transaction that also records the event as consumed)."
+    );
+    quote! {
+        #[doc = #doc]
+        #vis trait #name<#ctx: ?::core::marker::Sized + ::core::marker::Send>:
+            ::core::marker::Send + ::core::marker::Sync
+        {
+            #(#methods)*
+        }
+    }
+}
+
+/// The handler trait's context parameter: `Ctx`, unless a payload type is called that.
+fn ctx_param(s: &Service<'_>) -> syn::Ident {
+    let clash = s.variants.iter().any(|v| {
+        v.ty.to_token_stream()
+            .into_iter()
+            .any(|t| matches!(&t, proc_macro2::TokenTree::Ident(i) if i == "Ctx"))
+    });
+    let name = if clash { "__OutboxCtx" } else { "Ctx" };
+    syn::Ident::new(name, proc_macro2::Span::call_site())
+}
+
+fn dispatch_impl(s: &Service<'_>) -> TokenStream {
+    let (ident, name) = (s.ident, &s.handler);
+    let arms = s.variants.iter().map(|v| {
+        let (var, method) = (v.ident, &v.method);
+        quote!(Self::#var(__event) => __handler.#method(__ctx, __event).await)
+    });
+    quote! {
+        #[automatically_derived]
+        impl<__H, __Ctx> ::outbox_runtime::Dispatch<__H, __Ctx> for #ident
+        where
+            __H: #name<__Ctx> + ?::core::marker::Sized,
+            __Ctx: ?::core::marker::Sized + ::core::marker::Send,
+        {
+            fn dispatch<'__a>(
+                self,
+                __handler: &'__a __H,
+                __ctx: &'__a mut __Ctx,
+            ) -> impl ::core::future::Future<
+                Output = ::core::result::Result<(), ::outbox_runtime::HandlerError>,
+            > + ::core::marker::Send + '__a {
+                async move {
+                    match self { #(#arms,)* }
+                }
+            }
+        }
+    }
+}
+
+/// `From<Event> for Enum`, so that an event can be passed where the service's enum is expected.
+/// Left out when a payload type appears twice: that is a duplicate, reported by `checks`.
+fn from_impls(s: &Service<'_>) -> TokenStream {
+    let ident = s.ident;
+    let names: Vec<String> = s
+        .variants
+        .iter()
+        .map(|v| v.ty.to_token_stream().to_string())
+        .collect();
+    let impls = s.variants.iter().enumerate().filter_map(|(i, v)| {
+        if names.iter().filter(|n| **n == names[i]).count() > 1 {
+            return None;
+        }
+        let (ty, var) = (v.ty, v.ident);
+        Some(quote! {
+            #[automatically_derived]
+            impl ::core::convert::From<#ty> for #ident {
+                fn from(event: #ty) -> Self {
+                    Self::#var(event)
+                }
+            }
+        })
+    });
+    quote!(#(#impls)*)
+}
+
+/// After an error in the attributes, the handler trait alone, so that the user's
+/// `impl ...Handler for ...` still resolves and the real error stands alone.
+fn fallback(s: &Service<'_>, input: &DeriveInput) -> TokenStream {
+    if !matches!(input.data, Data::Enum(_)) {
+        return TokenStream::new();
+    }
+    handler_trait(s)
+}

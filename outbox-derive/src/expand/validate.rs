@@ -1,0 +1,196 @@
+//! `impl Validate` from field rules, and the JSON Schema constraints they imply.
+//! Shared by `#[derive(OutboxEvent)]` and `#[derive(Validate)]`.
+
+use proc_macro2::TokenStream;
+use quote::{quote, quote_spanned};
+use syn::DeriveInput;
+
+use crate::ast::{self, Body, Field};
+use crate::attr::Rule;
+use crate::ctxt::Ctxt;
+
+/// `#[derive(Validate)]`.
+pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
+    let mut cx = Ctxt::default();
+    let body = ast::validate(&mut cx, input);
+    if cx.has_errors() {
+        let ident = &input.ident;
+        let (imp, ty, wh) = input.generics.split_for_impl();
+        let errors = cx.into_compile_errors();
+        // A stub, so that one mistake here does not also fail every payload nesting this type.
+        return quote! {
+            #errors
+            #[automatically_derived]
+            impl #imp ::outbox_runtime::Validate for #ident #ty #wh {
+                fn validate_into(&self, _: &str, _: &mut ::outbox_runtime::Violations) {}
+            }
+        };
+    }
+    validate_impl(&body)
+}
+
+/// `impl Validate for T`: every rule of every field, then the struct's own function.
+pub(crate) fn validate_impl(body: &Body<'_>) -> TokenStream {
+    let ident = &body.input.ident;
+    let (imp, ty, wh) = body.input.generics.split_for_impl();
+    let fields = body
+        .fields
+        .iter()
+        .filter(|f| !f.rules.is_empty())
+        .map(field_checks);
+    let whole = body.validate_fn.as_ref().map(|path| {
+        quote_spanned! {path_span(path)=>
+            ::outbox_runtime::__private::merge(__outbox_path, #path(self), __outbox_out);
+        }
+    });
+    quote! {
+        #[automatically_derived]
+        impl #imp ::outbox_runtime::Validate for #ident #ty #wh {
+            fn validate_into(
+                &self,
+                __outbox_path: &str,
+                __outbox_out: &mut ::outbox_runtime::Violations,
+            ) {
+                #(#fields)*
+                #whole
+            }
+        }
+    }
+}
+
+fn path_span(path: &syn::Path) -> proc_macro2::Span {
+    path.segments
+        .last()
+        .map_or_else(proc_macro2::Span::call_site, |s| s.ident.span())
+}
+
+/// The checks of one field, in the order its rules were written.
+fn field_checks(field: &Field<'_>) -> TokenStream {
+    let ident = field.ident;
+    let name = &field.json_name;
+    let path = if field.flatten {
+        quote!(__outbox_path)
+    } else {
+        quote!(&::outbox_runtime::validate::join(__outbox_path, #name))
+    };
+    let checks = field.rules.iter().map(|rule| {
+        let v = quote!(::outbox_runtime::validate);
+        // Each call carries the span of its rule, so a rule that does not fit the field's type
+        // (`range` on a `String`) is reported under the rule in the attribute.
+        match rule {
+            Rule::NonEmpty(word) => quote_spanned! {word.span()=>
+                #v::non_empty(&self.#ident, __p, __outbox_out);
+            },
+            Rule::Length { word, min, max } => {
+                let (min, max) = (opt(min.as_ref().map(|m| quote!(#m))), opt(max.as_ref().map(|m| quote!(#m))));
+                quote_spanned! {word.span()=>
+                    #v::length(&self.#ident, #min, #max, __p, __outbox_out);
+                }
+            }
+            Rule::Range { word, min, max } => {
+                let (min, max) = (opt(min.as_ref().map(|b| b.tokens.clone())), opt(max.as_ref().map(|b| b.tokens.clone())));
+                quote_spanned! {word.span()=>
+                    #v::range(&self.#ident, #min, #max, __p, __outbox_out);
+                }
+            }
+            Rule::Regex { word, pattern } => {
+                let anchored = format!("^(?:{})$", pattern.value());
+                quote_spanned! {word.span()=>
+                    {
+                        static __RE: ::outbox_runtime::__private::LazyLock<::outbox_runtime::__private::regex::Regex> =
+                            ::outbox_runtime::__private::LazyLock::new(|| ::outbox_runtime::__private::compile_regex(#anchored));
+                        #v::regex(&self.#ident, &__RE, #pattern, __p, __outbox_out);
+                    }
+                }
+            }
+            Rule::Custom { word, path } => quote_spanned! {word.span()=>
+                #v::custom(#path(&self.#ident), __p, __outbox_out);
+            },
+            Rule::Nested(word) => quote_spanned! {word.span()=>
+                ::outbox_runtime::Validate::validate_into(&self.#ident, __p, __outbox_out);
+            },
+        }
+    });
+    quote! {
+        {
+            let __p: &str = #path;
+            #(#checks)*
+        }
+    }
+}
+
+fn opt(v: Option<TokenStream>) -> TokenStream {
+    match v {
+        Some(v) => quote!(::core::option::Option::Some(#v)),
+        None => quote!(::core::option::Option::None),
+    }
+}
+
+/// Statements adding each field's constraints to `__schema`, the payload's JSON Schema.
+///
+/// The macro cannot see whether a field is a string, an array or an object, so a size rule
+/// sets the keyword of each (`minLength`, `minItems`, `minProperties`): JSON Schema applies
+/// each only to values of its own type, so the others are inert.
+pub(crate) fn schema_constraints(body: &Body<'_>) -> Vec<TokenStream> {
+    let json = quote!(::outbox_runtime::__private::serde_json::Value);
+    body.fields
+        .iter()
+        .filter(|f| !f.flatten)
+        .filter_map(|f| {
+            let mut min_size: Option<u64> = None;
+            let mut max_size: Option<u64> = None;
+            let mut pattern: Option<String> = None;
+            let mut non_empty = false;
+            let mut pairs: Vec<TokenStream> = Vec::new();
+            for rule in &f.rules {
+                match rule {
+                    Rule::NonEmpty(_) => {
+                        non_empty = true;
+                        min_size = Some(min_size.unwrap_or(0).max(1));
+                    }
+                    Rule::Length { min, max, .. } => {
+                        if let Some(m) = min.as_ref().and_then(|m| m.base10_parse::<u64>().ok()) {
+                            min_size = Some(min_size.unwrap_or(0).max(m));
+                        }
+                        if let Some(m) = max.as_ref().and_then(|m| m.base10_parse::<u64>().ok()) {
+                            max_size = Some(max_size.map_or(m, |x| x.min(m)));
+                        }
+                    }
+                    Rule::Range { min, max, .. } => {
+                        for (kw, b) in [("minimum", min), ("maximum", max)] {
+                            if let Some(j) = b.as_ref().and_then(|b| b.json.as_ref()) {
+                                pairs.push(quote!((#kw, #json::from(#j))));
+                            }
+                        }
+                    }
+                    Rule::Regex { pattern: p, .. } => {
+                        pattern = Some(format!("^(?:{})$", p.value()));
+                    }
+                    Rule::Custom { .. } | Rule::Nested(_) => {}
+                }
+            }
+            // A blank string breaks `non_empty`; `\S` says "has a non-space character".
+            if non_empty && pattern.is_none() {
+                pattern = Some("\\S".to_owned());
+            }
+            for (suffix, v) in [("min", min_size), ("max", max_size)] {
+                if let Some(v) = v {
+                    for kw in ["Length", "Items", "Properties"] {
+                        let kw = format!("{suffix}{kw}");
+                        pairs.push(quote!((#kw, #json::from(#v))));
+                    }
+                }
+            }
+            if let Some(p) = pattern {
+                pairs.push(quote!(("pattern", #json::from(#p))));
+            }
+            if pairs.is_empty() {
+                return None;
+            }
+            let name = &f.json_name;
+            Some(quote! {
+                ::outbox_runtime::__private::constrain(&mut __schema, #name, &[#(#pairs),*]);
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,29 @@
+#![doc = include_str!("../../README.md")]
+#![warn(missing_docs)]
+#![warn(clippy::print_stdout, clippy::print_stderr)]
+
+pub mod error;
+pub mod event;
+pub mod route;
+pub mod service;
+pub mod validate;
+
+#[doc(hidden)]
+pub mod __private;
+
+pub use error::Error;
+pub use event::OutboxEvent;
+pub use route::{Catalog, RouteConfig, ServiceRoute};
+pub use service::{Dispatch, HandlerError, OutboxService, Rejection};
+pub use validate::{Validate, Violation, Violations};
+
+/// `#[derive(OutboxEvent)]`: an event contract. See [`trait@OutboxEvent`].
+#[cfg(feature = "derive")]
+pub use outbox_derive::OutboxEvent;
+/// `#[derive(OutboxService)]`: a service's events, route and handler trait.
+/// See [`trait@OutboxService`].
+#[cfg(feature = "derive")]
+pub use outbox_derive::OutboxService;
+/// `#[derive(Validate)]`: validation for a struct nested in a payload. See [`trait@Validate`].
+#[cfg(feature = "derive")]
+pub use outbox_derive::Validate;

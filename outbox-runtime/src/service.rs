@@ -1,0 +1,279 @@
+//! A service's set of events: the [`OutboxService`] trait, the [`Dispatch`] from a decoded event
+//! to its handler, and the typed [`Rejection`] of a message the service must not process.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+
+use crate::route::{EventSpec, RouteSpec};
+use crate::validate::Violations;
+
+/// The events one service consumes, as an enum with one variant per (event type, version).
+///
+/// Implement it with `#[derive(OutboxService)]`, which also generates the service's handler
+/// trait (one method per variant) and a [`Dispatch`] implementation for every type that
+/// implements that trait.
+pub trait OutboxService: Sized + Send + 'static {
+    /// The service name.
+    const SERVICE: &'static str;
+    /// The routing declared on the enum's attribute.
+    const ROUTE: RouteSpec;
+    /// Every (event type, version) the service accepts, in variant order.
+    const EVENTS: &'static [EventSpec];
+
+    /// Decodes and validates a raw payload of `event_type` at `version`.
+    ///
+    /// The error says why the message must be dead-lettered: an event type this service does
+    /// not know, a version it does not accept, a payload that does not decode, or one that
+    /// breaks the contract's validation rules.
+    fn decode(event_type: &str, version: u32, payload: &[u8]) -> Result<Self, Rejection>;
+
+    /// The event type of this variant.
+    fn event_type(&self) -> &'static str;
+    /// The version of this variant.
+    fn version(&self) -> u32;
+    /// The message key of the event inside.
+    fn message_key(&self) -> Option<String>;
+    /// The aggregate id of the event inside.
+    fn aggregate_id(&self) -> Option<String>;
+    /// The JSON payload of the event inside (without the enum's variant tag).
+    fn to_payload(&self) -> Result<Vec<u8>, serde_json::Error>;
+
+    /// The versions of `event_type` this service accepts, ascending; empty for an unknown type.
+    fn accepted_versions(event_type: &str) -> Vec<u32> {
+        let mut v: Vec<u32> = Self::EVENTS
+            .iter()
+            .filter(|e| e.event_type == event_type)
+            .map(|e| e.version)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// Hands a decoded event to the handler method for its variant.
+///
+/// `#[derive(OutboxService)]` implements it for every `H` that implements the service's
+/// generated handler trait, so a consumer that requires `S: Dispatch<H, Ctx>` does not compile
+/// until `H` handles every event of `S`.
+#[diagnostic::on_unimplemented(
+    message = "`{H}` does not handle the events of `{Self}`",
+    label = "`{H}` is not a handler of `{Self}`",
+    note = "implement the handler trait that `#[derive(OutboxService)]` generated for `{Self}` (named `{Self}Handler` unless renamed) for `{H}`"
+)]
+pub trait Dispatch<H: ?Sized, Ctx: ?Sized>: OutboxService {
+    /// Calls the handler method of this variant.
+    fn dispatch<'a>(
+        self,
+        handler: &'a H,
+        ctx: &'a mut Ctx,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send + 'a;
+}
+
+/// Why a message was not handed to a handler. The runtime dead-letters such messages with
+/// [`Rejection::reason`] and the message as the reason: retrying cannot fix them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// The service has no variant for this event type.
+    UnknownEventType {
+        /// The rejecting service.
+        service: &'static str,
+        /// The event type received.
+        event_type: String,
+    },
+    /// The service knows the event type, but not this version.
+    UnsupportedVersion {
+        /// The rejecting service.
+        service: &'static str,
+        /// The event type received.
+        event_type: String,
+        /// The version received.
+        got: u32,
+        /// The versions the service accepts, ascending.
+        accepted: Vec<u32>,
+    },
+    /// The payload is not valid JSON or does not fit the contract's shape.
+    Decode {
+        /// The event type.
+        event_type: &'static str,
+        /// The version.
+        version: u32,
+        /// The decoder's message, with line and column.
+        error: String,
+    },
+    /// The payload decoded but breaks the contract's validation rules.
+    Invalid {
+        /// The event type.
+        event_type: &'static str,
+        /// The version.
+        version: u32,
+        /// Every broken rule.
+        violations: Violations,
+    },
+}
+
+impl Rejection {
+    /// A short, stable code for dashboards and dead-letter filters: `unknown_event_type`,
+    /// `unsupported_version`, `decode_error` or `invalid_payload`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::UnknownEventType { .. } => "unknown_event_type",
+            Rejection::UnsupportedVersion { .. } => "unsupported_version",
+            Rejection::Decode { .. } => "decode_error",
+            Rejection::Invalid { .. } => "invalid_payload",
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::UnknownEventType {
+                service,
+                event_type,
+            } => write!(
+                f,
+                "unknown event type `{event_type}`: service `{service}` has no handler for it"
+            ),
+            Rejection::UnsupportedVersion {
+                service,
+                event_type,
+                got,
+                accepted,
+            } => {
+                write!(
+                    f,
+                    "unsupported version {got} of `{event_type}`: service `{service}` accepts version"
+                )?;
+                if accepted.len() > 1 {
+                    f.write_str("s")?;
+                }
+                for (i, v) in accepted.iter().enumerate() {
+                    f.write_str(if i == 0 { " " } else { ", " })?;
+                    write!(f, "{v}")?;
+                }
+                Ok(())
+            }
+            Rejection::Decode {
+                event_type,
+                version,
+                error,
+            } => write!(
+                f,
+                "cannot decode `{event_type}` v{version} payload: {error}"
+            ),
+            Rejection::Invalid {
+                event_type,
+                version,
+                violations,
+            } => write!(f, "invalid `{event_type}` v{version} payload: {violations}"),
+        }
+    }
+}
+
+impl StdError for Rejection {}
+
+type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// A handler's failure. By default it is retried through the outbox with backoff until the
+/// row's attempts run out; [`HandlerError::permanent`] dead-letters it at once.
+///
+/// Any error converts with `?`, like `anyhow::Error`, so handlers can return their own errors.
+pub struct HandlerError {
+    permanent: bool,
+    error: BoxError,
+}
+
+impl HandlerError {
+    /// A failure worth retrying (a timeout, a lost connection).
+    pub fn retry(error: impl Into<BoxError>) -> Self {
+        Self {
+            permanent: false,
+            error: error.into(),
+        }
+    }
+
+    /// A failure no retry can fix: the event goes dead with this error as its reason.
+    pub fn permanent(error: impl Into<BoxError>) -> Self {
+        Self {
+            permanent: true,
+            error: error.into(),
+        }
+    }
+
+    /// True when the event must go dead without retrying.
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
+    }
+
+    /// The underlying error.
+    pub fn error(&self) -> &(dyn StdError + Send + Sync + 'static) {
+        &*self.error
+    }
+
+    /// The underlying error, owned.
+    pub fn into_error(self) -> BoxError {
+        self.error
+    }
+}
+
+impl<E: StdError + Send + Sync + 'static> From<E> for HandlerError {
+    fn from(error: E) -> Self {
+        Self::retry(error)
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerError")
+            .field("permanent", &self.permanent)
+            .field("error", &self.error)
+            .finish()
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.error, f)?;
+        let mut source = self.error.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejection_messages_name_what_to_fix() {
+        let r = Rejection::UnsupportedVersion {
+            service: "notification",
+            event_type: "notification.feishu.requested".into(),
+            got: 3,
+            accepted: vec![1, 2],
+        };
+        assert_eq!(r.reason(), "unsupported_version");
+        assert_eq!(
+            r.to_string(),
+            "unsupported version 3 of `notification.feishu.requested`: service `notification` accepts versions 1, 2"
+        );
+    }
+
+    #[test]
+    fn handler_errors_convert_with_question_mark_and_show_their_chain() {
+        fn fails() -> Result<(), HandlerError> {
+            let n: u32 = "x".parse()?;
+            let _ = n;
+            Ok(())
+        }
+        let e = fails().unwrap_err();
+        assert!(!e.is_permanent());
+        assert_eq!(e.to_string(), "invalid digit found in string");
+        assert!(HandlerError::permanent("no such user").is_permanent());
+    }
+}
