@@ -361,6 +361,17 @@ fn bounds(
             format!("`{rule}` needs bounds, like `{example}`"),
         ));
     }
+    let empty = meta
+        .input
+        .fork()
+        .parse::<proc_macro2::Group>()
+        .is_ok_and(|g| g.stream().is_empty());
+    if empty {
+        return Err(syn::Error::new_spanned(
+            &rule,
+            format!("`{rule}` needs `min`, `max` or both, like `{example}`"),
+        ));
+    }
     let mut any = false;
     meta.parse_nested_meta(|b| {
         let which = if b.path.is_ident(symbol::MIN) {

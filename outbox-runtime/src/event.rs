@@ -60,6 +60,11 @@ pub trait OutboxEvent:
         self.message_key()
     }
 
+    /// The payload as stored and sent: its JSON.
+    fn to_payload(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
+    }
+
     /// The payload's JSON Schema (draft 2020-12), including the field constraints declared with
     /// `#[outbox(validate(...))]` that JSON Schema can express.
     fn json_schema() -> schemars::Schema {

@@ -409,14 +409,14 @@ pub fn length<T: Length + ?Sized>(
 }
 
 /// `range(min = .., max = ..)`, both bounds inclusive; NaN is never in range.
-pub fn range<T: Number + ?Sized>(
-    value: &T,
-    min: Option<T::Bound>,
-    max: Option<T::Bound>,
+pub fn range<N: PartialOrd + fmt::Display + Copy>(
+    value: Option<N>,
+    min: Option<N>,
+    max: Option<N>,
     path: &str,
     out: &mut Violations,
 ) {
-    let Some(v) = value.number() else { return };
+    let Some(v) = value else { return };
     // Written as "not inside" so that NaN, which compares false with everything, fails.
     let above_min = min.is_none_or(|min| v >= min);
     let below_max = max.is_none_or(|max| v <= max);
@@ -479,18 +479,18 @@ mod tests {
         let mut out = Violations::new();
         let none: Option<String> = None;
         non_empty(&none, "a", &mut out);
-        range(&None::<u32>, Some(1), None, "b", &mut out);
+        range(None::<u32>.number(), Some(1), None, "b", &mut out);
         assert!(out.is_empty());
         non_empty(&Some(String::new()), "c", &mut out);
-        range(&Some(0u32), Some(1), None, "d", &mut out);
+        range(Some(0u32).number(), Some(1), None, "d", &mut out);
         assert_eq!(out.len(), 2);
     }
 
     #[test]
     fn nan_is_out_of_range() {
         let mut out = Violations::new();
-        range(&f64::NAN, Some(0.0), Some(1.0), "x", &mut out);
-        range(&0.5f64, Some(0.0), Some(1.0), "y", &mut out);
+        range(f64::NAN.number(), Some(0.0), Some(1.0), "x", &mut out);
+        range(0.5f64.number(), Some(0.0), Some(1.0), "y", &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(out.iter().next().unwrap().path, "x");
     }
@@ -500,7 +500,7 @@ mod tests {
         struct Line(i32);
         impl Validate for Line {
             fn validate_into(&self, path: &str, out: &mut Violations) {
-                range(&self.0, Some(1), None, &join(path, "qty"), out);
+                range(self.0.number(), Some(1), None, &join(path, "qty"), out);
             }
         }
         let lines = vec![Line(1), Line(0), Line(-2)];

@@ -93,10 +93,7 @@ fn service_impl(s: &Service<'_>) -> TokenStream {
     let version = arms(quote!(VERSION));
     let key = arms(quote!(message_key(__event)));
     let aggregate = arms(quote!(aggregate_id(__event)));
-    let payload_arms = s.variants.iter().map(|v| {
-        let var = v.ident;
-        quote!(Self::#var(__event) => ::outbox_runtime::__private::serde_json::to_vec(__event))
-    });
+    let payload = arms(quote!(to_payload(__event)));
     quote! {
         #[automatically_derived]
         impl ::outbox_runtime::OutboxService for #ident {
@@ -135,7 +132,7 @@ fn service_impl(s: &Service<'_>) -> TokenStream {
             }
 
             fn to_payload(&self) -> ::core::result::Result<::std::vec::Vec<u8>, ::outbox_runtime::__private::serde_json::Error> {
-                match self { #(#payload_arms,)* }
+                #payload
             }
         }
     }
@@ -198,7 +195,9 @@ fn handler_trait(s: &Service<'_>) -> TokenStream {
             ty.to_token_stream().to_string().replace(' ', "")
         );
         let sep = (!docs.is_empty()).then(|| quote!(#[doc = ""]));
-        quote! {
+        // The declaration carries the variant's span: when an implementation misses this
+        // method, the compiler's "from trait" note points at the variant and its event.
+        quote_spanned! {v.ident.span()=>
             #[doc = #summary]
             #sep
             #(#docs)*

@@ -74,7 +74,10 @@ fn field_checks(field: &Field<'_>) -> TokenStream {
         quote!(&::outbox_runtime::validate::join(__outbox_path, #name))
     };
     let checks = field.rules.iter().map(|rule| {
-        let v = quote!(::outbox_runtime::validate);
+        // Every token of a check, down to the path and the field name, takes the rule's span,
+        // so an error underlines just the rule.
+        let v = quote_spanned!(rule_span(rule)=> ::outbox_runtime::validate);
+        let ident = &syn::Ident::new(&ident.to_string(), rule_span(rule));
         // Each call carries the span of its rule, so a rule that does not fit the field's type
         // (`range` on a `String`) is reported under the rule in the attribute.
         match rule {
@@ -89,8 +92,13 @@ fn field_checks(field: &Field<'_>) -> TokenStream {
             }
             Rule::Range { word, min, max } => {
                 let (min, max) = (opt(min.as_ref().map(|b| b.tokens.clone())), opt(max.as_ref().map(|b| b.tokens.clone())));
+                // Two steps, so that a field that is not a number gives one error, not a second
+                // one about the bounds' type.
                 quote_spanned! {word.span()=>
-                    #v::range(&self.#ident, #min, #max, __p, __outbox_out);
+                    {
+                        let __n = #v::Number::number(&self.#ident);
+                        #v::range(__n, #min, #max, __p, __outbox_out);
+                    }
                 }
             }
             Rule::Regex { word, pattern } => {
@@ -116,6 +124,16 @@ fn field_checks(field: &Field<'_>) -> TokenStream {
             let __p: &str = #path;
             #(#checks)*
         }
+    }
+}
+
+fn rule_span(rule: &Rule) -> proc_macro2::Span {
+    match rule {
+        Rule::NonEmpty(w) | Rule::Nested(w) => w.span(),
+        Rule::Length { word, .. }
+        | Rule::Range { word, .. }
+        | Rule::Regex { word, .. }
+        | Rule::Custom { word, .. } => word.span(),
     }
 }
 

@@ -1,0 +1,12 @@
+use outbox_runtime::OutboxEvent;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, JsonSchema, OutboxEvent)]
+#[outbox(event_type = "notification.feishu.requested", version = 1, service = "notification")]
+pub enum FeishuRequested {
+    Text(String),
+    Card(String),
+}
+
+fn main() {}

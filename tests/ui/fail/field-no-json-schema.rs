@@ -1,0 +1,16 @@
+use outbox_runtime::OutboxEvent;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize)]
+pub struct Recipient {
+    pub user_id: u64,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, OutboxEvent)]
+#[outbox(event_type = "notification.feishu.requested", version = 1, service = "notification")]
+pub struct FeishuRequested {
+    pub recipient: Recipient,
+}
+
+fn main() {}

@@ -1,0 +1,10 @@
+use outbox_runtime::OutboxEvent;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, OutboxEvent)]
+#[outbox(event_type = "notification.feishu.requested", version = 1, service = "notification")]
+pub struct FeishuRequested {
+    pub user_id: u64,
+}
+
+fn main() {}

@@ -1,0 +1,11 @@
+use outbox_runtime::OutboxEvent;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, JsonSchema, OutboxEvent)]
+#[outbox(event_type = "notification.feishu.requested", version = 1.0, service = "notification")]
+pub struct FeishuRequested {
+    pub user_id: u64,
+}
+
+fn main() {}
