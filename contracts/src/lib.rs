@@ -12,15 +12,16 @@ pub mod active_scheduler;
 pub mod agent;
 pub mod memory;
 pub mod notification;
+pub mod samples;
 pub mod task;
 pub mod token_store;
 
-pub use active_scheduler::ActiveSchedulerEvents;
-pub use agent::AgentEvents;
-pub use memory::MemoryEvents;
-pub use notification::NotificationEvents;
-pub use task::TaskEvents;
-pub use token_store::TokenStoreEvents;
+pub use active_scheduler::{ActiveSchedulerEvents, ActiveSchedulerEventsHandler};
+pub use agent::{AgentEvents, AgentEventsHandler};
+pub use memory::{MemoryEvents, MemoryEventsHandler};
+pub use notification::{NotificationEvents, NotificationEventsHandler};
+pub use task::{TaskEvents, TaskEventsHandler};
+pub use token_store::{TokenStoreEvents, TokenStoreEventsHandler};
 
 /// The topic and group prefix the Go system used.
 pub const PREFIX: &str = "smartflow";

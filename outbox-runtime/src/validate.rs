@@ -190,10 +190,31 @@ impl<K: fmt::Display, V: Validate, S> Validate for HashMap<K, V, S> {
 
 /// `parent.child`, or `child` at the root.
 pub fn join(parent: &str, child: &str) -> String {
-    if parent.is_empty() {
-        child.to_owned()
-    } else {
-        format!("{parent}.{child}")
+    At::new(parent, child).render()
+}
+
+/// Where a check runs: a field `name` under a `parent` path. The path is only turned into a
+/// string when a rule is broken, so validating a valid payload allocates nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct At<'a> {
+    parent: &'a str,
+    name: &'a str,
+}
+
+impl<'a> At<'a> {
+    /// The field `name` under `parent`; an empty `name` stands for `parent` itself (a
+    /// `#[serde(flatten)]` field).
+    pub fn new(parent: &'a str, name: &'a str) -> Self {
+        Self { parent, name }
+    }
+
+    /// `parent.name`, `name` at the root, or `parent` for an empty name.
+    pub fn render(self) -> String {
+        match (self.parent.is_empty(), self.name.is_empty()) {
+            (_, true) => self.parent.to_owned(),
+            (true, false) => self.name.to_owned(),
+            (false, false) => format!("{}.{}", self.parent, self.name),
+        }
     }
 }
 
@@ -386,9 +407,9 @@ impl<T: Text> Text for Option<T> {
 }
 
 /// `non_empty`: strings must not be blank, collections must hold an item.
-pub fn non_empty<T: Length + ?Sized>(value: &T, path: &str, out: &mut Violations) {
+pub fn non_empty<T: Length + ?Sized>(value: &T, at: At<'_>, out: &mut Violations) {
     if value.blank() == Some(true) {
-        out.push(path, "non_empty", "must not be empty");
+        out.push(at.render(), "non_empty", "must not be empty");
     }
 }
 
@@ -397,14 +418,14 @@ pub fn length<T: Length + ?Sized>(
     value: &T,
     min: Option<usize>,
     max: Option<usize>,
-    path: &str,
+    at: At<'_>,
     out: &mut Violations,
 ) {
     let Some(n) = value.size() else { return };
     let too_short = min.is_some_and(|min| n < min);
     let too_long = max.is_some_and(|max| n > max);
     if too_short || too_long {
-        out.push(path, "length", bounds_message("length", n, min, max));
+        out.push(at.render(), "length", bounds_message("length", n, min, max));
     }
 }
 
@@ -413,7 +434,7 @@ pub fn range<N: PartialOrd + fmt::Display + Copy>(
     value: Option<N>,
     min: Option<N>,
     max: Option<N>,
-    path: &str,
+    at: At<'_>,
     out: &mut Violations,
 ) {
     let Some(v) = value else { return };
@@ -421,7 +442,7 @@ pub fn range<N: PartialOrd + fmt::Display + Copy>(
     let above_min = min.is_none_or(|min| v >= min);
     let below_max = max.is_none_or(|max| v <= max);
     if !(above_min && below_max) {
-        out.push(path, "range", bounds_message("value", v, min, max));
+        out.push(at.render(), "range", bounds_message("value", v, min, max));
     }
 }
 
@@ -430,19 +451,19 @@ pub fn regex<T: Text + ?Sized>(
     value: &T,
     re: &regex::Regex,
     pattern: &str,
-    path: &str,
+    at: At<'_>,
     out: &mut Violations,
 ) {
     let Some(s) = value.text() else { return };
     if !re.is_match(s) {
-        out.push(path, "regex", format!("must match `{pattern}`"));
+        out.push(at.render(), "regex", format!("must match `{pattern}`"));
     }
 }
 
 /// `custom = path::to_fn`: the function returns `Err(reason)` for an invalid value.
-pub fn custom<E: fmt::Display>(result: Result<(), E>, path: &str, out: &mut Violations) {
+pub fn custom<E: fmt::Display>(result: Result<(), E>, at: At<'_>, out: &mut Violations) {
     if let Err(e) = result {
-        out.push(path, "custom", e.to_string());
+        out.push(at.render(), "custom", e.to_string());
     }
 }
 
@@ -459,13 +480,17 @@ fn bounds_message<N: fmt::Display>(what: &str, got: N, min: Option<N>, max: Opti
 mod tests {
     use super::*;
 
+    fn at(name: &str) -> At<'_> {
+        At::new("", name)
+    }
+
     #[test]
     fn blank_strings_are_empty_and_length_counts_characters() {
         let mut out = Violations::new();
-        non_empty("  \t", "a", &mut out);
-        non_empty("x", "b", &mut out);
-        length("héllo", None, Some(5), "c", &mut out);
-        length("héllo!", None, Some(5), "d", &mut out);
+        non_empty("  \t", at("a"), &mut out);
+        non_empty("x", at("b"), &mut out);
+        length("héllo", None, Some(5), at("c"), &mut out);
+        length("héllo!", None, Some(5), at("d"), &mut out);
         let paths: Vec<_> = out.iter().map(|v| v.path.as_str()).collect();
         assert_eq!(paths, ["a", "d"]);
         assert_eq!(
@@ -478,19 +503,19 @@ mod tests {
     fn options_are_checked_only_when_present() {
         let mut out = Violations::new();
         let none: Option<String> = None;
-        non_empty(&none, "a", &mut out);
-        range(None::<u32>.number(), Some(1), None, "b", &mut out);
+        non_empty(&none, at("a"), &mut out);
+        range(None::<u32>.number(), Some(1), None, at("b"), &mut out);
         assert!(out.is_empty());
-        non_empty(&Some(String::new()), "c", &mut out);
-        range(Some(0u32).number(), Some(1), None, "d", &mut out);
+        non_empty(&Some(String::new()), at("c"), &mut out);
+        range(Some(0u32).number(), Some(1), None, at("d"), &mut out);
         assert_eq!(out.len(), 2);
     }
 
     #[test]
     fn nan_is_out_of_range() {
         let mut out = Violations::new();
-        range(f64::NAN.number(), Some(0.0), Some(1.0), "x", &mut out);
-        range(0.5f64.number(), Some(0.0), Some(1.0), "y", &mut out);
+        range(f64::NAN.number(), Some(0.0), Some(1.0), at("x"), &mut out);
+        range(0.5f64.number(), Some(0.0), Some(1.0), at("y"), &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(out.iter().next().unwrap().path, "x");
     }
@@ -500,7 +525,7 @@ mod tests {
         struct Line(i32);
         impl Validate for Line {
             fn validate_into(&self, path: &str, out: &mut Violations) {
-                range(self.0.number(), Some(1), None, &join(path, "qty"), out);
+                range(self.0.number(), Some(1), None, At::new(path, "qty"), out);
             }
         }
         let lines = vec![Line(1), Line(0), Line(-2)];

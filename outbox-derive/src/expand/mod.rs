@@ -5,3 +5,85 @@
 pub(crate) mod event;
 pub(crate) mod service;
 pub(crate) mod validate;
+
+/// Expansion snapshots: what each derive generates for a typical input. Review a change with
+/// `cargo insta review` (or `INSTA_UPDATE=always`), then read the new `.snap` before committing.
+#[cfg(test)]
+mod tests {
+    use syn::{DeriveInput, parse_quote};
+
+    fn pretty(tokens: proc_macro2::TokenStream) -> String {
+        match syn::parse2::<syn::File>(tokens.clone()) {
+            Ok(file) => prettyplease::unparse(&file),
+            Err(e) => panic!("the expansion does not parse ({e}):\n{tokens}"),
+        }
+    }
+
+    #[test]
+    fn event_with_every_rule() {
+        let input: DeriveInput = parse_quote! {
+            #[serde(rename_all = "camelCase")]
+            #[outbox(event_type = "notification.feishu.requested", version = 2, service = "notification",
+                     key = user_id, aggregate = preview_key(), validate = check_card)]
+            pub struct FeishuRequested {
+                #[outbox(validate(range(min = 1, max = 9_000_000)))]
+                pub user_id: u64,
+                #[outbox(validate(non_empty, length(max = 64), regex = "[a-z0-9-]+"))]
+                pub preview_id: String,
+                #[serde(rename = "url")]
+                #[outbox(validate(custom = crate::checks::in_app_link))]
+                pub target_url: String,
+                #[outbox(validate(nested))]
+                pub card: Card,
+                pub note: Option<String>,
+            }
+        };
+        insta::assert_snapshot!(pretty(super::event::derive(&input)));
+    }
+
+    #[test]
+    fn service_with_two_versions() {
+        let input: DeriveInput = parse_quote! {
+            #[outbox(service = "notification", topic = "smartflow.notification.outbox")]
+            pub enum NotificationEvents {
+                /// The plain-text message.
+                FeishuRequested(FeishuRequested),
+                #[outbox(handler = on_card)]
+                FeishuRequestedV2(v2::FeishuRequested),
+            }
+        };
+        insta::assert_snapshot!(pretty(super::service::derive(&input)));
+    }
+
+    #[test]
+    fn nested_validate() {
+        let input: DeriveInput = parse_quote! {
+            pub struct CardAction {
+                #[outbox(validate(non_empty, length(max = 20)))]
+                pub label: String,
+                pub url: String,
+            }
+        };
+        insta::assert_snapshot!(pretty(super::validate::derive(&input)));
+    }
+
+    #[test]
+    fn errors_come_with_a_stub() {
+        let input: DeriveInput = parse_quote! {
+            #[outbox(event_type = "Feishu", version = 0, service = "notification", topc = "x")]
+            pub struct FeishuRequested {
+                pub user_id: u64,
+            }
+        };
+        let out = super::event::derive(&input).to_string();
+        // Every mistake, then a stub impl so that uses of the type do not add errors.
+        for expected in [
+            "is not `lower.dotted.words`",
+            "versions start at 1",
+            "unknown outbox attribute `topc` on an event",
+            "impl :: outbox_runtime :: OutboxEvent for FeishuRequested",
+        ] {
+            assert!(out.contains(expected), "missing {expected:?} in {out}");
+        }
+    }
+}

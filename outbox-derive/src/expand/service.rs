@@ -80,20 +80,21 @@ fn service_impl(s: &Service<'_>) -> TokenStream {
             }
         }
     });
-    let arms = |body: TokenStream| {
+    // `binding` is `_` for arms that read a constant, `__event` for arms that call a method.
+    let arms = |binding: TokenStream, body: TokenStream| {
         let arms = s.variants.iter().map(move |v| {
             let var = v.ident;
             let ev = event(v.ty);
-            let body = body.clone();
-            quote!(Self::#var(__event) => { let _ = &__event; #ev::#body })
+            let (binding, body) = (binding.clone(), body.clone());
+            quote!(Self::#var(#binding) => #ev::#body)
         });
         quote!(match self { #(#arms,)* })
     };
-    let event_type = arms(quote!(EVENT_TYPE));
-    let version = arms(quote!(VERSION));
-    let key = arms(quote!(message_key(__event)));
-    let aggregate = arms(quote!(aggregate_id(__event)));
-    let payload = arms(quote!(to_payload(__event)));
+    let event_type = arms(quote!(_), quote!(EVENT_TYPE));
+    let version = arms(quote!(_), quote!(VERSION));
+    let key = arms(quote!(__event), quote!(message_key(__event)));
+    let aggregate = arms(quote!(__event), quote!(aggregate_id(__event)));
+    let payload = arms(quote!(__event), quote!(to_payload(__event)));
     quote! {
         #[automatically_derived]
         impl ::outbox_runtime::OutboxService for #ident {

@@ -68,11 +68,7 @@ fn path_span(path: &syn::Path) -> proc_macro2::Span {
 fn field_checks(field: &Field<'_>) -> TokenStream {
     let ident = field.ident;
     let name = &field.json_name;
-    let path = if field.flatten {
-        quote!(__outbox_path)
-    } else {
-        quote!(&::outbox_runtime::validate::join(__outbox_path, #name))
-    };
+    let name = if field.flatten { "" } else { name.as_str() };
     let checks = field.rules.iter().map(|rule| {
         // Every token of a check, down to the path and the field name, takes the rule's span,
         // so an error underlines just the rule.
@@ -115,13 +111,13 @@ fn field_checks(field: &Field<'_>) -> TokenStream {
                 #v::custom(#path(&self.#ident), __p, __outbox_out);
             },
             Rule::Nested(word) => quote_spanned! {word.span()=>
-                ::outbox_runtime::Validate::validate_into(&self.#ident, __p, __outbox_out);
+                ::outbox_runtime::Validate::validate_into(&self.#ident, &__p.render(), __outbox_out);
             },
         }
     });
     quote! {
         {
-            let __p: &str = #path;
+            let __p = ::outbox_runtime::validate::At::new(__outbox_path, #name);
             #(#checks)*
         }
     }
