@@ -132,11 +132,7 @@ impl RouteConfig {
 
     /// Overrides parts of one service's route; each given name is checked.
     pub fn override_service(mut self, service: &str, over: RouteOverride) -> Result<Self, Error> {
-        let checks: [(
-            &'static str,
-            &Option<String>,
-            fn(&str) -> Result<(), String>,
-        ); 3] = [
+        let checks: [(&'static str, &Option<String>, NameRule); 3] = [
             ("table", &over.table, check_table),
             ("topic", &over.topic, check_topic),
             ("group", &over.group, check_group),
@@ -184,6 +180,9 @@ impl RouteConfig {
         }
     }
 }
+
+/// A naming rule: `Err(reason)` when a name breaks it.
+type NameRule = fn(&str) -> Result<(), String>;
 
 /// One row of the route table: an (event type, version) and where it goes.
 #[derive(Debug, Clone)]

@@ -224,6 +224,18 @@ impl<E: StdError + Send + Sync + 'static> From<E> for HandlerError {
     }
 }
 
+impl From<HandlerError> for Box<dyn StdError + Send + Sync + 'static> {
+    fn from(e: HandlerError) -> Self {
+        e.error
+    }
+}
+
+impl From<HandlerError> for Box<dyn StdError + 'static> {
+    fn from(e: HandlerError) -> Self {
+        e.error
+    }
+}
+
 impl fmt::Debug for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HandlerError")
