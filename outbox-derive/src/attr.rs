@@ -253,11 +253,24 @@ pub(crate) fn rules(cx: &mut Ctxt, meta: &ParseNestedMeta<'_>, rules: &mut Vec<R
         skip_value(meta);
         return;
     }
+    let mut seen: Vec<String> = Vec::new();
     let res = meta.parse_nested_meta(|rule| {
         let Some(word) = rule.path.get_ident().cloned() else {
             unknown_rule(cx, &rule);
             return Ok(());
         };
+        // A rule written twice (`length(max = 5), length(max = 9)`) leaves the reader guessing
+        // which bound holds; combine them into one.
+        let name = word.to_string();
+        if seen.contains(&name) && symbol::RULES.contains(&name.as_str()) {
+            cx.error_spanned_by(
+                &word,
+                format!("duplicate validation rule `{name}`; write it once with all its settings"),
+            );
+            skip_value(&rule);
+            return Ok(());
+        }
+        seen.push(name);
         let parsed = match word.to_string().as_str() {
             symbol::NON_EMPTY => Ok(Rule::NonEmpty(word)),
             symbol::NESTED => Ok(Rule::Nested(word)),
