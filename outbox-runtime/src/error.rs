@@ -46,4 +46,29 @@ pub enum Error {
         /// The service registered second.
         second: String,
     },
+    /// An event that breaks its contract's validation rules; nothing was written.
+    #[error("refusing to store an invalid `{event_type}` v{version} event: {violations}")]
+    InvalidEvent {
+        /// The event type.
+        event_type: &'static str,
+        /// The version.
+        version: u32,
+        /// Every broken rule.
+        violations: crate::Violations,
+    },
+    /// An event of a service the outbox was not built with.
+    #[error(
+        "service `{service}` is not in this outbox's catalog; add it with `Catalog::builder(..).service::<...>()`"
+    )]
+    UnknownService {
+        /// The service.
+        service: String,
+    },
+    /// A payload that could not be serialised.
+    #[error("cannot serialise the payload: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// The database failed.
+    #[cfg(feature = "store")]
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
 }

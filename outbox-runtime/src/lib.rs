@@ -6,6 +6,10 @@ pub mod error;
 pub mod event;
 pub mod route;
 pub mod service;
+#[cfg(feature = "store")]
+pub mod store;
+#[cfg(feature = "store")]
+pub mod trace;
 pub mod validate;
 
 #[doc(hidden)]
@@ -16,6 +20,11 @@ pub use event::OutboxEvent;
 pub use route::{Catalog, RouteConfig, ServiceRoute};
 pub use service::{Dispatch, HandlerError, OutboxService, Rejection};
 pub use validate::{Validate, Violation, Violations};
+
+#[cfg(feature = "store")]
+pub use sqlx;
+#[cfg(feature = "store")]
+pub use store::{Outbox, Status};
 
 /// `#[derive(OutboxEvent)]`: an event contract. See [`trait@OutboxEvent`].
 #[cfg(feature = "derive")]

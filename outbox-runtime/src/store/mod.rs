@@ -1,0 +1,1168 @@
+//! The outbox store: one table per service, on PostgreSQL, MySQL/MariaDB or SQLite.
+//!
+//! Delivery guarantee first: an event enqueued in a transaction that commits is stored exactly
+//! once and stays until it is consumed, dead, or purged by retention; an event whose
+//! transaction rolls back leaves nothing. Every status change is a compare-and-set on the status
+//! it expects, so a late writer can never overwrite a final state (`consumed`, `dead`).
+//!
+//! ```text
+//! pending --claim--> sending --published--> published --consumed--> consumed
+//!    ^                  |  failure / lease expired          |
+//!    +------------------+ (attempts+1, backoff)   failure --+--> pending (backoff)
+//! any open status --max attempts / poison--> dead --replay--> pending
+//! ```
+//!
+//! [`Outbox::enqueue`] takes the caller's connection or transaction and never opens one of its
+//! own: the outbox guarantee is the caller's commit. Times are stored as Unix milliseconds from
+//! the store's [`Clock`], the same on every backend.
+
+#[macro_use]
+mod backend;
+mod queries;
+
+#[cfg(feature = "mysql")]
+mod mysql;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::event::OutboxEvent;
+use crate::route::{Catalog, ServiceRoute};
+
+pub use queries::Arg;
+
+/// Where a row is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Status {
+    /// Waiting to be published, at `next_attempt_at`.
+    Pending,
+    /// Claimed by a publisher until its lease ends.
+    Sending,
+    /// On the broker, not yet consumed.
+    Published,
+    /// Applied by its consumer. Final.
+    Consumed,
+    /// Will not be delivered: poison, or out of attempts. Final until replayed.
+    Dead,
+}
+
+impl Status {
+    /// Every status, in life order.
+    pub const ALL: [Status; 5] = [
+        Status::Pending,
+        Status::Sending,
+        Status::Published,
+        Status::Consumed,
+        Status::Dead,
+    ];
+
+    /// The name stored in the `status` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Sending => "sending",
+            Status::Published => "published",
+            Status::Consumed => "consumed",
+            Status::Dead => "dead",
+        }
+    }
+
+    /// Parses a stored status.
+    pub fn parse(s: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// `consumed` and `dead`: no transition leaves them except an operator's replay.
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Consumed | Status::Dead)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One stored event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// Per-table id; the Go system's `outbox_id`.
+    pub id: i64,
+    /// Globally unique event id (UUIDv7).
+    pub event_id: String,
+    /// The event type.
+    pub event_type: String,
+    /// The contract version.
+    pub event_version: i32,
+    /// The owning (consuming) service.
+    pub service: String,
+    /// The topic, frozen at insert.
+    pub topic: String,
+    /// The message key.
+    pub message_key: Option<String>,
+    /// The aggregate id.
+    pub aggregate_id: Option<String>,
+    /// The payload's JSON.
+    pub payload: String,
+    /// Headers as a JSON object (`traceparent`, ...).
+    pub headers: String,
+    /// Where the row is.
+    pub status: Status,
+    /// Publish attempts started so far (claims).
+    pub attempts: i32,
+    /// Attempts allowed before the row goes dead.
+    pub max_attempts: i32,
+    /// When a pending row is due (ms).
+    pub next_attempt_at: Option<i64>,
+    /// The publisher holding a sending row.
+    pub lease_owner: Option<String>,
+    /// When that lease ends (ms).
+    pub lease_until: Option<i64>,
+    /// The last failure, truncated on a character boundary.
+    pub last_error: Option<String>,
+    /// Why a dead row is dead: `max_attempts`, `lease_expired`, `invalid_payload`, ...
+    pub dead_reason: Option<String>,
+    /// When published (ms).
+    pub published_at: Option<i64>,
+    /// When consumed (ms).
+    pub consumed_at: Option<i64>,
+    /// When inserted (ms).
+    pub created_at: i64,
+    /// Last change (ms).
+    pub updated_at: i64,
+}
+
+/// The columns of [`OutboxRow`], in its field order.
+pub(crate) const COLUMNS: [&str; 22] = [
+    "id",
+    "event_id",
+    "event_type",
+    "event_version",
+    "service_name",
+    "topic",
+    "message_key",
+    "aggregate_id",
+    "payload",
+    "headers",
+    "status",
+    "attempts",
+    "max_attempts",
+    "next_attempt_at",
+    "lease_owner",
+    "lease_until",
+    "last_error",
+    "dead_reason",
+    "published_at",
+    "consumed_at",
+    "created_at",
+    "updated_at",
+];
+
+/// The time source of a store. Leases, backoff and retention are computed from it, so tests and
+/// simulations can move time without sleeping.
+pub trait Clock: Send + Sync + fmt::Debug + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> i64;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
+/// A clock that moves only when told to; clones share the time.
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock(Arc<AtomicI64>);
+
+impl ManualClock {
+    /// A clock at `ms`.
+    pub fn at(ms: i64) -> Self {
+        Self(Arc::new(AtomicI64::new(ms)))
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(duration_ms(by), Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Retry and storage settings.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Attempts before a row goes dead; the Go system's default, 20.
+    pub max_attempts: i32,
+    /// The first retry's delay; each later one doubles it.
+    pub backoff_base: Duration,
+    /// The longest retry delay.
+    pub backoff_cap: Duration,
+    /// Spread retries randomly over the upper half of each delay, so that rows failing together
+    /// do not retry together.
+    pub jitter: bool,
+    /// `last_error` is cut to this many bytes, on a character boundary.
+    pub error_limit: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 20,
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(600),
+            jitter: true,
+            error_limit: 2000,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The delay before the next attempt after `attempts` attempts:
+    /// `min(cap, base * 2^(attempts-1))`, jittered into its upper half.
+    pub fn backoff(&self, attempts: i32) -> Duration {
+        let exp = u32::try_from(attempts.saturating_sub(1).clamp(0, 30)).unwrap_or(30);
+        let delay = self
+            .backoff_base
+            .saturating_mul(1u32 << exp)
+            .min(self.backoff_cap);
+        if self.jitter {
+            let half = delay / 2;
+            half + Duration::from_nanos(fastrand::u64(..=duration_nanos(delay - half)))
+        } else {
+            delay
+        }
+    }
+}
+
+fn duration_nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Cuts `s` to at most `max` bytes without splitting a character (the Go system's bug B5:
+/// a byte cut broke inserts under strict utf8mb4).
+pub fn truncate_chars(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// What a status change did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Back to `pending`, due at this time (ms).
+    Retrying {
+        /// When the row is due again.
+        next_attempt_at: i64,
+    },
+    /// Now `dead`.
+    Dead,
+    /// Nothing changed: the row was final, missing, or no longer held by this owner.
+    Unchanged,
+}
+
+/// The result of [`Outbox::consume`] and [`Outbox::consume_inbox`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Consumed<T> {
+    /// The closure ran and its effects committed together with the consumed mark.
+    Applied(T),
+    /// The event was already final (`consumed` or `dead`, or recorded in the inbox); the
+    /// closure did not run.
+    Skipped(Status),
+    /// No row has this event id in the service's table; the closure did not run.
+    Missing,
+}
+
+/// A consume that did not apply.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError<E> {
+    /// The closure failed; its writes and the consumed mark were rolled back.
+    #[error("handler failed: {0}")]
+    Handler(E),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] Error),
+}
+
+/// A freshly stored event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The row id in the service's table.
+    pub id: i64,
+    /// The event id.
+    pub event_id: String,
+    /// The service's route.
+    pub service: String,
+}
+
+/// Counts of one service's table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// The service.
+    pub service: String,
+    /// Its table.
+    pub table: String,
+    /// Rows per status (every status present, zero when none).
+    pub counts: BTreeMap<Status, i64>,
+    /// How long the oldest due pending row has waited, in ms; `None` when none is due.
+    pub oldest_due_ms: Option<i64>,
+    /// Dead rows per reason.
+    pub dead_by_reason: BTreeMap<String, i64>,
+}
+
+/// A database the store runs on. Sealed: implemented for `sqlx::Postgres`, `sqlx::MySql` and
+/// `sqlx::Sqlite` behind the features of the same names.
+pub trait Backend: sqlx::Database + private::Sealed {
+    /// The dialect's named queries.
+    #[doc(hidden)]
+    const QUERIES: &'static str;
+    /// `$1` placeholders (PostgreSQL) rather than `?`.
+    #[doc(hidden)]
+    const NUMBERED: bool;
+
+    /// Runs a statement; the number of rows it changed.
+    #[doc(hidden)]
+    fn execute(
+        conn: &mut Self::Connection,
+        sql: &str,
+        args: Vec<Arg>,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
+
+    /// Runs a query returning outbox rows.
+    #[doc(hidden)]
+    fn fetch_rows(
+        conn: &mut Self::Connection,
+        sql: &str,
+        args: Vec<Arg>,
+    ) -> impl Future<Output = Result<Vec<OutboxRow>, sqlx::Error>> + Send;
+
+    /// Runs a query returning `(text, integer)` pairs.
+    #[doc(hidden)]
+    fn fetch_pairs(
+        conn: &mut Self::Connection,
+        sql: &str,
+        args: Vec<Arg>,
+    ) -> impl Future<Output = Result<Vec<(String, i64)>, sqlx::Error>> + Send;
+
+    /// Runs a query returning one nullable integer column.
+    #[doc(hidden)]
+    fn fetch_ints(
+        conn: &mut Self::Connection,
+        sql: &str,
+        args: Vec<Arg>,
+    ) -> impl Future<Output = Result<Vec<Option<i64>>, sqlx::Error>> + Send;
+
+    /// Inserts one row; its id.
+    #[doc(hidden)]
+    fn insert(
+        conn: &mut Self::Connection,
+        sql: &str,
+        args: Vec<Arg>,
+    ) -> impl Future<Output = Result<i64, sqlx::Error>> + Send;
+
+    /// Begins a transaction that may write (SQLite: `BEGIN IMMEDIATE`, so that a read followed
+    /// by a write cannot fail to upgrade its lock).
+    #[doc(hidden)]
+    fn begin_write(
+        conn: &mut Self::Connection,
+    ) -> impl Future<Output = Result<sqlx::Transaction<'_, Self>, sqlx::Error>> + Send;
+
+    /// Sends rows whose lease expired on their last attempt to `dead`.
+    #[doc(hidden)]
+    fn expire_leases(
+        sql: &TableSql,
+        conn: &mut Self::Connection,
+        now: i64,
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send {
+        Self::execute(
+            conn,
+            sql.get("expire_leases"),
+            vec![Arg::I64(now), Arg::I64(now)],
+        )
+    }
+
+    /// Claims due rows; see [`Outbox::claim`].
+    #[doc(hidden)]
+    fn claim(
+        sql: &TableSql,
+        conn: &mut Self::Connection,
+        claim: ClaimArgs,
+    ) -> impl Future<Output = Result<Vec<OutboxRow>, sqlx::Error>> + Send;
+}
+
+mod private {
+    pub trait Sealed {}
+}
+
+/// The arguments of one claim.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct ClaimArgs {
+    pub owner: String,
+    pub now: i64,
+    pub lease_until: i64,
+    pub limit: i64,
+}
+
+/// One service's queries, with its table name and the dialect's placeholders filled in.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct TableSql {
+    route: ServiceRoute,
+    numbered: bool,
+    queries: HashMap<&'static str, String>,
+}
+
+impl TableSql {
+    fn new<DB: Backend>(route: ServiceRoute) -> Self {
+        let queries = queries::for_table(DB::QUERIES, &route.table, DB::NUMBERED);
+        Self {
+            route,
+            numbered: DB::NUMBERED,
+            queries,
+        }
+    }
+
+    /// The query `name`; the set is fixed at build time, so a missing name is a bug here.
+    pub fn get(&self, name: &str) -> &str {
+        match self.queries.get(name) {
+            Some(q) => q,
+            None => panic!("outbox store has no query `{name}`"),
+        }
+    }
+
+    /// The query `name` with `{ids}` replaced by `n` placeholders after the first `before`.
+    pub fn with_ids(&self, name: &str, before: usize, n: usize) -> String {
+        queries::expand_ids(self.get(name), before, n, self.numbered)
+    }
+}
+
+/// The outbox: stores events in the caller's transactions and moves them through their life.
+///
+/// Cheap to clone. Methods take a connection (`&mut *tx` for a transaction, `&mut *conn` for a
+/// pooled connection) so that the caller decides what commits together.
+pub struct Outbox<DB: Backend> {
+    inner: Arc<Inner>,
+    _db: PhantomData<fn() -> DB>,
+}
+
+impl<DB: Backend> Clone for Outbox<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            _db: PhantomData,
+        }
+    }
+}
+
+impl<DB: Backend> fmt::Debug for Outbox<DB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outbox")
+            .field("backend", &DB::NAME)
+            .field("services", &self.inner.tables.keys().collect::<Vec<_>>())
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+struct Inner {
+    catalog: Catalog,
+    config: StoreConfig,
+    clock: Arc<dyn Clock>,
+    tables: BTreeMap<String, TableSql>,
+    inbox: HashMap<&'static str, String>,
+}
+
+/// Builds an [`Outbox`].
+#[derive(Debug)]
+pub struct OutboxBuilder<DB: Backend> {
+    catalog: Catalog,
+    config: StoreConfig,
+    clock: Arc<dyn Clock>,
+    _db: PhantomData<fn() -> DB>,
+}
+
+impl<DB: Backend> OutboxBuilder<DB> {
+    /// Retry and storage settings.
+    pub fn config(mut self, config: StoreConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The time source (the system clock by default).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// The outbox.
+    pub fn build(self) -> Outbox<DB> {
+        let tables = self
+            .catalog
+            .services()
+            .map(|r| (r.service.clone(), TableSql::new::<DB>(r.clone())))
+            .collect();
+        let inbox = queries::for_table(DB::QUERIES, "outbox_inbox", DB::NUMBERED);
+        Outbox {
+            inner: Arc::new(Inner {
+                catalog: self.catalog,
+                config: self.config,
+                clock: self.clock,
+                tables,
+                inbox,
+            }),
+            _db: PhantomData,
+        }
+    }
+}
+
+impl<DB: Backend> Outbox<DB> {
+    /// An outbox for the services of `catalog`, with default settings.
+    pub fn new(catalog: Catalog) -> Self {
+        Self::builder(catalog).build()
+    }
+
+    /// An outbox with custom settings.
+    pub fn builder(catalog: Catalog) -> OutboxBuilder<DB> {
+        OutboxBuilder {
+            catalog,
+            config: StoreConfig::default(),
+            clock: Arc::new(SystemClock),
+            _db: PhantomData,
+        }
+    }
+
+    /// The services and their routes.
+    pub fn catalog(&self) -> &Catalog {
+        &self.inner.catalog
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    /// The current time of the store's clock (ms).
+    pub fn now_ms(&self) -> i64 {
+        self.inner.clock.now_ms()
+    }
+
+    fn table(&self, service: &str) -> Result<&TableSql, Error> {
+        self.inner
+            .tables
+            .get(service)
+            .ok_or_else(|| Error::UnknownService {
+                service: service.to_owned(),
+            })
+    }
+
+    /// The statements that create every table and index, for teams that migrate by hand.
+    /// Each is idempotent (`IF NOT EXISTS`).
+    pub fn migration_sql(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for t in self.inner.tables.values() {
+            out.extend(queries::ddl(&t.queries));
+        }
+        out.push(self.inbox_sql("create_inbox").to_owned());
+        out
+    }
+
+    /// Creates every table and index that does not exist yet.
+    pub async fn migrate(&self, conn: &mut DB::Connection) -> Result<(), Error> {
+        for sql in self.migration_sql() {
+            DB::execute(conn, &sql, Vec::new()).await?;
+        }
+        Ok(())
+    }
+
+    /// Stores `event` in its service's table, inside the caller's transaction.
+    ///
+    /// The event is validated first; an invalid event is refused with every violation and
+    /// nothing is written. The row gets a new UUIDv7 event id and the current trace context's
+    /// `traceparent` header when there is one.
+    pub async fn enqueue<E: OutboxEvent>(
+        &self,
+        conn: &mut DB::Connection,
+        event: &E,
+    ) -> Result<Enqueued, Error> {
+        let prepared = self.prepare(event)?;
+        self.insert(conn, prepared).await
+    }
+
+    /// Stores several events inside the caller's transaction: all are validated before any is
+    /// written, so one invalid event stores none.
+    pub async fn enqueue_all<'e, E: OutboxEvent>(
+        &self,
+        conn: &mut DB::Connection,
+        events: impl IntoIterator<Item = &'e E>,
+    ) -> Result<Vec<Enqueued>, Error> {
+        let prepared = events
+            .into_iter()
+            .map(|e| self.prepare(e))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out = Vec::with_capacity(prepared.len());
+        for p in prepared {
+            out.push(self.insert(conn, p).await?);
+        }
+        Ok(out)
+    }
+
+    fn prepare<E: OutboxEvent>(&self, event: &E) -> Result<Prepared, Error> {
+        crate::Validate::validate(event).map_err(|violations| Error::InvalidEvent {
+            event_type: E::EVENT_TYPE,
+            version: E::VERSION,
+            violations,
+        })?;
+        let table = self.table(E::SERVICE)?;
+        let payload = String::from_utf8(event.to_payload().map_err(Error::Encode)?)
+            .map_err(|e| Error::Encode(serde::de::Error::custom(e)))?;
+        let mut headers = serde_json::Map::new();
+        if let Some(tp) = crate::trace::current() {
+            headers.insert("traceparent".into(), tp.to_string().into());
+        }
+        Ok(Prepared {
+            service: E::SERVICE,
+            event_id: uuid::Uuid::now_v7().to_string(),
+            event_type: E::EVENT_TYPE,
+            version: E::VERSION,
+            topic: table.route.topic.clone(),
+            key: event.message_key(),
+            aggregate: event.aggregate_id(),
+            payload,
+            headers: serde_json::Value::Object(headers).to_string(),
+        })
+    }
+
+    async fn insert(&self, conn: &mut DB::Connection, p: Prepared) -> Result<Enqueued, Error> {
+        let table = self.table(p.service)?;
+        let now = self.now_ms();
+        let args = vec![
+            Arg::Str(p.event_id.clone()),
+            Arg::Str(p.event_type.to_owned()),
+            Arg::I64(i64::from(p.version)),
+            Arg::Str(p.service.to_owned()),
+            Arg::Str(p.topic),
+            Arg::OptStr(p.key),
+            Arg::OptStr(p.aggregate),
+            Arg::Str(p.payload),
+            Arg::Str(p.headers),
+            Arg::I64(i64::from(self.inner.config.max_attempts)),
+            Arg::I64(now),
+            Arg::I64(now),
+            Arg::I64(now),
+        ];
+        let id = DB::insert(conn, table.get("insert"), args).await?;
+        Ok(Enqueued {
+            id,
+            event_id: p.event_id,
+            service: p.service.to_owned(),
+        })
+    }
+
+    /// Claims up to `limit` due rows of `service` for `owner` until `lease` from now.
+    ///
+    /// Due rows are pending rows whose time has come and sending rows whose lease expired.
+    /// Concurrent claimers never receive the same row. A row is not claimed while an earlier
+    /// row of the same key is still pending or sending, so one key's events go out in order
+    /// (the order of their ids: a key's events written by one writer in sequence). Each claim
+    /// counts as an attempt; a row whose lease expires on its last attempt goes dead with reason
+    /// `lease_expired`.
+    pub async fn claim(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        owner: &str,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<OutboxRow>, Error> {
+        let table = self.table(service)?;
+        let now = self.now_ms();
+        DB::expire_leases(table, conn, now).await?;
+        let args = ClaimArgs {
+            owner: owner.to_owned(),
+            now,
+            lease_until: now.saturating_add(duration_ms(lease)),
+            limit: i64::try_from(limit).unwrap_or(i64::MAX),
+        };
+        Ok(DB::claim(table, conn, args).await?)
+    }
+
+    /// Marks rows published after the broker acknowledged them: only rows still `sending` under
+    /// `owner`'s lease change (never a consumed or dead row, and never a row that went back to
+    /// pending meanwhile: the Go system's bug B3). Returns how many changed.
+    pub async fn mark_published(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        owner: &str,
+        ids: &[i64],
+    ) -> Result<u64, Error> {
+        let table = self.table(service)?;
+        let mut changed = 0;
+        // Chunks keep the statement under every backend's placeholder limit.
+        for chunk in ids.chunks(1000) {
+            let now = self.now_ms();
+            let sql = table.with_ids("mark_published", 3, chunk.len());
+            let mut args = vec![Arg::I64(now), Arg::I64(now), Arg::Str(owner.to_owned())];
+            args.extend(chunk.iter().map(|&id| Arg::I64(id)));
+            changed += DB::execute(conn, &sql, args).await?;
+        }
+        Ok(changed)
+    }
+
+    /// A publish of a leased row failed: back to pending with backoff, or dead when its
+    /// attempts are used up. No-op unless the row is still `sending` under `owner`.
+    pub async fn publish_failed(
+        &self,
+        conn: &mut DB::Connection,
+        row: &OutboxRow,
+        owner: &str,
+        error: &str,
+    ) -> Result<Transition, Error> {
+        let table = self.table(&row.service)?;
+        let error = self.error_text(error);
+        let now = self.now_ms();
+        if row.attempts >= row.max_attempts {
+            let args = vec![
+                Arg::Str("max_attempts".into()),
+                Arg::Str(error),
+                Arg::I64(now),
+                Arg::I64(row.id),
+                Arg::Str(owner.to_owned()),
+            ];
+            let n = DB::execute(conn, table.get("dead_leased"), args).await?;
+            return Ok(if n == 1 {
+                Transition::Dead
+            } else {
+                Transition::Unchanged
+            });
+        }
+        let next = now.saturating_add(duration_ms(self.inner.config.backoff(row.attempts)));
+        let args = vec![
+            Arg::I64(next),
+            Arg::Str(error),
+            Arg::I64(now),
+            Arg::I64(row.id),
+            Arg::Str(owner.to_owned()),
+        ];
+        let n = DB::execute(conn, table.get("retry_leased"), args).await?;
+        Ok(if n == 1 {
+            Transition::Retrying {
+                next_attempt_at: next,
+            }
+        } else {
+            Transition::Unchanged
+        })
+    }
+
+    /// A leased row can never be published (it does not parse, say): dead at once with
+    /// `reason`. No-op unless the row is still `sending` under `owner`.
+    pub async fn dead_leased(
+        &self,
+        conn: &mut DB::Connection,
+        row: &OutboxRow,
+        owner: &str,
+        reason: &str,
+        error: &str,
+    ) -> Result<bool, Error> {
+        let table = self.table(&row.service)?;
+        let args = vec![
+            Arg::Str(reason.to_owned()),
+            Arg::Str(self.error_text(error)),
+            Arg::I64(self.now_ms()),
+            Arg::I64(row.id),
+            Arg::Str(owner.to_owned()),
+        ];
+        Ok(DB::execute(conn, table.get("dead_leased"), args).await? == 1)
+    }
+
+    /// Applies an event once: locks its row, skips it (telling the caller) when it is already
+    /// consumed or dead, else runs `apply` in the same transaction and marks the row consumed,
+    /// committing both together. An error from `apply` rolls both back.
+    ///
+    /// For consumers whose database holds the service's outbox table; others use
+    /// [`Outbox::consume_inbox`].
+    pub async fn consume<T, E, F>(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        event_id: &str,
+        apply: F,
+    ) -> Result<Consumed<T>, ConsumeError<E>>
+    where
+        F: AsyncFnOnce(&mut DB::Connection) -> Result<T, E>,
+    {
+        let table = self.table(service)?;
+        let mut tx = DB::begin_write(conn).await.map_err(Error::from)?;
+        let Some(lock) = self.lock(table, &mut tx, event_id).await? else {
+            return Ok(Consumed::Missing);
+        };
+        if lock.status.is_final() {
+            return Ok(Consumed::Skipped(lock.status));
+        }
+        let out = apply(&mut tx).await.map_err(ConsumeError::Handler)?;
+        let now = self.now_ms();
+        let args = vec![Arg::I64(now), Arg::I64(now), Arg::I64(lock.id)];
+        DB::execute(&mut tx, table.get("mark_consumed"), args)
+            .await
+            .map_err(Error::from)?;
+        tx.commit().await.map_err(Error::from)?;
+        Ok(Consumed::Applied(out))
+    }
+
+    /// Applies an event once per consumer group through the inbox table `outbox_inbox`, for a
+    /// consumer whose database does not hold the event's outbox row: records
+    /// `(group, event_id)`, skipping when it is already there, runs `apply` in the same
+    /// transaction, and commits both together.
+    pub async fn consume_inbox<T, E, F>(
+        &self,
+        conn: &mut DB::Connection,
+        group: &str,
+        event_id: &str,
+        apply: F,
+    ) -> Result<Consumed<T>, ConsumeError<E>>
+    where
+        F: AsyncFnOnce(&mut DB::Connection) -> Result<T, E>,
+    {
+        let mut tx = DB::begin_write(conn).await.map_err(Error::from)?;
+        let args = vec![
+            Arg::Str(group.to_owned()),
+            Arg::Str(event_id.to_owned()),
+            Arg::I64(self.now_ms()),
+        ];
+        let sql = self.inbox_sql("inbox_insert");
+        if DB::execute(&mut tx, sql, args).await.map_err(Error::from)? == 0 {
+            return Ok(Consumed::Skipped(Status::Consumed));
+        }
+        let out = apply(&mut tx).await.map_err(ConsumeError::Handler)?;
+        tx.commit().await.map_err(Error::from)?;
+        Ok(Consumed::Applied(out))
+    }
+
+    /// A handler failed on this event: back to pending with backoff so that the relay publishes
+    /// it again, or dead (`max_attempts`) when its attempts are used up. No-op on a final row.
+    pub async fn consume_failed(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        event_id: &str,
+        error: &str,
+    ) -> Result<Transition, Error> {
+        let table = self.table(service)?;
+        let mut tx = DB::begin_write(conn).await?;
+        let Some(lock) = self.lock(table, &mut tx, event_id).await? else {
+            return Ok(Transition::Unchanged);
+        };
+        if lock.status.is_final() {
+            return Ok(Transition::Unchanged);
+        }
+        let now = self.now_ms();
+        let error = self.error_text(error);
+        let transition = if lock.attempts >= lock.max_attempts {
+            let args = vec![
+                Arg::Str("max_attempts".into()),
+                Arg::Str(error),
+                Arg::I64(now),
+                Arg::I64(lock.id),
+            ];
+            DB::execute(&mut tx, table.get("dead_open"), args).await?;
+            Transition::Dead
+        } else {
+            let next = now.saturating_add(duration_ms(self.inner.config.backoff(lock.attempts)));
+            let args = vec![
+                Arg::I64(next),
+                Arg::Str(error),
+                Arg::I64(now),
+                Arg::I64(lock.id),
+            ];
+            DB::execute(&mut tx, table.get("retry_open"), args).await?;
+            Transition::Retrying {
+                next_attempt_at: next,
+            }
+        };
+        tx.commit().await?;
+        Ok(transition)
+    }
+
+    /// Dead-letters an event that must not be processed (unknown version, bad payload) with
+    /// `reason`; never retried. False when the row was already final or is missing.
+    pub async fn reject(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        event_id: &str,
+        reason: &str,
+        error: &str,
+    ) -> Result<bool, Error> {
+        let table = self.table(service)?;
+        let mut tx = DB::begin_write(conn).await?;
+        let Some(lock) = self.lock(table, &mut tx, event_id).await? else {
+            return Ok(false);
+        };
+        if lock.status.is_final() {
+            return Ok(false);
+        }
+        let args = vec![
+            Arg::Str(reason.to_owned()),
+            Arg::Str(self.error_text(error)),
+            Arg::I64(self.now_ms()),
+            Arg::I64(lock.id),
+        ];
+        let changed = DB::execute(&mut tx, table.get("dead_open"), args).await? == 1;
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    async fn lock(
+        &self,
+        table: &TableSql,
+        conn: &mut DB::Connection,
+        event_id: &str,
+    ) -> Result<Option<Lock>, Error> {
+        let rows = DB::fetch_rows(
+            conn,
+            table.get("get_for_update"),
+            vec![Arg::Str(event_id.to_owned())],
+        )
+        .await?;
+        Ok(rows.into_iter().next().map(|r| Lock {
+            id: r.id,
+            status: r.status,
+            attempts: r.attempts,
+            max_attempts: r.max_attempts,
+        }))
+    }
+
+    /// Sends dead rows back to pending with their attempts reset. Returns how many changed
+    /// (rows that are not dead are left alone).
+    pub async fn replay_dead(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        ids: &[i64],
+    ) -> Result<u64, Error> {
+        let table = self.table(service)?;
+        let mut changed = 0;
+        for chunk in ids.chunks(1000) {
+            let now = self.now_ms();
+            let sql = table.with_ids("replay", 2, chunk.len());
+            let mut args = vec![Arg::I64(now), Arg::I64(now)];
+            args.extend(chunk.iter().map(|&id| Arg::I64(id)));
+            changed += DB::execute(conn, &sql, args).await?;
+        }
+        Ok(changed)
+    }
+
+    /// Deletes dead rows for good. Returns how many (rows that are not dead are left alone).
+    pub async fn discard_dead(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        ids: &[i64],
+    ) -> Result<u64, Error> {
+        let table = self.table(service)?;
+        let mut changed = 0;
+        for chunk in ids.chunks(1000) {
+            let sql = table.with_ids("discard", 0, chunk.len());
+            let args = chunk.iter().map(|&id| Arg::I64(id)).collect();
+            changed += DB::execute(conn, &sql, args).await?;
+        }
+        Ok(changed)
+    }
+
+    /// Dead rows of a service with an id above `after`, oldest first.
+    pub async fn list_dead(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, Error> {
+        let table = self.table(service)?;
+        let args = vec![
+            Arg::I64(after),
+            Arg::I64(i64::try_from(limit).unwrap_or(i64::MAX)),
+        ];
+        Ok(DB::fetch_rows(conn, table.get("list_dead"), args).await?)
+    }
+
+    /// One row by id.
+    pub async fn get(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        id: i64,
+    ) -> Result<Option<OutboxRow>, Error> {
+        let table = self.table(service)?;
+        let rows = DB::fetch_rows(conn, table.get("get"), vec![Arg::I64(id)]).await?;
+        Ok(rows.into_iter().next())
+    }
+
+    /// One row by event id.
+    pub async fn get_by_event_id(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        event_id: &str,
+    ) -> Result<Option<OutboxRow>, Error> {
+        let table = self.table(service)?;
+        let args = vec![Arg::Str(event_id.to_owned())];
+        let rows = DB::fetch_rows(conn, table.get("get_by_event_id"), args).await?;
+        Ok(rows.into_iter().next())
+    }
+
+    /// Retention: deletes consumed rows older than `older_than`, `batch` rows per statement so
+    /// that no statement holds locks for long. Dead rows stay until replayed or discarded.
+    /// Returns how many were deleted.
+    pub async fn purge_consumed(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        older_than: Duration,
+        batch: usize,
+    ) -> Result<u64, Error> {
+        let table = self.table(service)?;
+        let before = self.now_ms().saturating_sub(duration_ms(older_than));
+        let batch = i64::try_from(batch.max(1)).unwrap_or(i64::MAX);
+        let mut total = 0;
+        loop {
+            let args = vec![Arg::I64(before), Arg::I64(batch)];
+            let n = DB::execute(conn, table.get("purge_consumed"), args).await?;
+            total += n;
+            if n < u64::try_from(batch).unwrap_or(u64::MAX) {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Counts per service and status, the age of the oldest due row, and dead rows by reason.
+    pub async fn stats(&self, conn: &mut DB::Connection) -> Result<Vec<ServiceStats>, Error> {
+        let mut out = Vec::new();
+        let now = self.now_ms();
+        for table in self.inner.tables.values() {
+            let mut counts: BTreeMap<Status, i64> = Status::ALL.iter().map(|&s| (s, 0)).collect();
+            for (status, n) in
+                DB::fetch_pairs(conn, table.get("count_by_status"), Vec::new()).await?
+            {
+                if let Some(s) = Status::parse(&status) {
+                    counts.insert(s, n);
+                }
+            }
+            let oldest = DB::fetch_ints(conn, table.get("oldest_due"), vec![Arg::I64(now)])
+                .await?
+                .into_iter()
+                .next()
+                .flatten();
+            let dead_by_reason = DB::fetch_pairs(conn, table.get("dead_by_reason"), Vec::new())
+                .await?
+                .into_iter()
+                .collect();
+            out.push(ServiceStats {
+                service: table.route.service.clone(),
+                table: table.route.table.clone(),
+                counts,
+                oldest_due_ms: oldest.map(|t| now.saturating_sub(t)),
+                dead_by_reason,
+            });
+        }
+        Ok(out)
+    }
+
+    fn inbox_sql(&self, name: &str) -> &str {
+        match self.inner.inbox.get(name) {
+            Some(sql) => sql,
+            None => panic!("outbox store has no query `{name}`"),
+        }
+    }
+
+    fn error_text(&self, error: &str) -> String {
+        truncate_chars(error, self.inner.config.error_limit).to_owned()
+    }
+}
+
+struct Prepared {
+    service: &'static str,
+    event_id: String,
+    event_type: &'static str,
+    version: u32,
+    topic: String,
+    key: Option<String>,
+    aggregate: Option<String>,
+    payload: String,
+    headers: String,
+}
+
+struct Lock {
+    id: i64,
+    status: Status,
+    attempts: i32,
+    max_attempts: i32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_never_splits_a_character() {
+        let s = "错误: 投递 Kafka 失败";
+        for max in 0..s.len() + 2 {
+            let t = truncate_chars(s, max);
+            assert!(t.len() <= max);
+            assert!(s.starts_with(t));
+        }
+        assert_eq!(truncate_chars(s, 4), "错");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_jitters_in_the_upper_half() {
+        let mut c = StoreConfig {
+            backoff_base: Duration::from_secs(1),
+            backoff_cap: Duration::from_secs(60),
+            jitter: false,
+            ..StoreConfig::default()
+        };
+        let plain: Vec<u64> = (1..=8).map(|a| c.backoff(a).as_secs()).collect();
+        assert_eq!(plain, [1, 2, 4, 8, 16, 32, 60, 60]);
+        assert_eq!(c.backoff(1000), Duration::from_secs(60));
+        c.jitter = true;
+        for _ in 0..200 {
+            let d = c.backoff(3);
+            assert!(
+                d >= Duration::from_secs(2) && d <= Duration::from_secs(4),
+                "{d:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! MySQL 8 and MariaDB 10.6+: no `UPDATE ... RETURNING`, so a claim is a plain read of the
+//! candidates (due, and first of their key), then a transaction that locks them with
+//! `FOR UPDATE SKIP LOCKED`, updates what it locked and reads it back.
+//!
+//! The key test runs in the plain read, not under the lock, on purpose: InnoDB's locking reads
+//! would skip another claimer's locked rows inside the `NOT EXISTS` too, and so miss an earlier
+//! row of the same key.
+
+use sqlx::{Connection as _, MySql, MySqlConnection};
+
+use super::{Arg, Backend, ClaimArgs, OutboxRow, TableSql, private};
+
+impl private::Sealed for MySql {}
+
+impl Backend for MySql {
+    const QUERIES: &'static str = include_str!("queries/mysql.sql");
+    const NUMBERED: bool = false;
+
+    common_methods!();
+
+    async fn insert(
+        conn: &mut MySqlConnection,
+        sql: &str,
+        args: Vec<Arg>,
+    ) -> Result<i64, sqlx::Error> {
+        let done = bind_all!(sqlx::query(sql), args).execute(conn).await?;
+        i64::try_from(done.last_insert_id())
+            .map_err(|e| sqlx::Error::Decode(format!("insert id out of range: {e}").into()))
+    }
+
+    async fn begin_write(
+        conn: &mut MySqlConnection,
+    ) -> Result<sqlx::Transaction<'_, MySql>, sqlx::Error> {
+        conn.begin().await
+    }
+
+    async fn expire_leases(
+        sql: &TableSql,
+        conn: &mut MySqlConnection,
+        now: i64,
+    ) -> Result<u64, sqlx::Error> {
+        let ids: Vec<i64> =
+            Self::fetch_ints(conn, sql.get("expire_candidates"), vec![Arg::I64(now)])
+                .await?
+                .into_iter()
+                .flatten()
+                .collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let update = sql.with_ids("expire_leases", 2, ids.len());
+        let mut args = vec![Arg::I64(now), Arg::I64(now)];
+        args.extend(ids.iter().map(|&id| Arg::I64(id)));
+        let mut tries = 0;
+        loop {
+            match Self::execute(conn, &update, args.clone()).await {
+                Err(e) if is_deadlock(&e) && tries < DEADLOCK_RETRIES => tries += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn claim(
+        sql: &TableSql,
+        conn: &mut MySqlConnection,
+        c: ClaimArgs,
+    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        let mut tries = 0;
+        loop {
+            match claim_once(sql, conn, c.clone()).await {
+                Err(e) if is_deadlock(&e) && tries < DEADLOCK_RETRIES => tries += 1,
+                other => return other,
+            }
+        }
+    }
+}
+
+/// InnoDB may still pick a claim as a deadlock victim (its gap locks are not ours to choose);
+/// the claim rolled back whole, so it is safe to run again.
+const DEADLOCK_RETRIES: u32 = 3;
+
+fn is_deadlock(e: &sqlx::Error) -> bool {
+    // 1213: deadlock, 1205: lock wait timeout.
+    e.as_database_error()
+        .and_then(|d| d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+        .is_some_and(|d| matches!(d.number(), 1213 | 1205))
+}
+
+async fn claim_once(
+    sql: &TableSql,
+    conn: &mut MySqlConnection,
+    c: ClaimArgs,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    {
+        let args = vec![Arg::I64(c.now), Arg::I64(c.now), Arg::I64(c.limit)];
+        let candidates: Vec<i64> = MySql::fetch_ints(conn, sql.get("claim_candidates"), args)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = conn.begin().await?;
+        let lock = sql.with_ids("claim_lock", 2, candidates.len());
+        let mut args = vec![Arg::I64(c.now), Arg::I64(c.now)];
+        args.extend(candidates.iter().map(|&id| Arg::I64(id)));
+        let locked: Vec<i64> = MySql::fetch_ints(&mut tx, &lock, args)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        if locked.is_empty() {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+        let update = sql.with_ids("claim_update", 3, locked.len());
+        let mut args = vec![Arg::Str(c.owner), Arg::I64(c.lease_until), Arg::I64(c.now)];
+        args.extend(locked.iter().map(|&id| Arg::I64(id)));
+        MySql::execute(&mut tx, &update, args).await?;
+        let select = sql.with_ids("select_ids", 0, locked.len());
+        let rows = MySql::fetch_rows(
+            &mut tx,
+            &select,
+            locked.iter().map(|&id| Arg::I64(id)).collect(),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+}

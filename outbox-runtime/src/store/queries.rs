@@ -1,0 +1,158 @@
+//! The store's SQL: named queries read from the `.sql` files beside this module, with the
+//! table name and the dialect's placeholders filled in.
+
+use std::collections::HashMap;
+
+use super::COLUMNS;
+
+/// A bound parameter.
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Arg {
+    /// An integer.
+    I64(i64),
+    /// Text.
+    Str(String),
+    /// Nullable text.
+    OptStr(Option<String>),
+}
+
+const COMMON: &str = include_str!("queries/common.sql");
+
+/// The queries shared by every dialect followed by the dialect's own, as `name -> SQL` with
+/// `{table}` and `{columns}` filled in and, for `?` dialects, each `$n` turned into `?`.
+pub(super) fn for_table(
+    dialect: &'static str,
+    table: &str,
+    numbered: bool,
+) -> HashMap<&'static str, String> {
+    let columns = COLUMNS.join(", ");
+    let o_columns = COLUMNS.map(|c| format!("o.{c}")).join(", ");
+    let mut out = HashMap::new();
+    for (name, sql) in parse(COMMON).into_iter().chain(parse(dialect)) {
+        let sql = sql
+            .replace("{table}", table)
+            .replace("{o.columns}", &o_columns)
+            .replace("{columns}", &columns);
+        let sql = if numbered { sql } else { unnumber(&sql) };
+        out.insert(name, sql);
+    }
+    out
+}
+
+/// Splits a file of `-- name: x` sections into `(name, SQL)`, dropping comment lines.
+fn parse(file: &'static str) -> Vec<(&'static str, String)> {
+    let mut out: Vec<(&'static str, String)> = Vec::new();
+    for line in file.lines() {
+        if let Some(name) = line.strip_prefix("-- name: ") {
+            out.push((name.trim(), String::new()));
+        } else if line.trim_start().starts_with("--") || line.trim().is_empty() {
+            continue;
+        } else if let Some((_, sql)) = out.last_mut() {
+            if !sql.is_empty() {
+                sql.push('\n');
+            }
+            sql.push_str(line);
+        }
+    }
+    out
+}
+
+/// `$3` → `?`. Valid because each parameter appears once, in binding order.
+fn unnumber(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
+            while chars.peek().is_some_and(char::is_ascii_digit) {
+                chars.next();
+            }
+            out.push('?');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Replaces `{ids}` with `n` placeholders numbered after the first `before`.
+pub(super) fn expand_ids(sql: &str, before: usize, n: usize, numbered: bool) -> String {
+    let list: Vec<String> = (1..=n)
+        .map(|i| {
+            if numbered {
+                format!("${}", before + i)
+            } else {
+                "?".to_owned()
+            }
+        })
+        .collect();
+    sql.replace("{ids}", &list.join(", "))
+}
+
+/// The statements that create an outbox table and its indexes, table first.
+pub(super) fn ddl(queries: &HashMap<&'static str, String>) -> Vec<String> {
+    let mut names: Vec<&&str> = queries
+        .keys()
+        .filter(|k| **k == "create_table" || k.starts_with("index_"))
+        .collect();
+    names.sort_by_key(|k| (**k != "create_table", **k));
+    names.into_iter().map(|k| queries[*k].clone()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_follow_the_dialect() {
+        assert_eq!(
+            unnumber("a = $1 AND b IN ($2, $10)"),
+            "a = ? AND b IN (?, ?)"
+        );
+        assert_eq!(expand_ids("x IN ({ids})", 3, 2, true), "x IN ($4, $5)");
+        assert_eq!(expand_ids("x IN ({ids})", 3, 2, false), "x IN (?, ?)");
+    }
+
+    #[test]
+    fn every_dialect_has_every_query() {
+        let needed = [
+            "create_table",
+            "create_inbox",
+            "insert",
+            "expire_leases",
+            "get_for_update",
+            "inbox_insert",
+            "purge_consumed",
+            "mark_published",
+            "retry_leased",
+            "dead_leased",
+            "retry_open",
+            "dead_open",
+            "mark_consumed",
+            "replay",
+            "discard",
+            "get",
+            "get_by_event_id",
+            "list_dead",
+            "count_by_status",
+            "oldest_due",
+            "dead_by_reason",
+        ];
+        for dialect in [
+            include_str!("queries/postgres.sql"),
+            include_str!("queries/mysql.sql"),
+            include_str!("queries/sqlite.sql"),
+        ] {
+            let q = for_table(dialect, "t_outbox", false);
+            for name in needed {
+                assert!(q.contains_key(name), "missing {name}");
+                let filled = q[name].replace("{ids}", "");
+                assert!(
+                    !filled.contains('{'),
+                    "{name} has an unfilled part: {filled}"
+                );
+            }
+            assert!(ddl(&q)[0].starts_with("CREATE TABLE IF NOT EXISTS t_outbox"));
+        }
+    }
+}

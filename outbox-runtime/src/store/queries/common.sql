@@ -1,0 +1,80 @@
+-- Queries shared by every dialect, written with PostgreSQL's `$n` placeholders; the MySQL and
+-- SQLite stores turn each `$n` into `?`, which is why each parameter appears once and in
+-- binding order. `{ids}` becomes a list of placeholders numbered on from the last one.
+-- Every status change is a compare-and-set on the status it expects.
+
+-- name: mark_published
+-- published_at, updated_at, lease_owner, ids...
+UPDATE {table}
+SET status = 'published', published_at = $1, updated_at = $2, lease_owner = NULL,
+    lease_until = NULL, next_attempt_at = NULL, last_error = NULL
+WHERE status = 'sending' AND lease_owner = $3 AND id IN ({ids})
+
+-- name: retry_leased
+-- next_attempt_at, last_error, updated_at, id, lease_owner
+UPDATE {table}
+SET status = 'pending', next_attempt_at = $1, last_error = $2, lease_owner = NULL,
+    lease_until = NULL, updated_at = $3
+WHERE id = $4 AND status = 'sending' AND lease_owner = $5
+
+-- name: dead_leased
+-- dead_reason, last_error, updated_at, id, lease_owner
+UPDATE {table}
+SET status = 'dead', dead_reason = $1, last_error = $2, next_attempt_at = NULL,
+    lease_owner = NULL, lease_until = NULL, updated_at = $3
+WHERE id = $4 AND status = 'sending' AND lease_owner = $5
+
+-- name: retry_open
+-- next_attempt_at, last_error, updated_at, id
+UPDATE {table}
+SET status = 'pending', next_attempt_at = $1, last_error = $2, lease_owner = NULL,
+    lease_until = NULL, updated_at = $3
+WHERE id = $4 AND status IN ('pending', 'sending', 'published')
+
+-- name: dead_open
+-- dead_reason, last_error, updated_at, id
+UPDATE {table}
+SET status = 'dead', dead_reason = $1, last_error = $2, next_attempt_at = NULL,
+    lease_owner = NULL, lease_until = NULL, updated_at = $3
+WHERE id = $4 AND status IN ('pending', 'sending', 'published')
+
+-- name: mark_consumed
+-- consumed_at, updated_at, id
+UPDATE {table}
+SET status = 'consumed', consumed_at = $1, updated_at = $2, lease_owner = NULL,
+    lease_until = NULL, next_attempt_at = NULL
+WHERE id = $3 AND status IN ('pending', 'sending', 'published')
+
+-- name: replay
+-- next_attempt_at, updated_at, ids...
+UPDATE {table}
+SET status = 'pending', attempts = 0, next_attempt_at = $1, last_error = NULL,
+    dead_reason = NULL, updated_at = $2
+WHERE status = 'dead' AND id IN ({ids})
+
+-- name: discard
+-- ids...
+DELETE FROM {table} WHERE status = 'dead' AND id IN ({ids})
+
+-- name: get
+-- id
+SELECT {columns} FROM {table} WHERE id = $1
+
+-- name: get_by_event_id
+-- event_id
+SELECT {columns} FROM {table} WHERE event_id = $1
+
+-- name: list_dead
+-- after id, limit
+SELECT {columns} FROM {table} WHERE status = 'dead' AND id > $1 ORDER BY id LIMIT $2
+
+-- name: count_by_status
+SELECT status, COUNT(*) FROM {table} GROUP BY status
+
+-- name: oldest_due
+-- now
+SELECT MIN(next_attempt_at) FROM {table} WHERE status = 'pending' AND next_attempt_at <= $1
+
+-- name: dead_by_reason
+SELECT COALESCE(dead_reason, 'unknown'), COUNT(*) FROM {table} WHERE status = 'dead'
+GROUP BY COALESCE(dead_reason, 'unknown')
