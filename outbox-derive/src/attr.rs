@@ -416,16 +416,17 @@ fn number(input: ParseStream<'_>) -> syn::Result<Bound> {
     let json = match &lit {
         Lit::Int(i) => {
             let text = format!("{sign}{}", i.base10_digits());
+            let json = quote!(::outbox_runtime::__private::Json);
             if let Ok(v) = text.parse::<i64>() {
-                Some(quote!(#v))
+                Some(quote!(#json::I64(#v)))
             } else {
-                text.parse::<u64>().ok().map(|v| quote!(#v))
+                text.parse::<u64>().ok().map(|v| quote!(#json::U64(#v)))
             }
         }
         Lit::Float(f) => format!("{sign}{}", f.base10_digits())
             .parse::<f64>()
             .ok()
-            .map(|v| quote!(#v)),
+            .map(|v| quote!(::outbox_runtime::__private::Json::F64(#v))),
         other => {
             return Err(syn::Error::new_spanned(
                 other,

@@ -7,23 +7,7 @@ pub use serde;
 pub use serde_json;
 pub use std::sync::LazyLock;
 
-use crate::event::OutboxEvent;
 use crate::service::{OutboxService, Rejection};
-
-/// Decodes and validates one variant's payload.
-pub fn decode<S, E: OutboxEvent>(payload: &[u8], wrap: fn(E) -> S) -> Result<S, Rejection> {
-    let event: E = serde_json::from_slice(payload).map_err(|e| Rejection::Decode {
-        event_type: E::EVENT_TYPE,
-        version: E::VERSION,
-        error: e.to_string(),
-    })?;
-    event.validate().map_err(|violations| Rejection::Invalid {
-        event_type: E::EVENT_TYPE,
-        version: E::VERSION,
-        violations,
-    })?;
-    Ok(wrap(event))
-}
 
 /// The rejection for an (event type, version) that matched no variant.
 pub fn reject<S: OutboxService>(event_type: &str, version: u32) -> Rejection {
@@ -79,12 +63,35 @@ pub const fn repeats_earlier(events: &[(&str, u32)], i: usize) -> bool {
     false
 }
 
+/// A JSON value written into a schema by the derive.
+#[derive(Debug, Clone, Copy)]
+pub enum Json {
+    /// A non-negative integer.
+    U64(u64),
+    /// An integer.
+    I64(i64),
+    /// A float.
+    F64(f64),
+    /// A string.
+    Str(&'static str),
+}
+
+impl From<Json> for serde_json::Value {
+    fn from(j: Json) -> Self {
+        match j {
+            Json::U64(v) => v.into(),
+            Json::I64(v) => v.into(),
+            Json::F64(v) => v.into(),
+            Json::Str(v) => v.into(),
+        }
+    }
+}
+
+/// Schema constraints per property: `(property, [(keyword, value)])`.
+pub type Constraints = &'static [(&'static str, &'static [(&'static str, Json)])];
+
 /// Adds the constraints of `#[outbox(validate(...))]` to a property of a payload's schema.
-pub fn constrain(
-    schema: &mut schemars::Schema,
-    property: &str,
-    constraints: &[(&str, serde_json::Value)],
-) {
+pub fn constrain(schema: &mut schemars::Schema, property: &str, constraints: &[(&str, Json)]) {
     let Some(prop) = schema
         .get_mut("properties")
         .and_then(|p| p.get_mut(property))
@@ -97,7 +104,7 @@ pub fn constrain(
         return;
     }
     for (k, v) in constraints {
-        prop.insert((*k).to_owned(), v.clone());
+        prop.insert((*k).to_owned(), (*v).into());
     }
 }
 

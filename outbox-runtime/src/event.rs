@@ -60,15 +60,43 @@ pub trait OutboxEvent:
         self.message_key()
     }
 
+    /// Decodes and validates a payload of this contract; the error says why it must be
+    /// dead-lettered.
+    fn from_payload(payload: &[u8]) -> Result<Self, crate::Rejection> {
+        let event: Self =
+            serde_json::from_slice(payload).map_err(|e| crate::Rejection::Decode {
+                event_type: Self::EVENT_TYPE,
+                version: Self::VERSION,
+                error: e.to_string(),
+            })?;
+        event
+            .validate()
+            .map_err(|violations| crate::Rejection::Invalid {
+                event_type: Self::EVENT_TYPE,
+                version: Self::VERSION,
+                violations,
+            })?;
+        Ok(event)
+    }
+
     /// The payload as stored and sent: its JSON.
     fn to_payload(&self) -> Result<Vec<u8>, serde_json::Error> {
         serde_json::to_vec(self)
     }
 
+    /// The constraints of `#[outbox(validate(...))]` that JSON Schema can express, per
+    /// property. Generated.
+    #[doc(hidden)]
+    const SCHEMA_CONSTRAINTS: crate::__private::Constraints = &[];
+
     /// The payload's JSON Schema (draft 2020-12), including the field constraints declared with
     /// `#[outbox(validate(...))]` that JSON Schema can express.
     fn json_schema() -> schemars::Schema {
-        schemars::schema_for!(Self)
+        let mut schema = schemars::schema_for!(Self);
+        for (property, constraints) in Self::SCHEMA_CONSTRAINTS {
+            crate::__private::constrain(&mut schema, property, constraints);
+        }
+        schema
     }
 }
 

@@ -8,6 +8,14 @@ use std::future::Future;
 use crate::route::{EventSpec, RouteSpec};
 use crate::validate::Violations;
 
+/// Decodes and validates one variant's payload.
+#[doc(hidden)]
+pub type Decoder<S> = fn(&[u8]) -> Result<S, Rejection>;
+
+/// The payload of one variant's event.
+#[doc(hidden)]
+pub type Encoder<S> = fn(&S) -> Result<Vec<u8>, serde_json::Error>;
+
 /// The events one service consumes, as an enum with one variant per (event type, version).
 ///
 /// Implement it with `#[derive(OutboxService)]`, which also generates the service's handler
@@ -21,23 +29,54 @@ pub trait OutboxService: Sized + Send + 'static {
     /// Every (event type, version) the service accepts, in variant order.
     const EVENTS: &'static [EventSpec];
 
+    /// Per variant, in [`EVENTS`](Self::EVENTS) order: decodes and validates a payload into
+    /// that variant. Generated.
+    ///
+    /// The per-variant work sits in tables of function pointers, read by the provided methods,
+    /// so that JSON (de)serialisation of each event is compiled only in the crates that decode
+    /// or encode, not in the contracts crate that merely declares the events.
+    #[doc(hidden)]
+    const DECODE: &'static [Decoder<Self>];
+    /// Per variant, in [`EVENTS`](Self::EVENTS) order: the payload of the event inside.
+    /// Generated.
+    #[doc(hidden)]
+    const ENCODE: &'static [Encoder<Self>];
+
+    /// The position of this variant in [`EVENTS`](Self::EVENTS).
+    fn variant_index(&self) -> usize;
+    /// The message key of the event inside.
+    fn message_key(&self) -> Option<String>;
+    /// The aggregate id of the event inside.
+    fn aggregate_id(&self) -> Option<String>;
+
     /// Decodes and validates a raw payload of `event_type` at `version`.
     ///
     /// The error says why the message must be dead-lettered: an event type this service does
     /// not know, a version it does not accept, a payload that does not decode, or one that
     /// breaks the contract's validation rules.
-    fn decode(event_type: &str, version: u32, payload: &[u8]) -> Result<Self, Rejection>;
+    fn decode(event_type: &str, version: u32, payload: &[u8]) -> Result<Self, Rejection> {
+        for (spec, decode) in Self::EVENTS.iter().zip(Self::DECODE) {
+            if spec.version == version && spec.event_type == event_type {
+                return decode(payload);
+            }
+        }
+        Err(crate::__private::reject::<Self>(event_type, version))
+    }
 
     /// The event type of this variant.
-    fn event_type(&self) -> &'static str;
+    fn event_type(&self) -> &'static str {
+        Self::EVENTS[self.variant_index()].event_type
+    }
+
     /// The version of this variant.
-    fn version(&self) -> u32;
-    /// The message key of the event inside.
-    fn message_key(&self) -> Option<String>;
-    /// The aggregate id of the event inside.
-    fn aggregate_id(&self) -> Option<String>;
+    fn version(&self) -> u32 {
+        Self::EVENTS[self.variant_index()].version
+    }
+
     /// The JSON payload of the event inside (without the enum's variant tag).
-    fn to_payload(&self) -> Result<Vec<u8>, serde_json::Error>;
+    fn to_payload(&self) -> Result<Vec<u8>, serde_json::Error> {
+        (Self::ENCODE[self.variant_index()])(self)
+    }
 
     /// The versions of `event_type` this service accepts, ascending; empty for an unknown type.
     fn accepted_versions(event_type: &str) -> Vec<u32> {

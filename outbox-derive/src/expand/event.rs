@@ -37,11 +37,7 @@ pub(crate) fn expand(ev: &Event<'_>) -> TokenStream {
     let constraints = schema_constraints(&ev.body);
     let schema = (!constraints.is_empty()).then(|| {
         quote! {
-            fn json_schema() -> ::outbox_runtime::__private::schemars::Schema {
-                let mut __schema = ::outbox_runtime::__private::schemars::schema_for!(Self);
-                #(#constraints)*
-                __schema
-            }
+            const SCHEMA_CONSTRAINTS: ::outbox_runtime::__private::Constraints = &[#(#constraints),*];
         }
     });
     let validate = validate_impl(&ev.body);

@@ -72,31 +72,42 @@ fn service_impl(s: &Service<'_>) -> TokenStream {
             }
         }
     });
+    // Spanned at the payload type, like the checks, so that a type that is not an event is
+    // reported once, there.
     let decode = s.variants.iter().map(|v| {
-        let (ev, ty, var) = (event(v.ty), v.ty, v.ident);
-        quote! {
-            if event_type == #ev::EVENT_TYPE && version == #ev::VERSION {
-                return ::outbox_runtime::__private::decode::<Self, #ty>(payload, Self::#var);
+        let (ev, var) = (event(v.ty), v.ident);
+        quote_spanned! {v.ty.span()=>
+            |payload| #ev::from_payload(payload).map(Self::#var)
+        }
+    });
+    let encode = s.variants.iter().map(|v| {
+        let (ev, var) = (event(v.ty), v.ident);
+        quote_spanned! {v.ty.span()=>
+            |event| match event {
+                Self::#var(event) => #ev::to_payload(event),
+                _ => ::core::unreachable!("the variant table and the variants are generated together"),
             }
         }
     });
-    // `binding` is `_` for arms that read a constant, `__event` for arms that call a method.
-    let arms = |binding: TokenStream, body: TokenStream| {
+    let index = s.variants.iter().enumerate().map(|(i, v)| {
+        let var = v.ident;
+        quote!(Self::#var(_) => #i)
+    });
+    let arms = |body: TokenStream| {
         let arms = s.variants.iter().map(move |v| {
             let var = v.ident;
             let ev = event(v.ty);
-            let (binding, body) = (binding.clone(), body.clone());
-            quote!(Self::#var(#binding) => #ev::#body)
+            let body = body.clone();
+            quote!(Self::#var(__event) => #ev::#body)
         });
         quote!(match self { #(#arms,)* })
     };
-    let event_type = arms(quote!(_), quote!(EVENT_TYPE));
-    let version = arms(quote!(_), quote!(VERSION));
-    let key = arms(quote!(__event), quote!(message_key(__event)));
-    let aggregate = arms(quote!(__event), quote!(aggregate_id(__event)));
-    let payload = arms(quote!(__event), quote!(to_payload(__event)));
+    let key = arms(quote!(message_key(__event)));
+    let aggregate = arms(quote!(aggregate_id(__event)));
     quote! {
+        // A single-variant enum makes the `_` arms of `ENCODE` unreachable.
         #[automatically_derived]
+        #[allow(unreachable_patterns)]
         impl ::outbox_runtime::OutboxService for #ident {
             const SERVICE: &'static str = #service;
             const ROUTE: ::outbox_runtime::route::RouteSpec = ::outbox_runtime::route::RouteSpec {
@@ -107,21 +118,11 @@ fn service_impl(s: &Service<'_>) -> TokenStream {
             };
             const EVENTS: &'static [::outbox_runtime::route::EventSpec] = &[#(#specs),*];
 
-            fn decode(
-                event_type: &str,
-                version: u32,
-                payload: &[u8],
-            ) -> ::core::result::Result<Self, ::outbox_runtime::Rejection> {
-                #(#decode)*
-                ::core::result::Result::Err(::outbox_runtime::__private::reject::<Self>(event_type, version))
-            }
+            const DECODE: &'static [::outbox_runtime::service::Decoder<Self>] = &[#(#decode),*];
+            const ENCODE: &'static [::outbox_runtime::service::Encoder<Self>] = &[#(#encode),*];
 
-            fn event_type(&self) -> &'static str {
-                #event_type
-            }
-
-            fn version(&self) -> u32 {
-                #version
+            fn variant_index(&self) -> usize {
+                match self { #(#index,)* }
             }
 
             fn message_key(&self) -> ::core::option::Option<::std::string::String> {
@@ -130,10 +131,6 @@ fn service_impl(s: &Service<'_>) -> TokenStream {
 
             fn aggregate_id(&self) -> ::core::option::Option<::std::string::String> {
                 #aggregate
-            }
-
-            fn to_payload(&self) -> ::core::result::Result<::std::vec::Vec<u8>, ::outbox_runtime::__private::serde_json::Error> {
-                #payload
             }
         }
     }

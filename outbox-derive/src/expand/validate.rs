@@ -140,13 +140,13 @@ fn opt(v: Option<TokenStream>) -> TokenStream {
     }
 }
 
-/// Statements adding each field's constraints to `__schema`, the payload's JSON Schema.
+/// The entries of `SCHEMA_CONSTRAINTS`: each field's constraints for the payload's JSON Schema.
 ///
 /// The macro cannot see whether a field is a string, an array or an object, so a size rule
 /// sets the keyword of each (`minLength`, `minItems`, `minProperties`): JSON Schema applies
 /// each only to values of its own type, so the others are inert.
 pub(crate) fn schema_constraints(body: &Body<'_>) -> Vec<TokenStream> {
-    let json = quote!(::outbox_runtime::__private::serde_json::Value);
+    let json = quote!(::outbox_runtime::__private::Json);
     body.fields
         .iter()
         .filter(|f| !f.flatten)
@@ -173,7 +173,7 @@ pub(crate) fn schema_constraints(body: &Body<'_>) -> Vec<TokenStream> {
                     Rule::Range { min, max, .. } => {
                         for (kw, b) in [("minimum", min), ("maximum", max)] {
                             if let Some(j) = b.as_ref().and_then(|b| b.json.as_ref()) {
-                                pairs.push(quote!((#kw, #json::from(#j))));
+                                pairs.push(quote!((#kw, #j)));
                             }
                         }
                     }
@@ -191,20 +191,18 @@ pub(crate) fn schema_constraints(body: &Body<'_>) -> Vec<TokenStream> {
                 if let Some(v) = v {
                     for kw in ["Length", "Items", "Properties"] {
                         let kw = format!("{suffix}{kw}");
-                        pairs.push(quote!((#kw, #json::from(#v))));
+                        pairs.push(quote!((#kw, #json::U64(#v))));
                     }
                 }
             }
             if let Some(p) = pattern {
-                pairs.push(quote!(("pattern", #json::from(#p))));
+                pairs.push(quote!(("pattern", #json::Str(#p))));
             }
             if pairs.is_empty() {
                 return None;
             }
             let name = &f.json_name;
-            Some(quote! {
-                ::outbox_runtime::__private::constrain(&mut __schema, #name, &[#(#pairs),*]);
-            })
+            Some(quote!((#name, &[#(#pairs),*])))
         })
         .collect()
 }
