@@ -71,4 +71,26 @@ pub enum Error {
     #[cfg(feature = "store")]
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// Kafka failed.
+    #[cfg(feature = "kafka")]
+    #[error("kafka error: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// A topic could not be created.
+    #[cfg(feature = "kafka")]
+    #[error("cannot create topic `{topic}`: {reason}")]
+    TopicCreate {
+        /// The topic.
+        topic: String,
+        /// The broker's answer.
+        reason: String,
+    },
+    /// A topic had no partitions within the wait.
+    #[cfg(feature = "kafka")]
+    #[error("topic `{topic}` was not ready after {waited:?}")]
+    TopicNotReady {
+        /// The topic.
+        topic: String,
+        /// How long this process waited.
+        waited: std::time::Duration,
+    },
 }

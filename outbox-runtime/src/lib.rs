@@ -2,9 +2,19 @@
 #![warn(missing_docs)]
 #![warn(clippy::print_stdout, clippy::print_stderr)]
 
+#[cfg(feature = "kafka")]
+pub mod bus;
+#[cfg(feature = "kafka")]
+pub mod consumer;
+#[cfg(feature = "kafka")]
+pub mod envelope;
 pub mod error;
 pub mod event;
+#[cfg(feature = "kafka")]
+pub mod relay;
 pub mod route;
+#[cfg(feature = "kafka")]
+pub mod runtime;
 pub mod service;
 #[cfg(feature = "store")]
 pub mod store;

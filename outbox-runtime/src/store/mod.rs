@@ -398,6 +398,23 @@ pub trait Backend: sqlx::Database + private::Sealed {
         conn: &mut Self::Connection,
     ) -> impl Future<Output = Result<sqlx::Transaction<'_, Self>, sqlx::Error>> + Send;
 
+    /// Begins a write transaction on a pooled connection that the transaction owns.
+    #[doc(hidden)]
+    fn begin_pool_write(
+        pool: &sqlx::Pool<Self>,
+    ) -> impl Future<Output = Result<sqlx::Transaction<'static, Self>, sqlx::Error>> + Send;
+
+    /// Starts a task that signals `wake` whenever any process commits new rows, where the
+    /// database can tell (PostgreSQL `LISTEN`); `None` elsewhere.
+    #[doc(hidden)]
+    fn spawn_listener(
+        pool: &sqlx::Pool<Self>,
+        wake: Arc<tokio::sync::Notify>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let _ = (pool, wake);
+        None
+    }
+
     /// Sends rows whose lease expired on their last attempt to `dead`.
     #[doc(hidden)]
     fn expire_leases(
@@ -497,6 +514,7 @@ impl<DB: Backend> fmt::Debug for Outbox<DB> {
 }
 
 struct Inner {
+    wake: Arc<tokio::sync::Notify>,
     catalog: Catalog,
     config: StoreConfig,
     clock: Arc<dyn Clock>,
@@ -536,6 +554,7 @@ impl<DB: Backend> OutboxBuilder<DB> {
         let inbox = queries::for_table(DB::QUERIES, "outbox_inbox", DB::NUMBERED);
         Outbox {
             inner: Arc::new(Inner {
+                wake: Arc::new(tokio::sync::Notify::new()),
                 catalog: self.catalog,
                 config: self.config,
                 clock: self.clock,
@@ -571,6 +590,12 @@ impl<DB: Backend> Outbox<DB> {
     /// The settings.
     pub fn config(&self) -> &StoreConfig {
         &self.inner.config
+    }
+
+    /// Signalled after each enqueue in this process (and, on PostgreSQL, by a listener for
+    /// commits in any process): relays wait on it to wake at once on new rows.
+    pub fn wakeups(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.wake.clone()
     }
 
     /// The current time of the store's clock (ms).
@@ -617,7 +642,9 @@ impl<DB: Backend> Outbox<DB> {
         event: &E,
     ) -> Result<Enqueued, Error> {
         let prepared = self.prepare(event)?;
-        self.insert(conn, prepared).await
+        let done = self.insert(conn, prepared).await?;
+        self.inner.wake.notify_waiters();
+        Ok(done)
     }
 
     /// Stores several events inside the caller's transaction: all are validated before any is
@@ -635,6 +662,7 @@ impl<DB: Backend> Outbox<DB> {
         for p in prepared {
             out.push(self.insert(conn, p).await?);
         }
+        self.inner.wake.notify_waiters();
         Ok(out)
     }
 
@@ -942,6 +970,56 @@ impl<DB: Backend> Outbox<DB> {
         let changed = DB::execute(&mut tx, table.get("dead_open"), args).await? == 1;
         tx.commit().await?;
         Ok(changed)
+    }
+
+    /// Locks the row of `event_id` in the caller's transaction, for a consumer; `None` when
+    /// missing.
+    #[doc(hidden)]
+    pub async fn lock_row(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        event_id: &str,
+    ) -> Result<Option<OutboxRow>, Error> {
+        let table = self.table(service)?;
+        let rows = DB::fetch_rows(
+            conn,
+            table.get("get_for_update"),
+            vec![Arg::Str(event_id.to_owned())],
+        )
+        .await?;
+        Ok(rows.into_iter().next())
+    }
+
+    /// Marks a locked, open row consumed in the caller's transaction; false when it was final.
+    #[doc(hidden)]
+    pub async fn mark_consumed(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        id: i64,
+    ) -> Result<bool, Error> {
+        let table = self.table(service)?;
+        let now = self.now_ms();
+        let args = vec![Arg::I64(now), Arg::I64(now), Arg::I64(id)];
+        Ok(DB::execute(conn, table.get("mark_consumed"), args).await? == 1)
+    }
+
+    /// Records `(group, event_id)` in the inbox in the caller's transaction; false when it was
+    /// there already.
+    #[doc(hidden)]
+    pub async fn record_inbox(
+        &self,
+        conn: &mut DB::Connection,
+        group: &str,
+        event_id: &str,
+    ) -> Result<bool, Error> {
+        let args = vec![
+            Arg::Str(group.to_owned()),
+            Arg::Str(event_id.to_owned()),
+            Arg::I64(self.now_ms()),
+        ];
+        Ok(DB::execute(conn, self.inbox_sql("inbox_insert"), args).await? == 1)
     }
 
     async fn lock(

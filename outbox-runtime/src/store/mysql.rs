@@ -60,6 +60,12 @@ impl Backend for MySql {
         }
     }
 
+    async fn begin_pool_write(
+        pool: &sqlx::Pool<MySql>,
+    ) -> Result<sqlx::Transaction<'static, MySql>, sqlx::Error> {
+        pool.begin().await
+    }
+
     async fn claim(
         sql: &TableSql,
         conn: &mut MySqlConnection,

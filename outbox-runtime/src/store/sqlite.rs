@@ -32,6 +32,12 @@ impl Backend for Sqlite {
         conn.begin_with("BEGIN IMMEDIATE").await
     }
 
+    async fn begin_pool_write(
+        pool: &sqlx::Pool<Sqlite>,
+    ) -> Result<sqlx::Transaction<'static, Sqlite>, sqlx::Error> {
+        pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
     async fn claim(
         sql: &TableSql,
         conn: &mut SqliteConnection,

@@ -54,11 +54,15 @@ CREATE TABLE IF NOT EXISTS outbox_inbox (
 -- name: insert
 -- event_id, event_type, event_version, service_name, topic, message_key, aggregate_id, payload,
 -- headers, max_attempts, next_attempt_at, created_at, updated_at
-INSERT INTO {table} (event_id, event_type, event_version, service_name, topic, message_key,
-    aggregate_id, payload, headers, status, attempts, max_attempts, next_attempt_at,
-    created_at, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', 0, $10, $11, $12, $13)
-RETURNING id
+-- The notification wakes listening relays when the transaction commits (PostgreSQL folds
+-- repeats within one transaction into one).
+WITH inserted AS (
+    INSERT INTO {table} (event_id, event_type, event_version, service_name, topic, message_key,
+        aggregate_id, payload, headers, status, attempts, max_attempts, next_attempt_at,
+        created_at, updated_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', 0, $10, $11, $12, $13)
+    RETURNING id)
+SELECT id, pg_notify('outbox', '{table}') FROM inserted
 
 -- name: expire_leases
 -- updated_at, now

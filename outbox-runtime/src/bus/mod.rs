@@ -1,0 +1,5 @@
+//! The message bus: Kafka through rdkafka.
+
+mod kafka;
+
+pub use kafka::{KafkaBus, KafkaConfig, Outgoing};

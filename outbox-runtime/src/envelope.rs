@@ -1,0 +1,338 @@
+//! The wire format: the Go system's JSON envelope, so that its consumers keep working, plus
+//! headers (`traceparent` and CloudEvents `ce_*` attributes).
+//!
+//! ```json
+//! {"outbox_id":12,"event_id":"0190…","event_type":"notification.feishu.requested",
+//!  "event_version":"1","service_name":"notification","aggregate_id":"pv-3","payload":{…}}
+//! ```
+//!
+//! The decoder accepts what the Go system wrote: a version of `"1"`, `"v1"`, `1`, or none (the
+//! Go default, version 1); a missing `event_id` means the decimal outbox id.
+
+use std::fmt::Write as _;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::store::OutboxRow;
+
+/// How `event_version` is written. Go consumers compared strings: notification and the
+/// scheduler accepted `"1"`, forum and credit `"v1"`; this decoder accepts both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VersionFormat {
+    /// `"1"`.
+    #[default]
+    Number,
+    /// `"v1"`.
+    Prefixed,
+}
+
+/// Builds the envelope of a stored row. Fails when the stored payload is not JSON (a row written
+/// by hand or corrupted), which no retry can fix.
+pub fn encode(row: &OutboxRow, format: VersionFormat) -> Result<Vec<u8>, serde_json::Error> {
+    // The payload is embedded as is; check that it is one JSON value first.
+    serde_json::from_str::<serde::de::IgnoredAny>(&row.payload)?;
+    let mut out = String::with_capacity(row.payload.len() + 256);
+    let quote = |s: &str| serde_json::to_string(s);
+    let version = match format {
+        VersionFormat::Number => row.event_version.to_string(),
+        VersionFormat::Prefixed => format!("v{}", row.event_version),
+    };
+    let _ = write!(
+        out,
+        "{{\"outbox_id\":{},\"event_id\":{},\"event_type\":{},\"event_version\":{},\"service_name\":{}",
+        row.id,
+        quote(&row.event_id)?,
+        quote(&row.event_type)?,
+        quote(&version)?,
+        quote(&row.service)?,
+    );
+    if let Some(agg) = row.aggregate_id.as_deref().or(row.message_key.as_deref()) {
+        let _ = write!(out, ",\"aggregate_id\":{}", quote(agg)?);
+    }
+    let _ = write!(out, ",\"payload\":{}}}", row.payload.trim());
+    Ok(out.into_bytes())
+}
+
+/// The Kafka headers of a stored row: its `traceparent`, if any, and the CloudEvents binding's
+/// `ce_*` attributes.
+pub fn headers(row: &OutboxRow) -> Vec<(&'static str, String)> {
+    let mut out = Vec::with_capacity(7);
+    if let Ok(serde_json::Value::Object(map)) = serde_json::from_str(&row.headers)
+        && let Some(serde_json::Value::String(tp)) = map.get("traceparent")
+    {
+        out.push(("traceparent", tp.clone()));
+    }
+    out.push(("ce_specversion", "1.0".to_owned()));
+    out.push(("ce_id", row.event_id.clone()));
+    out.push(("ce_type", row.event_type.clone()));
+    out.push(("ce_source", format!("/outbox/{}", row.service)));
+    out.push(("ce_time", rfc3339(row.created_at)));
+    out.push(("content-type", "application/json".to_owned()));
+    out
+}
+
+/// A decoded envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The row id in the owning service's table.
+    pub outbox_id: i64,
+    /// The event id (the decimal outbox id when the message had none).
+    pub event_id: String,
+    /// The event type.
+    pub event_type: String,
+    /// The version, from `"1"`, `"v1"`, `1`, or none (1).
+    pub version: u32,
+    /// The owning service, when the message named one.
+    pub service: Option<String>,
+    /// The aggregate id.
+    pub aggregate_id: Option<String>,
+    /// The payload's JSON.
+    pub payload: Vec<u8>,
+}
+
+/// Why a Kafka message is not an envelope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnvelopeError {
+    /// Not JSON, or not the envelope's shape.
+    #[error("not an outbox envelope: {0}")]
+    Malformed(String),
+    /// `outbox_id` missing or not positive.
+    #[error("the envelope has no positive outbox_id")]
+    NoOutboxId,
+    /// `event_type` empty.
+    #[error("the envelope has no event_type")]
+    NoEventType,
+    /// `event_version` that is not `N`, `"N"` or `"vN"` with N ≥ 1.
+    #[error("unreadable event_version `{0}`")]
+    Version(String),
+    /// No payload.
+    #[error("the envelope has no payload")]
+    NoPayload,
+}
+
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(default)]
+    outbox_id: i64,
+    #[serde(default)]
+    event_id: Option<String>,
+    #[serde(default)]
+    event_type: String,
+    #[serde(default)]
+    event_version: Option<serde_json::Value>,
+    #[serde(default)]
+    service_name: Option<String>,
+    #[serde(default)]
+    aggregate_id: Option<String>,
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+}
+
+/// Decodes a Kafka message value.
+pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
+    let wire: Wire<'_> =
+        serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+    if wire.outbox_id <= 0 {
+        return Err(EnvelopeError::NoOutboxId);
+    }
+    let event_type = wire.event_type.trim().to_owned();
+    if event_type.is_empty() {
+        return Err(EnvelopeError::NoEventType);
+    }
+    let version = parse_version(wire.event_version.as_ref())?;
+    let payload = wire.payload.ok_or(EnvelopeError::NoPayload)?;
+    let event_id = wire
+        .event_id
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| wire.outbox_id.to_string());
+    Ok(Envelope {
+        outbox_id: wire.outbox_id,
+        event_id,
+        event_type,
+        version,
+        service: wire
+            .service_name
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty()),
+        aggregate_id: wire.aggregate_id.filter(|s| !s.is_empty()),
+        payload: payload.get().as_bytes().to_vec(),
+    })
+}
+
+/// `"1"`, `"v1"`, `"V1"`, `1`, `""` and none are version 1 (or N).
+pub fn parse_version(v: Option<&serde_json::Value>) -> Result<u32, EnvelopeError> {
+    let bad = |v: &serde_json::Value| EnvelopeError::Version(v.to_string());
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(1),
+        Some(n @ serde_json::Value::Number(_)) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|&n| n >= 1)
+            .ok_or_else(|| bad(n)),
+        Some(s @ serde_json::Value::String(text)) => {
+            let t = text.trim();
+            if t.is_empty() {
+                return Ok(1);
+            }
+            let digits = t.strip_prefix(['v', 'V']).unwrap_or(t);
+            digits
+                .parse::<u32>()
+                .ok()
+                .filter(|&n| n >= 1 && digits.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| bad(s))
+        }
+        Some(other) => Err(bad(other)),
+    }
+}
+
+/// Unix milliseconds as RFC 3339 UTC, `2026-11-23T09:00:00.000Z`.
+pub fn rfc3339(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let millis = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Status;
+
+    fn row() -> OutboxRow {
+        OutboxRow {
+            id: 12,
+            event_id: "0190c3c0-0000-7000-8000-000000000001".into(),
+            event_type: "notification.feishu.requested".into(),
+            event_version: 1,
+            service: "notification".into(),
+            topic: "smartflow.notification.outbox".into(),
+            message_key: Some("7".into()),
+            aggregate_id: None,
+            payload: "{\"user_id\":7}".into(),
+            headers:
+                "{\"traceparent\":\"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\"}"
+                    .into(),
+            status: Status::Sending,
+            attempts: 1,
+            max_attempts: 20,
+            next_attempt_at: None,
+            lease_owner: None,
+            lease_until: None,
+            last_error: None,
+            dead_reason: None,
+            published_at: None,
+            consumed_at: None,
+            created_at: 1_795_424_400_123,
+            updated_at: 1_795_424_400_123,
+        }
+    }
+
+    #[test]
+    fn encodes_the_go_envelope_and_decodes_it_back() {
+        let bytes = encode(&row(), VersionFormat::Number).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&bytes).unwrap(),
+            "{\"outbox_id\":12,\"event_id\":\"0190c3c0-0000-7000-8000-000000000001\",\"event_type\":\"notification.feishu.requested\",\"event_version\":\"1\",\"service_name\":\"notification\",\"aggregate_id\":\"7\",\"payload\":{\"user_id\":7}}"
+        );
+        let env = decode(&bytes).unwrap();
+        assert_eq!(env.outbox_id, 12);
+        assert_eq!(env.version, 1);
+        assert_eq!(env.aggregate_id.as_deref(), Some("7"), "the key when none");
+        assert_eq!(env.payload, b"{\"user_id\":7}");
+        let prefixed = encode(&row(), VersionFormat::Prefixed).unwrap();
+        assert!(
+            String::from_utf8(prefixed)
+                .unwrap()
+                .contains("\"event_version\":\"v1\"")
+        );
+    }
+
+    #[test]
+    fn accepts_every_version_spelling_of_the_go_system() {
+        for (v, want) in [
+            ("\"1\"", Ok(1)),
+            ("\"v1\"", Ok(1)),
+            ("\"V2\"", Ok(2)),
+            ("3", Ok(3)),
+            ("\"\"", Ok(1)),
+            ("null", Ok(1)),
+            ("\"v0\"", Err(())),
+            ("\"1.0\"", Err(())),
+            ("\"v+1\"", Err(())),
+            ("-1", Err(())),
+            ("true", Err(())),
+        ] {
+            let json = format!(
+                "{{\"outbox_id\":1,\"event_type\":\"a.b\",\"event_version\":{v},\"payload\":{{}}}}"
+            );
+            assert_eq!(
+                decode(json.as_bytes()).map(|e| e.version).map_err(|_| ()),
+                want,
+                "{v}"
+            );
+        }
+        let no_version = decode(b"{\"outbox_id\":5,\"event_type\":\"a.b\",\"payload\":1}").unwrap();
+        assert_eq!((no_version.version, no_version.event_id.as_str()), (1, "5"));
+    }
+
+    #[test]
+    fn rejects_what_is_not_an_envelope_with_a_reason() {
+        for (bytes, want) in [
+            (&b"garbage"[..], "not an outbox envelope"),
+            (
+                b"{\"event_type\":\"a.b\",\"payload\":{}}",
+                "no positive outbox_id",
+            ),
+            (
+                b"{\"outbox_id\":1,\"event_type\":\" \",\"payload\":{}}",
+                "no event_type",
+            ),
+            (b"{\"outbox_id\":1,\"event_type\":\"a.b\"}", "no payload"),
+        ] {
+            let e = decode(bytes).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn headers_carry_the_trace_and_cloud_events_attributes() {
+        let h = headers(&row());
+        let get = |k: &str| h.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str());
+        assert_eq!(
+            get("traceparent"),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+        assert_eq!(get("ce_id"), Some("0190c3c0-0000-7000-8000-000000000001"));
+        assert_eq!(get("ce_type"), Some("notification.feishu.requested"));
+        assert_eq!(get("ce_source"), Some("/outbox/notification"));
+        assert_eq!(get("ce_time"), Some("2026-11-23T09:00:00.123Z"));
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn a_stored_payload_that_is_not_json_cannot_be_encoded() {
+        let mut r = row();
+        r.payload = "{\"user_id\": 7".into();
+        assert!(encode(&r, VersionFormat::Number).is_err());
+    }
+}

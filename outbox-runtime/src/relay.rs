@@ -1,0 +1,246 @@
+//! The relay: moves stored events to Kafka.
+//!
+//! Delivery guarantee: **at least once**. A row is marked published only after the broker
+//! acknowledged it; a relay that dies between the acknowledgement and the mark leaves the row
+//! leased, and when the lease ends another relay publishes it again (consumers apply events once
+//! in effect, so the duplicate has no second effect). Any number of relays can run: claims are
+//! leased, so two relays never publish the same row at once, and a key's rows go out in order.
+//!
+//! A relay wakes at once on new rows (PostgreSQL `LISTEN`; an in-process signal for writers in
+//! the same process) and polls as a fallback. On shutdown it stops claiming, finishes the batch
+//! in flight, and returns.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::Pool;
+use tokio::sync::watch;
+
+use crate::bus::{KafkaBus, Outgoing};
+use crate::envelope::{self, VersionFormat};
+use crate::error::Error;
+use crate::store::{Backend, Outbox, OutboxRow, Transition};
+
+/// A signal to stop, shared by relays and consumers.
+#[derive(Debug, Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+/// Sends the [`Shutdown`] signal.
+#[derive(Debug)]
+pub struct ShutdownTrigger(watch::Sender<bool>);
+
+impl Shutdown {
+    /// A signal and its trigger.
+    pub fn new() -> (ShutdownTrigger, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (ShutdownTrigger(tx), Shutdown(rx))
+    }
+
+    /// True once triggered.
+    pub fn is_triggered(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves when triggered (or when the trigger is dropped).
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+}
+
+impl ShutdownTrigger {
+    /// Asks every holder of the signal to stop.
+    pub fn trigger(&self) {
+        let _ = self.0.send(true);
+    }
+}
+
+/// Relay settings.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// This relay's name in leases; unique per instance.
+    pub owner: String,
+    /// Rows claimed and published together.
+    pub batch: usize,
+    /// How long a claim holds its rows.
+    pub lease: Duration,
+    /// How often to look for due rows without a wake-up.
+    pub poll_interval: Duration,
+    /// How `event_version` is written.
+    pub version_format: VersionFormat,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            owner: format!("relay-{}-{:08x}", std::process::id(), fastrand::u32(..)),
+            batch: 500,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            version_format: VersionFormat::Number,
+        }
+    }
+}
+
+/// Publishes the due rows of some services.
+#[derive(Debug)]
+pub struct Relay<DB: Backend> {
+    outbox: Outbox<DB>,
+    pool: Pool<DB>,
+    bus: Arc<KafkaBus>,
+    config: RelayConfig,
+    services: Vec<String>,
+}
+
+impl<DB: Backend> Relay<DB> {
+    /// A relay for every service of the outbox's catalog.
+    pub fn new(
+        outbox: Outbox<DB>,
+        pool: Pool<DB>,
+        bus: Arc<KafkaBus>,
+        config: RelayConfig,
+    ) -> Self {
+        let services = outbox
+            .catalog()
+            .services()
+            .map(|r| r.service.clone())
+            .collect();
+        Self {
+            outbox,
+            pool,
+            bus,
+            config,
+            services,
+        }
+    }
+
+    /// Relays only these services.
+    pub fn services(mut self, services: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.services = services.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Runs until `shutdown`, one loop per service.
+    pub async fn run(self, shutdown: Shutdown) -> Result<(), Error> {
+        let listener = DB::spawn_listener(&self.pool, self.outbox.wakeups());
+        let this = Arc::new(self);
+        let mut tasks = tokio::task::JoinSet::new();
+        for service in this.services.clone() {
+            let (this, shutdown) = (this.clone(), shutdown.clone());
+            tasks.spawn(async move { this.run_service(&service, shutdown).await });
+        }
+        while tasks.join_next().await.is_some() {}
+        if let Some(l) = listener {
+            l.abort();
+        }
+        Ok(())
+    }
+
+    async fn run_service(&self, service: &str, mut shutdown: Shutdown) {
+        let wake = self.outbox.wakeups();
+        // After a wake-up that found nothing (the writer had not committed yet), look again
+        // shortly before falling back to the poll interval.
+        let mut rechecks: &[u64] = &[];
+        while !shutdown.is_triggered() {
+            match self.relay_once(service).await {
+                Ok(n) if n >= self.config.batch => continue,
+                Ok(n) if n > 0 => rechecks = &[],
+                Ok(_) => {}
+                Err(e) => tracing::warn!(service, error = %e, "relay round failed"),
+            }
+            let wait = match rechecks.split_first() {
+                Some((ms, rest)) => {
+                    rechecks = rest;
+                    Duration::from_millis(*ms)
+                }
+                None => self.config.poll_interval,
+            };
+            tokio::select! {
+                _ = wake.notified() => rechecks = &[2, 10, 50, 200],
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait() => break,
+            }
+        }
+    }
+
+    /// One round: claim a batch, publish it, record the outcome. Returns how many rows it
+    /// claimed.
+    pub async fn relay_once(&self, service: &str) -> Result<usize, Error> {
+        let owner = &self.config.owner;
+        let rows = {
+            let mut conn = self.pool.acquire().await?;
+            self.outbox
+                .claim(
+                    &mut conn,
+                    service,
+                    owner,
+                    self.config.batch,
+                    self.config.lease,
+                )
+                .await?
+        };
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut sendable: Vec<&OutboxRow> = Vec::with_capacity(rows.len());
+        let mut outgoing = Vec::with_capacity(rows.len());
+        let mut conn = self.pool.acquire().await?;
+        for row in &rows {
+            match envelope::encode(row, self.config.version_format) {
+                Ok(value) => {
+                    outgoing.push(Outgoing {
+                        topic: row.topic.clone(),
+                        // No key: the event id, as the Go system did, spreads events evenly.
+                        key: Some(
+                            row.message_key
+                                .clone()
+                                .unwrap_or_else(|| row.event_id.clone()),
+                        ),
+                        value,
+                        headers: envelope::headers(row),
+                    });
+                    sendable.push(row);
+                }
+                Err(e) => {
+                    let reason = format!("the stored payload is not JSON: {e}");
+                    self.outbox
+                        .dead_leased(&mut conn, row, owner, "invalid_payload", &reason)
+                        .await?;
+                    metrics::counter!("outbox_dead_total", "service" => service.to_owned(), "reason" => "invalid_payload").increment(1);
+                }
+            }
+        }
+        drop(conn);
+        let results = self.bus.send_all(&outgoing).await;
+        let mut published = Vec::with_capacity(results.len());
+        let mut conn = self.pool.acquire().await?;
+        for (row, result) in sendable.iter().zip(results) {
+            match result {
+                Ok(_) => published.push(row.id),
+                Err(e) => {
+                    let error = format!("publish to Kafka failed: {e}");
+                    match self
+                        .outbox
+                        .publish_failed(&mut conn, row, owner, &error)
+                        .await?
+                    {
+                        Transition::Dead => {
+                            metrics::counter!("outbox_dead_total", "service" => service.to_owned(), "reason" => "max_attempts").increment(1);
+                        }
+                        Transition::Retrying { .. } => {
+                            metrics::counter!("outbox_retried_total", "service" => service.to_owned()).increment(1);
+                        }
+                        Transition::Unchanged => {}
+                    }
+                    tracing::warn!(service, outbox_id = row.id, event_id = %row.event_id, %error, "publish failed");
+                }
+            }
+        }
+        let marked = self
+            .outbox
+            .mark_published(&mut conn, service, owner, &published)
+            .await?;
+        metrics::counter!("outbox_published_total", "service" => service.to_owned())
+            .increment(marked);
+        Ok(rows.len())
+    }
+}
