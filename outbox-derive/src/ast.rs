@@ -94,7 +94,7 @@ fn keep<T>(cx: &mut Ctxt, meta: &syn::meta::ParseNestedMeta<'_>, r: syn::Result<
         Ok(v) => Some(v),
         Err(e) => {
             cx.push(e);
-            attr::skip_value(meta);
+            attr::skip_rest(meta);
             None
         }
     }
@@ -403,9 +403,12 @@ pub(crate) fn service<'a>(cx: &mut Ctxt, input: &'a DeriveInput) -> Option<Servi
             "missing `service` in `#[outbox(...)]`; name the service whose events these are, like `#[outbox(service = \"notification\")]`",
         );
     }
-    let handler = handler
-        .get()
-        .unwrap_or_else(|| Ident::new(&format!("{ident}Handler"), ident.span()));
+    let handler = handler.get().unwrap_or_else(|| {
+        Ident::new(
+            &format!("{}Handler", syn::ext::IdentExt::unraw(ident)),
+            ident.span(),
+        )
+    });
     Some(Service {
         ident,
         vis: &input.vis,
@@ -458,9 +461,7 @@ fn variant<'a>(cx: &mut Ctxt, v: &'a syn::Variant) -> Option<Variant<'a>> {
             return None;
         }
     };
-    let method = method
-        .get()
-        .unwrap_or_else(|| Ident::new(&snake_case(&v.ident.to_string()), v.ident.span()));
+    let method = method.get().unwrap_or_else(|| method_name(&v.ident));
     Some(Variant {
         ident: &v.ident,
         ty,
@@ -486,6 +487,19 @@ fn check_methods(cx: &mut Ctxt, variants: &[Variant<'_>]) {
                 ),
             );
         }
+    }
+}
+
+/// The handler method for a variant: its name in snake case, raw when that is a keyword
+/// (`Type` → `r#type`), with `_` after the few keywords that cannot be raw (`Self` → `self_`).
+fn method_name(variant: &Ident) -> Ident {
+    let name = snake_case(&syn::ext::IdentExt::unraw(variant).to_string());
+    if syn::parse_str::<Ident>(&name).is_ok() {
+        return Ident::new(&name, variant.span());
+    }
+    match name.as_str() {
+        "self" | "super" | "crate" | "_" => Ident::new(&format!("{name}_"), variant.span()),
+        _ => Ident::new_raw(&name, variant.span()),
     }
 }
 

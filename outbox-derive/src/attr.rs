@@ -120,21 +120,27 @@ pub(crate) fn unknown(cx: &mut Ctxt, meta: &ParseNestedMeta<'_>, on: &str, valid
 pub(crate) fn skip_value(meta: &ParseNestedMeta<'_>) {
     if meta.input.peek(Token![=]) {
         let _ = meta.input.parse::<Token![=]>();
-        let _ = meta.input.step(|cursor| {
-            let mut rest = *cursor;
-            while let Some((tt, next)) = rest.token_tree() {
-                if let proc_macro2::TokenTree::Punct(p) = &tt
-                    && p.as_char() == ','
-                {
-                    return Ok(((), rest));
-                }
-                rest = next;
-            }
-            Ok(((), rest))
-        });
+        skip_rest(meta);
     } else if meta.input.peek(syn::token::Paren) {
         let _ = meta.input.parse::<proc_macro2::Group>();
     }
+}
+
+/// Consumes what is left of a value that failed to parse, up to the next `,`, so that the keys
+/// after it are still read (and not reported missing).
+pub(crate) fn skip_rest(meta: &ParseNestedMeta<'_>) {
+    let _ = meta.input.step(|cursor| {
+        let mut rest = *cursor;
+        while let Some((tt, next)) = rest.token_tree() {
+            if let proc_macro2::TokenTree::Punct(p) = &tt
+                && p.as_char() == ','
+            {
+                return Ok(((), rest));
+            }
+            rest = next;
+        }
+        Ok(((), rest))
+    });
 }
 
 /// `key = "text"`.
@@ -287,7 +293,7 @@ pub(crate) fn rules(cx: &mut Ctxt, meta: &ParseNestedMeta<'_>, rules: &mut Vec<R
             Ok(r) => rules.push(r),
             Err(e) => {
                 cx.push(e);
-                skip_value(&rule);
+                skip_rest(&rule);
             }
         }
         Ok(())

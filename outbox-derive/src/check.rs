@@ -27,7 +27,8 @@ pub(crate) fn event_type(name: &str) -> Result<(), String> {
 }
 
 /// Service names become table, topic and group names, so they are `[a-z][a-z0-9-]*` and at most
-/// 48 characters (the table `<service>_outbox` then fits PostgreSQL's 63-character limit).
+/// 48 characters (the table `<service>_outbox` and its index names then fit PostgreSQL's
+/// 63-character limit).
 /// This is also what keeps them safe to splice into SQL.
 /// `token-store` passes; `TokenStore`, `token_store`, `-store` do not.
 pub(crate) fn service(name: &str) -> Result<(), String> {
@@ -48,7 +49,8 @@ pub(crate) fn service(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Tables are SQL identifiers spliced without quoting: `[a-z_][a-z0-9_]*`, at most 63 characters.
+/// Tables are SQL identifiers spliced without quoting: `[a-z_][a-z0-9_]*`, at most 57 characters
+/// (index names add up to 6, and PostgreSQL allows 63).
 /// `notification_outbox` passes; `Outbox`, `outbox-table`, `x; drop` do not.
 pub(crate) fn table(name: &str) -> Result<(), String> {
     let mut chars = name.chars();
@@ -56,9 +58,9 @@ pub(crate) fn table(name: &str) -> Result<(), String> {
         .next()
         .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if !ok || name.len() > 63 {
+    if !ok || name.len() > 57 {
         return Err(format!(
-            "table name `{name}` must match `[a-z_][a-z0-9_]*` and be at most 63 characters, like `notification_outbox`"
+            "table name `{name}` must match `[a-z_][a-z0-9_]*` and be at most 57 characters, like `notification_outbox`"
         ));
     }
     Ok(())

@@ -64,6 +64,18 @@ pub enum Error {
         /// The service.
         service: String,
     },
+    /// An event whose service's enum does not list its (event type, version).
+    #[error(
+        "outbox route not registered: `{event_type}` v{version} is not a variant of service `{service}`'s enum; add it there so that a consumer can handle it"
+    )]
+    RouteNotRegistered {
+        /// The event type.
+        event_type: &'static str,
+        /// The version.
+        version: u32,
+        /// The service the event names.
+        service: &'static str,
+    },
     /// A payload that could not be serialised.
     #[error("cannot serialise the payload: {0}")]
     Encode(#[source] serde_json::Error),

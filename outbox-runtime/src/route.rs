@@ -89,7 +89,7 @@ pub struct ServiceRoute {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteOverride {
-    /// Table name: `[a-z_][a-z0-9_]*`, at most 63 characters.
+    /// Table name: `[a-z_][a-z0-9_]*`, at most 57 characters.
     pub table: Option<String>,
     /// Kafka topic: `[A-Za-z0-9._-]`, at most 249 characters.
     pub topic: Option<String>,
@@ -261,16 +261,18 @@ impl CatalogBuilder {
 
     fn add(mut self, spec: &RouteSpec, events: &'static [EventSpec]) -> Result<Self, Error> {
         let route = self.config.resolve(spec);
-        if let Some(existing) = self.catalog.services.get(spec.service) {
-            // The same service listed twice (say by two crates) is harmless when it agrees.
-            if *existing == route {
-                return Ok(self);
+        let known = match self.catalog.services.get(spec.service) {
+            // One service's events may come in several enums (say from two crates); their routes
+            // must agree, and their events are merged.
+            Some(existing) if *existing == route => true,
+            Some(_) => {
+                return Err(Error::DuplicateService {
+                    service: spec.service.to_owned(),
+                });
             }
-            return Err(Error::DuplicateService {
-                service: spec.service.to_owned(),
-            });
-        }
-        for other in self.catalog.services.values() {
+            None => false,
+        };
+        for other in self.catalog.services.values().filter(|_| !known) {
             for (what, a, b) in [
                 ("table", &other.table, &route.table),
                 ("topic", &other.topic, &route.topic),
@@ -320,7 +322,8 @@ impl CatalogBuilder {
 }
 
 /// Table names become SQL identifiers without quoting, so the rule is strict:
-/// `[a-z_][a-z0-9_]*`, at most 63 characters (PostgreSQL's identifier limit).
+/// `[a-z_][a-z0-9_]*`, at most 57 characters (so that index names, the table's name plus a
+/// suffix of up to 6 characters, fit PostgreSQL's 63-character limit).
 fn check_table(name: &str) -> Result<(), String> {
     let mut chars = name.chars();
     let first_ok = chars
@@ -329,8 +332,8 @@ fn check_table(name: &str) -> Result<(), String> {
     if !first_ok || !chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
         return Err("must match [a-z_][a-z0-9_]*".to_owned());
     }
-    if name.len() > 63 {
-        return Err(format!("must be at most 63 characters, got {}", name.len()));
+    if name.len() > 57 {
+        return Err(format!("must be at most 57 characters, got {}", name.len()));
     }
     Ok(())
 }
@@ -428,8 +431,8 @@ mod tests {
                 .is_err()
         );
         assert!(RouteConfig::new().prefix("").is_err());
-        let long = "a".repeat(64);
+        let long = "a".repeat(58);
         assert!(check_table(&long).is_err());
-        assert!(check_table(&long[..63]).is_ok());
+        assert!(check_table(&long[..57]).is_ok());
     }
 }

@@ -59,8 +59,8 @@ fn service_impl(s: &Service<'_>) -> TokenStream {
     let specs = s.variants.iter().map(|v| {
         let ev = event(v.ty);
         let payload = v.ty.to_token_stream().to_string().replace(' ', "");
-        let variant = v.ident.to_string();
-        let method = v.method.to_string();
+        let variant = syn::ext::IdentExt::unraw(v.ident).to_string();
+        let method = syn::ext::IdentExt::unraw(&v.method).to_string();
         quote! {
             ::outbox_runtime::route::EventSpec {
                 event_type: #ev::EVENT_TYPE,

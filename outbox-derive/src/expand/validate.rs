@@ -73,7 +73,11 @@ fn field_checks(field: &Field<'_>) -> TokenStream {
         // Every token of a check, down to the path and the field name, takes the rule's span,
         // so an error underlines just the rule.
         let v = quote_spanned!(rule_span(rule)=> ::outbox_runtime::validate);
-        let ident = &syn::Ident::new(&ident.to_string(), rule_span(rule));
+        let ident = &{
+            let mut i = ident.clone();
+            i.set_span(rule_span(rule));
+            i
+        };
         // Each call carries the span of its rule, so a rule that does not fit the field's type
         // (`range` on a `String`) is reported under the rule in the attribute.
         match rule {

@@ -143,6 +143,25 @@ pub struct OutboxRow {
     pub updated_at: i64,
 }
 
+impl OutboxRow {
+    /// True when a consumer must not apply this row: consumed, or dead for a reason other than
+    /// a lease that ran out on the last attempt (such a row may still have been published, and
+    /// its message is applied when it arrives).
+    pub fn is_settled(&self) -> bool {
+        match self.status {
+            Status::Consumed => true,
+            Status::Dead => self.dead_reason.as_deref() != Some("lease_expired"),
+            _ => false,
+        }
+    }
+}
+
+impl Lock {
+    fn settled(&self) -> bool {
+        self.settled
+    }
+}
+
 /// The columns of [`OutboxRow`], in its field order.
 pub(crate) const COLUMNS: [&str; 22] = [
     "id",
@@ -415,6 +434,21 @@ pub trait Backend: sqlx::Database + private::Sealed {
         None
     }
 
+    /// Marks leased rows published, skipping rows another transaction holds.
+    #[doc(hidden)]
+    fn mark_published(
+        sql: &TableSql,
+        conn: &mut Self::Connection,
+        now: i64,
+        owner: &str,
+        ids: &[i64],
+    ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send {
+        let update = sql.with_ids("mark_published", 3, ids.len());
+        let mut args = vec![Arg::I64(now), Arg::I64(now), Arg::Str(owner.to_owned())];
+        args.extend(ids.iter().map(|&id| Arg::I64(id)));
+        async move { Self::execute(conn, &update, args).await }
+    }
+
     /// Sends rows whose lease expired on their last attempt to `dead`.
     #[doc(hidden)]
     fn expire_leases(
@@ -532,8 +566,12 @@ pub struct OutboxBuilder<DB: Backend> {
 }
 
 impl<DB: Backend> OutboxBuilder<DB> {
-    /// Retry and storage settings.
-    pub fn config(mut self, config: StoreConfig) -> Self {
+    /// Retry and storage settings. A `max_attempts` of 0 or less means the default, 20, as in
+    /// the Go system.
+    pub fn config(mut self, mut config: StoreConfig) -> Self {
+        if config.max_attempts <= 0 {
+            config.max_attempts = StoreConfig::default().max_attempts;
+        }
         self.config = config;
         self
     }
@@ -673,6 +711,20 @@ impl<DB: Backend> Outbox<DB> {
             violations,
         })?;
         let table = self.table(E::SERVICE)?;
+        // An event its service's enum does not list would be stored, published, and then
+        // dead-lettered by the consumer: refuse it here instead.
+        if self
+            .inner
+            .catalog
+            .route(E::EVENT_TYPE, E::VERSION)
+            .is_none()
+        {
+            return Err(Error::RouteNotRegistered {
+                event_type: E::EVENT_TYPE,
+                version: E::VERSION,
+                service: E::SERVICE,
+            });
+        }
         let payload = String::from_utf8(event.to_payload().map_err(Error::Encode)?)
             .map_err(|e| Error::Encode(serde::de::Error::custom(e)))?;
         let mut headers = serde_json::Map::new();
@@ -748,7 +800,8 @@ impl<DB: Backend> Outbox<DB> {
 
     /// Marks rows published after the broker acknowledged them: only rows still `sending` under
     /// `owner`'s lease change (never a consumed or dead row, and never a row that went back to
-    /// pending meanwhile: the Go system's bug B3). Returns how many changed.
+    /// pending meanwhile: the Go system's bug B3). A row a consumer holds locked is left to the
+    /// consumer. Returns how many changed.
     pub async fn mark_published(
         &self,
         conn: &mut DB::Connection,
@@ -760,11 +813,22 @@ impl<DB: Backend> Outbox<DB> {
         let mut changed = 0;
         // Chunks keep the statement under every backend's placeholder limit.
         for chunk in ids.chunks(1000) {
-            let now = self.now_ms();
-            let sql = table.with_ids("mark_published", 3, chunk.len());
-            let mut args = vec![Arg::I64(now), Arg::I64(now), Arg::Str(owner.to_owned())];
-            args.extend(chunk.iter().map(|&id| Arg::I64(id)));
-            changed += DB::execute(conn, &sql, args).await?;
+            // Rows another transaction holds are skipped rather than waited for. A claimer's
+            // hold lasts milliseconds (PostgreSQL keeps a row it re-checked locked until the
+            // claim commits), so a few quick retries mark those; a consumer's hold lasts as long
+            // as its handler, and the consumer settles such a row itself. The compare-and-set
+            // makes a retry of an already marked row a no-op.
+            let mut marked = 0;
+            for pause in [0u64, 5, 20, 50, 100] {
+                if pause > 0 {
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                marked += DB::mark_published(table, conn, self.now_ms(), owner, chunk).await?;
+                if marked >= chunk.len() as u64 {
+                    break;
+                }
+            }
+            changed += marked;
         }
         Ok(changed)
     }
@@ -853,10 +917,14 @@ impl<DB: Backend> Outbox<DB> {
     {
         let table = self.table(service)?;
         let mut tx = DB::begin_write(conn).await.map_err(Error::from)?;
+        // Early returns roll back at once: a dropped transaction would keep its locks until the
+        // connection is next used.
         let Some(lock) = self.lock(table, &mut tx, event_id).await? else {
+            tx.rollback().await.map_err(Error::from)?;
             return Ok(Consumed::Missing);
         };
-        if lock.status.is_final() {
+        if lock.settled() {
+            tx.rollback().await.map_err(Error::from)?;
             return Ok(Consumed::Skipped(lock.status));
         }
         let out = apply(&mut tx).await.map_err(ConsumeError::Handler)?;
@@ -891,6 +959,7 @@ impl<DB: Backend> Outbox<DB> {
         ];
         let sql = self.inbox_sql("inbox_insert");
         if DB::execute(&mut tx, sql, args).await.map_err(Error::from)? == 0 {
+            tx.rollback().await.map_err(Error::from)?;
             return Ok(Consumed::Skipped(Status::Consumed));
         }
         let out = apply(&mut tx).await.map_err(ConsumeError::Handler)?;
@@ -910,9 +979,11 @@ impl<DB: Backend> Outbox<DB> {
         let table = self.table(service)?;
         let mut tx = DB::begin_write(conn).await?;
         let Some(lock) = self.lock(table, &mut tx, event_id).await? else {
+            tx.rollback().await?;
             return Ok(Transition::Unchanged);
         };
         if lock.status.is_final() {
+            tx.rollback().await?;
             return Ok(Transition::Unchanged);
         }
         let now = self.now_ms();
@@ -956,9 +1027,11 @@ impl<DB: Backend> Outbox<DB> {
         let table = self.table(service)?;
         let mut tx = DB::begin_write(conn).await?;
         let Some(lock) = self.lock(table, &mut tx, event_id).await? else {
+            tx.rollback().await?;
             return Ok(false);
         };
         if lock.status.is_final() {
+            tx.rollback().await?;
             return Ok(false);
         }
         let args = vec![
@@ -1036,6 +1109,7 @@ impl<DB: Backend> Outbox<DB> {
         .await?;
         Ok(rows.into_iter().next().map(|r| Lock {
             id: r.id,
+            settled: r.is_settled(),
             status: r.status,
             attempts: r.attempts,
             max_attempts: r.max_attempts,
@@ -1203,6 +1277,7 @@ struct Prepared {
 
 struct Lock {
     id: i64,
+    settled: bool,
     status: Status,
     attempts: i32,
     max_attempts: i32,

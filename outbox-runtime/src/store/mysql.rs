@@ -45,25 +45,42 @@ impl Backend for MySql {
                 .into_iter()
                 .flatten()
                 .collect();
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let update = sql.with_ids("expire_leases", 2, ids.len());
-        let mut args = vec![Arg::I64(now), Arg::I64(now)];
-        args.extend(ids.iter().map(|&id| Arg::I64(id)));
-        let mut tries = 0;
-        loop {
-            match Self::execute(conn, &update, args.clone()).await {
-                Err(e) if is_deadlock(&e) && tries < DEADLOCK_RETRIES => tries += 1,
-                other => return other,
+        let mut changed = 0;
+        for chunk in ids.chunks(1000) {
+            let mut tries = 0;
+            loop {
+                match expire_chunk(sql, conn, now, chunk).await {
+                    Err(e) if is_deadlock(&e) && tries < DEADLOCK_RETRIES => tries += 1,
+                    other => {
+                        changed += other?;
+                        break;
+                    }
+                }
             }
         }
+        Ok(changed)
     }
 
     async fn begin_pool_write(
         pool: &sqlx::Pool<MySql>,
     ) -> Result<sqlx::Transaction<'static, MySql>, sqlx::Error> {
         pool.begin().await
+    }
+
+    async fn mark_published(
+        sql: &TableSql,
+        conn: &mut MySqlConnection,
+        now: i64,
+        owner: &str,
+        ids: &[i64],
+    ) -> Result<u64, sqlx::Error> {
+        let mut tries = 0;
+        loop {
+            match mark_published_once(sql, conn, now, owner, ids).await {
+                Err(e) if is_deadlock(&e) && tries < DEADLOCK_RETRIES => tries += 1,
+                other => return other,
+            }
+        }
     }
 
     async fn claim(
@@ -90,6 +107,63 @@ fn is_deadlock(e: &sqlx::Error) -> bool {
     e.as_database_error()
         .and_then(|d| d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
         .is_some_and(|d| matches!(d.number(), 1213 | 1205))
+}
+
+/// Locks the rows still leased to `owner` that no one else holds, and marks those published.
+async fn mark_published_once(
+    sql: &TableSql,
+    conn: &mut MySqlConnection,
+    now: i64,
+    owner: &str,
+    ids: &[i64],
+) -> Result<u64, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    let lock = sql.with_ids("mark_published_lock", 1, ids.len());
+    let mut args = vec![Arg::Str(owner.to_owned())];
+    args.extend(ids.iter().map(|&id| Arg::I64(id)));
+    let locked: Vec<i64> = MySql::fetch_ints(&mut tx, &lock, args)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
+    if locked.is_empty() {
+        tx.commit().await?;
+        return Ok(0);
+    }
+    let update = sql.with_ids("mark_published", 3, locked.len());
+    let mut args = vec![Arg::I64(now), Arg::I64(now), Arg::Str(owner.to_owned())];
+    args.extend(locked.iter().map(|&id| Arg::I64(id)));
+    let n = MySql::execute(&mut tx, &update, args).await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// Expires the leases of `ids` that no one holds locked.
+async fn expire_chunk(
+    sql: &TableSql,
+    conn: &mut MySqlConnection,
+    now: i64,
+    ids: &[i64],
+) -> Result<u64, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    let lock = sql.with_ids("expire_lock", 1, ids.len());
+    let mut args = vec![Arg::I64(now)];
+    args.extend(ids.iter().map(|&id| Arg::I64(id)));
+    let locked: Vec<i64> = MySql::fetch_ints(&mut tx, &lock, args)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
+    if locked.is_empty() {
+        tx.commit().await?;
+        return Ok(0);
+    }
+    let update = sql.with_ids("expire_leases", 2, locked.len());
+    let mut args = vec![Arg::I64(now), Arg::I64(now)];
+    args.extend(locked.iter().map(|&id| Arg::I64(id)));
+    let n = MySql::execute(&mut tx, &update, args).await?;
+    tx.commit().await?;
+    Ok(n)
 }
 
 async fn claim_once(

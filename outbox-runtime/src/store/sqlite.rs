@@ -29,7 +29,12 @@ impl Backend for Sqlite {
     async fn begin_write(
         conn: &mut SqliteConnection,
     ) -> Result<sqlx::Transaction<'_, Sqlite>, sqlx::Error> {
-        conn.begin_with("BEGIN IMMEDIATE").await
+        // Inside the caller's transaction: a savepoint (the caller chose how it began).
+        if conn.is_in_transaction() {
+            conn.begin().await
+        } else {
+            conn.begin_with("BEGIN IMMEDIATE").await
+        }
     }
 
     async fn begin_pool_write(

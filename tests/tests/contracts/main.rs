@@ -497,3 +497,29 @@ fn service_enums_describe_their_events_in_variant_order() {
         [1, 2]
     );
 }
+
+#[test]
+fn two_enums_of_one_service_merge_their_events() {
+    #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema, OutboxEvent)]
+    #[outbox(event_type = "task.archived", version = 1, service = "task")]
+    struct TaskArchived {
+        task_id: u64,
+    }
+    #[derive(OutboxService)]
+    #[outbox(service = "task")]
+    enum MoreTaskEvents {
+        Archived(TaskArchived),
+    }
+    let catalog = Catalog::builder(RouteConfig::new())
+        .service::<TaskEvents>()
+        .unwrap()
+        .service::<MoreTaskEvents>()
+        .unwrap()
+        .build();
+    assert_eq!(catalog.services().count(), 1);
+    assert!(catalog.route("task.urgency.promote.requested", 1).is_some());
+    assert_eq!(
+        catalog.route("task.archived", 1).unwrap().route.table,
+        "task_outbox"
+    );
+}

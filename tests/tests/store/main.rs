@@ -71,7 +71,24 @@ on_every_backend!(
     four_claimers_on_ten_thousand_rows_claim_each_row_once,
     a_claimer_that_dies_loses_its_rows_when_the_lease_ends,
     per_key_order_holds_under_concurrent_claimers,
+    enqueue_refuses_an_event_its_service_does_not_list,
+    consume_works_inside_the_callers_transaction,
+    a_row_dead_by_lease_expiry_is_applied_when_its_message_arrives,
 );
+
+// On the servers only: SQLite has one writer at a time, so there a consumer's transaction holds
+// every writer back by design.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mark_published_does_not_wait_for_a_consumer_holding_the_row_postgres() {
+    mark_published_does_not_wait_for_a_consumer_holding_the_row::<outbox_runtime::sqlx::Postgres>()
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mark_published_does_not_wait_for_a_consumer_holding_the_row_mysql() {
+    mark_published_does_not_wait_for_a_consumer_holding_the_row::<outbox_runtime::sqlx::MySql>()
+        .await;
+}
 
 /// Stores one event in its own transaction.
 async fn put<DB: TestDb, E: OutboxEvent>(
@@ -1018,6 +1035,120 @@ async fn per_key_order_holds_under_concurrent_claimers<DB: TestDb>() {
         }
     }
     assert_eq!(last.len(), 12);
+    let h = Arc::into_inner(h).unwrap();
+    h.cleanup().await;
+}
+
+// Spec §8.2: an event its service's enum does not list is refused before anything is written.
+async fn enqueue_refuses_an_event_its_service_does_not_list<DB: TestDb>() {
+    #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema, OutboxEvent)]
+    #[outbox(event_type = "task.archived", version = 1, service = "task")]
+    struct TaskArchived {
+        task_id: u64,
+    }
+    let h = Harness::<DB>::new().await;
+    let mut conn = h.pool.acquire().await.unwrap();
+    let err = h
+        .outbox
+        .enqueue(&mut conn, &TaskArchived { task_id: 1 })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::RouteNotRegistered { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("outbox route not registered: `task.archived` v1")
+    );
+    drop(conn);
+    assert_eq!(h.rows("task").await, 0);
+    h.cleanup().await;
+}
+
+async fn consume_works_inside_the_callers_transaction<DB: TestDb>() {
+    let h = Harness::<DB>::new().await;
+    let e = put(&h, &samples::charge(1)).await;
+    let mut tx = h.pool.begin().await.unwrap();
+    let out = h
+        .outbox
+        .consume(&mut tx, "token-store", &e.event_id, async |conn| {
+            h.write_business(conn, 1, "charged").await;
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(out, Consumed::Applied(()));
+    tx.commit().await.unwrap();
+    assert_eq!(row(&h, "token-store", e.id).await.status, Status::Consumed);
+    assert_eq!(h.business_rows().await, 1);
+    h.cleanup().await;
+}
+
+// A lease that runs out on the last attempt leaves the row dead (`lease_expired`), but the
+// publish may have gone through: when its message arrives, it is applied.
+async fn a_row_dead_by_lease_expiry_is_applied_when_its_message_arrives<DB: TestDb>() {
+    let h = Harness::<DB>::with_config(StoreConfig {
+        max_attempts: 1,
+        jitter: false,
+        ..StoreConfig::default()
+    })
+    .await;
+    let e = put(&h, &samples::charge(1)).await;
+    assert_eq!(claim(&h, "token-store", "slow-relay", 10).await.len(), 1);
+    h.clock.advance(LEASE);
+    assert!(claim(&h, "token-store", "relay", 10).await.is_empty());
+    let r = row(&h, "token-store", e.id).await;
+    assert_eq!(
+        (r.status, r.dead_reason.as_deref()),
+        (Status::Dead, Some("lease_expired"))
+    );
+    let mut conn = h.pool.acquire().await.unwrap();
+    let out = h
+        .outbox
+        .consume(&mut conn, "token-store", &e.event_id, async |_| {
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(out, Consumed::Applied(()));
+    let r = row(&h, "token-store", e.id).await;
+    assert_eq!((r.status, r.dead_reason), (Status::Consumed, None));
+    h.cleanup().await;
+}
+
+// A consumer holds the row it applies for as long as its handler runs; the relay's
+// acknowledgement skips that row instead of waiting, and the consumer settles it.
+async fn mark_published_does_not_wait_for_a_consumer_holding_the_row<DB: TestDb>() {
+    let h = Arc::new(Harness::<DB>::new().await);
+    let e = put(&h, &samples::charge(1)).await;
+    assert_eq!(claim(&h, "token-store", "relay", 10).await.len(), 1);
+    let (entered_tx, entered) = tokio::sync::oneshot::channel::<()>();
+    let (release_tx, release) = tokio::sync::oneshot::channel::<()>();
+    let consumer = {
+        let h = h.clone();
+        let event_id = e.event_id.clone();
+        tokio::spawn(async move {
+            let mut conn = h.pool.acquire().await.unwrap();
+            h.outbox
+                .consume(&mut conn, "token-store", &event_id, async |_| {
+                    entered_tx.send(()).unwrap();
+                    release.await.unwrap();
+                    Ok::<_, std::io::Error>(())
+                })
+                .await
+                .unwrap()
+        })
+    };
+    entered.await.unwrap();
+    let marked = tokio::time::timeout(
+        Duration::from_secs(5),
+        publish(&h, "token-store", "relay", &[e.id]),
+    )
+    .await
+    .expect("the acknowledgement waited for the consumer's lock");
+    assert_eq!(marked, 0);
+    release_tx.send(()).unwrap();
+    assert_eq!(consumer.await.unwrap(), Consumed::Applied(()));
+    assert_eq!(row(&h, "token-store", e.id).await.status, Status::Consumed);
     let h = Arc::into_inner(h).unwrap();
     h.cleanup().await;
 }

@@ -3,13 +3,6 @@
 -- binding order. `{ids}` becomes a list of placeholders numbered on from the last one.
 -- Every status change is a compare-and-set on the status it expects.
 
--- name: mark_published
--- published_at, updated_at, lease_owner, ids...
-UPDATE {table}
-SET status = 'published', published_at = $1, updated_at = $2, lease_owner = NULL,
-    lease_until = NULL, next_attempt_at = NULL, last_error = NULL
-WHERE status = 'sending' AND lease_owner = $3 AND id IN ({ids})
-
 -- name: retry_leased
 -- next_attempt_at, last_error, updated_at, id, lease_owner
 UPDATE {table}
@@ -39,11 +32,14 @@ SET status = 'dead', dead_reason = $1, last_error = $2, next_attempt_at = NULL,
 WHERE id = $4 AND status IN ('pending', 'sending', 'published')
 
 -- name: mark_consumed
+-- A row that went dead because its lease ran out on the last attempt may still have been
+-- published; when its message arrives it is applied like any open row.
 -- consumed_at, updated_at, id
 UPDATE {table}
 SET status = 'consumed', consumed_at = $1, updated_at = $2, lease_owner = NULL,
-    lease_until = NULL, next_attempt_at = NULL
-WHERE id = $3 AND status IN ('pending', 'sending', 'published')
+    lease_until = NULL, next_attempt_at = NULL, dead_reason = NULL
+WHERE id = $3 AND (status IN ('pending', 'sending', 'published')
+    OR (status = 'dead' AND dead_reason = 'lease_expired'))
 
 -- name: replay
 -- next_attempt_at, updated_at, ids...

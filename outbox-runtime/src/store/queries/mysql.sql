@@ -26,11 +26,11 @@ CREATE TABLE IF NOT EXISTS {table} (
     consumed_at BIGINT NULL,
     created_at BIGINT NOT NULL,
     updated_at BIGINT NOT NULL,
-    UNIQUE KEY {table}_event_id (event_id),
+    UNIQUE KEY {table}_eid (event_id),
     KEY {table}_due (status, next_attempt_at, id),
     KEY {table}_lease (status, lease_until),
     KEY {table}_key (message_key, status, id),
-    KEY {table}_status (status, updated_at)
+    KEY {table}_st (status, updated_at)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_unicode_ci
 
 -- name: create_inbox
@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS outbox_inbox (
     event_id CHAR(36) NOT NULL,
     consumed_at BIGINT NOT NULL,
     PRIMARY KEY (consumer_group, event_id)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_unicode_ci
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin
 
 -- name: insert
 -- event_id, event_type, event_version, service_name, topic, message_key, aggregate_id, payload,
@@ -79,6 +79,26 @@ WHERE ((c.status = 'pending' AND c.next_attempt_at <= ?)
           AND e.status IN ('pending', 'sending')))
 ORDER BY c.id
 LIMIT ?
+
+-- name: mark_published_lock
+-- Rows a consumer holds locked are skipped, not waited for (see the PostgreSQL query).
+-- lease_owner, ids...
+SELECT id FROM {table}
+WHERE status = 'sending' AND lease_owner = ? AND id IN ({ids})
+FOR UPDATE SKIP LOCKED
+
+-- name: mark_published
+-- published_at, updated_at, lease_owner, ids...
+UPDATE {table}
+SET status = 'published', published_at = ?, updated_at = ?, lease_owner = NULL,
+    lease_until = NULL, next_attempt_at = NULL, last_error = NULL
+WHERE status = 'sending' AND lease_owner = ? AND id IN ({ids})
+
+-- name: expire_lock
+-- now, ids...
+SELECT id FROM {table}
+WHERE status = 'sending' AND lease_until <= ? AND attempts >= max_attempts AND id IN ({ids})
+FOR UPDATE SKIP LOCKED
 
 -- name: get_for_update
 -- event_id

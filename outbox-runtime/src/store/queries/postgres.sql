@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS {table} (
 )
 
 -- name: index_event_id
-CREATE UNIQUE INDEX IF NOT EXISTS {table}_event_id ON {table} (event_id)
+CREATE UNIQUE INDEX IF NOT EXISTS {table}_eid ON {table} (event_id)
 
 -- name: index_due
 CREATE INDEX IF NOT EXISTS {table}_due ON {table} (next_attempt_at, id) WHERE status = 'pending'
@@ -41,7 +41,7 @@ CREATE INDEX IF NOT EXISTS {table}_lease ON {table} (lease_until) WHERE status =
 CREATE INDEX IF NOT EXISTS {table}_key ON {table} (message_key, id) WHERE status IN ('pending', 'sending')
 
 -- name: index_status
-CREATE INDEX IF NOT EXISTS {table}_status ON {table} (status, updated_at)
+CREATE INDEX IF NOT EXISTS {table}_st ON {table} (status, updated_at)
 
 -- name: create_inbox
 CREATE TABLE IF NOT EXISTS outbox_inbox (
@@ -70,7 +70,10 @@ UPDATE {table}
 SET status = 'dead', dead_reason = 'lease_expired',
     last_error = 'the lease expired on the last allowed attempt; the publisher holding it stopped',
     lease_owner = NULL, lease_until = NULL, next_attempt_at = NULL, updated_at = $1
-WHERE status = 'sending' AND lease_until <= $2 AND attempts >= max_attempts
+WHERE id IN (
+    SELECT id FROM {table}
+    WHERE status = 'sending' AND lease_until <= $2 AND attempts >= max_attempts
+    FOR UPDATE SKIP LOCKED)
 
 -- name: claim
 -- lease_owner, lease_until, updated_at, now (pending due), now (lease expired), limit
@@ -91,6 +94,18 @@ FROM (
 ) AS due
 WHERE o.id = due.id
 RETURNING {o.columns}
+
+-- name: mark_published
+-- Rows a consumer holds locked are skipped, not waited for: the consumer ends them (consumed,
+-- or back to pending), and waiting would stall the relay for as long as a handler runs.
+-- published_at, updated_at, lease_owner, ids...
+UPDATE {table}
+SET status = 'published', published_at = $1, updated_at = $2, lease_owner = NULL,
+    lease_until = NULL, next_attempt_at = NULL, last_error = NULL
+WHERE id IN (
+    SELECT id FROM {table}
+    WHERE status = 'sending' AND lease_owner = $3 AND id IN ({ids})
+    FOR UPDATE SKIP LOCKED)
 
 -- name: get_for_update
 -- event_id

@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS {table} (
 )
 
 -- name: index_event_id
-CREATE UNIQUE INDEX IF NOT EXISTS {table}_event_id ON {table} (event_id)
+CREATE UNIQUE INDEX IF NOT EXISTS {table}_eid ON {table} (event_id)
 
 -- name: index_due
 CREATE INDEX IF NOT EXISTS {table}_due ON {table} (next_attempt_at, id) WHERE status = 'pending'
@@ -42,7 +42,7 @@ CREATE INDEX IF NOT EXISTS {table}_lease ON {table} (lease_until) WHERE status =
 CREATE INDEX IF NOT EXISTS {table}_key ON {table} (message_key, id) WHERE status IN ('pending', 'sending')
 
 -- name: index_status
-CREATE INDEX IF NOT EXISTS {table}_status ON {table} (status, updated_at)
+CREATE INDEX IF NOT EXISTS {table}_st ON {table} (status, updated_at)
 
 -- name: create_inbox
 CREATE TABLE IF NOT EXISTS outbox_inbox (
@@ -85,6 +85,13 @@ WHERE id IN (
     ORDER BY c.id
     LIMIT ?)
 RETURNING {columns}
+
+-- name: mark_published
+-- published_at, updated_at, lease_owner, ids...
+UPDATE {table}
+SET status = 'published', published_at = ?, updated_at = ?, lease_owner = NULL,
+    lease_until = NULL, next_attempt_at = NULL, last_error = NULL
+WHERE status = 'sending' AND lease_owner = ? AND id IN ({ids})
 
 -- name: get_for_update
 -- event_id
