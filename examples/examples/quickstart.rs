@@ -467,7 +467,8 @@ async fn report<DB: Backend>(
         };
         let retried: i64 = DB::fetch_ints(
             &mut conn,
-            &format!("SELECT attempts - 1 FROM {table} WHERE attempts > 1"),
+            // `id - id` makes the column BIGINT on every backend (`attempts` is INTEGER).
+            &format!("SELECT id - id + attempts - 1 FROM {table} WHERE attempts > 1"),
             Vec::new(),
         )
         .await?

@@ -135,9 +135,23 @@ impl<DB: TestDb> Harness<DB> {
     }
 
     pub(crate) async fn with_config(config: StoreConfig) -> Self {
+        Self::build(config, |_| "smartflow".to_owned(), false).await
+    }
+
+    /// For end-to-end tests: the system clock, and topics and groups named
+    /// `<prefix(tag)>.<service>.outbox`, so that tests sharing a broker stay apart.
+    #[allow(
+        dead_code,
+        reason = "used by the end-to-end tests, not by the store tests"
+    )]
+    pub(crate) async fn live(config: StoreConfig, prefix: impl Fn(&str) -> String) -> Self {
+        Self::build(config, prefix, true).await
+    }
+
+    async fn build(config: StoreConfig, prefix: impl Fn(&str) -> String, live: bool) -> Self {
         let tag = format!("{:08x}", fastrand::u32(..));
         let (pool, file) = DB::open(&tag).await;
-        let mut routes = RouteConfig::new().prefix("smartflow").unwrap();
+        let mut routes = RouteConfig::new().prefix(&prefix(&tag)).unwrap();
         for service in SERVICES {
             let over = RouteOverride {
                 table: Some(format!("t{tag}_{}_outbox", service.replace('-', "_"))),
@@ -160,10 +174,12 @@ impl<DB: TestDb> Harness<DB> {
             .unwrap()
             .build();
         let clock = ManualClock::at(T0);
-        let outbox = Outbox::builder(catalog)
-            .config(config)
-            .clock(clock.clone())
-            .build();
+        let builder = Outbox::builder(catalog).config(config);
+        let outbox = if live {
+            builder.build()
+        } else {
+            builder.clock(clock.clone()).build()
+        };
         let business = format!("b{tag}");
         let h = Self {
             pool,

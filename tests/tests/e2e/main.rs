@@ -1,0 +1,668 @@
+//! End to end: stores, relay and typed consumers against a real Kafka-protocol broker (tansu,
+//! started by `./scripts/test`; `OUTBOX_TEST_BROKERS` points elsewhere) and real databases.
+//! Each body runs on PostgreSQL, MySQL/MariaDB and SQLite (the backend is the test name's
+//! suffix), with its own tables, topics and consumer groups.
+
+// Shared with the store tests, which use more of it.
+#[allow(dead_code)]
+#[path = "../store/harness.rs"]
+mod harness;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use contracts::notification::{FeishuRequested, FeishuRequestedV2};
+use contracts::task::TaskUrgencyPromoteRequested;
+use contracts::token_store::{CreditChargeRequested, ForumPostImported, ForumPostLiked};
+use contracts::{
+    NotificationEvents, NotificationEventsHandler, TaskEvents, TaskEventsHandler, TokenStoreEvents,
+    TokenStoreEventsHandler, samples,
+};
+use harness::{Harness, TestDb};
+use outbox_runtime::bus::{KafkaConfig, Outgoing};
+use outbox_runtime::consumer::{ConsumerConfig, Context};
+use outbox_runtime::envelope::{self, VersionFormat};
+use outbox_runtime::relay::RelayConfig;
+use outbox_runtime::runtime::{Running, Runtime};
+use outbox_runtime::store::{Arg, StoreConfig};
+use outbox_runtime::trace::TraceParent;
+use outbox_runtime::{HandlerError, Status};
+
+fn brokers() -> String {
+    std::env::var("OUTBOX_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+macro_rules! e2e_on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        paste::paste! {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn [<e2e_ $name _postgres>]() {
+                    $name::<outbox_runtime::sqlx::Postgres>().await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn [<e2e_ $name _mysql>]() {
+                    $name::<outbox_runtime::sqlx::MySql>().await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn [<e2e_ $name _sqlite>]() {
+                    $name::<outbox_runtime::sqlx::Sqlite>().await;
+                }
+            )*
+        }
+    };
+}
+
+e2e_on_every_backend!(
+    events_flow_from_enqueue_to_their_handler_once,
+    poison_is_dead_lettered_and_does_not_hold_back_its_partition,
+    a_failing_handler_is_retried_through_the_outbox_until_it_succeeds,
+    a_message_delivered_twice_has_one_effect,
+    two_relays_and_two_consumers_give_no_duplicate_effect,
+    a_trace_started_before_enqueue_continues_in_the_handler,
+    go_version_spellings_are_accepted,
+);
+
+/// Records every handled event in the effects table, in the handler's transaction.
+#[derive(Default)]
+struct Recorder {
+    effects: String,
+    /// Preview ids whose handler fails this many more times.
+    failures: Mutex<HashMap<String, u32>>,
+    /// Trace id seen by the handler, per event id.
+    traces: Mutex<HashMap<String, Option<String>>>,
+}
+
+impl Recorder {
+    async fn record<DB: TestDb>(
+        &self,
+        ctx: &mut Context<DB>,
+        kind: &str,
+    ) -> Result<(), HandlerError> {
+        let event_id = ctx.meta().event_id.clone();
+        self.traces.lock().unwrap().insert(
+            event_id.clone(),
+            outbox_runtime::trace::current().map(|t| t.trace_id_hex()),
+        );
+        let sql = DB::sql(&format!(
+            "INSERT INTO {} (event_id, kind) VALUES ($1, $2)",
+            self.effects
+        ));
+        DB::execute(
+            ctx.tx(),
+            &sql,
+            vec![Arg::Str(event_id), Arg::Str(kind.into())],
+        )
+        .await?;
+        Ok(())
+    }
+
+    fn should_fail(&self, preview: &str) -> bool {
+        let mut f = self.failures.lock().unwrap();
+        match f.get_mut(preview) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl<DB: TestDb> NotificationEventsHandler<Context<DB>> for Recorder {
+    async fn feishu_requested(
+        &self,
+        ctx: &mut Context<DB>,
+        e: FeishuRequested,
+    ) -> Result<(), HandlerError> {
+        if self.should_fail(&e.preview_id) {
+            return Err(HandlerError::retry("feishu api answered 502"));
+        }
+        self.record(ctx, "feishu").await
+    }
+    async fn feishu_requested_v2(
+        &self,
+        ctx: &mut Context<DB>,
+        _: FeishuRequestedV2,
+    ) -> Result<(), HandlerError> {
+        self.record(ctx, "feishu-v2").await
+    }
+}
+
+impl<DB: TestDb> TaskEventsHandler<Context<DB>> for Recorder {
+    async fn task_urgency_promote_requested(
+        &self,
+        ctx: &mut Context<DB>,
+        _: TaskUrgencyPromoteRequested,
+    ) -> Result<(), HandlerError> {
+        self.record(ctx, "promote").await
+    }
+}
+
+impl<DB: TestDb> TokenStoreEventsHandler<Context<DB>> for Recorder {
+    async fn forum_post_liked(
+        &self,
+        ctx: &mut Context<DB>,
+        _: ForumPostLiked,
+    ) -> Result<(), HandlerError> {
+        self.record(ctx, "liked").await
+    }
+    async fn forum_post_imported(
+        &self,
+        ctx: &mut Context<DB>,
+        _: ForumPostImported,
+    ) -> Result<(), HandlerError> {
+        self.record(ctx, "imported").await
+    }
+    async fn credit_charge_requested(
+        &self,
+        ctx: &mut Context<DB>,
+        _: CreditChargeRequested,
+    ) -> Result<(), HandlerError> {
+        self.record(ctx, "charge").await
+    }
+}
+
+struct World<DB: TestDb> {
+    h: Harness<DB>,
+    effects: String,
+}
+
+impl<DB: TestDb> World<DB> {
+    async fn new() -> Self {
+        let h = Harness::<DB>::live(
+            StoreConfig {
+                backoff_base: Duration::from_millis(100),
+                jitter: false,
+                ..StoreConfig::default()
+            },
+            |tag| format!("e2e-{tag}"),
+        )
+        .await;
+        let effects = format!("e{}", h.tag);
+        let mut conn = h.pool.acquire().await.unwrap();
+        let sql = format!(
+            "CREATE TABLE {effects} (event_id VARCHAR(64) NOT NULL, kind VARCHAR(32) NOT NULL)"
+        );
+        DB::execute(&mut conn, &sql, Vec::new()).await.unwrap();
+        drop(conn);
+        Self { h, effects }
+    }
+
+    fn recorder(&self) -> Recorder {
+        Recorder {
+            effects: self.effects.clone(),
+            ..Recorder::default()
+        }
+    }
+
+    /// A relay and a consumer per service, on the broker.
+    async fn start(&self, recorder: Arc<Recorder>, relay: RelayConfig) -> Running {
+        let consumers = ConsumerConfig {
+            dlq: true,
+            ..ConsumerConfig::default()
+        };
+        let running = Runtime::builder(
+            self.h.outbox.clone(),
+            self.h.pool.clone(),
+            KafkaConfig::new(brokers()),
+        )
+        .unwrap()
+        .relay(RelayConfig {
+            poll_interval: Duration::from_millis(100),
+            ..relay
+        })
+        .consumer::<NotificationEvents, _>(Shared(recorder.clone()), consumers.clone())
+        .unwrap()
+        .consumer::<TaskEvents, _>(Shared(recorder.clone()), consumers.clone())
+        .unwrap()
+        .consumer::<TokenStoreEvents, _>(Shared(recorder), consumers)
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+        assert!(
+            running.ready(Duration::from_secs(60)).await,
+            "the consumers did not join their groups on the broker at {}",
+            brokers()
+        );
+        running
+    }
+
+    /// Waits until `n` events are consumed or dead, at most 60 s.
+    async fn settle(&self, n: i64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut conn = self.h.pool.acquire().await.unwrap();
+            let stats = self.h.outbox.stats(&mut conn).await.unwrap();
+            let done: i64 = stats
+                .iter()
+                .map(|s| s.counts[&Status::Consumed] + s.counts[&Status::Dead])
+                .sum();
+            if done >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {done} of {n} events settled in 60 s: {stats:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `(effects, distinct events with an effect)`.
+    async fn effects(&self) -> (i64, i64) {
+        let mut conn = self.h.pool.acquire().await.unwrap();
+        let all = DB::fetch_ints(
+            &mut conn,
+            &format!("SELECT COUNT(*) FROM {}", self.effects),
+            Vec::new(),
+        )
+        .await
+        .unwrap()[0]
+            .unwrap();
+        let distinct = DB::fetch_ints(
+            &mut conn,
+            &format!("SELECT COUNT(DISTINCT event_id) FROM {}", self.effects),
+            Vec::new(),
+        )
+        .await
+        .unwrap()[0]
+            .unwrap();
+        (all, distinct)
+    }
+
+    async fn count(&self, service: &str, status: Status) -> i64 {
+        let mut conn = self.h.pool.acquire().await.unwrap();
+        let stats = self.h.outbox.stats(&mut conn).await.unwrap();
+        stats.iter().find(|s| s.service == service).unwrap().counts[&status]
+    }
+
+    async fn cleanup(self) {
+        let mut conn = self.h.pool.acquire().await.unwrap();
+        DB::execute(
+            &mut conn,
+            &format!("DROP TABLE IF EXISTS {}", self.effects),
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+        drop(conn);
+        self.h.cleanup().await;
+    }
+}
+
+/// Handlers are shared by several consumers.
+struct Shared(Arc<Recorder>);
+
+impl<DB: TestDb> NotificationEventsHandler<Context<DB>> for Shared {
+    async fn feishu_requested(
+        &self,
+        ctx: &mut Context<DB>,
+        e: FeishuRequested,
+    ) -> Result<(), HandlerError> {
+        NotificationEventsHandler::<Context<DB>>::feishu_requested(&*self.0, ctx, e).await
+    }
+    async fn feishu_requested_v2(
+        &self,
+        ctx: &mut Context<DB>,
+        e: FeishuRequestedV2,
+    ) -> Result<(), HandlerError> {
+        NotificationEventsHandler::<Context<DB>>::feishu_requested_v2(&*self.0, ctx, e).await
+    }
+}
+
+impl<DB: TestDb> TaskEventsHandler<Context<DB>> for Shared {
+    async fn task_urgency_promote_requested(
+        &self,
+        ctx: &mut Context<DB>,
+        e: TaskUrgencyPromoteRequested,
+    ) -> Result<(), HandlerError> {
+        TaskEventsHandler::<Context<DB>>::task_urgency_promote_requested(&*self.0, ctx, e).await
+    }
+}
+
+impl<DB: TestDb> TokenStoreEventsHandler<Context<DB>> for Shared {
+    async fn forum_post_liked(
+        &self,
+        ctx: &mut Context<DB>,
+        e: ForumPostLiked,
+    ) -> Result<(), HandlerError> {
+        TokenStoreEventsHandler::<Context<DB>>::forum_post_liked(&*self.0, ctx, e).await
+    }
+    async fn forum_post_imported(
+        &self,
+        ctx: &mut Context<DB>,
+        e: ForumPostImported,
+    ) -> Result<(), HandlerError> {
+        TokenStoreEventsHandler::<Context<DB>>::forum_post_imported(&*self.0, ctx, e).await
+    }
+    async fn credit_charge_requested(
+        &self,
+        ctx: &mut Context<DB>,
+        e: CreditChargeRequested,
+    ) -> Result<(), HandlerError> {
+        TokenStoreEventsHandler::<Context<DB>>::credit_charge_requested(&*self.0, ctx, e).await
+    }
+}
+
+async fn enqueue_mix<DB: TestDb>(w: &World<DB>, n: u64) {
+    for i in 0..n {
+        let mut tx = w.h.pool.begin().await.unwrap();
+        match i % 4 {
+            0 => {
+                w.h.outbox
+                    .enqueue(&mut *tx, &samples::feishu(i))
+                    .await
+                    .unwrap()
+            }
+            1 => {
+                w.h.outbox
+                    .enqueue(&mut *tx, &samples::urgency(i))
+                    .await
+                    .unwrap()
+            }
+            2 => {
+                w.h.outbox
+                    .enqueue(&mut *tx, &samples::liked(i))
+                    .await
+                    .unwrap()
+            }
+            _ => {
+                w.h.outbox
+                    .enqueue(&mut *tx, &samples::charge(i))
+                    .await
+                    .unwrap()
+            }
+        };
+        tx.commit().await.unwrap();
+    }
+}
+
+// Seed 13-28, bugs B1, B4 and B10: every service's relay publishes its own table's rows (also
+// for services first written after start), and every event is consumed once; nothing is left
+// published.
+async fn events_flow_from_enqueue_to_their_handler_once<DB: TestDb>() {
+    let w = World::<DB>::new().await;
+    let running = w
+        .start(Arc::new(w.recorder()), RelayConfig::default())
+        .await;
+    enqueue_mix(&w, 200).await;
+    w.settle(200).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(w.effects().await, (200, 200));
+    for (service, n) in [("notification", 50), ("task", 50), ("token-store", 100)] {
+        assert_eq!(w.count(service, Status::Consumed).await, n, "{service}");
+        assert_eq!(
+            w.count(service, Status::Published).await,
+            0,
+            "{service}: B4"
+        );
+        assert_eq!(w.count(service, Status::Dead).await, 0, "{service}");
+    }
+    w.cleanup().await;
+}
+
+/// A row written past validation, as a buggy or legacy producer would.
+async fn raw_row<DB: TestDb>(
+    w: &World<DB>,
+    event_type: &str,
+    version: i64,
+    key: &str,
+    payload: &str,
+) -> String {
+    let table = w.h.table("notification");
+    let topic =
+        w.h.outbox
+            .catalog()
+            .service("notification")
+            .unwrap()
+            .topic
+            .clone();
+    let event_id = format!("0190c3c0-0000-7000-8000-{:012x}", fastrand::u64(..1 << 48));
+    let now = w.h.outbox.now_ms();
+    let sql = DB::sql(&format!(
+        "INSERT INTO {table} (event_id, event_type, event_version, service_name, topic, message_key, aggregate_id, payload, headers, status, attempts, max_attempts, next_attempt_at, created_at, updated_at) VALUES ($1, $2, $3, 'notification', $4, $5, NULL, $6, '{{}}', 'pending', 0, 20, $7, $8, $9)"
+    ));
+    let args = vec![
+        Arg::Str(event_id.clone()),
+        Arg::Str(event_type.into()),
+        Arg::I64(version),
+        Arg::Str(topic),
+        Arg::Str(key.into()),
+        Arg::Str(payload.into()),
+        Arg::I64(now),
+        Arg::I64(now),
+        Arg::I64(now),
+    ];
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    DB::execute(&mut conn, &sql, args).await.unwrap();
+    event_id
+}
+
+// Seed 31, 33, 38: poison goes dead with its reason, is never retried, and the healthy events
+// behind it on the same key (so the same partition) are still consumed.
+async fn poison_is_dead_lettered_and_does_not_hold_back_its_partition<DB: TestDb>() {
+    let w = World::<DB>::new().await;
+    let running = w
+        .start(Arc::new(w.recorder()), RelayConfig::default())
+        .await;
+    let key = "42";
+    let good_payload =
+        String::from_utf8(outbox_runtime::OutboxEvent::to_payload(&samples::feishu(1)).unwrap())
+            .unwrap();
+    raw_row(
+        &w,
+        "notification.feishu.requested",
+        1,
+        key,
+        "{\"user_id\": \"seven\"}",
+    )
+    .await;
+    raw_row(&w, "notification.feishu.requested", 9, key, &good_payload).await;
+    raw_row(&w, "notification.sms.requested", 1, key, "{}").await;
+    let mut invalid = serde_json::to_value(samples::feishu(2)).unwrap();
+    invalid["user_id"] = 0.into();
+    raw_row(
+        &w,
+        "notification.feishu.requested",
+        1,
+        key,
+        &invalid.to_string(),
+    )
+    .await;
+    for i in 0..5 {
+        let mut e = samples::feishu(100 + i);
+        e.user_id = 42;
+        let mut tx = w.h.pool.begin().await.unwrap();
+        w.h.outbox.enqueue(&mut *tx, &e).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    w.settle(9).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(w.effects().await, (5, 5));
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    let stats = w.h.outbox.stats(&mut conn).await.unwrap();
+    let n = stats.iter().find(|s| s.service == "notification").unwrap();
+    let reasons: Vec<(&str, i64)> = n
+        .dead_by_reason
+        .iter()
+        .map(|(k, v)| (k.as_str(), *v))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("decode_error", 1),
+            ("invalid_payload", 1),
+            ("unknown_event_type", 1),
+            ("unsupported_version", 1)
+        ]
+    );
+    let dead =
+        w.h.outbox
+            .list_dead(&mut conn, "notification", 0, 10)
+            .await
+            .unwrap();
+    assert!(
+        dead.iter().all(|r| r.attempts == 1),
+        "poison is never retried"
+    );
+    drop(conn);
+    w.cleanup().await;
+}
+
+// Seed 34 and bug B3: a handler error sends the event back through the outbox with backoff; the
+// relay publishes it again, and the third delivery succeeds.
+async fn a_failing_handler_is_retried_through_the_outbox_until_it_succeeds<DB: TestDb>() {
+    let w = World::<DB>::new().await;
+    let recorder = Arc::new(w.recorder());
+    recorder.failures.lock().unwrap().insert("pv-7".into(), 2);
+    let running = w.start(recorder.clone(), RelayConfig::default()).await;
+    let e = {
+        let mut tx = w.h.pool.begin().await.unwrap();
+        let e =
+            w.h.outbox
+                .enqueue(&mut *tx, &samples::feishu(7))
+                .await
+                .unwrap();
+        tx.commit().await.unwrap();
+        e
+    };
+    w.settle(1).await;
+    running.shutdown().await.unwrap();
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    let row =
+        w.h.outbox
+            .get(&mut conn, "notification", e.id)
+            .await
+            .unwrap()
+            .unwrap();
+    drop(conn);
+    assert_eq!(row.status, Status::Consumed);
+    assert_eq!(row.attempts, 3, "published three times");
+    assert_eq!(w.effects().await, (1, 1));
+    w.cleanup().await;
+}
+
+// Seed 40: a redelivered message (here: published again by hand) has no second effect.
+async fn a_message_delivered_twice_has_one_effect<DB: TestDb>() {
+    let w = World::<DB>::new().await;
+    let running = w
+        .start(Arc::new(w.recorder()), RelayConfig::default())
+        .await;
+    let e = {
+        let mut tx = w.h.pool.begin().await.unwrap();
+        let e =
+            w.h.outbox
+                .enqueue(&mut *tx, &samples::charge(1))
+                .await
+                .unwrap();
+        tx.commit().await.unwrap();
+        e
+    };
+    w.settle(1).await;
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    let row =
+        w.h.outbox
+            .get(&mut conn, "token-store", e.id)
+            .await
+            .unwrap()
+            .unwrap();
+    drop(conn);
+    let bus = outbox_runtime::bus::KafkaBus::new(KafkaConfig::new(brokers())).unwrap();
+    let again = Outgoing {
+        topic: row.topic.clone(),
+        key: row.message_key.clone(),
+        value: envelope::encode(&row, VersionFormat::Number).unwrap(),
+        headers: envelope::headers(&row),
+    };
+    for _ in 0..2 {
+        bus.send(&again).await.unwrap();
+    }
+    // A marker behind the duplicates on the same key: once it is consumed, they were seen.
+    let mut marker = samples::charge(2);
+    marker.event_id = row.message_key.clone().unwrap();
+    let mut tx = w.h.pool.begin().await.unwrap();
+    w.h.outbox.enqueue(&mut *tx, &marker).await.unwrap();
+    tx.commit().await.unwrap();
+    w.settle(2).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(w.effects().await, (2, 2));
+    w.cleanup().await;
+}
+
+// Two relays and two consumers per service, racing on one database and one broker.
+async fn two_relays_and_two_consumers_give_no_duplicate_effect<DB: TestDb>() {
+    let w = World::<DB>::new().await;
+    let recorder = Arc::new(w.recorder());
+    let a = w
+        .start(
+            recorder.clone(),
+            RelayConfig {
+                owner: "relay-a".into(),
+                batch: 20,
+                ..RelayConfig::default()
+            },
+        )
+        .await;
+    let b = w
+        .start(
+            recorder.clone(),
+            RelayConfig {
+                owner: "relay-b".into(),
+                batch: 20,
+                ..RelayConfig::default()
+            },
+        )
+        .await;
+    enqueue_mix(&w, 300).await;
+    w.settle(300).await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    assert_eq!(w.effects().await, (300, 300));
+    w.cleanup().await;
+}
+
+async fn a_trace_started_before_enqueue_continues_in_the_handler<DB: TestDb>() {
+    let w = World::<DB>::new().await;
+    let recorder = Arc::new(w.recorder());
+    let running = w.start(recorder.clone(), RelayConfig::default()).await;
+    let trace = TraceParent::new_root();
+    let e = trace
+        .scope(async {
+            let mut tx = w.h.pool.begin().await.unwrap();
+            let e =
+                w.h.outbox
+                    .enqueue(&mut *tx, &samples::urgency(3))
+                    .await
+                    .unwrap();
+            tx.commit().await.unwrap();
+            e
+        })
+        .await;
+    w.settle(1).await;
+    running.shutdown().await.unwrap();
+    let seen = recorder.traces.lock().unwrap().get(&e.event_id).cloned();
+    assert_eq!(seen, Some(Some(trace.trace_id_hex())));
+    w.cleanup().await;
+}
+
+// Bug B8: Go producers wrote "1" for some events and "v1" for others; both are version 1.
+async fn go_version_spellings_are_accepted<DB: TestDb>() {
+    let w = World::<DB>::new().await;
+    let running = w
+        .start(
+            Arc::new(w.recorder()),
+            RelayConfig {
+                version_format: VersionFormat::Prefixed,
+                ..RelayConfig::default()
+            },
+        )
+        .await;
+    enqueue_mix(&w, 8).await;
+    w.settle(8).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(w.effects().await, (8, 8));
+    w.cleanup().await;
+}
