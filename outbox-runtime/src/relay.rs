@@ -203,9 +203,9 @@ impl<DB: Backend> Relay<DB> {
                 Err(e) => {
                     let reason = format!("the stored payload is not JSON: {e}");
                     self.outbox
-                        .dead_leased(&mut conn, row, owner, "invalid_payload", &reason)
+                        .dead_leased(&mut conn, row, owner, "malformed_payload", &reason)
                         .await?;
-                    metrics::counter!("outbox_dead_total", "service" => service.to_owned(), "reason" => "invalid_payload").increment(1);
+                    metrics::counter!("outbox_dead_total", "service" => service.to_owned(), "reason" => "malformed_payload").increment(1);
                 }
             }
         }

@@ -62,6 +62,8 @@ e2e_on_every_backend!(
     two_relays_and_two_consumers_give_no_duplicate_effect,
     a_trace_started_before_enqueue_continues_in_the_handler,
     go_version_spellings_are_accepted,
+    rows_written_before_the_relay_starts_go_out_at_once,
+    a_handler_can_write_another_services_event_in_its_transaction,
 );
 
 /// Records every handled event in the effects table, in the handler's transaction.
@@ -460,6 +462,15 @@ async fn poison_is_dead_lettered_and_does_not_hold_back_its_partition<DB: TestDb
         "{\"user_id\": \"seven\"}",
     )
     .await;
+    // Seed 18: a stored payload that is not JSON at all never reaches the broker.
+    raw_row(
+        &w,
+        "notification.feishu.requested",
+        1,
+        key,
+        "{\"user_id\": 7",
+    )
+    .await;
     raw_row(&w, "notification.feishu.requested", 9, key, &good_payload).await;
     raw_row(&w, "notification.sms.requested", 1, key, "{}").await;
     let mut invalid = serde_json::to_value(samples::feishu(2)).unwrap();
@@ -479,7 +490,7 @@ async fn poison_is_dead_lettered_and_does_not_hold_back_its_partition<DB: TestDb
         w.h.outbox.enqueue(&mut *tx, &e).await.unwrap();
         tx.commit().await.unwrap();
     }
-    w.settle(9).await;
+    w.settle(10).await;
     running.shutdown().await.unwrap();
     assert_eq!(w.effects().await, (5, 5));
     let mut conn = w.h.pool.acquire().await.unwrap();
@@ -495,6 +506,7 @@ async fn poison_is_dead_lettered_and_does_not_hold_back_its_partition<DB: TestDb
         [
             ("decode_error", 1),
             ("invalid_payload", 1),
+            ("malformed_payload", 1),
             ("unknown_event_type", 1),
             ("unsupported_version", 1)
         ]
@@ -664,5 +676,90 @@ async fn go_version_spellings_are_accepted<DB: TestDb>() {
     w.settle(8).await;
     running.shutdown().await.unwrap();
     assert_eq!(w.effects().await, (8, 8));
+    w.cleanup().await;
+}
+
+// Seed 14: rows already waiting when the relay starts are published in its first round.
+async fn rows_written_before_the_relay_starts_go_out_at_once<DB: TestDb>() {
+    let w = World::<DB>::new().await;
+    enqueue_mix(&w, 40).await;
+    let started = Instant::now();
+    let running = w
+        .start(
+            Arc::new(w.recorder()),
+            RelayConfig {
+                poll_interval: Duration::from_secs(3600),
+                ..RelayConfig::default()
+            },
+        )
+        .await;
+    w.settle(40).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(w.effects().await, (40, 40));
+    assert!(started.elapsed() < Duration::from_secs(60));
+    w.cleanup().await;
+}
+
+/// A task handler that, in its transaction, asks notification to tell the user (the Go
+/// system's active-scheduler → notification write).
+struct Notifying<DB: TestDb> {
+    outbox: outbox_runtime::Outbox<DB>,
+    inner: Arc<Recorder>,
+}
+
+impl<DB: TestDb> TaskEventsHandler<Context<DB>> for Notifying<DB> {
+    async fn task_urgency_promote_requested(
+        &self,
+        ctx: &mut Context<DB>,
+        e: TaskUrgencyPromoteRequested,
+    ) -> Result<(), HandlerError> {
+        self.inner.record(ctx, "promote").await?;
+        let mut note = samples::feishu(e.user_id);
+        note.preview_id = format!("promoted-{}", e.user_id);
+        self.outbox.enqueue(ctx.tx(), &note).await?;
+        Ok(())
+    }
+}
+
+// Seed 46: a consumer transaction of one service writes an event owned by another into that
+// service's table; it commits with the handler's effects, and its relay publishes it.
+async fn a_handler_can_write_another_services_event_in_its_transaction<DB: TestDb>() {
+    let w = World::<DB>::new().await;
+    let recorder = Arc::new(w.recorder());
+    let consumers = ConsumerConfig::default();
+    let running = Runtime::builder(
+        w.h.outbox.clone(),
+        w.h.pool.clone(),
+        KafkaConfig::new(brokers()),
+    )
+    .unwrap()
+    .relay(RelayConfig {
+        poll_interval: Duration::from_millis(100),
+        ..RelayConfig::default()
+    })
+    .consumer::<TaskEvents, _>(
+        Notifying {
+            outbox: w.h.outbox.clone(),
+            inner: recorder.clone(),
+        },
+        consumers.clone(),
+    )
+    .unwrap()
+    .consumer::<NotificationEvents, _>(Shared(recorder), consumers)
+    .unwrap()
+    .start()
+    .await
+    .unwrap();
+    assert!(running.ready(Duration::from_secs(60)).await);
+    let mut tx = w.h.pool.begin().await.unwrap();
+    w.h.outbox
+        .enqueue(&mut *tx, &samples::urgency(5))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    w.settle(2).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(w.count("notification", Status::Consumed).await, 1);
+    assert_eq!(w.effects().await, (2, 2));
     w.cleanup().await;
 }
