@@ -21,6 +21,9 @@ use crate::envelope::{self, VersionFormat};
 use crate::error::Error;
 use crate::store::{Backend, Outbox, OutboxRow, Transition};
 
+/// How often a relay measures its backlog for the `outbox_backlog` gauge.
+const BACKLOG_EVERY: Duration = Duration::from_secs(5);
+
 /// A signal to stop, shared by relays and consumers.
 #[derive(Debug, Clone)]
 pub struct Shutdown(watch::Receiver<bool>);
@@ -140,7 +143,12 @@ impl<DB: Backend> Relay<DB> {
         // After a wake-up that found nothing (the writer had not committed yet), look again
         // shortly before falling back to the poll interval.
         let mut rechecks: &[u64] = &[];
+        let mut gauged = tokio::time::Instant::now() - BACKLOG_EVERY;
         while !shutdown.is_triggered() {
+            if gauged.elapsed() >= BACKLOG_EVERY {
+                gauged = tokio::time::Instant::now();
+                self.gauge_backlog(service).await;
+            }
             match self.relay_once(service).await {
                 Ok(n) if n >= self.config.batch => continue,
                 Ok(n) if n > 0 => rechecks = &[],
@@ -159,6 +167,20 @@ impl<DB: Backend> Relay<DB> {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.wait() => break,
             }
+        }
+    }
+
+    /// Publishes the `outbox_backlog` gauge: rows of `service` not yet on the broker.
+    async fn gauge_backlog(&self, service: &str) {
+        let backlog = match self.pool.acquire().await {
+            Ok(mut conn) => self.outbox.backlog(&mut conn, service).await,
+            Err(e) => Err(e.into()),
+        };
+        match backlog {
+            Ok(n) => {
+                metrics::gauge!("outbox_backlog", "service" => service.to_owned()).set(n as f64)
+            }
+            Err(e) => tracing::debug!(service, error = %e, "backlog not measured"),
         }
     }
 

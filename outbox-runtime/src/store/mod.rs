@@ -1218,6 +1218,17 @@ impl<DB: Backend> Outbox<DB> {
         }
     }
 
+    /// Rows of `service` not yet on the broker (pending or sending).
+    pub async fn backlog(&self, conn: &mut DB::Connection, service: &str) -> Result<i64, Error> {
+        let table = self.table(service)?;
+        let counts = DB::fetch_pairs(conn, table.get("count_by_status"), Vec::new()).await?;
+        Ok(counts
+            .into_iter()
+            .filter(|(s, _)| s == "pending" || s == "sending")
+            .map(|(_, n)| n)
+            .sum())
+    }
+
     /// Counts per service and status, the age of the oldest due row, and dead rows by reason.
     pub async fn stats(&self, conn: &mut DB::Connection) -> Result<Vec<ServiceStats>, Error> {
         let mut out = Vec::new();

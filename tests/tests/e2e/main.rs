@@ -64,6 +64,7 @@ e2e_on_every_backend!(
     go_version_spellings_are_accepted,
     rows_written_before_the_relay_starts_go_out_at_once,
     a_handler_can_write_another_services_event_in_its_transaction,
+    messages_that_are_not_this_services_leave_its_rows_alone,
 );
 
 /// Records every handled event in the effects table, in the handler's transaction.
@@ -761,5 +762,103 @@ async fn a_handler_can_write_another_services_event_in_its_transaction<DB: TestD
     running.shutdown().await.unwrap();
     assert_eq!(w.count("notification", Status::Consumed).await, 1);
     assert_eq!(w.effects().await, (2, 2));
+    w.cleanup().await;
+}
+
+// Seed 29, 30, 32: on a service's topic, a value that is not an envelope is dead-lettered
+// without touching any row, and another service's event is skipped, its row left as it is;
+// the partition moves on to the next message either way.
+async fn messages_that_are_not_this_services_leave_its_rows_alone<DB: TestDb>() {
+    let w = World::<DB>::new().await;
+    // Only notification consumes; task's row is published and stays published.
+    let running = Runtime::builder(
+        w.h.outbox.clone(),
+        w.h.pool.clone(),
+        KafkaConfig::new(brokers()),
+    )
+    .unwrap()
+    .relay(RelayConfig {
+        poll_interval: Duration::from_millis(100),
+        ..RelayConfig::default()
+    })
+    .consumer::<NotificationEvents, _>(Shared(Arc::new(w.recorder())), ConsumerConfig::default())
+    .unwrap()
+    .start()
+    .await
+    .unwrap();
+    assert!(running.ready(Duration::from_secs(60)).await);
+    let task = {
+        let mut tx = w.h.pool.begin().await.unwrap();
+        let e =
+            w.h.outbox
+                .enqueue(&mut *tx, &samples::urgency(1))
+                .await
+                .unwrap();
+        tx.commit().await.unwrap();
+        e
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.count("task", Status::Published).await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the task event was not published"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    let task_row =
+        w.h.outbox
+            .get(&mut conn, "task", task.id)
+            .await
+            .unwrap()
+            .unwrap();
+    drop(conn);
+    let topic =
+        w.h.outbox
+            .catalog()
+            .service("notification")
+            .unwrap()
+            .topic
+            .clone();
+    let bus = outbox_runtime::bus::KafkaBus::new(KafkaConfig::new(brokers())).unwrap();
+    let key = Some("9".to_owned());
+    for value in [
+        b"not json at all".to_vec(),
+        b"{\"outbox_id\": 0, \"event_type\": \"a.b\", \"payload\": {}}".to_vec(),
+        // The task event, misrouted onto notification's topic.
+        envelope::encode(&task_row, VersionFormat::Number).unwrap(),
+    ] {
+        let record = Outgoing {
+            topic: topic.clone(),
+            key: key.clone(),
+            value,
+            headers: Vec::new(),
+        };
+        bus.send(&record).await.unwrap();
+    }
+    let mut marker = samples::feishu(9);
+    marker.user_id = 9;
+    let mut tx = w.h.pool.begin().await.unwrap();
+    w.h.outbox.enqueue(&mut *tx, &marker).await.unwrap();
+    tx.commit().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while w.count("notification", Status::Consumed).await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the message after the strays was not consumed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    running.shutdown().await.unwrap();
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    let after =
+        w.h.outbox
+            .get(&mut conn, "task", task.id)
+            .await
+            .unwrap()
+            .unwrap();
+    drop(conn);
+    assert_eq!(after, task_row, "another service's row is not touched");
+    assert_eq!(w.effects().await, (1, 1));
     w.cleanup().await;
 }
