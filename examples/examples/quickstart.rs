@@ -107,7 +107,7 @@ async fn record<DB: Backend>(
     kind: &str,
     what: &str,
 ) -> Result<(), HandlerError> {
-    let sql = placeholders::<DB>(
+    let sql = DB::dialect_sql(
         "INSERT INTO quickstart_effects (event_id, kind, what) VALUES ($1, $2, $3)",
     );
     let args = vec![
@@ -117,25 +117,6 @@ async fn record<DB: Backend>(
     ];
     DB::execute(ctx.tx(), &sql, args).await?;
     Ok(())
-}
-
-fn placeholders<DB: Backend>(sql: &str) -> String {
-    if DB::NAME == "PostgreSQL" {
-        return sql.to_owned();
-    }
-    let mut out = String::new();
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '$' {
-            while chars.peek().is_some_and(char::is_ascii_digit) {
-                chars.next();
-            }
-            out.push('?');
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 struct Options {
@@ -407,9 +388,10 @@ async fn raw_insert<DB: Backend>(
     payload: &str,
 ) -> Result<(), BoxError> {
     let now = outbox_runtime::store::Clock::now_ms(&outbox_runtime::store::SystemClock);
-    let sql = placeholders::<DB>(&format!(
+    let sql = format!(
         "INSERT INTO {table} (event_id, event_type, event_version, service_name, topic, message_key, aggregate_id, payload, headers, status, attempts, max_attempts, next_attempt_at, created_at, updated_at) VALUES ($1, 'notification.feishu.requested', $2, 'notification', $3, NULL, NULL, $4, '{{}}', 'pending', 0, 20, $5, $6, $7)"
-    ));
+    );
+    let sql = DB::dialect_sql(&sql);
     let event_id = format!("0190c3c0-0000-7000-8000-{:012x}", fastrand::u64(..1 << 48));
     let args = vec![
         Arg::Str(event_id),

@@ -99,3 +99,31 @@ macro_rules! common_methods {
         }
     };
 }
+
+/// `insert` and `claim` of the dialects with `RETURNING` (PostgreSQL, SQLite): one statement
+/// each.
+macro_rules! returning_methods {
+    () => {
+        async fn insert(
+            conn: &mut Self::Connection,
+            sql: &str,
+            args: Vec<$crate::store::Arg>,
+        ) -> Result<i64, sqlx::Error> {
+            use sqlx::Row as _;
+            bind_all!(sqlx::query(sql), args)
+                .fetch_one(conn)
+                .await?
+                .try_get(0)
+        }
+
+        async fn claim(
+            sql: &$crate::store::TableSql,
+            conn: &mut Self::Connection,
+            c: $crate::store::ClaimArgs,
+        ) -> Result<Vec<$crate::store::OutboxRow>, sqlx::Error> {
+            let mut rows = Self::fetch_rows(conn, sql.get("claim"), c.single_statement()).await?;
+            rows.sort_unstable_by_key(|r| r.id);
+            Ok(rows)
+        }
+    };
+}

@@ -370,6 +370,17 @@ pub trait Backend: sqlx::Database + private::Sealed {
     #[doc(hidden)]
     const NUMBERED: bool;
 
+    /// `sql` written with PostgreSQL's `$n` placeholders, in this database's spelling (`?`
+    /// elsewhere); each parameter must appear once, in binding order. For tools and tests that
+    /// run their own statements through [`Backend::execute`].
+    fn dialect_sql(sql: &str) -> std::borrow::Cow<'_, str> {
+        if Self::NUMBERED {
+            std::borrow::Cow::Borrowed(sql)
+        } else {
+            std::borrow::Cow::Owned(queries::unnumber(sql))
+        }
+    }
+
     /// Runs a statement; the number of rows it changed.
     #[doc(hidden)]
     fn execute(
@@ -484,6 +495,20 @@ pub struct ClaimArgs {
     pub now: i64,
     pub lease_until: i64,
     pub limit: i64,
+}
+
+impl ClaimArgs {
+    /// The binding of the single-statement `claim` query (PostgreSQL, SQLite).
+    fn single_statement(self) -> Vec<Arg> {
+        vec![
+            Arg::Str(self.owner),
+            Arg::I64(self.lease_until),
+            Arg::I64(self.now),
+            Arg::I64(self.now),
+            Arg::I64(self.now),
+            Arg::I64(self.limit),
+        ]
+    }
 }
 
 /// One service's queries, with its table name and the dialect's placeholders filled in.

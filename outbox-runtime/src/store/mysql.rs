@@ -117,25 +117,16 @@ async fn mark_published_once(
     owner: &str,
     ids: &[i64],
 ) -> Result<u64, sqlx::Error> {
-    let mut tx = conn.begin().await?;
-    let lock = sql.with_ids("mark_published_lock", 1, ids.len());
-    let mut args = vec![Arg::Str(owner.to_owned())];
-    args.extend(ids.iter().map(|&id| Arg::I64(id)));
-    let locked: Vec<i64> = MySql::fetch_ints(&mut tx, &lock, args)
-        .await?
-        .into_iter()
-        .flatten()
-        .collect();
-    if locked.is_empty() {
-        tx.commit().await?;
-        return Ok(0);
-    }
-    let update = sql.with_ids("mark_published", 3, locked.len());
-    let mut args = vec![Arg::I64(now), Arg::I64(now), Arg::Str(owner.to_owned())];
-    args.extend(locked.iter().map(|&id| Arg::I64(id)));
-    let n = MySql::execute(&mut tx, &update, args).await?;
-    tx.commit().await?;
-    Ok(n)
+    let owner = Arg::Str(owner.to_owned());
+    let update = [Arg::I64(now), Arg::I64(now), owner.clone()];
+    lock_then_update(
+        sql,
+        conn,
+        ("mark_published_lock", &[owner]),
+        ("mark_published", &update),
+        ids,
+    )
+    .await
 }
 
 /// Expires the leases of `ids` that no one holds locked.
@@ -145,25 +136,45 @@ async fn expire_chunk(
     now: i64,
     ids: &[i64],
 ) -> Result<u64, sqlx::Error> {
+    let update = [Arg::I64(now), Arg::I64(now)];
+    lock_then_update(
+        sql,
+        conn,
+        ("expire_lock", &[Arg::I64(now)]),
+        ("expire_leases", &update),
+        ids,
+    )
+    .await
+}
+
+/// In one transaction: `lock` (a `SELECT id ... FOR UPDATE SKIP LOCKED` over `ids`, after its
+/// own arguments), then `update` of the ids it locked. Each query's `{ids}` list comes after its
+/// arguments.
+async fn lock_then_update(
+    sql: &TableSql,
+    conn: &mut MySqlConnection,
+    (lock, lock_args): (&str, &[Arg]),
+    (update, update_args): (&str, &[Arg]),
+    ids: &[i64],
+) -> Result<u64, sqlx::Error> {
     let mut tx = conn.begin().await?;
-    let lock = sql.with_ids("expire_lock", 1, ids.len());
-    let mut args = vec![Arg::I64(now)];
+    let query = sql.with_ids(lock, lock_args.len(), ids.len());
+    let mut args = lock_args.to_vec();
     args.extend(ids.iter().map(|&id| Arg::I64(id)));
-    let locked: Vec<i64> = MySql::fetch_ints(&mut tx, &lock, args)
+    let locked: Vec<i64> = MySql::fetch_ints(&mut tx, &query, args)
         .await?
         .into_iter()
         .flatten()
         .collect();
-    if locked.is_empty() {
-        tx.commit().await?;
-        return Ok(0);
+    let mut changed = 0;
+    if !locked.is_empty() {
+        let query = sql.with_ids(update, update_args.len(), locked.len());
+        let mut args = update_args.to_vec();
+        args.extend(locked.iter().map(|&id| Arg::I64(id)));
+        changed = MySql::execute(&mut tx, &query, args).await?;
     }
-    let update = sql.with_ids("expire_leases", 2, locked.len());
-    let mut args = vec![Arg::I64(now), Arg::I64(now)];
-    args.extend(locked.iter().map(|&id| Arg::I64(id)));
-    let n = MySql::execute(&mut tx, &update, args).await?;
     tx.commit().await?;
-    Ok(n)
+    Ok(changed)
 }
 
 async fn claim_once(

@@ -2,7 +2,7 @@
 
 use sqlx::{Connection as _, PgConnection, Postgres};
 
-use super::{Arg, Backend, ClaimArgs, OutboxRow, TableSql, private};
+use super::{Backend, private};
 
 impl private::Sealed for Postgres {}
 
@@ -12,17 +12,7 @@ impl Backend for Postgres {
 
     common_methods!();
 
-    async fn insert(
-        conn: &mut PgConnection,
-        sql: &str,
-        args: Vec<Arg>,
-    ) -> Result<i64, sqlx::Error> {
-        use sqlx::Row as _;
-        bind_all!(sqlx::query(sql), args)
-            .fetch_one(conn)
-            .await?
-            .try_get(0)
-    }
+    returning_methods!();
 
     async fn begin_write(
         conn: &mut PgConnection,
@@ -52,24 +42,6 @@ impl Backend for Postgres {
                 }
             }
         }))
-    }
-
-    async fn claim(
-        sql: &TableSql,
-        conn: &mut PgConnection,
-        c: ClaimArgs,
-    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-        let args = vec![
-            Arg::Str(c.owner),
-            Arg::I64(c.lease_until),
-            Arg::I64(c.now),
-            Arg::I64(c.now),
-            Arg::I64(c.now),
-            Arg::I64(c.limit),
-        ];
-        let mut rows = Self::fetch_rows(conn, sql.get("claim"), args).await?;
-        rows.sort_unstable_by_key(|r| r.id);
-        Ok(rows)
     }
 }
 

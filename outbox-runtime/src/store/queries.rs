@@ -59,7 +59,7 @@ fn parse(file: &'static str) -> Vec<(&'static str, String)> {
 }
 
 /// `$3` → `?`. Valid because each parameter appears once, in binding order.
-fn unnumber(sql: &str) -> String {
+pub(super) fn unnumber(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len());
     let mut chars = sql.chars().peekable();
     while let Some(c) = chars.next() {

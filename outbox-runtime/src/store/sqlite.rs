@@ -4,7 +4,7 @@
 
 use sqlx::{Connection as _, Sqlite, SqliteConnection};
 
-use super::{Arg, Backend, ClaimArgs, OutboxRow, TableSql, private};
+use super::{Backend, private};
 
 impl private::Sealed for Sqlite {}
 
@@ -14,17 +14,7 @@ impl Backend for Sqlite {
 
     common_methods!();
 
-    async fn insert(
-        conn: &mut SqliteConnection,
-        sql: &str,
-        args: Vec<Arg>,
-    ) -> Result<i64, sqlx::Error> {
-        use sqlx::Row as _;
-        bind_all!(sqlx::query(sql), args)
-            .fetch_one(conn)
-            .await?
-            .try_get(0)
-    }
+    returning_methods!();
 
     async fn begin_write(
         conn: &mut SqliteConnection,
@@ -41,23 +31,5 @@ impl Backend for Sqlite {
         pool: &sqlx::Pool<Sqlite>,
     ) -> Result<sqlx::Transaction<'static, Sqlite>, sqlx::Error> {
         pool.begin_with("BEGIN IMMEDIATE").await
-    }
-
-    async fn claim(
-        sql: &TableSql,
-        conn: &mut SqliteConnection,
-        c: ClaimArgs,
-    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-        let args = vec![
-            Arg::Str(c.owner),
-            Arg::I64(c.lease_until),
-            Arg::I64(c.now),
-            Arg::I64(c.now),
-            Arg::I64(c.now),
-            Arg::I64(c.limit),
-        ];
-        let mut rows = Self::fetch_rows(conn, sql.get("claim"), args).await?;
-        rows.sort_unstable_by_key(|r| r.id);
-        Ok(rows)
     }
 }

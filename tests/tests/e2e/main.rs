@@ -67,14 +67,15 @@ e2e_on_every_backend!(
     messages_that_are_not_this_services_leave_its_rows_alone,
 );
 
-/// Records every handled event in the effects table, in the handler's transaction.
-#[derive(Default)]
+/// Records every handled event in the effects table, in the handler's transaction. Clones
+/// share their state, so one recorder serves several consumers.
+#[derive(Default, Clone)]
 struct Recorder {
     effects: String,
     /// Preview ids whose handler fails this many more times.
-    failures: Mutex<HashMap<String, u32>>,
+    failures: Arc<Mutex<HashMap<String, u32>>>,
     /// Trace id seen by the handler, per event id.
-    traces: Mutex<HashMap<String, Option<String>>>,
+    traces: Arc<Mutex<HashMap<String, Option<String>>>>,
 }
 
 impl Recorder {
@@ -201,7 +202,7 @@ impl<DB: TestDb> World<DB> {
     }
 
     /// A relay and a consumer per service, on the broker.
-    async fn start(&self, recorder: Arc<Recorder>, relay: RelayConfig) -> Running {
+    async fn start(&self, recorder: Recorder, relay: RelayConfig) -> Running {
         let consumers = ConsumerConfig {
             dlq: true,
             ..ConsumerConfig::default()
@@ -216,11 +217,11 @@ impl<DB: TestDb> World<DB> {
             poll_interval: Duration::from_millis(100),
             ..relay
         })
-        .consumer::<NotificationEvents, _>(Shared(recorder.clone()), consumers.clone())
+        .consumer::<NotificationEvents, _>(recorder.clone(), consumers.clone())
         .unwrap()
-        .consumer::<TaskEvents, _>(Shared(recorder.clone()), consumers.clone())
+        .consumer::<TaskEvents, _>(recorder.clone(), consumers.clone())
         .unwrap()
-        .consumer::<TokenStoreEvents, _>(Shared(recorder), consumers)
+        .consumer::<TokenStoreEvents, _>(recorder, consumers)
         .unwrap()
         .start()
         .await
@@ -296,60 +297,6 @@ impl<DB: TestDb> World<DB> {
     }
 }
 
-/// Handlers are shared by several consumers.
-struct Shared(Arc<Recorder>);
-
-impl<DB: TestDb> NotificationEventsHandler<Context<DB>> for Shared {
-    async fn feishu_requested(
-        &self,
-        ctx: &mut Context<DB>,
-        e: FeishuRequested,
-    ) -> Result<(), HandlerError> {
-        NotificationEventsHandler::<Context<DB>>::feishu_requested(&*self.0, ctx, e).await
-    }
-    async fn feishu_requested_v2(
-        &self,
-        ctx: &mut Context<DB>,
-        e: FeishuRequestedV2,
-    ) -> Result<(), HandlerError> {
-        NotificationEventsHandler::<Context<DB>>::feishu_requested_v2(&*self.0, ctx, e).await
-    }
-}
-
-impl<DB: TestDb> TaskEventsHandler<Context<DB>> for Shared {
-    async fn task_urgency_promote_requested(
-        &self,
-        ctx: &mut Context<DB>,
-        e: TaskUrgencyPromoteRequested,
-    ) -> Result<(), HandlerError> {
-        TaskEventsHandler::<Context<DB>>::task_urgency_promote_requested(&*self.0, ctx, e).await
-    }
-}
-
-impl<DB: TestDb> TokenStoreEventsHandler<Context<DB>> for Shared {
-    async fn forum_post_liked(
-        &self,
-        ctx: &mut Context<DB>,
-        e: ForumPostLiked,
-    ) -> Result<(), HandlerError> {
-        TokenStoreEventsHandler::<Context<DB>>::forum_post_liked(&*self.0, ctx, e).await
-    }
-    async fn forum_post_imported(
-        &self,
-        ctx: &mut Context<DB>,
-        e: ForumPostImported,
-    ) -> Result<(), HandlerError> {
-        TokenStoreEventsHandler::<Context<DB>>::forum_post_imported(&*self.0, ctx, e).await
-    }
-    async fn credit_charge_requested(
-        &self,
-        ctx: &mut Context<DB>,
-        e: CreditChargeRequested,
-    ) -> Result<(), HandlerError> {
-        TokenStoreEventsHandler::<Context<DB>>::credit_charge_requested(&*self.0, ctx, e).await
-    }
-}
-
 async fn enqueue_mix<DB: TestDb>(w: &World<DB>, n: u64) {
     for i in 0..n {
         let mut tx = w.h.pool.begin().await.unwrap();
@@ -388,9 +335,7 @@ async fn enqueue_mix<DB: TestDb>(w: &World<DB>, n: u64) {
 // published.
 async fn events_flow_from_enqueue_to_their_handler_once<DB: TestDb>() {
     let w = World::<DB>::new().await;
-    let running = w
-        .start(Arc::new(w.recorder()), RelayConfig::default())
-        .await;
+    let running = w.start(w.recorder(), RelayConfig::default()).await;
     enqueue_mix(&w, 200).await;
     w.settle(200).await;
     running.shutdown().await.unwrap();
@@ -448,9 +393,7 @@ async fn raw_row<DB: TestDb>(
 // behind it on the same key (so the same partition) are still consumed.
 async fn poison_is_dead_lettered_and_does_not_hold_back_its_partition<DB: TestDb>() {
     let w = World::<DB>::new().await;
-    let running = w
-        .start(Arc::new(w.recorder()), RelayConfig::default())
-        .await;
+    let running = w.start(w.recorder(), RelayConfig::default()).await;
     let key = "42";
     let good_payload =
         String::from_utf8(outbox_runtime::OutboxEvent::to_payload(&samples::feishu(1)).unwrap())
@@ -529,7 +472,7 @@ async fn poison_is_dead_lettered_and_does_not_hold_back_its_partition<DB: TestDb
 // relay publishes it again, and the third delivery succeeds.
 async fn a_failing_handler_is_retried_through_the_outbox_until_it_succeeds<DB: TestDb>() {
     let w = World::<DB>::new().await;
-    let recorder = Arc::new(w.recorder());
+    let recorder = w.recorder();
     recorder.failures.lock().unwrap().insert("pv-7".into(), 2);
     let running = w.start(recorder.clone(), RelayConfig::default()).await;
     let e = {
@@ -561,9 +504,7 @@ async fn a_failing_handler_is_retried_through_the_outbox_until_it_succeeds<DB: T
 // Seed 40: a redelivered message (here: published again by hand) has no second effect.
 async fn a_message_delivered_twice_has_one_effect<DB: TestDb>() {
     let w = World::<DB>::new().await;
-    let running = w
-        .start(Arc::new(w.recorder()), RelayConfig::default())
-        .await;
+    let running = w.start(w.recorder(), RelayConfig::default()).await;
     let e = {
         let mut tx = w.h.pool.begin().await.unwrap();
         let e =
@@ -608,7 +549,7 @@ async fn a_message_delivered_twice_has_one_effect<DB: TestDb>() {
 // Two relays and two consumers per service, racing on one database and one broker.
 async fn two_relays_and_two_consumers_give_no_duplicate_effect<DB: TestDb>() {
     let w = World::<DB>::new().await;
-    let recorder = Arc::new(w.recorder());
+    let recorder = w.recorder();
     let a = w
         .start(
             recorder.clone(),
@@ -639,7 +580,7 @@ async fn two_relays_and_two_consumers_give_no_duplicate_effect<DB: TestDb>() {
 
 async fn a_trace_started_before_enqueue_continues_in_the_handler<DB: TestDb>() {
     let w = World::<DB>::new().await;
-    let recorder = Arc::new(w.recorder());
+    let recorder = w.recorder();
     let running = w.start(recorder.clone(), RelayConfig::default()).await;
     let trace = TraceParent::new_root();
     let e = trace
@@ -666,7 +607,7 @@ async fn go_version_spellings_are_accepted<DB: TestDb>() {
     let w = World::<DB>::new().await;
     let running = w
         .start(
-            Arc::new(w.recorder()),
+            w.recorder(),
             RelayConfig {
                 version_format: VersionFormat::Prefixed,
                 ..RelayConfig::default()
@@ -687,7 +628,7 @@ async fn rows_written_before_the_relay_starts_go_out_at_once<DB: TestDb>() {
     let started = Instant::now();
     let running = w
         .start(
-            Arc::new(w.recorder()),
+            w.recorder(),
             RelayConfig {
                 poll_interval: Duration::from_secs(3600),
                 ..RelayConfig::default()
@@ -705,7 +646,7 @@ async fn rows_written_before_the_relay_starts_go_out_at_once<DB: TestDb>() {
 /// system's active-scheduler → notification write).
 struct Notifying<DB: TestDb> {
     outbox: outbox_runtime::Outbox<DB>,
-    inner: Arc<Recorder>,
+    inner: Recorder,
 }
 
 impl<DB: TestDb> TaskEventsHandler<Context<DB>> for Notifying<DB> {
@@ -726,7 +667,7 @@ impl<DB: TestDb> TaskEventsHandler<Context<DB>> for Notifying<DB> {
 // service's table; it commits with the handler's effects, and its relay publishes it.
 async fn a_handler_can_write_another_services_event_in_its_transaction<DB: TestDb>() {
     let w = World::<DB>::new().await;
-    let recorder = Arc::new(w.recorder());
+    let recorder = w.recorder();
     let consumers = ConsumerConfig::default();
     let running = Runtime::builder(
         w.h.outbox.clone(),
@@ -746,7 +687,7 @@ async fn a_handler_can_write_another_services_event_in_its_transaction<DB: TestD
         consumers.clone(),
     )
     .unwrap()
-    .consumer::<NotificationEvents, _>(Shared(recorder), consumers)
+    .consumer::<NotificationEvents, _>(recorder, consumers)
     .unwrap()
     .start()
     .await
@@ -781,7 +722,7 @@ async fn messages_that_are_not_this_services_leave_its_rows_alone<DB: TestDb>() 
         poll_interval: Duration::from_millis(100),
         ..RelayConfig::default()
     })
-    .consumer::<NotificationEvents, _>(Shared(Arc::new(w.recorder())), ConsumerConfig::default())
+    .consumer::<NotificationEvents, _>(w.recorder(), ConsumerConfig::default())
     .unwrap()
     .start()
     .await

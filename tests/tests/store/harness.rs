@@ -27,7 +27,9 @@ pub(crate) trait TestDb: Backend {
     /// The pool, and the file to delete afterwards (SQLite).
     async fn open(tag: &str) -> (Pool<Self>, Option<std::path::PathBuf>);
     /// `$n` placeholders as this database writes them.
-    fn sql(sql: &str) -> String;
+    fn sql(sql: &str) -> String {
+        Self::dialect_sql(sql).into_owned()
+    }
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -48,10 +50,6 @@ impl TestDb for sqlx::Postgres {
             .unwrap_or_else(|e| panic!("PostgreSQL at {url} is unreachable: {e}"));
         (pool, None)
     }
-
-    fn sql(sql: &str) -> String {
-        sql.to_owned()
-    }
 }
 
 impl TestDb for sqlx::MySql {
@@ -64,10 +62,6 @@ impl TestDb for sqlx::MySql {
             .await
             .unwrap_or_else(|e| panic!("MySQL/MariaDB at {url} is unreachable: {e}"));
         (pool, None)
-    }
-
-    fn sql(sql: &str) -> String {
-        questions(sql)
     }
 }
 
@@ -87,27 +81,6 @@ impl TestDb for sqlx::Sqlite {
             .unwrap_or_else(|e| panic!("SQLite file {} cannot be opened: {e}", path.display()));
         (pool, Some(path))
     }
-
-    fn sql(sql: &str) -> String {
-        questions(sql)
-    }
-}
-
-/// `$3` → `?`.
-fn questions(sql: &str) -> String {
-    let mut out = String::new();
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
-            while chars.peek().is_some_and(char::is_ascii_digit) {
-                chars.next();
-            }
-            out.push('?');
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// One test's tables, pool, outbox and clock.
