@@ -49,6 +49,10 @@ pub trait OutboxEvent:
     /// The service that owns (consumes) the event: `[a-z][a-z0-9-]*`.
     const SERVICE: &'static str;
 
+    /// What `key = ...` names (`user_id`, `partition_key()`), for documentation; `None` without
+    /// a key.
+    const KEY: Option<&'static str> = None;
+
     /// The Kafka message key, from the field or method named by `key = ...`. Events with the same
     /// key keep their order. `None` when the contract names no key: the runtime then uses the
     /// event id, as the Go system did.

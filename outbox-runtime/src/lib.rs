@@ -15,6 +15,7 @@ pub mod relay;
 pub mod route;
 #[cfg(feature = "kafka")]
 pub mod runtime;
+pub mod schema;
 pub mod service;
 #[cfg(feature = "store")]
 pub mod store;

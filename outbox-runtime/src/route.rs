@@ -55,6 +55,8 @@ pub struct EventSpec {
     pub variant: &'static str,
     /// The handler trait method that receives it.
     pub handler: &'static str,
+    /// What the message key comes from (`user_id`), when the contract names one.
+    pub key: Option<&'static str>,
     /// The payload's JSON Schema.
     pub schema: fn() -> schemars::Schema,
 }

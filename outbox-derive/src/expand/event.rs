@@ -26,6 +26,11 @@ pub(crate) fn expand(ev: &Event<'_>) -> TokenStream {
     let ident = ev.ident;
     let (event_type, version, service) = (&ev.event_type, ev.version, &ev.service);
     let key = accessor(ev.key.as_ref());
+    let key_name = ev.key.as_ref().map(|k| match k {
+        Accessor::Field(f) => syn::ext::IdentExt::unraw(f).to_string(),
+        Accessor::Method(m) => format!("{}()", syn::ext::IdentExt::unraw(m)),
+    });
+    let key_const = key_name.map(|k| quote!(const KEY: ::core::option::Option<&'static str> = ::core::option::Option::Some(#k);));
     let aggregate = ev.aggregate.as_ref().map(|a| {
         let get = accessor(Some(a));
         quote! {
@@ -50,6 +55,7 @@ pub(crate) fn expand(ev: &Event<'_>) -> TokenStream {
             const EVENT_TYPE: &'static str = #event_type;
             const VERSION: u32 = #version;
             const SERVICE: &'static str = #service;
+            #key_const
 
             fn message_key(&self) -> ::core::option::Option<::std::string::String> {
                 #key

@@ -68,6 +68,7 @@ fn service_impl(s: &Service<'_>) -> TokenStream {
                 payload: #payload,
                 variant: #variant,
                 handler: #method,
+                key: #ev::KEY,
                 schema: #ev::json_schema,
             }
         }

@@ -523,3 +523,19 @@ fn two_enums_of_one_service_merge_their_events() {
         "task_outbox"
     );
 }
+
+#[test]
+fn committed_schemas_match_the_contracts() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../contracts/schemas");
+    let stale = outbox_runtime::schema::stale(&contracts::catalog().unwrap(), &dir).unwrap();
+    assert!(
+        stale.is_empty(),
+        "contracts/schemas is stale ({stale:?}); run `cargo run -p contracts --bin export-schemas` and commit the result"
+    );
+    // And the gate passes between the committed tree and itself.
+    assert!(
+        outbox_runtime::schema::compare(&dir, &dir)
+            .unwrap()
+            .is_empty()
+    );
+}
