@@ -261,6 +261,26 @@ impl CatalogBuilder {
         self.add(&S::ROUTE, S::EVENTS)
     }
 
+    /// Adds a service known only by name, with no events: for tools (the `outbox` CLI, a relay
+    /// daemon) that move and inspect rows without decoding them. The name follows the same rule
+    /// as `#[outbox(service = ...)]`. (The name is leaked to get a `'static` route: a few bytes
+    /// per service, once.)
+    pub fn service_by_name(self, name: &str) -> Result<Self, Error> {
+        check_service(name).map_err(|reason| Error::InvalidName {
+            what: "service",
+            name: name.to_owned(),
+            reason,
+        })?;
+        let service: &'static str = Box::leak(name.to_owned().into_boxed_str());
+        let spec = RouteSpec {
+            service,
+            table: None,
+            topic: None,
+            group: None,
+        };
+        self.add(&spec, &[])
+    }
+
     fn add(mut self, spec: &RouteSpec, events: &'static [EventSpec]) -> Result<Self, Error> {
         let route = self.config.resolve(spec);
         let known = match self.catalog.services.get(spec.service) {
@@ -336,6 +356,17 @@ fn check_table(name: &str) -> Result<(), String> {
     }
     if name.len() > 57 {
         return Err(format!("must be at most 57 characters, got {}", name.len()));
+    }
+    Ok(())
+}
+
+/// Service names: `[a-z][a-z0-9-]*`, at most 48 characters (as the derive checks them).
+fn check_service(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !ok || name.len() > 48 {
+        return Err("must match [a-z][a-z0-9-]* and be at most 48 characters".to_owned());
     }
     Ok(())
 }

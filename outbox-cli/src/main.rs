@@ -1,0 +1,647 @@
+//! `outbox`: the operator's tool for the transactional outbox.
+//!
+//! ```text
+//! outbox migrate [--print]                 create or upgrade the services' tables
+//! outbox status                            counts per service and status, oldest due, dead reasons
+//! outbox dead list|show|replay|discard     inspect and act on dead letters (with filters, --dry-run)
+//! outbox relay                             the relay as a daemon, with a Prometheus endpoint
+//! outbox schema check --base DIR --head DIR
+//! ```
+//!
+//! Services come from `--services`/`OUTBOX_SERVICES` or the config file (`--config`,
+//! `OUTBOX_CONFIG`); the database from `--database-url`/`DATABASE_URL` (PostgreSQL, MySQL or
+//! SQLite). Tables by default, `--json` for scripts; a failure exits non-zero with a one-line
+//! reason.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod prometheus;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use outbox_runtime::bus::KafkaConfig;
+use outbox_runtime::relay::RelayConfig;
+use outbox_runtime::route::RouteOverride;
+use outbox_runtime::runtime::Runtime;
+use outbox_runtime::sqlx::{self, Pool};
+use outbox_runtime::store::{Backend, OutboxRow};
+use outbox_runtime::{Catalog, Outbox, RouteConfig, Status};
+use serde::Deserialize;
+use serde_json::json;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Parser)]
+#[command(name = "outbox", version, about = "Operate a transactional outbox")]
+struct Cli {
+    /// postgres://…, mysql://… or sqlite://…
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    database_url: Option<String>,
+    /// Services to act on, comma-separated.
+    #[arg(long, env = "OUTBOX_SERVICES", value_delimiter = ',', global = true)]
+    services: Vec<String>,
+    /// Topic and group prefix (default: the config file's, else `outbox`).
+    #[arg(long, env = "OUTBOX_PREFIX", global = true)]
+    prefix: Option<String>,
+    /// A JSON config file (see the README).
+    #[arg(long, env = "OUTBOX_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or upgrade the tables of the services (idempotent).
+    Migrate {
+        /// Print the SQL instead of running it.
+        #[arg(long)]
+        print: bool,
+    },
+    /// Counts per service and status, the age of the oldest due row, dead rows by reason.
+    Status,
+    /// Dead letters.
+    #[command(subcommand)]
+    Dead(Dead),
+    /// Run the relay for the services until SIGTERM or Ctrl-C.
+    Relay {
+        /// Kafka brokers, `host:port,…`.
+        #[arg(long, env = "OUTBOX_BROKERS")]
+        brokers: Option<String>,
+        /// Where to serve Prometheus metrics, `host:port`.
+        #[arg(long, env = "OUTBOX_METRICS_ADDR")]
+        metrics_addr: Option<String>,
+    },
+    /// Schema files.
+    #[command(subcommand)]
+    Schema(Schema),
+}
+
+#[derive(Subcommand)]
+enum Dead {
+    /// List dead rows matching the filters.
+    List(Filter),
+    /// Show one dead row in full.
+    Show {
+        /// The row's service.
+        #[arg(long)]
+        service: String,
+        /// The row id.
+        id: i64,
+    },
+    /// Send matching dead rows back to pending, attempts reset.
+    Replay {
+        #[command(flatten)]
+        filter: Filter,
+        /// Show what would be replayed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete matching dead rows for good.
+    Discard {
+        #[command(flatten)]
+        filter: Filter,
+        /// Show what would be discarded, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Filter {
+    /// Only this service (else every configured one).
+    #[arg(long)]
+    service: Option<String>,
+    /// Only this event type.
+    #[arg(long)]
+    event_type: Option<String>,
+    /// Only rows whose reason or last error contains this text.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only ids from this one on.
+    #[arg(long)]
+    from_id: Option<i64>,
+    /// Only ids up to this one.
+    #[arg(long)]
+    to_id: Option<i64>,
+    /// Only rows dead for longer than this (`30s`, `15m`, `2h`, `7d`).
+    #[arg(long, value_parser = parse_duration)]
+    older_than: Option<Duration>,
+    /// At most this many rows.
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
+}
+
+#[derive(Subcommand)]
+enum Schema {
+    /// Fail when an existing (event type, version) changed incompatibly between two schema
+    /// trees (as written by `outbox_runtime::schema::export`).
+    Check {
+        /// The accepted schemas (say, the main branch's).
+        #[arg(long)]
+        base: PathBuf,
+        /// The proposed schemas.
+        #[arg(long)]
+        head: PathBuf,
+    },
+}
+
+/// The config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    database_url: Option<String>,
+    prefix: Option<String>,
+    #[serde(default)]
+    services: Vec<String>,
+    /// Per-service table, topic or group overrides.
+    #[serde(default)]
+    routes: BTreeMap<String, RouteOverride>,
+    brokers: Option<String>,
+    metrics_addr: Option<String>,
+    /// librdkafka properties (TLS, SASL, ...).
+    #[serde(default)]
+    kafka: BTreeMap<String, String>,
+    #[serde(default)]
+    relay: RelayFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelayFile {
+    batch: Option<usize>,
+    lease_secs: Option<u64>,
+    poll_ms: Option<u64>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 30s, 15m, 2h or 7d"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("`{s}` has an unknown unit; use s, m, h or d")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("outbox: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), BoxError> {
+    if let Command::Schema(Schema::Check { base, head }) = &cli.command {
+        return schema_check(base, head, cli.json);
+    }
+    let config: Config = match &cli.config {
+        Some(path) => serde_json::from_str(
+            &std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read config {}: {e}", path.display()))?,
+        )
+        .map_err(|e| format!("config {}: {e}", path.display()))?,
+        None => Config::default(),
+    };
+    let url = cli
+        .database_url
+        .clone()
+        .or_else(|| config.database_url.clone())
+        .ok_or("no database: give --database-url or set DATABASE_URL")?;
+    if url.starts_with("postgres") {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&url)
+            .await?;
+        with_pool(cli, config, pool).await
+    } else if url.starts_with("mysql") || url.starts_with("mariadb") {
+        let pool = sqlx::mysql::MySqlPoolOptions::new()
+            .max_connections(8)
+            .connect(&url)
+            .await?;
+        with_pool(cli, config, pool).await
+    } else if url.starts_with("sqlite") {
+        use std::str::FromStr;
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url)?
+            .create_if_missing(true)
+            .busy_timeout(Duration::from_secs(30));
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        with_pool(cli, config, pool).await
+    } else {
+        Err(
+            format!("unsupported database URL `{url}`: use postgres://, mysql:// or sqlite://")
+                .into(),
+        )
+    }
+}
+
+async fn with_pool<DB: Backend>(cli: Cli, config: Config, pool: Pool<DB>) -> Result<(), BoxError> {
+    let services = if cli.services.is_empty() {
+        config.services.clone()
+    } else {
+        cli.services.clone()
+    };
+    if services.is_empty() {
+        return Err("no services: give --services a,b, set OUTBOX_SERVICES, or list them in the config file".into());
+    }
+    let mut routes = RouteConfig::new();
+    if let Some(prefix) = cli.prefix.as_ref().or(config.prefix.as_ref()) {
+        routes = routes.prefix(prefix)?;
+    }
+    for (service, over) in &config.routes {
+        routes = routes.override_service(service, over.clone())?;
+    }
+    let mut catalog = Catalog::builder(routes);
+    for s in &services {
+        catalog = catalog.service_by_name(s)?;
+    }
+    let outbox = Outbox::<DB>::new(catalog.build());
+    match cli.command {
+        Command::Migrate { print } => migrate(&outbox, &pool, print, cli.json).await,
+        Command::Status => status(&outbox, &pool, cli.json).await,
+        Command::Dead(dead) => dead_letters(&outbox, &pool, &services, dead, cli.json).await,
+        Command::Relay {
+            brokers,
+            metrics_addr,
+        } => {
+            let brokers = brokers
+                .or(config.brokers.clone())
+                .ok_or("no brokers: give --brokers or set OUTBOX_BROKERS")?;
+            relay(
+                outbox,
+                pool,
+                brokers,
+                metrics_addr.or(config.metrics_addr.clone()),
+                &config,
+            )
+            .await
+        }
+        Command::Schema(_) => unreachable!("handled before connecting"),
+    }
+}
+
+async fn migrate<DB: Backend>(
+    outbox: &Outbox<DB>,
+    pool: &Pool<DB>,
+    print: bool,
+    json: bool,
+) -> Result<(), BoxError> {
+    let sql = outbox.migration_sql();
+    if print {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&sql)?);
+        } else {
+            for s in sql {
+                println!("{s};\n");
+            }
+        }
+        return Ok(());
+    }
+    let mut conn = pool.acquire().await?;
+    outbox.migrate(&mut conn).await?;
+    let tables: Vec<&str> = outbox
+        .catalog()
+        .services()
+        .map(|r| r.table.as_str())
+        .collect();
+    if json {
+        println!("{}", json!({ "migrated": tables }));
+    } else {
+        println!(
+            "migrated {} ({} statements, all idempotent)",
+            tables.join(", "),
+            sql.len()
+        );
+    }
+    Ok(())
+}
+
+fn age(ms: i64) -> String {
+    let s = ms / 1000;
+    match s {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+async fn status<DB: Backend>(
+    outbox: &Outbox<DB>,
+    pool: &Pool<DB>,
+    json: bool,
+) -> Result<(), BoxError> {
+    let mut conn = pool.acquire().await?;
+    let stats = outbox.stats(&mut conn).await?;
+    if json {
+        let out: Vec<_> = stats
+            .iter()
+            .map(|s| {
+                let counts: BTreeMap<&str, i64> =
+                    s.counts.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                json!({
+                    "service": s.service,
+                    "table": s.table,
+                    "counts": counts,
+                    "oldest_due_ms": s.oldest_due_ms,
+                    "dead_by_reason": s.dead_by_reason,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "{:<18} {:>8} {:>8} {:>10} {:>9} {:>6}  {:>11}  dead reasons",
+        "service", "pending", "sending", "published", "consumed", "dead", "oldest due"
+    );
+    for s in &stats {
+        let reasons: Vec<String> = s
+            .dead_by_reason
+            .iter()
+            .map(|(r, n)| format!("{r}: {n}"))
+            .collect();
+        println!(
+            "{:<18} {:>8} {:>8} {:>10} {:>9} {:>6}  {:>11}  {}",
+            s.service,
+            s.counts[&Status::Pending],
+            s.counts[&Status::Sending],
+            s.counts[&Status::Published],
+            s.counts[&Status::Consumed],
+            s.counts[&Status::Dead],
+            s.oldest_due_ms.map_or("-".to_owned(), age),
+            reasons.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Dead rows of the filter's services that match it, oldest first.
+async fn matching<DB: Backend>(
+    outbox: &Outbox<DB>,
+    conn: &mut DB::Connection,
+    services: &[String],
+    f: &Filter,
+) -> Result<Vec<OutboxRow>, BoxError> {
+    let now = outbox.now_ms();
+    let mut out = Vec::new();
+    let targets: Vec<&String> = match &f.service {
+        Some(s) if !services.contains(s) => {
+            return Err(format!("service `{s}` is not configured").into());
+        }
+        Some(s) => vec![s],
+        None => services.iter().collect(),
+    };
+    for service in targets {
+        let mut after = f.from_id.map_or(0, |id| id - 1);
+        'pages: loop {
+            let page = outbox.list_dead(conn, service, after, 500).await?;
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            for row in page {
+                if f.to_id.is_some_and(|to| row.id > to) {
+                    break 'pages;
+                }
+                let text = format!(
+                    "{} {}",
+                    row.dead_reason.as_deref().unwrap_or(""),
+                    row.last_error.as_deref().unwrap_or("")
+                );
+                let keep = f.event_type.as_ref().is_none_or(|t| *t == row.event_type)
+                    && f.reason.as_ref().is_none_or(|r| text.contains(r.as_str()))
+                    && f.older_than
+                        .is_none_or(|d| now - row.updated_at >= d.as_millis() as i64);
+                if keep {
+                    out.push(row);
+                    if out.len() >= f.limit {
+                        break 'pages;
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn row_json(r: &OutboxRow) -> serde_json::Value {
+    json!({
+        "service": r.service, "id": r.id, "event_id": r.event_id, "event_type": r.event_type,
+        "event_version": r.event_version, "message_key": r.message_key, "attempts": r.attempts,
+        "dead_reason": r.dead_reason, "last_error": r.last_error, "created_at": r.created_at,
+        "updated_at": r.updated_at,
+    })
+}
+
+async fn dead_letters<DB: Backend>(
+    outbox: &Outbox<DB>,
+    pool: &Pool<DB>,
+    services: &[String],
+    cmd: Dead,
+    json_out: bool,
+) -> Result<(), BoxError> {
+    let mut conn = pool.acquire().await?;
+    match cmd {
+        Dead::Show { service, id } => {
+            let row = outbox
+                .get(&mut conn, &service, id)
+                .await?
+                .filter(|r| r.status == Status::Dead)
+                .ok_or_else(|| format!("no dead row {id} in service `{service}`"))?;
+            let mut v = row_json(&row);
+            v["payload"] = serde_json::from_str(&row.payload).unwrap_or(json!(row.payload));
+            v["headers"] = serde_json::from_str(&row.headers).unwrap_or(json!(row.headers));
+            v["topic"] = json!(row.topic);
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Dead::List(f) => {
+            let rows = matching(outbox, &mut conn, services, &f).await?;
+            print_rows(&rows, json_out)?;
+        }
+        Dead::Replay { filter, dry_run } | Dead::Discard { filter, dry_run } if dry_run => {
+            let rows = matching(outbox, &mut conn, services, &filter).await?;
+            if json_out {
+                println!(
+                    "{}",
+                    json!({ "dry_run": true, "would_change": rows.len(), "rows": rows.iter().map(row_json).collect::<Vec<_>>() })
+                );
+            } else {
+                print_rows(&rows, false)?;
+                println!(
+                    "dry run: {} rows would change; nothing was changed",
+                    rows.len()
+                );
+            }
+        }
+        Dead::Replay { filter, .. } => {
+            let rows = matching(outbox, &mut conn, services, &filter).await?;
+            let n = act(outbox, &mut conn, &rows, true).await?;
+            report(json_out, "replayed", n)?;
+        }
+        Dead::Discard { filter, .. } => {
+            let rows = matching(outbox, &mut conn, services, &filter).await?;
+            let n = act(outbox, &mut conn, &rows, false).await?;
+            report(json_out, "discarded", n)?;
+        }
+    }
+    Ok(())
+}
+
+async fn act<DB: Backend>(
+    outbox: &Outbox<DB>,
+    conn: &mut DB::Connection,
+    rows: &[OutboxRow],
+    replay: bool,
+) -> Result<u64, BoxError> {
+    let mut by_service: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+    for r in rows {
+        by_service.entry(&r.service).or_default().push(r.id);
+    }
+    let mut n = 0;
+    for (service, ids) in by_service {
+        n += if replay {
+            outbox.replay_dead(conn, service, &ids).await?
+        } else {
+            outbox.discard_dead(conn, service, &ids).await?
+        };
+    }
+    Ok(n)
+}
+
+fn report(json_out: bool, what: &str, n: u64) -> Result<(), BoxError> {
+    if json_out {
+        println!("{}", json!({ what: n }));
+    } else {
+        println!("{what} {n} rows");
+    }
+    Ok(())
+}
+
+fn print_rows(rows: &[OutboxRow], json_out: bool) -> Result<(), BoxError> {
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows.iter().map(row_json).collect::<Vec<_>>())?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<14} {:>6}  {:<32} {:>2}  {:<20} last error",
+        "service", "id", "event type", "v", "reason"
+    );
+    for r in rows {
+        let err = r.last_error.as_deref().unwrap_or("");
+        let err: String = err.chars().take(70).collect();
+        println!(
+            "{:<14} {:>6}  {:<32} {:>2}  {:<20} {err}",
+            r.service,
+            r.id,
+            r.event_type,
+            r.event_version,
+            r.dead_reason.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(())
+}
+
+async fn relay<DB: Backend>(
+    outbox: Outbox<DB>,
+    pool: Pool<DB>,
+    brokers: String,
+    metrics_addr: Option<String>,
+    config: &Config,
+) -> Result<(), BoxError> {
+    let recorder = prometheus::Prometheus::default();
+    metrics::set_global_recorder(recorder.clone()).map_err(|e| format!("metrics: {e}"))?;
+    if let Some(addr) = &metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+        eprintln!(
+            "outbox: metrics on http://{}/metrics",
+            listener.local_addr()?
+        );
+        tokio::spawn(recorder.serve(listener));
+    }
+    let mut kafka = KafkaConfig::new(brokers);
+    for (k, v) in &config.kafka {
+        kafka = kafka.set(k, v);
+    }
+    let defaults = RelayConfig::default();
+    let relay = RelayConfig {
+        batch: config.relay.batch.unwrap_or(defaults.batch),
+        lease: config
+            .relay
+            .lease_secs
+            .map_or(defaults.lease, Duration::from_secs),
+        poll_interval: config
+            .relay
+            .poll_ms
+            .map_or(defaults.poll_interval, Duration::from_millis),
+        ..defaults
+    };
+    let services: Vec<String> = outbox
+        .catalog()
+        .services()
+        .map(|r| r.service.clone())
+        .collect();
+    let running = Runtime::builder(outbox, pool, kafka)?
+        .relay(relay)
+        .start()
+        .await?;
+    eprintln!("outbox: relaying {}", services.join(", "));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    eprintln!("outbox: stopping; finishing the batch in flight");
+    running.shutdown().await?;
+    eprintln!("outbox: stopped");
+    Ok(())
+}
+
+fn schema_check(base: &PathBuf, head: &PathBuf, json_out: bool) -> Result<(), BoxError> {
+    for dir in [base, head] {
+        if !dir.is_dir() {
+            return Err(format!("{} is not a directory of schemas", dir.display()).into());
+        }
+    }
+    let breaks = outbox_runtime::schema::compare(base, head)?;
+    if json_out {
+        let out: Vec<_> = breaks
+            .iter()
+            .map(|b| json!({ "event_type": b.event_type, "version": b.version, "path": b.path, "change": b.change }))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else if breaks.is_empty() {
+        println!("compatible: no existing event version changed incompatibly");
+    } else {
+        for b in &breaks {
+            println!("BREAK {b}");
+        }
+    }
+    if breaks.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} incompatible change(s); publish the new shape as a new version instead",
+            breaks.len()
+        )
+        .into())
+    }
+}

@@ -1,0 +1,435 @@
+//! The `outbox` binary against real databases (and, for `relay`, the tansu broker that
+//! `./scripts/test` starts). Each test has its own tables, named in a config file.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use contracts::samples;
+use outbox_runtime::route::RouteOverride;
+use outbox_runtime::sqlx::{self, Postgres, Sqlite};
+use outbox_runtime::store::Backend;
+use outbox_runtime::{Catalog, Outbox, RouteConfig};
+use serde_json::Value;
+
+const PG: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+struct Setup {
+    tag: String,
+    config: PathBuf,
+    url: String,
+}
+
+impl Setup {
+    fn new(url: &str) -> Self {
+        let tag = format!("{:08x}", fastrand::u32(..));
+        let url = if url == "sqlite" {
+            format!(
+                "sqlite://{}",
+                std::env::temp_dir()
+                    .join(format!("outbox-cli-{tag}.db"))
+                    .display()
+            )
+        } else {
+            url.to_owned()
+        };
+        let config = std::env::temp_dir().join(format!("outbox-cli-{tag}.json"));
+        let body = serde_json::json!({
+            "database_url": url,
+            "prefix": format!("cli-{tag}"),
+            "services": ["task", "notification"],
+            "routes": {
+                "task": { "table": format!("c{tag}_task_outbox") },
+                "notification": { "table": format!("c{tag}_notification_outbox") }
+            },
+            "relay": { "poll_ms": 100 }
+        });
+        std::fs::write(&config, body.to_string()).unwrap();
+        Self { tag, config, url }
+    }
+
+    /// The same routes, with the contracts' event types, for writing events.
+    fn outbox<DB: Backend>(&self) -> Outbox<DB> {
+        let tag = &self.tag;
+        let over = |s: &str| RouteOverride {
+            table: Some(format!("c{tag}_{s}_outbox")),
+            ..RouteOverride::default()
+        };
+        let routes = RouteConfig::new()
+            .prefix(&format!("cli-{tag}"))
+            .unwrap()
+            .override_service("task", over("task"))
+            .unwrap()
+            .override_service("notification", over("notification"))
+            .unwrap();
+        let catalog = Catalog::builder(routes)
+            .service::<contracts::TaskEvents>()
+            .unwrap()
+            .service::<contracts::NotificationEvents>()
+            .unwrap()
+            .build();
+        Outbox::new(catalog)
+    }
+
+    fn outbox_cmd(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args(args)
+            .env("OUTBOX_CONFIG", &self.config)
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap()
+    }
+
+    /// Runs `outbox ARGS`, expecting success; its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.outbox_cmd(args);
+        assert!(
+            out.status.success(),
+            "outbox {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        serde_json::from_str(&self.ok(&all)).unwrap()
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// Writes 4 task events and 2 notification events, and kills three of them.
+async fn fill<DB: Backend>(s: &Setup, pool: &sqlx::Pool<DB>) -> Vec<(String, i64, String)> {
+    let outbox = s.outbox::<DB>();
+    let mut conn = pool.acquire().await.unwrap();
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        let e = outbox
+            .enqueue(&mut conn, &samples::urgency(n))
+            .await
+            .unwrap();
+        ids.push(("task".to_owned(), e.id, e.event_id));
+    }
+    for n in 0..2 {
+        let e = outbox
+            .enqueue(&mut conn, &samples::feishu(n))
+            .await
+            .unwrap();
+        ids.push(("notification".to_owned(), e.id, e.event_id));
+    }
+    for (i, reason) in [
+        (0, "invalid_payload"),
+        (1, "invalid_payload"),
+        (4, "unsupported_version"),
+    ] {
+        let (service, _, event_id) = &ids[i];
+        assert!(
+            outbox
+                .reject(
+                    &mut conn,
+                    service,
+                    event_id,
+                    reason,
+                    &format!("{reason}: sample")
+                )
+                .await
+                .unwrap()
+        );
+    }
+    ids
+}
+
+async fn lifecycle<DB: Backend>(s: Setup, pool: sqlx::Pool<DB>) {
+    // migrate: prints, then creates.
+    let sql = s.ok(&["migrate", "--print"]);
+    assert!(
+        sql.contains(&format!(
+            "CREATE TABLE IF NOT EXISTS c{}_task_outbox",
+            s.tag
+        )),
+        "{sql}"
+    );
+    assert!(s.ok(&["migrate"]).starts_with(&format!(
+        "migrated c{}_notification_outbox, c{}_task_outbox",
+        s.tag, s.tag
+    )));
+    s.ok(&["migrate"]);
+    let ids = fill(&s, &pool).await;
+
+    // status
+    let status = s.json(&["status"]);
+    let task = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["service"] == "task")
+        .unwrap();
+    assert_eq!(task["counts"]["pending"], 2);
+    assert_eq!(task["counts"]["dead"], 2);
+    assert_eq!(task["dead_by_reason"]["invalid_payload"], 2);
+    let table = s.ok(&["status"]);
+    assert!(
+        table.lines().next().unwrap().starts_with("service"),
+        "{table}"
+    );
+    assert!(table.contains("invalid_payload: 2"), "{table}");
+
+    // dead list with filters
+    let all = s.json(&["dead", "list"]);
+    assert_eq!(all.as_array().unwrap().len(), 3);
+    let by_reason = s.json(&["dead", "list", "--reason", "unsupported"]);
+    assert_eq!(by_reason[0]["service"], "notification");
+    let by_type = s.json(&[
+        "dead",
+        "list",
+        "--event-type",
+        "task.urgency.promote.requested",
+        "--to-id",
+        &ids[0].1.to_string(),
+    ]);
+    assert_eq!(by_type.as_array().unwrap().len(), 1);
+    assert!(
+        s.json(&["dead", "list", "--older-than", "1d"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    // dead show
+    let shown = s.json(&["dead", "show", "--service", "task", &ids[0].1.to_string()]);
+    assert_eq!(shown["event_id"], ids[0].2.as_str());
+    assert_eq!(shown["payload"]["user_id"], 1);
+
+    // replay: dry run changes nothing; then the task rows only.
+    let dry = s.json(&["dead", "replay", "--service", "task", "--dry-run"]);
+    assert_eq!(dry["would_change"], 2);
+    assert_eq!(s.json(&["dead", "list"]).as_array().unwrap().len(), 3);
+    assert_eq!(
+        s.json(&["dead", "replay", "--service", "task"])["replayed"],
+        2
+    );
+    let status = s.json(&["status"]);
+    let task = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["service"] == "task")
+        .unwrap();
+    assert_eq!(
+        (
+            task["counts"]["pending"].clone(),
+            task["counts"]["dead"].clone()
+        ),
+        (4.into(), 0.into())
+    );
+
+    // discard
+    assert_eq!(s.json(&["dead", "discard", "--dry-run"])["would_change"], 1);
+    assert_eq!(s.json(&["dead", "discard"])["discarded"], 1);
+    assert!(s.json(&["dead", "list"]).as_array().unwrap().is_empty());
+
+    let mut conn = pool.acquire().await.unwrap();
+    for service in ["task", "notification"] {
+        let sql = format!("DROP TABLE IF EXISTS c{}_{service}_outbox", s.tag);
+        DB::execute(&mut conn, &sql, Vec::new()).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn migrate_status_and_dead_letters_on_postgres() {
+    let s = Setup::new(PG);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .connect(&s.url)
+        .await
+        .expect("PostgreSQL is unreachable");
+    lifecycle::<Postgres>(s, pool).await;
+}
+
+#[tokio::test]
+async fn migrate_status_and_dead_letters_on_sqlite() {
+    let s = Setup::new("sqlite");
+    let path = s.url.trim_start_matches("sqlite://").to_owned();
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true);
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .connect_with(options)
+        .await
+        .unwrap();
+    lifecycle::<Sqlite>(s, pool).await;
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn failures_exit_non_zero_with_a_one_line_reason() {
+    let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args([
+            "status",
+            "--database-url",
+            "redis://localhost",
+            "--services",
+            "task",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("outbox: unsupported database URL"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["status", "--database-url", PG])
+        .env_remove("OUTBOX_SERVICES")
+        .env_remove("OUTBOX_CONFIG")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .starts_with("outbox: no services")
+    );
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let p = entry.unwrap().path();
+        let dest = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            std::fs::create_dir_all(&dest).unwrap();
+            copy_tree(&p, &dest);
+        } else {
+            std::fs::copy(&p, &dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn schema_check_passes_a_new_optional_field_and_fails_a_removed_one() {
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../contracts/schemas");
+    let head = std::env::temp_dir().join(format!("outbox-schemas-{:08x}", fastrand::u32(..)));
+    std::fs::create_dir_all(&head).unwrap();
+    copy_tree(&committed, &head);
+    let file = head.join("task.urgency.promote.requested/v1.json");
+    let mut schema: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    schema["properties"]["reason"] = serde_json::json!({ "type": "string" });
+    std::fs::write(&file, schema.to_string()).unwrap();
+    let check = |base: &Path, head: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args(["schema", "check", "--base"])
+            .arg(base)
+            .arg("--head")
+            .arg(head)
+            .output()
+            .unwrap()
+    };
+    let ok = check(&committed, &head);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(ok.stdout).unwrap(),
+        "compatible: no existing event version changed incompatibly\n"
+    );
+
+    schema["properties"]
+        .as_object_mut()
+        .unwrap()
+        .remove("task_ids");
+    std::fs::write(&file, schema.to_string()).unwrap();
+    let broken = check(&committed, &head);
+    assert!(!broken.status.success());
+    assert_eq!(
+        String::from_utf8(broken.stdout).unwrap(),
+        "BREAK task.urgency.promote.requested v1 at $.task_ids: field removed (or renamed)\n"
+    );
+    assert_eq!(
+        String::from_utf8(broken.stderr).unwrap(),
+        "outbox: 1 incompatible change(s); publish the new shape as a new version instead\n"
+    );
+    std::fs::remove_dir_all(&head).unwrap();
+}
+
+/// Reads the metrics endpoint.
+fn scrape(addr: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+#[tokio::test]
+async fn relay_daemon_publishes_serves_metrics_and_stops_on_sigterm() {
+    let s = Setup::new(PG);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .connect(&s.url)
+        .await
+        .expect("PostgreSQL is unreachable");
+    s.ok(&["migrate"]);
+    let outbox = s.outbox::<Postgres>();
+    let mut conn = pool.acquire().await.unwrap();
+    for n in 0..3 {
+        outbox
+            .enqueue(&mut conn, &samples::urgency(n))
+            .await
+            .unwrap();
+    }
+    let port = 20_000 + fastrand::u16(..20_000);
+    let addr = format!("127.0.0.1:{port}");
+    let brokers = std::env::var("OUTBOX_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["relay", "--brokers", &brokers, "--metrics-addr", &addr])
+        .env("OUTBOX_CONFIG", &s.config)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = s.json(&["status"]);
+        let task = status
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["service"] == "task")
+            .unwrap()
+            .clone();
+        if task["counts"]["published"] == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not publish: {task}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = scrape(&addr);
+    assert!(
+        metrics.contains("outbox_published_total{service=\"task\"} 3"),
+        "{metrics}"
+    );
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let exit = child.wait().unwrap();
+    assert!(
+        exit.success(),
+        "the daemon did not stop cleanly on SIGTERM: {exit}"
+    );
+    for service in ["task", "notification"] {
+        let sql = format!("DROP TABLE IF EXISTS c{}_{service}_outbox", s.tag);
+        Postgres::execute(&mut conn, &sql, Vec::new())
+            .await
+            .unwrap();
+    }
+}
