@@ -376,7 +376,7 @@ async fn status<DB: Backend>(
             .iter()
             .map(|(r, n)| format!("{r}: {n}"))
             .collect();
-        println!(
+        let line = format!(
             "{:<18} {:>8} {:>8} {:>10} {:>9} {:>6}  {:>11}  {}",
             s.service,
             s.counts[&Status::Pending],
@@ -387,6 +387,7 @@ async fn status<DB: Backend>(
             s.oldest_due_ms.map_or("-".to_owned(), age),
             reasons.join(", ")
         );
+        println!("{}", line.trim_end());
     }
     Ok(())
 }
@@ -546,7 +547,7 @@ fn print_rows(rows: &[OutboxRow], json_out: bool) -> Result<(), BoxError> {
     for r in rows {
         let err = r.last_error.as_deref().unwrap_or("");
         let err: String = err.chars().take(70).collect();
-        println!(
+        let line = format!(
             "{:<14} {:>6}  {:<32} {:>2}  {:<20} {err}",
             r.service,
             r.id,
@@ -554,6 +555,7 @@ fn print_rows(rows: &[OutboxRow], json_out: bool) -> Result<(), BoxError> {
             r.event_version,
             r.dead_reason.as_deref().unwrap_or("-")
         );
+        println!("{}", line.trim_end());
     }
     Ok(())
 }
