@@ -409,10 +409,15 @@ pub(crate) fn service<'a>(cx: &mut Ctxt, input: &'a DeriveInput) -> Option<Servi
             ident.span(),
         )
     });
+    // Without a service name the expansion stops at the errors, but still gets a name here so
+    // that the fallback can emit the handler trait.
+    let service = service
+        .get()
+        .unwrap_or_else(|| LitStr::new("", proc_macro2::Span::call_site()));
     Some(Service {
         ident,
         vis: &input.vis,
-        service: service.get()?,
+        service,
         table: table.get(),
         topic: topic.get(),
         group: group.get(),

@@ -287,11 +287,38 @@ fn from_impls(s: &Service<'_>) -> TokenStream {
     quote!(#(#impls)*)
 }
 
-/// After an error in the attributes, the handler trait alone, so that the user's
-/// `impl ...Handler for ...` still resolves and the real error stands alone.
+/// After an error in the attributes, the handler trait and a stub `OutboxService`, so that the
+/// user's `impl ...Handler for ...` and `.service::<Enum>()` still resolve and the real error
+/// stands alone.
 fn fallback(s: &Service<'_>, input: &DeriveInput) -> TokenStream {
     if !matches!(input.data, Data::Enum(_)) {
         return TokenStream::new();
     }
-    handler_trait(s)
+    let ident = s.ident;
+    let handler = handler_trait(s);
+    quote! {
+        #handler
+        #[automatically_derived]
+        impl ::outbox_runtime::OutboxService for #ident {
+            const SERVICE: &'static str = "";
+            const ROUTE: ::outbox_runtime::route::RouteSpec = ::outbox_runtime::route::RouteSpec {
+                service: "",
+                table: ::core::option::Option::None,
+                topic: ::core::option::Option::None,
+                group: ::core::option::Option::None,
+            };
+            const EVENTS: &'static [::outbox_runtime::route::EventSpec] = &[];
+            const DECODE: &'static [::outbox_runtime::service::Decoder<Self>] = &[];
+            const ENCODE: &'static [::outbox_runtime::service::Encoder<Self>] = &[];
+            fn variant_index(&self) -> usize {
+                ::core::unimplemented!("the derive failed")
+            }
+            fn message_key(&self) -> ::core::option::Option<::std::string::String> {
+                ::core::option::Option::None
+            }
+            fn aggregate_id(&self) -> ::core::option::Option<::std::string::String> {
+                ::core::option::Option::None
+            }
+        }
+    }
 }
