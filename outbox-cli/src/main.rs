@@ -409,6 +409,9 @@ async fn matching<DB: Backend>(
         None => services.iter().collect(),
     };
     for service in targets {
+        if out.len() >= f.limit {
+            break;
+        }
         let mut after = f.from_id.map_or(0, |id| id - 1);
         'pages: loop {
             let page = outbox.list_dead(conn, service, after, 500).await?;

@@ -155,6 +155,7 @@ enum Outcome {
     Skipped,
     Dead(&'static str),
     Retrying,
+    RetryInPlace,
 }
 
 impl<DB, S, H> Consumer<DB, S, H>
@@ -247,8 +248,19 @@ where
             let (inner, consumer, shutdown) =
                 (self.inner.clone(), consumer.clone(), shutdown.clone());
             tasks.spawn(async move {
+                // Partitions with a message left unsettled (the consumer stopped while the
+                // database was failing): no later offset of theirs may be stored, or the commit
+                // would skip that message.
+                let mut unsettled = std::collections::HashSet::new();
                 while let Some(msg) = rx.recv().await {
-                    Inner::<DB, H>::handle::<S>(&inner, &msg, &shutdown).await;
+                    let partition = (msg.topic().to_owned(), msg.partition());
+                    if unsettled.contains(&partition) {
+                        continue;
+                    }
+                    if !Inner::<DB, H>::handle::<S>(&inner, &msg, &shutdown).await {
+                        unsettled.insert(partition);
+                        continue;
+                    }
                     if let Err(e) =
                         consumer.store_offset(msg.topic(), msg.partition(), msg.offset())
                     {
@@ -286,7 +298,8 @@ where
 }
 
 impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
-    async fn handle<S>(self: &Arc<Self>, msg: &OwnedMessage, shutdown: &Shutdown)
+    /// Handles one message; false when it was left unsettled (its offset must not be stored).
+    async fn handle<S>(self: &Arc<Self>, msg: &OwnedMessage, shutdown: &Shutdown) -> bool
     where
         S: OutboxService + Dispatch<H, Context<DB>>,
     {
@@ -294,7 +307,7 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
         let Some(value) = msg.payload() else {
             self.dead_letter(msg, "undecodable_envelope", "the message has no value")
                 .await;
-            return;
+            return true;
         };
         let env = match envelope::decode(value) {
             Ok(env) => env,
@@ -302,7 +315,7 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
                 tracing::warn!(service, error = %e, "dead-lettering a message that is not an envelope");
                 self.dead_letter(msg, "undecodable_envelope", &e.to_string())
                     .await;
-                return;
+                return true;
             }
         };
         // Another service's event on this topic: not ours to touch (the Go system's service
@@ -315,7 +328,7 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
         });
         if owner.as_deref().is_some_and(|o| o != service) {
             tracing::debug!(service, event_type = %env.event_type, "skipping another service's event");
-            return;
+            return true;
         }
         let trace = trace_of(msg);
         let span = tracing::info_span!(
@@ -345,15 +358,25 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
                             self.dead_letter(msg, reason, "").await;
                         }
                         Outcome::Skipped => {}
+                        // Nothing in this database can schedule a retry (inbox mode): try again
+                        // here, keeping the offset.
+                        Outcome::RetryInPlace => {
+                            if shutdown.is_triggered() {
+                                return false;
+                            }
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                            continue;
+                        }
                     }
-                    return;
+                    return true;
                 }
                 // The database failed: try again, keeping the offset, until it works or the
                 // consumer stops (then Kafka redelivers the message later).
                 Err(e) => {
                     tracing::warn!(service, event_id = %env.event_id, error = %e, "consume failed; retrying");
                     if shutdown.is_triggered() {
-                        return;
+                        return false;
                     }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
@@ -395,10 +418,14 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
                     .lock_row(&mut tx, service, &env.event_id)
                     .await?
                 else {
+                    tx.rollback().await?;
                     tracing::warn!(service, event_id = %env.event_id, "no outbox row for this event; skipping");
                     return Ok(Outcome::Skipped);
                 };
-                if row.status.is_final() {
+                // Settled, not final: a row dead only because its lease ran out on the last
+                // attempt may have been published, and this is its message.
+                if row.is_settled() {
+                    tx.rollback().await?;
                     return Ok(Outcome::Skipped);
                 }
                 attempts = row.attempts;
@@ -410,6 +437,7 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
                     .record_inbox(&mut tx, &self.route.group, &env.event_id)
                     .await?
                 {
+                    tx.rollback().await?;
                     return Ok(Outcome::Skipped);
                 }
             }
@@ -462,6 +490,9 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
                     return Ok(Outcome::Dead("handler_rejected"));
                 }
                 tracing::warn!(service, event_id = %env.event_id, %error, "handler failed");
+                if self.config.dedupe == Dedupe::Inbox {
+                    return Ok(Outcome::RetryInPlace);
+                }
                 match self
                     .outbox
                     .consume_failed(&mut conn, service, &env.event_id, &error)

@@ -1,0 +1,651 @@
+//! Throughput and latency of each stage, against the limits of the database and the broker, and
+//! against the Go system's algorithm, in one run.
+//!
+//! `cargo run --release -p examples --example bench -- [--backend postgres|mysql|sqlite]
+//!  [--database-url URL] [--brokers HOSTS] [--events N] [--writers C] [--json]`
+//!
+//! Without `--brokers` it uses rdkafka's in-process mock cluster. Scenarios:
+//! - `raw_produce`: the producer alone, envelope-sized messages: the broker's limit;
+//! - `raw_insert`: single-row insert transactions from C writers: the database's limit;
+//! - `enqueue`: a business row plus one event per transaction, C writers;
+//! - `relay`: a backlog of N published by one relay;
+//! - `e2e`: writers at full speed with a relay and a consumer running: consumed per second and
+//!   enqueue-to-consumed latency;
+//! - `seed_mode`: the same end to end with the Go system's algorithm (one row at a time: select
+//!   due, synchronous produce, update; one consumer transaction per message).
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use contracts::task::TaskUrgencyPromoteRequested;
+use contracts::{TaskEvents, TaskEventsHandler, samples};
+use outbox_runtime::bus::{KafkaBus, KafkaConfig, Outgoing};
+use outbox_runtime::consumer::{ConsumerConfig, Context};
+use outbox_runtime::envelope::{self, VersionFormat};
+use outbox_runtime::relay::{Relay, RelayConfig, Shutdown};
+use outbox_runtime::route::RouteOverride;
+use outbox_runtime::runtime::Runtime;
+use outbox_runtime::sqlx::{self, Pool};
+use outbox_runtime::store::{Arg, Backend};
+use outbox_runtime::{Catalog, HandlerError, Outbox, RouteConfig, Status};
+use rdkafka::Message as _;
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Mock = rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+
+struct Options {
+    backend: String,
+    url: Option<String>,
+    brokers: Option<String>,
+    events: usize,
+    writers: usize,
+    json: bool,
+}
+
+/// One result line.
+struct Row {
+    scenario: &'static str,
+    events_per_sec: f64,
+    latencies_ms: Vec<f64>,
+}
+
+fn options() -> Result<Options, BoxError> {
+    let mut o = Options {
+        backend: "sqlite".into(),
+        url: None,
+        brokers: None,
+        events: 5000,
+        writers: 4,
+        json: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--backend" => o.backend = value()?,
+            "--database-url" => o.url = Some(value()?),
+            "--brokers" => o.brokers = Some(value()?),
+            "--events" => o.events = value()?.parse()?,
+            "--writers" => o.writers = value()?.parse()?,
+            "--json" => o.json = true,
+            other => return Err(format!("unknown option `{other}`").into()),
+        }
+    }
+    Ok(o)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let o = options()?;
+    let mock = match &o.brokers {
+        Some(_) => None,
+        None => Some(Mock::new(1)?),
+    };
+    let brokers = match (&o.brokers, &mock) {
+        (Some(b), _) => b.clone(),
+        (None, Some(m)) => m.bootstrap_servers(),
+        (None, None) => unreachable!("a mock cluster is made when no brokers are given"),
+    };
+    let rows = match o.backend.as_str() {
+        "postgres" => {
+            let url = o
+                .url
+                .clone()
+                .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into());
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(16)
+                .connect(&url)
+                .await?;
+            run(pool, &brokers, mock.as_ref(), &o).await?
+        }
+        "mysql" => {
+            let url = o
+                .url
+                .clone()
+                .unwrap_or_else(|| "mysql://root@127.0.0.1:3306/test".into());
+            let pool = sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(16)
+                .connect(&url)
+                .await?;
+            run(pool, &brokers, mock.as_ref(), &o).await?
+        }
+        "sqlite" => {
+            let path = std::env::temp_dir().join(format!("outbox-bench-{}.db", std::process::id()));
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true)
+                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(30));
+            let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                .max_connections(8)
+                .connect_with(options)
+                .await?;
+            let rows = run(pool, &brokers, mock.as_ref(), &o).await;
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+            }
+            rows?
+        }
+        other => return Err(format!("unknown backend `{other}`").into()),
+    };
+    print(&o, &rows);
+    Ok(())
+}
+
+fn pct(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
+        .copied()
+}
+
+fn print(o: &Options, rows: &[Row]) {
+    let rss = peak_rss_mb();
+    if !o.json {
+        println!(
+            "backend {}, {} events, {} writers, brokers {}",
+            o.backend,
+            o.events,
+            o.writers,
+            o.brokers.as_deref().unwrap_or("mock cluster")
+        );
+        println!(
+            "{:<12} {:>12} {:>9} {:>9} {:>9}",
+            "scenario", "events/s", "p50 ms", "p99 ms", "max ms"
+        );
+    }
+    for r in rows {
+        let mut l = r.latencies_ms.clone();
+        l.sort_by(f64::total_cmp);
+        if o.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "scenario": r.scenario, "backend": o.backend, "events_per_sec": r.events_per_sec.round(),
+                    "p50_ms": pct(&l, 0.5), "p99_ms": pct(&l, 0.99), "max_ms": l.last(), "peak_rss_mb": rss,
+                })
+            );
+        } else {
+            let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+            println!(
+                "{:<12} {:>12.0} {:>9} {:>9} {:>9}",
+                r.scenario,
+                r.events_per_sec,
+                f(pct(&l, 0.5)),
+                f(pct(&l, 0.99)),
+                f(l.last().copied())
+            );
+        }
+    }
+    if !o.json {
+        println!("peak RSS of this process: {rss:.0} MB");
+    }
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+struct Counter;
+
+impl<DB: Backend> TaskEventsHandler<Context<DB>> for Counter {
+    async fn task_urgency_promote_requested(
+        &self,
+        _: &mut Context<DB>,
+        _: TaskUrgencyPromoteRequested,
+    ) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+/// A fresh outbox with its own table and topic for one scenario.
+async fn fresh<DB: Backend>(
+    pool: &Pool<DB>,
+    name: &str,
+    mock: Option<&Mock>,
+    bus: &KafkaBus,
+) -> Result<Outbox<DB>, BoxError> {
+    let tag = format!("{name}{:06x}", fastrand::u32(..1 << 24));
+    let routes = RouteConfig::new()
+        .prefix(&format!("bench-{tag}"))?
+        .override_service(
+            "task",
+            RouteOverride {
+                table: Some(format!("b{tag}_outbox")),
+                ..RouteOverride::default()
+            },
+        )?;
+    let outbox = Outbox::<DB>::new(Catalog::builder(routes).service::<TaskEvents>()?.build());
+    let mut conn = pool.acquire().await?;
+    outbox.migrate(&mut conn).await?;
+    let topic = outbox
+        .catalog()
+        .service("task")
+        .map(|r| r.topic.clone())
+        .ok_or("no route")?;
+    match mock {
+        Some(mock) => mock.create_topic(&topic, 3, 1)?,
+        None => bus.ensure_topics(&[topic]).await?,
+    }
+    Ok(outbox)
+}
+
+async fn drop_table<DB: Backend>(pool: &Pool<DB>, outbox: &Outbox<DB>) -> Result<(), BoxError> {
+    let mut conn = pool.acquire().await?;
+    for r in outbox.catalog().services() {
+        DB::execute(
+            &mut conn,
+            &format!("DROP TABLE IF EXISTS {}", r.table),
+            Vec::new(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+fn event(n: u64) -> TaskUrgencyPromoteRequested {
+    let mut e = samples::urgency(n);
+    e.user_id = 1 + n % 1000;
+    e
+}
+
+async fn run<DB: Backend>(
+    pool: Pool<DB>,
+    brokers: &str,
+    mock: Option<&Mock>,
+    o: &Options,
+) -> Result<Vec<Row>, BoxError> {
+    let mut rows = Vec::new();
+    let n = o.events;
+    let bus = Arc::new(KafkaBus::new(KafkaConfig::new(brokers))?);
+
+    // raw_produce
+    {
+        let outbox = fresh(&pool, "p", mock, &bus).await?;
+        let route = outbox
+            .catalog()
+            .service("task")
+            .cloned()
+            .ok_or("no route")?;
+        let value = envelope_sized();
+        let started = Instant::now();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+            let records: Vec<Outgoing> = chunk
+                .iter()
+                .map(|i| Outgoing {
+                    topic: route.topic.clone(),
+                    key: Some((i % 1000).to_string()),
+                    value: value.clone(),
+                    headers: Vec::new(),
+                })
+                .collect();
+            for r in bus.send_all(&records).await {
+                r?;
+            }
+        }
+        rows.push(Row {
+            scenario: "raw_produce",
+            events_per_sec: n as f64 / started.elapsed().as_secs_f64(),
+            latencies_ms: Vec::new(),
+        });
+        drop_table(&pool, &outbox).await?;
+    }
+
+    // raw_insert and enqueue
+    for (scenario, with_outbox) in [("raw_insert", false), ("enqueue", true)] {
+        let outbox = fresh(&pool, "i", mock, &bus).await?;
+        let table = format!(
+            "{}_biz",
+            outbox
+                .catalog()
+                .service("task")
+                .map(|r| r.table.clone())
+                .unwrap_or_default()
+        );
+        {
+            let mut conn = pool.acquire().await?;
+            DB::execute(
+                &mut conn,
+                &format!(
+                    "CREATE TABLE {table} (id BIGINT PRIMARY KEY, payload VARCHAR(700) NOT NULL)"
+                ),
+                Vec::new(),
+            )
+            .await?;
+        }
+        let insert = DB::dialect_sql(&format!(
+            "INSERT INTO {table} (id, payload) VALUES ($1, $2)"
+        ))
+        .into_owned();
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..o.writers {
+            let (pool, outbox, insert) = (pool.clone(), outbox.clone(), insert.clone());
+            let per = n / o.writers;
+            tasks.spawn(async move {
+                let mut lat = Vec::with_capacity(per);
+                let payload = String::from_utf8(envelope_sized()).unwrap_or_default();
+                for i in 0..per {
+                    let id = (w * per + i) as i64;
+                    let t = Instant::now();
+                    let mut tx = pool.begin().await?;
+                    DB::execute(
+                        &mut tx,
+                        &insert,
+                        vec![Arg::I64(id), Arg::Str(payload.clone())],
+                    )
+                    .await?;
+                    if with_outbox {
+                        outbox.enqueue(&mut *tx, &event(id as u64)).await?;
+                    }
+                    tx.commit().await?;
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+                Ok::<_, BoxError>(lat)
+            });
+        }
+        let mut lat = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            lat.extend(done??);
+        }
+        rows.push(Row {
+            scenario,
+            events_per_sec: lat.len() as f64 / started.elapsed().as_secs_f64(),
+            latencies_ms: lat,
+        });
+        let mut conn = pool.acquire().await?;
+        DB::execute(&mut conn, &format!("DROP TABLE {table}"), Vec::new()).await?;
+        drop(conn);
+        drop_table(&pool, &outbox).await?;
+    }
+
+    // relay: a pre-filled backlog.
+    {
+        let outbox = fresh(&pool, "r", mock, &bus).await?;
+        let events: Vec<_> = (0..n as u64).map(event).collect();
+        for chunk in events.chunks(500) {
+            let mut tx = pool.begin().await?;
+            outbox.enqueue_all(&mut *tx, chunk).await?;
+            tx.commit().await?;
+        }
+        let (trigger, shutdown) = Shutdown::new();
+        let relay = Relay::new(
+            outbox.clone(),
+            pool.clone(),
+            bus.clone(),
+            RelayConfig::default(),
+        );
+        let started = Instant::now();
+        let task = tokio::spawn(relay.run(shutdown));
+        wait_for(&pool, &outbox, Status::Published, n).await?;
+        let secs = started.elapsed().as_secs_f64();
+        trigger.trigger();
+        task.await??;
+        rows.push(Row {
+            scenario: "relay",
+            events_per_sec: n as f64 / secs,
+            latencies_ms: Vec::new(),
+        });
+        drop_table(&pool, &outbox).await?;
+    }
+
+    // e2e
+    {
+        let outbox = fresh(&pool, "e", mock, &bus).await?;
+        let mut builder =
+            Runtime::builder(outbox.clone(), pool.clone(), KafkaConfig::new(brokers))?
+                .relay(RelayConfig {
+                    poll_interval: Duration::from_millis(50),
+                    ..RelayConfig::default()
+                })
+                .consumer::<TaskEvents, _>(Counter, ConsumerConfig::default())?;
+        if mock.is_some() {
+            builder = builder.skip_topic_creation();
+        }
+        let running = builder.start().await?;
+        if !running.ready(Duration::from_secs(60)).await {
+            return Err("the consumer did not join its group".into());
+        }
+        let started = Instant::now();
+        write_events(&pool, &outbox, n, o.writers).await?;
+        wait_for(&pool, &outbox, Status::Consumed, n).await?;
+        let secs = started.elapsed().as_secs_f64();
+        running.shutdown().await?;
+        let lat = latencies(&pool, &outbox).await?;
+        rows.push(Row {
+            scenario: "e2e",
+            events_per_sec: n as f64 / secs,
+            latencies_ms: lat,
+        });
+        drop_table(&pool, &outbox).await?;
+    }
+
+    // seed_mode: the Go algorithm.
+    {
+        let outbox = fresh(&pool, "s", mock, &bus).await?;
+        let route = outbox
+            .catalog()
+            .service("task")
+            .cloned()
+            .ok_or("no route")?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let relay = tokio::spawn(seed_relay(
+            pool.clone(),
+            route.table.clone(),
+            bus.clone(),
+            stop.clone(),
+        ));
+        let consumer = tokio::spawn(seed_consumer(
+            pool.clone(),
+            route.clone(),
+            brokers.to_owned(),
+            outbox.clone(),
+            stop.clone(),
+        ));
+        tokio::time::sleep(Duration::from_secs(3)).await; // let the consumer join
+        let started = Instant::now();
+        write_events(&pool, &outbox, n, o.writers).await?;
+        wait_for(&pool, &outbox, Status::Consumed, n).await?;
+        let secs = started.elapsed().as_secs_f64();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        relay.await??;
+        consumer.await??;
+        let lat = latencies(&pool, &outbox).await?;
+        rows.push(Row {
+            scenario: "seed_mode",
+            events_per_sec: n as f64 / secs,
+            latencies_ms: lat,
+        });
+        drop_table(&pool, &outbox).await?;
+    }
+    Ok(rows)
+}
+
+fn envelope_sized() -> Vec<u8> {
+    let mut v = br#"{"outbox_id":1,"event_id":"0190c3c0-0000-7000-8000-000000000001","event_type":"task.urgency.promote.requested","event_version":"1","service_name":"task","aggregate_id":"7","payload":"#.to_vec();
+    v.extend_from_slice(
+        format!(
+            "{{\"user_id\":7,\"task_ids\":[1,2,3],\"pad\":\"{}\"}}}}",
+            "x".repeat(300)
+        )
+        .as_bytes(),
+    );
+    v
+}
+
+async fn write_events<DB: Backend>(
+    pool: &Pool<DB>,
+    outbox: &Outbox<DB>,
+    n: usize,
+    writers: usize,
+) -> Result<(), BoxError> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
+        let (pool, outbox) = (pool.clone(), outbox.clone());
+        let per = n / writers + usize::from(w < n % writers);
+        let base = w * (n / writers + 1);
+        tasks.spawn(async move {
+            for i in 0..per {
+                let mut tx = pool.begin().await?;
+                outbox.enqueue(&mut *tx, &event((base + i) as u64)).await?;
+                tx.commit().await?;
+            }
+            Ok::<_, BoxError>(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+async fn wait_for<DB: Backend>(
+    pool: &Pool<DB>,
+    outbox: &Outbox<DB>,
+    status: Status,
+    n: usize,
+) -> Result<(), BoxError> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let mut conn = pool.acquire().await?;
+        let stats = outbox.stats(&mut conn).await?;
+        let done: i64 = stats
+            .iter()
+            .map(|s| {
+                s.counts[&status]
+                    + if status == Status::Published {
+                        s.counts[&Status::Consumed]
+                    } else {
+                        0
+                    }
+            })
+            .sum();
+        if done as usize >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("only {done} of {n} events reached {status}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn latencies<DB: Backend>(
+    pool: &Pool<DB>,
+    outbox: &Outbox<DB>,
+) -> Result<Vec<f64>, BoxError> {
+    let table = outbox
+        .catalog()
+        .service("task")
+        .map(|r| r.table.clone())
+        .unwrap_or_default();
+    let mut conn = pool.acquire().await?;
+    Ok(DB::fetch_ints(
+        &mut conn,
+        &format!("SELECT consumed_at - created_at FROM {table} WHERE status = 'consumed'"),
+        Vec::new(),
+    )
+    .await?
+    .into_iter()
+    .flatten()
+    .map(|ms| ms as f64)
+    .collect())
+}
+
+/// The Go relay (seed §4): every tick, select up to 100 due rows, and for each: build the
+/// envelope, produce synchronously, mark published.
+async fn seed_relay<DB: Backend>(
+    pool: Pool<DB>,
+    table: String,
+    bus: Arc<KafkaBus>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), BoxError> {
+    let select = format!("SELECT id FROM {table} WHERE status = 'pending' ORDER BY id LIMIT 100");
+    let get = DB::dialect_sql(&format!(
+        "SELECT id, event_id, event_type, event_version, service_name, topic, message_key, aggregate_id, payload, headers, status, attempts, max_attempts, next_attempt_at, lease_owner, lease_until, last_error, dead_reason, published_at, consumed_at, created_at, updated_at FROM {table} WHERE id = $1"
+    ))
+    .into_owned();
+    let mark = DB::dialect_sql(&format!("UPDATE {table} SET status = 'published', published_at = $1 WHERE id = $2 AND status = 'pending'")).into_owned();
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let mut conn = pool.acquire().await?;
+        let ids: Vec<i64> = DB::fetch_ints(&mut conn, &select, Vec::new())
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        if ids.is_empty() {
+            drop(conn);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        for id in ids {
+            let Some(row) = DB::fetch_rows(&mut conn, &get, vec![Arg::I64(id)])
+                .await?
+                .into_iter()
+                .next()
+            else {
+                continue;
+            };
+            let record = Outgoing {
+                topic: row.topic.clone(),
+                key: row.message_key.clone(),
+                value: envelope::encode(&row, VersionFormat::Number)?,
+                headers: Vec::new(),
+            };
+            bus.send(&record).await?;
+            let now = outbox_runtime::store::Clock::now_ms(&outbox_runtime::store::SystemClock);
+            DB::execute(&mut conn, &mark, vec![Arg::I64(now), Arg::I64(id)]).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The Go consumer (seed §5): one message at a time, one transaction each (lock the row, mark
+/// consumed), then a synchronous offset commit.
+async fn seed_consumer<DB: Backend>(
+    pool: Pool<DB>,
+    route: outbox_runtime::ServiceRoute,
+    brokers: String,
+    outbox: Outbox<DB>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), BoxError> {
+    let mut config = rdkafka::ClientConfig::new();
+    config
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", format!("{}-seed", route.group))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest");
+    let consumer: StreamConsumer = config.create()?;
+    consumer.subscribe(&[&route.topic])?;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let msg = match tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await {
+            Err(_) => continue,
+            Ok(Err(_)) => {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                continue;
+            }
+            Ok(Ok(m)) => m,
+        };
+        let env = envelope::decode(msg.payload().unwrap_or_default())?;
+        let mut conn = pool.acquire().await?;
+        outbox
+            .consume(&mut conn, &route.service, &env.event_id, async |_| {
+                Ok::<_, std::io::Error>(())
+            })
+            .await?;
+        consumer.commit_message(&msg, CommitMode::Sync)?;
+    }
+    Ok(())
+}
