@@ -222,6 +222,9 @@ where
                     ("auto.commit.interval.ms", "500"),
                     ("enable.auto.offset.store", "false"),
                     ("auto.offset.reset", "earliest"),
+                    // An outbox consumer favours latency: some Kafka-protocol brokers (tansu)
+                    // hold a fetch for the whole wait even when data is there.
+                    ("fetch.wait.max.ms", "100"),
                 ])
                 .create()?,
         );
