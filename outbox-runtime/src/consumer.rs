@@ -230,10 +230,11 @@ where
         );
         consumer.subscribe(&[&self.inner.route.topic])?;
         if let Some(ready) = ready {
-            let consumer = consumer.clone();
+            let (consumer, shutdown) = (consumer.clone(), shutdown.clone());
             tokio::spawn(async move {
-                // Joining a group takes a rebalance; poll until partitions arrive.
-                loop {
+                // Joining a group takes a rebalance; poll until partitions arrive (or the
+                // consumer stops first).
+                while !shutdown.is_triggered() {
                     if consumer.assignment().is_ok_and(|a| a.count() > 0) {
                         ready.arrive();
                         return;
