@@ -156,12 +156,6 @@ impl OutboxRow {
     }
 }
 
-impl Lock {
-    fn settled(&self) -> bool {
-        self.settled
-    }
-}
-
 /// The columns of [`OutboxRow`], in its field order.
 pub(crate) const COLUMNS: [&str; 22] = [
     "id",
@@ -948,16 +942,12 @@ impl<DB: Backend> Outbox<DB> {
             tx.rollback().await.map_err(Error::from)?;
             return Ok(Consumed::Missing);
         };
-        if lock.settled() {
+        if lock.is_settled() {
             tx.rollback().await.map_err(Error::from)?;
             return Ok(Consumed::Skipped(lock.status));
         }
         let out = apply(&mut tx).await.map_err(ConsumeError::Handler)?;
-        let now = self.now_ms();
-        let args = vec![Arg::I64(now), Arg::I64(now), Arg::I64(lock.id)];
-        DB::execute(&mut tx, table.get("mark_consumed"), args)
-            .await
-            .map_err(Error::from)?;
+        self.mark_consumed(&mut tx, service, lock.id).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Consumed::Applied(out))
     }
@@ -1079,14 +1069,7 @@ impl<DB: Backend> Outbox<DB> {
         service: &str,
         event_id: &str,
     ) -> Result<Option<OutboxRow>, Error> {
-        let table = self.table(service)?;
-        let rows = DB::fetch_rows(
-            conn,
-            table.get("get_for_update"),
-            vec![Arg::Str(event_id.to_owned())],
-        )
-        .await?;
-        Ok(rows.into_iter().next())
+        self.lock(self.table(service)?, conn, event_id).await
     }
 
     /// Marks a locked, open row consumed in the caller's transaction; false when it was final.
@@ -1120,25 +1103,16 @@ impl<DB: Backend> Outbox<DB> {
         Ok(DB::execute(conn, self.inbox_sql("inbox_insert"), args).await? == 1)
     }
 
+    /// The row of `event_id` in `table`, locked until the caller's transaction ends.
     async fn lock(
         &self,
         table: &TableSql,
         conn: &mut DB::Connection,
         event_id: &str,
-    ) -> Result<Option<Lock>, Error> {
-        let rows = DB::fetch_rows(
-            conn,
-            table.get("get_for_update"),
-            vec![Arg::Str(event_id.to_owned())],
-        )
-        .await?;
-        Ok(rows.into_iter().next().map(|r| Lock {
-            id: r.id,
-            settled: r.is_settled(),
-            status: r.status,
-            attempts: r.attempts,
-            max_attempts: r.max_attempts,
-        }))
+    ) -> Result<Option<OutboxRow>, Error> {
+        let args = vec![Arg::Str(event_id.to_owned())];
+        let rows = DB::fetch_rows(conn, table.get("get_for_update"), args).await?;
+        Ok(rows.into_iter().next())
     }
 
     /// Sends dead rows back to pending with their attempts reset. Returns how many changed
@@ -1309,14 +1283,6 @@ struct Prepared {
     aggregate: Option<String>,
     payload: String,
     headers: String,
-}
-
-struct Lock {
-    id: i64,
-    settled: bool,
-    status: Status,
-    attempts: i32,
-    max_attempts: i32,
 }
 
 #[cfg(test)]

@@ -10,6 +10,21 @@ use sqlx::{Connection as _, MySql, MySqlConnection};
 
 use super::{Arg, Backend, ClaimArgs, OutboxRow, TableSql, private};
 
+/// Awaits `$run` (a whole transaction) again when InnoDB picked it as a deadlock victim, up to
+/// `DEADLOCK_RETRIES` times. A macro rather than a function: each try borrows the connection
+/// anew.
+macro_rules! retrying {
+    ($run:expr) => {{
+        let mut tries = 0;
+        loop {
+            match $run.await {
+                Err(e) if is_deadlock(&e) && tries < DEADLOCK_RETRIES => tries += 1,
+                other => break other,
+            }
+        }
+    }};
+}
+
 impl private::Sealed for MySql {}
 
 impl Backend for MySql {
@@ -47,16 +62,7 @@ impl Backend for MySql {
                 .collect();
         let mut changed = 0;
         for chunk in ids.chunks(1000) {
-            let mut tries = 0;
-            loop {
-                match expire_chunk(sql, conn, now, chunk).await {
-                    Err(e) if is_deadlock(&e) && tries < DEADLOCK_RETRIES => tries += 1,
-                    other => {
-                        changed += other?;
-                        break;
-                    }
-                }
-            }
+            changed += retrying!(expire_chunk(sql, conn, now, chunk))?;
         }
         Ok(changed)
     }
@@ -74,13 +80,7 @@ impl Backend for MySql {
         owner: &str,
         ids: &[i64],
     ) -> Result<u64, sqlx::Error> {
-        let mut tries = 0;
-        loop {
-            match mark_published_once(sql, conn, now, owner, ids).await {
-                Err(e) if is_deadlock(&e) && tries < DEADLOCK_RETRIES => tries += 1,
-                other => return other,
-            }
-        }
+        retrying!(mark_published_once(sql, conn, now, owner, ids))
     }
 
     async fn claim(
@@ -88,13 +88,7 @@ impl Backend for MySql {
         conn: &mut MySqlConnection,
         c: ClaimArgs,
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-        let mut tries = 0;
-        loop {
-            match claim_once(sql, conn, c.clone()).await {
-                Err(e) if is_deadlock(&e) && tries < DEADLOCK_RETRIES => tries += 1,
-                other => return other,
-            }
-        }
+        retrying!(claim_once(sql, conn, c.clone()))
     }
 }
 
