@@ -33,7 +33,7 @@ use rdkafka::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type Mock = rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+use examples::Mock;
 
 struct Options {
     backend: String,
@@ -79,15 +79,7 @@ fn options() -> Result<Options, BoxError> {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let o = options()?;
-    let mock = match &o.brokers {
-        Some(_) => None,
-        None => Some(Mock::new(1)?),
-    };
-    let brokers = match (&o.brokers, &mock) {
-        (Some(b), _) => b.clone(),
-        (None, Some(m)) => m.bootstrap_servers(),
-        (None, None) => unreachable!("a mock cluster is made when no brokers are given"),
-    };
+    let (brokers, mock) = examples::brokers(o.brokers.as_deref())?;
     let rows = match o.backend.as_str() {
         "postgres" => {
             let url = o
@@ -113,20 +105,10 @@ async fn main() -> Result<(), BoxError> {
         }
         "sqlite" => {
             let path = std::env::temp_dir().join(format!("outbox-bench-{}.db", std::process::id()));
-            let options = sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(&path)
-                .create_if_missing(true)
-                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
-                .busy_timeout(Duration::from_secs(30));
-            let pool = sqlx::sqlite::SqlitePoolOptions::new()
-                .max_connections(8)
-                .connect_with(options)
-                .await?;
+            let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&path);
+            let pool = examples::sqlite_pool(options).await?;
             let rows = run(pool, &brokers, mock.as_ref(), &o).await;
-            for suffix in ["", "-wal", "-shm"] {
-                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-            }
+            examples::remove_sqlite(&path);
             rows?
         }
         other => return Err(format!("unknown backend `{other}`").into()),

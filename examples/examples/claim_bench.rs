@@ -58,23 +58,11 @@ async fn main() -> Result<(), BoxError> {
                 run("mysql", pool, rows).await?;
             }
             "sqlite" => {
-                use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
                 let path =
                     std::env::temp_dir().join(format!("outbox-bench-{}.db", std::process::id()));
-                let options = SqliteConnectOptions::new()
-                    .filename(&path)
-                    .create_if_missing(true)
-                    .journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
-                    .busy_timeout(Duration::from_secs(30));
-                let pool = SqlitePoolOptions::new()
-                    .max_connections(8)
-                    .connect_with(options)
-                    .await?;
-                run("sqlite", pool, rows).await?;
-                for suffix in ["", "-wal", "-shm"] {
-                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-                }
+                let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&path);
+                run("sqlite", examples::sqlite_pool(options).await?, rows).await?;
+                examples::remove_sqlite(&path);
             }
             other => return Err(format!("unknown backend `{other}`").into()),
         }

@@ -152,21 +152,15 @@ fn options() -> Result<Options, BoxError> {
 async fn main() -> Result<(), BoxError> {
     let o = options()?;
     // The mock cluster lives as long as this binding.
-    let mock = match &o.brokers {
-        Some(_) => None,
-        None => Some(Mock::new(1)?),
-    };
-    let brokers = match (&o.brokers, &mock) {
-        (Some(b), _) => b.clone(),
-        (None, Some(m)) => m.bootstrap_servers(),
-        (None, None) => unreachable!("a mock cluster is made when no brokers are given"),
-    };
+    let (brokers, mock) = examples::brokers(o.brokers.as_deref())?;
     let mock = mock.as_ref();
-    let url = o.database_url.clone().unwrap_or_else(|| {
-        let path =
-            std::env::temp_dir().join(format!("outbox-quickstart-{}.db", std::process::id()));
-        format!("sqlite://{}?mode=rwc", path.display())
-    });
+    // The embedded default: a SQLite file, removed at the end.
+    let default_db =
+        std::env::temp_dir().join(format!("outbox-quickstart-{}.db", std::process::id()));
+    let url = o
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", default_db.display()));
     println!(
         "outbox quickstart: {} events, database {url}, brokers {brokers}",
         o.events
@@ -185,22 +179,11 @@ async fn main() -> Result<(), BoxError> {
         run(pool, &brokers, mock, o.events).await
     } else if url.starts_with("sqlite") {
         use std::str::FromStr;
-        let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url)?
-            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(30));
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
-            .await?;
+        let pool =
+            examples::sqlite_pool(sqlx::sqlite::SqliteConnectOptions::from_str(&url)?).await?;
         let result = run(pool, &brokers, mock, o.events).await;
         if o.database_url.is_none() {
-            let path = url
-                .trim_start_matches("sqlite://")
-                .trim_end_matches("?mode=rwc");
-            for suffix in ["", "-wal", "-shm"] {
-                let _ = std::fs::remove_file(format!("{path}{suffix}"));
-            }
+            examples::remove_sqlite(&default_db);
         }
         result
     } else {
@@ -208,14 +191,12 @@ async fn main() -> Result<(), BoxError> {
     }
 }
 
-/// The mock cluster, when the quickstart runs on it: it does not serve the admin API, so the
-/// quickstart creates the topics on it directly.
-type Mock = rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
-
+/// `mock` is the mock cluster when the quickstart runs on it: it does not serve the admin API,
+/// so the quickstart creates the topics on it directly.
 async fn run<DB: Backend>(
     pool: Pool<DB>,
     brokers: &str,
-    mock: Option<&Mock>,
+    mock: Option<&examples::Mock>,
     total: usize,
 ) -> Result<(), BoxError> {
     let run_id = format!("{:06x}", fastrand::u32(..1 << 24));
