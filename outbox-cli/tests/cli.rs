@@ -92,6 +92,15 @@ impl Setup {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// Drops this test's tables.
+    async fn drop_tables<DB: Backend>(&self, pool: &sqlx::Pool<DB>) {
+        let mut conn = pool.acquire().await.unwrap();
+        for service in ["task", "notification"] {
+            let sql = format!("DROP TABLE IF EXISTS c{}_{service}_outbox", self.tag);
+            DB::execute(&mut conn, &sql, Vec::new()).await.unwrap();
+        }
+    }
+
     fn json(&self, args: &[&str]) -> Value {
         let mut all = args.to_vec();
         all.push("--json");
@@ -235,11 +244,7 @@ async fn lifecycle<DB: Backend>(s: Setup, pool: sqlx::Pool<DB>) {
     assert_eq!(s.json(&["dead", "discard"])["discarded"], 1);
     assert!(s.json(&["dead", "list"]).as_array().unwrap().is_empty());
 
-    let mut conn = pool.acquire().await.unwrap();
-    for service in ["task", "notification"] {
-        let sql = format!("DROP TABLE IF EXISTS c{}_{service}_outbox", s.tag);
-        DB::execute(&mut conn, &sql, Vec::new()).await.unwrap();
-    }
+    s.drop_tables(&pool).await;
 }
 
 #[tokio::test]
@@ -426,10 +431,6 @@ async fn relay_daemon_publishes_serves_metrics_and_stops_on_sigterm() {
         exit.success(),
         "the daemon did not stop cleanly on SIGTERM: {exit}"
     );
-    for service in ["task", "notification"] {
-        let sql = format!("DROP TABLE IF EXISTS c{}_{service}_outbox", s.tag);
-        Postgres::execute(&mut conn, &sql, Vec::new())
-            .await
-            .unwrap();
-    }
+    drop(conn);
+    s.drop_tables(&pool).await;
 }
