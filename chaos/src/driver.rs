@@ -1,0 +1,633 @@
+//! The driver: for each backend and scenario, fresh tables and topic, relay and consumer
+//! processes, writers keeping a ledger, the fault, then — once the system is quiet — the
+//! ledger checked against the tables.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use outbox_runtime::Outbox;
+use outbox_runtime::bus::KafkaBus;
+use outbox_runtime::sqlx::{self, Pool};
+
+use crate::BoxError;
+use crate::contract::SERVICE;
+use crate::ledger::{self, Entry, Verdict};
+use crate::procs::{self, Broker, RoleProc, Spawner};
+use crate::world::{self, BackendKind, ChaosDb, Names};
+use crate::writer::{Mix, Writer};
+
+/// The scenarios of issue 7, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scenario {
+    RelayKill,
+    ConsumerKill,
+    BrokerOutage,
+    DbRestart,
+    Poison,
+    Race,
+    Rollback,
+}
+
+impl Scenario {
+    pub(crate) const ALL: [Scenario; 7] = [
+        Scenario::RelayKill,
+        Scenario::ConsumerKill,
+        Scenario::BrokerOutage,
+        Scenario::DbRestart,
+        Scenario::Poison,
+        Scenario::Race,
+        Scenario::Rollback,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Scenario::RelayKill => "relay-kill",
+            Scenario::ConsumerKill => "consumer-kill",
+            Scenario::BrokerOutage => "broker-outage",
+            Scenario::DbRestart => "db-restart",
+            Scenario::Poison => "poison",
+            Scenario::Race => "race",
+            Scenario::Rollback => "rollback",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.name() == s)
+    }
+}
+
+/// What `chaos run` was asked.
+#[derive(Debug, Clone)]
+pub(crate) struct RunOptions {
+    pub(crate) quick: bool,
+    pub(crate) backends: Vec<BackendKind>,
+    pub(crate) scenarios: Vec<Scenario>,
+    pub(crate) seed: u64,
+    pub(crate) port: u16,
+    pub(crate) postgres_url: String,
+    pub(crate) mysql_url: String,
+    /// Events per scenario instead of the mode's default.
+    pub(crate) events: Option<u64>,
+    /// Kills per kill scenario instead of the mode's default.
+    pub(crate) kills: Option<u32>,
+    /// Keep the tables of passing runs too.
+    pub(crate) keep: bool,
+}
+
+/// The fault a run injects.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    None,
+    KillRelay(u32),
+    KillConsumer(u32),
+    /// Broker down for this long, from 30 % of the write window.
+    Broker(Duration),
+    /// Database down for this long, from 30 % of the write window.
+    Database(Duration),
+}
+
+/// One run of a scenario.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    events: u64,
+    /// Events per second (0: as fast as the writers go).
+    rate: f64,
+    writers: usize,
+    relays: usize,
+    consumers: usize,
+    poison_every: u64,
+    rollback: f64,
+    fault: Fault,
+}
+
+/// The outcome of one run.
+#[derive(Debug, Clone)]
+struct Outcome {
+    verdict: Verdict,
+    kills: u32,
+    /// Healthy events per second, first write to last effect.
+    throughput: f64,
+    elapsed: Duration,
+    quiet: bool,
+    tag: String,
+}
+
+/// One line per scenario and backend, and the totals.
+#[derive(Debug, Default)]
+struct Totals {
+    events: u64,
+    kills: u64,
+    lost: u64,
+    duplicate_effects: u64,
+    dead: u64,
+    expected_dead: u64,
+    failed: Vec<String>,
+}
+
+fn seed_for(seed: u64, backend: BackendKind, scenario: Scenario) -> u64 {
+    // FNV-1a over the names: a scenario's seed does not depend on which others run.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for b in backend.name().bytes().chain(scenario.name().bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn plan(o: &RunOptions, scenario: Scenario) -> Plan {
+    let q = o.quick;
+    let events = o.events.unwrap_or(if q { 300 } else { 3000 });
+    let kills = o.kills.unwrap_or(if q { 2 } else { 6 });
+    // A stream long enough for the faults to land in it.
+    let rate = if q { 50.0 } else { 100.0 };
+    let base = Plan {
+        events,
+        rate,
+        writers: 2,
+        relays: 1,
+        consumers: 1,
+        poison_every: 0,
+        rollback: 0.0,
+        fault: Fault::None,
+    };
+    match scenario {
+        Scenario::RelayKill => Plan {
+            fault: Fault::KillRelay(kills),
+            ..base
+        },
+        Scenario::ConsumerKill => Plan {
+            fault: Fault::KillConsumer(kills),
+            ..base
+        },
+        Scenario::BrokerOutage => Plan {
+            // Quick: 8 s down, so that the run stays short; full: the issue's 20 s.
+            fault: Fault::Broker(Duration::from_secs(if q { 8 } else { 20 })),
+            ..base
+        },
+        Scenario::DbRestart => Plan {
+            fault: Fault::Database(Duration::from_secs(2)),
+            ..base
+        },
+        Scenario::Poison => Plan {
+            events: o.events.unwrap_or(if q { 1500 } else { 5000 }),
+            rate: 0.0,
+            writers: 4,
+            poison_every: 100,
+            ..base
+        },
+        Scenario::Race => Plan {
+            relays: 3,
+            consumers: 3,
+            rate: rate * 2.0,
+            events: events * 2,
+            ..base
+        },
+        Scenario::Rollback => Plan {
+            rollback: 0.1,
+            ..base
+        },
+    }
+}
+
+/// Runs every asked scenario on every asked backend; true when all passed.
+pub(crate) async fn run(o: RunOptions) -> Result<bool, BoxError> {
+    let dir = std::env::temp_dir().join(format!("outbox-chaos-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let exe = std::env::current_exe()?;
+    println!(
+        "chaos: {} run, seed {}, scenarios {}, backends {}; logs in {}",
+        if o.quick { "quick" } else { "full" },
+        o.seed,
+        o.scenarios
+            .iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join(","),
+        o.backends
+            .iter()
+            .map(|b| b.name())
+            .collect::<Vec<_>>()
+            .join(","),
+        dir.display()
+    );
+    for b in &o.backends {
+        procs::ensure_up(*b)?;
+    }
+    let mut broker = Broker::start(o.port, &dir)?;
+    let mut totals = Totals::default();
+    let started = Instant::now();
+    for &backend in &o.backends {
+        let _servers = procs::ServerGuard(backend);
+        for &scenario in &o.scenarios {
+            let seed = seed_for(o.seed, backend, scenario);
+            let ctx = Ctx {
+                options: &o,
+                exe: exe.clone(),
+                dir: dir.clone(),
+                backend,
+                scenario,
+                seed,
+            };
+            let result = match backend {
+                BackendKind::Postgres => scenario_on::<sqlx::Postgres>(&ctx, &mut broker).await,
+                BackendKind::Mysql => scenario_on::<sqlx::MySql>(&ctx, &mut broker).await,
+            };
+            let id = format!(
+                "scenario={} backend={} seed={}",
+                scenario.name(),
+                backend.name(),
+                o.seed
+            );
+            match result {
+                Ok(lines) => {
+                    for (outcome, ok, extra) in lines {
+                        let v = &outcome.verdict;
+                        println!(
+                            "{id} {} kills={} elapsed={:.1}s tag={}{extra} {}",
+                            v,
+                            outcome.kills,
+                            outcome.elapsed.as_secs_f64(),
+                            outcome.tag,
+                            if ok { "PASS" } else { "FAIL" }
+                        );
+                        for p in &v.problems {
+                            println!("    {p}");
+                        }
+                        if !outcome.quiet {
+                            println!("    the system was not quiet before the timeout");
+                        }
+                        totals.events += v.events;
+                        totals.kills += u64::from(outcome.kills);
+                        totals.lost += v.lost;
+                        totals.duplicate_effects += v.duplicate_effects;
+                        totals.dead += v.dead;
+                        totals.expected_dead += v.expected_dead;
+                        if !ok {
+                            totals.failed.push(id.clone());
+                        }
+                    }
+                }
+                Err(e) => {
+                    println!("{id} error: {e} FAIL");
+                    totals.failed.push(id.clone());
+                }
+            }
+        }
+    }
+    drop(broker);
+    if totals.failed.is_empty() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!(
+        "chaos: {} in {:.0} s; failed: {}",
+        if totals.failed.is_empty() {
+            "every scenario passed"
+        } else {
+            "some scenarios failed"
+        },
+        started.elapsed().as_secs_f64(),
+        if totals.failed.is_empty() {
+            "none".to_owned()
+        } else {
+            totals.failed.join("; ")
+        }
+    );
+    println!(
+        "events={} kills={} lost={} duplicate_effects={} dead={} expected_dead={}",
+        totals.events,
+        totals.kills,
+        totals.lost,
+        totals.duplicate_effects,
+        totals.dead,
+        totals.expected_dead
+    );
+    Ok(totals.failed.is_empty())
+}
+
+struct Ctx<'a> {
+    options: &'a RunOptions,
+    exe: PathBuf,
+    dir: PathBuf,
+    backend: BackendKind,
+    scenario: Scenario,
+    seed: u64,
+}
+
+impl Ctx<'_> {
+    fn url(&self) -> &str {
+        match self.backend {
+            BackendKind::Postgres => &self.options.postgres_url,
+            BackendKind::Mysql => &self.options.mysql_url,
+        }
+    }
+}
+
+/// A scenario's lines: each run's outcome, whether it passed, and extra figures.
+type Lines = Vec<(Outcome, bool, String)>;
+
+async fn scenario_on<DB: ChaosDb>(ctx: &Ctx<'_>, broker: &mut Broker) -> Result<Lines, BoxError> {
+    let p = plan(ctx.options, ctx.scenario);
+    if ctx.scenario != Scenario::Poison {
+        let outcome = run_once::<DB>(ctx, broker, p, ctx.seed).await?;
+        let ok = outcome.verdict.ok() && outcome.quiet;
+        return Ok(vec![(outcome, ok, String::new())]);
+    }
+    // Healthy throughput with 1 % poison against a clean run of the same size. A warm-up run
+    // first (caches, the broker's storage); then clean and poison runs in turn, the best of
+    // each compared, so that one slow moment of a 2-core machine does not decide.
+    let warm = Plan {
+        events: p.events / 4,
+        poison_every: 0,
+        ..p
+    };
+    let _ = run_once::<DB>(ctx, broker, warm, ctx.seed ^ 1).await?;
+    let rounds = if ctx.options.quick { 1 } else { 2 };
+    let mut lines = Vec::new();
+    let (mut clean_best, mut poison_best) = (0.0f64, 0.0f64);
+    let mut round = 0;
+    loop {
+        round += 1;
+        let clean = run_once::<DB>(
+            ctx,
+            broker,
+            Plan {
+                poison_every: 0,
+                ..p
+            },
+            ctx.seed,
+        )
+        .await?;
+        let poison = run_once::<DB>(ctx, broker, p, ctx.seed).await?;
+        clean_best = clean_best.max(clean.throughput);
+        poison_best = poison_best.max(poison.throughput);
+        lines.push((clean, round));
+        lines.push((poison, round));
+        // One more round when the figures are apart: the machine's noise is about that size.
+        let close = poison_best >= 0.8 * clean_best;
+        if round >= rounds && (close || round > rounds) {
+            break;
+        }
+    }
+    let within = poison_best >= 0.8 * clean_best;
+    let n = lines.len();
+    Ok(lines
+        .into_iter()
+        .enumerate()
+        .map(|(i, (o, round))| {
+            let kind = if i % 2 == 0 { "clean" } else { "poison" };
+            let last = i + 1 == n;
+            let ok = o.verdict.ok() && o.quiet && (!last || within);
+            let mut extra = format!(" run={kind}#{round} healthy_per_s={:.0}", o.throughput);
+            if last {
+                extra.push_str(&format!(
+                    " best_clean_per_s={clean_best:.0} best_poison_per_s={poison_best:.0} ratio={:.2} (at least 0.80)",
+                    if clean_best > 0.0 { poison_best / clean_best } else { 0.0 }
+                ));
+            }
+            (o, ok, extra)
+        })
+        .collect())
+}
+
+async fn run_once<DB: ChaosDb>(
+    ctx: &Ctx<'_>,
+    broker: &mut Broker,
+    p: Plan,
+    seed: u64,
+) -> Result<Outcome, BoxError> {
+    let started = Instant::now();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let tag = format!("c{:08x}", fastrand::u32(..));
+    let names = Names::new(&tag);
+    let pool = DB::pool(ctx.url(), 8).await?;
+    let catalog = names.catalog()?;
+    let topic = catalog
+        .service(SERVICE)
+        .map(|r| r.topic.clone())
+        .ok_or("the chaos service has no route")?;
+    let outbox = Outbox::<DB>::builder(catalog.clone())
+        .config(world::store_config(world::HEALTHY_MAX_ATTEMPTS))
+        .build();
+    let failing = Outbox::<DB>::builder(catalog)
+        .config(world::store_config(world::FAILING_MAX_ATTEMPTS))
+        .build();
+    {
+        let mut conn = pool.acquire().await?;
+        outbox.migrate(&mut conn).await?;
+        DB::execute(
+            &mut conn,
+            &format!(
+                "CREATE TABLE {} (event_id VARCHAR(36) NOT NULL, seq BIGINT NOT NULL, \
+                 consumer VARCHAR(64) NOT NULL, applied_at BIGINT NOT NULL)",
+                names.effects
+            ),
+            Vec::new(),
+        )
+        .await?;
+        DB::execute(
+            &mut conn,
+            &format!(
+                "CREATE TABLE {} (seq BIGINT PRIMARY KEY, note VARCHAR(64) NOT NULL)",
+                names.business
+            ),
+            Vec::new(),
+        )
+        .await?;
+    }
+    let bus = KafkaBus::new(world::kafka(&broker.address()))?;
+    bus.ensure_topics(std::slice::from_ref(&topic)).await?;
+    drop(bus);
+
+    let spawner = Spawner {
+        exe: ctx.exe.clone(),
+        backend: ctx.backend,
+        url: ctx.url().to_owned(),
+        brokers: broker.address(),
+        tag: tag.clone(),
+        dir: ctx.dir.clone(),
+    };
+    let mut relays = (0..p.relays)
+        .map(|i| spawner.spawn("relay", i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut consumers = (0..p.consumers)
+        .map(|i| spawner.spawn("consumer", i))
+        .collect::<Result<Vec<_>, _>>()?;
+    wait_ready(&mut relays, &mut consumers, Duration::from_secs(90)).await?;
+
+    // The stream, and the fault while it flows.
+    let ledger = Arc::new(Mutex::new(Vec::<Entry>::new()));
+    let writer = Arc::new(Writer {
+        pool: pool.clone(),
+        outbox: outbox.clone(),
+        failing,
+        names: names.clone(),
+        topic,
+        mix: Mix {
+            seed,
+            poison_every: p.poison_every,
+            rollback: p.rollback,
+        },
+    });
+    let next = Arc::new(AtomicU64::new(0));
+    let start = tokio::time::Instant::now();
+    let start_ms = world::now_ms();
+    let mut writers = tokio::task::JoinSet::new();
+    for _ in 0..p.writers {
+        writers.spawn(
+            writer
+                .clone()
+                .run(next.clone(), p.events, p.rate, start, ledger.clone()),
+        );
+    }
+    let window = if p.rate > 0.0 {
+        Duration::from_secs_f64(p.events as f64 / p.rate)
+    } else {
+        Duration::from_secs(2)
+    };
+    let mut kills = 0;
+    match p.fault {
+        Fault::None => {}
+        Fault::KillRelay(k) | Fault::KillConsumer(k) => {
+            let (role, procs) = match p.fault {
+                Fault::KillRelay(_) => ("relay", &mut relays),
+                _ => ("consumer", &mut consumers),
+            };
+            let mut at: Vec<f64> = (0..k).map(|_| 0.05 + 0.8 * rng.f64()).collect();
+            at.sort_by(f64::total_cmp);
+            for frac in at {
+                tokio::time::sleep_until(start + window.mul_f64(frac)).await;
+                let i = rng.usize(..procs.len());
+                procs[i].kill();
+                kills += 1;
+                // Back after a moment, as a supervisor would restart it.
+                tokio::time::sleep(Duration::from_millis(rng.u64(0..300))).await;
+                procs[i] = spawner.spawn(role, i)?;
+            }
+        }
+        Fault::Broker(down) => {
+            tokio::time::sleep_until(start + window.mul_f64(0.3)).await;
+            broker.down();
+            tokio::time::sleep(down).await;
+            broker.up()?;
+        }
+        Fault::Database(down) => {
+            tokio::time::sleep_until(start + window.mul_f64(0.3)).await;
+            let kind = ctx.backend;
+            tokio::task::spawn_blocking(move || procs::restart_database(kind, down)).await??;
+        }
+    }
+    while writers.join_next().await.is_some() {}
+
+    // Quiet: no row open and the effects count still for a while, or the timeout.
+    let timeout = Duration::from_secs(if ctx.options.quick { 90 } else { 240 });
+    let quiet = wait_quiet(&pool, &names, timeout, &mut relays, &mut consumers).await;
+    let ledger = std::mem::take(
+        &mut *ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    let verdict = ledger::verify(&pool, &names, &ledger).await?;
+    let throughput = healthy_throughput::<DB>(&pool, &names, start_ms).await?;
+
+    for proc in relays.into_iter().chain(consumers) {
+        let _ = proc.stop(Duration::from_secs(15)).await;
+    }
+    if verdict.ok() && quiet && !ctx.options.keep {
+        drop_tables(&pool, &names).await?;
+    }
+    Ok(Outcome {
+        verdict,
+        kills,
+        throughput,
+        elapsed: started.elapsed(),
+        quiet,
+        tag,
+    })
+}
+
+async fn wait_ready(
+    relays: &mut [RoleProc],
+    consumers: &mut [RoleProc],
+    timeout: Duration,
+) -> Result<(), BoxError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut all = true;
+        for p in relays.iter_mut().chain(consumers.iter_mut()) {
+            if let Some(status) = p.exited() {
+                return Err(format!("{} {} exited at start: {status}", p.role, p.index).into());
+            }
+            all &= p.is_ready();
+        }
+        if all {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("relays and consumers not ready within {timeout:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_quiet<DB: ChaosDb>(
+    pool: &Pool<DB>,
+    names: &Names,
+    timeout: Duration,
+    relays: &mut [RoleProc],
+    consumers: &mut [RoleProc],
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    let (mut last, mut still) = (-1, 0);
+    loop {
+        for p in relays.iter_mut().chain(consumers.iter_mut()) {
+            if let Some(status) = p.exited() {
+                eprintln!("chaos: {} {} exited by itself: {status}", p.role, p.index);
+            }
+        }
+        if let Ok((open, effects)) = ledger::progress(pool, names).await {
+            if open == 0 && effects == last {
+                still += 1;
+                // Two seconds without a change: a late duplicate would have shown by now.
+                if still >= 4 {
+                    return true;
+                }
+            } else {
+                still = 0;
+            }
+            last = effects;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn healthy_throughput<DB: ChaosDb>(
+    pool: &Pool<DB>,
+    names: &Names,
+    start_ms: i64,
+) -> Result<f64, BoxError> {
+    let mut conn = pool.acquire().await?;
+    let mut one = async |sql: String| -> Result<Option<i64>, BoxError> {
+        Ok(DB::fetch_ints(&mut conn, &sql, Vec::new())
+            .await?
+            .into_iter()
+            .next()
+            .flatten())
+    };
+    let count = one(format!("SELECT COUNT(*) FROM {}", names.effects)).await?;
+    let last = one(format!("SELECT MAX(applied_at) FROM {}", names.effects)).await?;
+    let secs = (last.unwrap_or(start_ms) - start_ms).max(1) as f64 / 1000.0;
+    Ok(count.unwrap_or(0) as f64 / secs)
+}
+
+async fn drop_tables<DB: ChaosDb>(pool: &Pool<DB>, names: &Names) -> Result<(), BoxError> {
+    let mut conn = pool.acquire().await?;
+    for t in [&names.table, &names.effects, &names.business] {
+        DB::execute(&mut conn, &format!("DROP TABLE IF EXISTS {t}"), Vec::new()).await?;
+    }
+    Ok(())
+}

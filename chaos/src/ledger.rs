@@ -1,0 +1,371 @@
+//! The ledger: what the writers did to each event (committed, rolled back, failed, or in doubt
+//! because the commit's answer was lost), what each event must end as, and the check against
+//! the database once the system is quiet.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use outbox_runtime::Status;
+use outbox_runtime::sqlx::Pool;
+use outbox_runtime::store::{Backend, OutboxRow};
+
+use crate::BoxError;
+use crate::world::Names;
+
+/// Poison: what a consumer (or the relay) must dead-letter, never apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Poison {
+    /// The stored payload is not JSON: the relay cannot build an envelope.
+    MalformedJson,
+    /// A version the service does not accept.
+    UnknownVersion,
+    /// JSON of the right shape that breaks a validation rule.
+    InvalidPayload,
+    /// JSON that does not fit the payload's shape.
+    Undecodable,
+    /// A valid event whose handler fails every time.
+    AlwaysFails,
+}
+
+impl Poison {
+    pub(crate) const ALL: [Poison; 5] = [
+        Poison::MalformedJson,
+        Poison::UnknownVersion,
+        Poison::InvalidPayload,
+        Poison::Undecodable,
+        Poison::AlwaysFails,
+    ];
+
+    /// The dead reason the row must end with.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Poison::MalformedJson => "malformed_payload",
+            Poison::UnknownVersion => "unsupported_version",
+            Poison::InvalidPayload => "invalid_payload",
+            Poison::Undecodable => "decode_error",
+            Poison::AlwaysFails => "max_attempts",
+        }
+    }
+}
+
+/// What the writer's transaction did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fate {
+    /// The commit succeeded.
+    Committed,
+    /// The writer rolled it back on purpose.
+    RolledBack,
+    /// A statement before the commit failed; the transaction never committed.
+    Failed,
+    /// The commit was sent and its answer lost (the database went away): resolved at the end
+    /// by whether the row exists.
+    InDoubt,
+}
+
+/// One write.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) seq: u64,
+    /// Known once the event was stored in the transaction.
+    pub(crate) event_id: Option<String>,
+    pub(crate) poison: Option<Poison>,
+    pub(crate) fate: Fate,
+}
+
+/// The check of one scenario run.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Verdict {
+    /// Committed events (in-doubt ones whose row exists included).
+    pub(crate) events: u64,
+    /// Of which poison.
+    pub(crate) poison: u64,
+    pub(crate) rolled_back: u64,
+    pub(crate) failed: u64,
+    pub(crate) in_doubt: u64,
+    /// Committed healthy events with no effect (or no row).
+    pub(crate) lost: u64,
+    /// Effects beyond the first, summed over events.
+    pub(crate) duplicate_effects: u64,
+    /// Dead rows.
+    pub(crate) dead: u64,
+    /// Committed poison events: the rows that must be dead.
+    pub(crate) expected_dead: u64,
+    /// Poison rows dead with another reason than expected, or not dead.
+    pub(crate) wrong_reason: u64,
+    /// Poison events that had an effect.
+    pub(crate) poison_applied: u64,
+    /// Events of transactions that did not commit that have a row or an effect.
+    pub(crate) uncommitted_visible: u64,
+    /// Business row and event disagree (one committed without the other).
+    pub(crate) atomicity: u64,
+    /// Rows or effects of no event in the ledger.
+    pub(crate) strays: u64,
+    /// Rows neither consumed nor dead.
+    pub(crate) not_final: u64,
+    /// Examples of what went wrong, for the report.
+    pub(crate) problems: Vec<String>,
+}
+
+impl Verdict {
+    pub(crate) fn ok(&self) -> bool {
+        self.lost == 0
+            && self.duplicate_effects == 0
+            && self.dead == self.expected_dead
+            && self.wrong_reason == 0
+            && self.poison_applied == 0
+            && self.uncommitted_visible == 0
+            && self.atomicity == 0
+            && self.strays == 0
+            && self.not_final == 0
+    }
+
+    fn problem(&mut self, p: impl FnOnce() -> String) {
+        if self.problems.len() < 8 {
+            self.problems.push(p());
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "events={} lost={} duplicate_effects={} dead={} expected_dead={} rolled_back={} \
+             failed={} in_doubt={} wrong_reason={} poison_applied={} uncommitted_visible={} \
+             atomicity={} strays={} not_final={}",
+            self.events,
+            self.lost,
+            self.duplicate_effects,
+            self.dead,
+            self.expected_dead,
+            self.rolled_back,
+            self.failed,
+            self.in_doubt,
+            self.wrong_reason,
+            self.poison_applied,
+            self.uncommitted_visible,
+            self.atomicity,
+            self.strays,
+            self.not_final
+        )
+    }
+}
+
+/// The outbox columns in `OutboxRow` field order, for `Backend::fetch_rows`.
+const COLUMNS: &str = "id, event_id, event_type, event_version, service_name, topic, \
+    message_key, aggregate_id, payload, headers, status, attempts, max_attempts, \
+    next_attempt_at, lease_owner, lease_until, last_error, dead_reason, published_at, \
+    consumed_at, created_at, updated_at";
+
+/// Rows not in a final state, and effects so far: the quiet test.
+pub(crate) async fn progress<DB: Backend>(
+    pool: &Pool<DB>,
+    names: &Names,
+) -> Result<(i64, i64), BoxError> {
+    let mut conn = pool.acquire().await?;
+    let open = DB::fetch_ints(
+        &mut conn,
+        &format!(
+            "SELECT COUNT(*) FROM {} WHERE status NOT IN ('consumed', 'dead')",
+            names.table
+        ),
+        Vec::new(),
+    )
+    .await?;
+    let effects = DB::fetch_ints(
+        &mut conn,
+        &format!("SELECT COUNT(*) FROM {}", names.effects),
+        Vec::new(),
+    )
+    .await?;
+    let first = |v: Vec<Option<i64>>| v.into_iter().next().flatten().unwrap_or(0);
+    Ok((first(open), first(effects)))
+}
+
+/// Checks the ledger against the tables.
+pub(crate) async fn verify<DB: Backend>(
+    pool: &Pool<DB>,
+    names: &Names,
+    ledger: &[Entry],
+) -> Result<Verdict, BoxError> {
+    let mut conn = pool.acquire().await?;
+    let rows: HashMap<String, OutboxRow> = DB::fetch_rows(
+        &mut conn,
+        &format!("SELECT {COLUMNS} FROM {}", names.table),
+        Vec::new(),
+    )
+    .await?
+    .into_iter()
+    .map(|r| (r.event_id.clone(), r))
+    .collect();
+    let effects: HashMap<String, i64> = DB::fetch_pairs(
+        &mut conn,
+        &format!(
+            "SELECT event_id, COUNT(*) FROM {} GROUP BY event_id",
+            names.effects
+        ),
+        Vec::new(),
+    )
+    .await?
+    .into_iter()
+    .collect();
+    let business: HashSet<i64> = DB::fetch_ints(
+        &mut conn,
+        &format!("SELECT seq FROM {}", names.business),
+        Vec::new(),
+    )
+    .await?
+    .into_iter()
+    .flatten()
+    .collect();
+    drop(conn);
+
+    let mut v = Verdict::default();
+    let mut known: HashSet<&str> = HashSet::new();
+    for e in ledger {
+        let row = e.event_id.as_deref().and_then(|id| rows.get(id));
+        let applied = e
+            .event_id
+            .as_deref()
+            .and_then(|id| effects.get(id))
+            .copied()
+            .unwrap_or(0);
+        if let Some(id) = e.event_id.as_deref() {
+            known.insert(id);
+        }
+        let has_business = business.contains(&i64::try_from(e.seq).unwrap_or(i64::MAX));
+        let committed = match e.fate {
+            Fate::Committed => true,
+            Fate::InDoubt => {
+                v.in_doubt += 1;
+                row.is_some() || has_business
+            }
+            Fate::RolledBack => {
+                v.rolled_back += 1;
+                false
+            }
+            Fate::Failed => {
+                v.failed += 1;
+                false
+            }
+        };
+        if !committed {
+            if row.is_some() || applied > 0 {
+                v.uncommitted_visible += 1;
+                v.problem(|| {
+                    format!(
+                        "seq {} ({:?}) did not commit, yet its event {:?} has a row: {}, effects: {applied}",
+                        e.seq,
+                        e.fate,
+                        e.event_id,
+                        row.is_some()
+                    )
+                });
+            }
+            if has_business {
+                v.atomicity += 1;
+                v.problem(|| format!("seq {} did not commit, yet its business row exists", e.seq));
+            }
+            continue;
+        }
+        v.events += 1;
+        if !has_business || row.is_none() {
+            v.atomicity += 1;
+            v.problem(|| {
+                format!(
+                    "seq {} committed: business row {}, outbox row {}",
+                    e.seq,
+                    has_business,
+                    row.is_some()
+                )
+            });
+        }
+        match e.poison {
+            None => {
+                if applied == 0 {
+                    v.lost += 1;
+                    v.problem(|| {
+                        format!(
+                            "lost: seq {} event {:?} has no effect; row: {}",
+                            e.seq,
+                            e.event_id,
+                            describe(row)
+                        )
+                    });
+                } else if applied > 1 {
+                    v.duplicate_effects += u64::try_from(applied - 1).unwrap_or(0);
+                    v.problem(|| {
+                        format!(
+                            "duplicate: seq {} event {:?} applied {applied} times; row: {}",
+                            e.seq,
+                            e.event_id,
+                            describe(row)
+                        )
+                    });
+                }
+            }
+            Some(p) => {
+                v.poison += 1;
+                v.expected_dead += 1;
+                if applied > 0 {
+                    v.poison_applied += 1;
+                    v.problem(|| format!("poison {p:?} seq {} was applied", e.seq));
+                }
+                let reason_ok = row.is_some_and(|r| {
+                    r.status == Status::Dead && r.dead_reason.as_deref() == Some(p.reason())
+                });
+                if !reason_ok {
+                    v.wrong_reason += 1;
+                    v.problem(|| {
+                        format!(
+                            "poison {p:?} seq {} should be dead with `{}`; row: {}",
+                            e.seq,
+                            p.reason(),
+                            describe(row)
+                        )
+                    });
+                }
+            }
+        }
+    }
+    for (id, row) in &rows {
+        if row.status == Status::Dead {
+            v.dead += 1;
+        }
+        if !row.status.is_final() {
+            v.not_final += 1;
+            v.problem(|| format!("not final: {}", describe(Some(row))));
+        }
+        if !known.contains(id.as_str()) {
+            v.strays += 1;
+            v.problem(|| format!("a row of no ledger entry: {}", describe(Some(row))));
+        }
+    }
+    for id in effects.keys() {
+        if !known.contains(id.as_str()) {
+            v.strays += 1;
+            v.problem(|| format!("an effect of no ledger entry: event {id}"));
+        }
+    }
+    Ok(v)
+}
+
+fn describe(row: Option<&OutboxRow>) -> String {
+    match row {
+        None => "none".to_owned(),
+        Some(r) => format!(
+            "id {} event {} status {} attempts {}/{} dead_reason {:?} last_error {:?}",
+            r.id,
+            r.event_id,
+            r.status,
+            r.attempts,
+            r.max_attempts,
+            r.dead_reason,
+            r.last_error.as_deref().map(|e| crate::ledger::clip(e, 160))
+        ),
+    }
+}
+
+pub(crate) fn clip(s: &str, max: usize) -> &str {
+    outbox_runtime::store::truncate_chars(s, max)
+}

@@ -1,0 +1,146 @@
+//! The processes the driver starts and kills: a relay, and a consumer whose handler writes one
+//! effect row per application in the transaction that marks the event consumed.
+//!
+//! Each runs until its standard input closes (the driver's graceful stop) or it is killed.
+
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use outbox_runtime::consumer::{ConsumerConfig, Context};
+use outbox_runtime::relay::RelayConfig;
+use outbox_runtime::runtime::Runtime;
+use outbox_runtime::store::{Arg, Backend};
+use outbox_runtime::{HandlerError, Outbox};
+
+use crate::BoxError;
+use crate::contract::{ChaosEvents, ChaosEventsHandler, TickRecorded};
+use crate::world::{self, ChaosDb, Names};
+
+/// What a role process is told.
+#[derive(Debug, Clone)]
+pub(crate) struct RoleArgs {
+    pub(crate) url: String,
+    pub(crate) brokers: String,
+    pub(crate) tag: String,
+    pub(crate) index: usize,
+    /// Created once the process is working (a consumer: once it has partitions).
+    pub(crate) ready_file: Option<PathBuf>,
+}
+
+/// The handler: one effect row per application.
+struct Applier {
+    effects: String,
+    name: String,
+}
+
+impl<DB: Backend> ChaosEventsHandler<Context<DB>> for Applier {
+    async fn tick_recorded(
+        &self,
+        ctx: &mut Context<DB>,
+        e: TickRecorded,
+    ) -> Result<(), HandlerError> {
+        if e.always_fail {
+            return Err(HandlerError::retry(
+                "the chaos handler fails on this event every time",
+            ));
+        }
+        let sql = DB::dialect_sql(&format!(
+            "INSERT INTO {} (event_id, seq, consumer, applied_at) VALUES ($1, $2, $3, $4)",
+            self.effects
+        ))
+        .into_owned();
+        let args = vec![
+            Arg::Str(ctx.meta().event_id.clone()),
+            Arg::I64(i64::try_from(e.seq).unwrap_or(i64::MAX)),
+            Arg::Str(self.name.clone()),
+            Arg::I64(world::now_ms()),
+        ];
+        DB::execute(ctx.tx(), &sql, args).await?;
+        Ok(())
+    }
+}
+
+/// Resolves when standard input closes.
+fn stdin_closed() -> tokio::sync::oneshot::Receiver<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+        let _ = tx.send(());
+    });
+    rx
+}
+
+fn mark_ready(args: &RoleArgs) -> Result<(), BoxError> {
+    if let Some(path) = &args.ready_file {
+        std::fs::write(path, b"ready\n")?;
+    }
+    Ok(())
+}
+
+pub(crate) async fn relay<DB: ChaosDb>(args: RoleArgs) -> Result<(), BoxError> {
+    let stop = stdin_closed();
+    let names = Names::new(&args.tag);
+    let pool = DB::pool(&args.url, 4).await?;
+    let outbox = Outbox::<DB>::builder(names.catalog()?)
+        .config(world::store_config(world::HEALTHY_MAX_ATTEMPTS))
+        .build();
+    let running = Runtime::builder(outbox, pool, world::kafka(&args.brokers))?
+        .relay(RelayConfig {
+            owner: format!("chaos-relay-{}-{}", args.index, std::process::id()),
+            batch: 200,
+            lease: world::LEASE,
+            poll_interval: Duration::from_millis(200),
+            ..RelayConfig::default()
+        })
+        .start()
+        .await?;
+    mark_ready(&args)?;
+    let _ = stop.await;
+    running.shutdown().await?;
+    Ok(())
+}
+
+pub(crate) async fn consumer<DB: ChaosDb>(args: RoleArgs) -> Result<(), BoxError> {
+    let stop = stdin_closed();
+    let names = Names::new(&args.tag);
+    let pool = DB::pool(&args.url, 8).await?;
+    let outbox = Outbox::<DB>::builder(names.catalog()?)
+        .config(world::store_config(world::HEALTHY_MAX_ATTEMPTS))
+        .build();
+    let applier = Applier {
+        effects: names.effects.clone(),
+        name: format!("consumer-{}-{}", args.index, std::process::id()),
+    };
+    let running = Runtime::builder(outbox, pool, world::kafka(&args.brokers))?
+        .consumer::<ChaosEvents, _>(
+            applier,
+            ConsumerConfig {
+                workers: 3,
+                ..ConsumerConfig::default()
+            },
+        )?
+        .start()
+        .await?;
+    let mut stop = std::pin::pin!(stop);
+    let stopped = tokio::select! {
+        ready = running.ready(Duration::from_secs(120)) => {
+            if ready {
+                mark_ready(&args)?;
+            }
+            false
+        }
+        _ = &mut stop => true,
+    };
+    if !stopped {
+        let _ = stop.await;
+    }
+    running.shutdown().await?;
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! What the driver and its child processes share: the per-scenario names, the catalog, the
+//! store and Kafka settings, and the two databases.
+
+use std::time::Duration;
+
+use outbox_runtime::bus::KafkaConfig;
+use outbox_runtime::route::RouteOverride;
+use outbox_runtime::sqlx::{self, Pool};
+use outbox_runtime::store::{Backend, StoreConfig};
+use outbox_runtime::{Catalog, RouteConfig};
+
+use crate::BoxError;
+use crate::contract::{ChaosEvents, SERVICE};
+
+/// Attempts of a healthy row. Every relay kill can cost a row one attempt (its lease runs out
+/// and it is claimed again), and a broker outage a few more (each publish waits for the
+/// publish timeout): the budget is set well above what a scenario can use, so that a healthy
+/// row going dead is a finding, not the budget running out.
+pub(crate) const HEALTHY_MAX_ATTEMPTS: i32 = 100;
+
+/// Attempts of an event whose handler always fails: it goes dead with `max_attempts` after
+/// this many deliveries.
+pub(crate) const FAILING_MAX_ATTEMPTS: i32 = 3;
+
+/// A relay's lease: short, so that rows held by a killed relay come back quickly.
+pub(crate) const LEASE: Duration = Duration::from_secs(5);
+
+/// The database a run is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BackendKind {
+    Postgres,
+    Mysql,
+}
+
+impl BackendKind {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        match s {
+            "postgres" | "postgresql" => Some(Self::Postgres),
+            "mysql" | "mariadb" => Some(Self::Mysql),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Postgres => "postgres",
+            Self::Mysql => "mysql",
+        }
+    }
+
+    /// `OUTBOX_TEST_POSTGRES_URL` / `OUTBOX_TEST_MYSQL_URL`, as the test suite reads them.
+    pub(crate) fn default_url(self) -> String {
+        let (var, default) = match self {
+            Self::Postgres => (
+                "OUTBOX_TEST_POSTGRES_URL",
+                "postgres://postgres@127.0.0.1:5432/test",
+            ),
+            Self::Mysql => ("OUTBOX_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test"),
+        };
+        std::env::var(var).unwrap_or_else(|_| default.to_owned())
+    }
+}
+
+/// A database the suite runs on.
+pub(crate) trait ChaosDb: Backend {
+    /// A pool that gives up on a connection after a few seconds, so that a database restart
+    /// shows up as errors rather than a hang.
+    async fn pool(url: &str, max: u32) -> Result<Pool<Self>, BoxError>;
+}
+
+impl ChaosDb for sqlx::Postgres {
+    async fn pool(url: &str, max: u32) -> Result<Pool<Self>, BoxError> {
+        Ok(sqlx::postgres::PgPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|e| format!("PostgreSQL at {url} is unreachable: {e}"))?)
+    }
+}
+
+impl ChaosDb for sqlx::MySql {
+    async fn pool(url: &str, max: u32) -> Result<Pool<Self>, BoxError> {
+        Ok(sqlx::mysql::MySqlPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|e| format!("MariaDB/MySQL at {url} is unreachable: {e}"))?)
+    }
+}
+
+/// The tables and Kafka names of one scenario run, from its tag.
+#[derive(Debug, Clone)]
+pub(crate) struct Names {
+    /// The chaos service's outbox table.
+    pub(crate) table: String,
+    /// One row per applied event; no unique key, so a second effect is visible.
+    pub(crate) effects: String,
+    /// The writers' business rows, one per sequence number, committed with the event.
+    pub(crate) business: String,
+    prefix: String,
+}
+
+impl Names {
+    pub(crate) fn new(tag: &str) -> Self {
+        Self {
+            table: format!("{tag}_outbox"),
+            effects: format!("{tag}_fx"),
+            business: format!("{tag}_biz"),
+            prefix: format!("chaos-{tag}"),
+        }
+    }
+
+    pub(crate) fn catalog(&self) -> Result<Catalog, BoxError> {
+        let routes = RouteConfig::new().prefix(&self.prefix)?.override_service(
+            SERVICE,
+            RouteOverride {
+                table: Some(self.table.clone()),
+                ..RouteOverride::default()
+            },
+        )?;
+        Ok(Catalog::builder(routes).service::<ChaosEvents>()?.build())
+    }
+}
+
+/// Retries in the relays and consumers: quick, so that a scenario settles in seconds.
+pub(crate) fn store_config(max_attempts: i32) -> StoreConfig {
+    StoreConfig {
+        max_attempts,
+        backoff_base: Duration::from_millis(100),
+        backoff_cap: Duration::from_secs(1),
+        ..StoreConfig::default()
+    }
+}
+
+/// The Kafka settings of every client. A consumer killed with -9 never leaves its group; the
+/// broker notices when its session times out, and until then its partitions are nobody's. A
+/// short session keeps that pause to seconds.
+pub(crate) fn kafka(brokers: &str) -> KafkaConfig {
+    KafkaConfig::new(brokers)
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
