@@ -9,7 +9,7 @@
 //! chaos run [--quick] [--backend postgres|mysql|all] [--scenario NAME|all] [--seed N]
 //!           [--events N] [--kills K] [--port P] [--keep]
 //! chaos relay|consumer --backend B --database-url URL --brokers HOSTS --tag TAG --index I
-//!           [--ready-file PATH]     (started by `run`)
+//!           [--ready-file PATH] [--no-idempotence]     (started by `run`)
 //! ```
 //!
 //! The last line of `run` reads `events=N kills=K lost=L duplicate_effects=D dead=X
@@ -18,6 +18,7 @@
 mod contract;
 mod driver;
 mod ledger;
+mod log;
 mod procs;
 mod role;
 mod world;
@@ -71,6 +72,8 @@ async fn dispatch(args: Vec<String>) -> Result<bool, BoxError> {
         "run" => driver::run(run_options(rest)?).await,
         role @ ("relay" | "consumer") => {
             let (backend, args) = role_args(rest)?;
+            log::init();
+            eprintln!("{} {role} {} started", world::now_ms(), args.index);
             match (role, backend) {
                 ("relay", BackendKind::Postgres) => role::relay::<sqlx::Postgres>(args).await?,
                 ("relay", BackendKind::Mysql) => role::relay::<sqlx::MySql>(args).await?,
@@ -156,10 +159,15 @@ fn role_args(args: &[String]) -> Result<(BackendKind, RoleArgs), BoxError> {
         brokers: String::new(),
         tag: String::new(),
         index: 0,
+        idempotent: true,
         ready_file: None,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
+        if flag == "--no-idempotence" {
+            r.idempotent = false;
+            continue;
+        }
         let v = value(flag, &mut it)?;
         match flag.as_str() {
             "--backend" => {

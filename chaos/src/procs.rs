@@ -29,6 +29,7 @@ pub(crate) struct Spawner {
     pub(crate) brokers: String,
     pub(crate) tag: String,
     pub(crate) dir: PathBuf,
+    pub(crate) idempotent: bool,
 }
 
 impl Spawner {
@@ -49,6 +50,7 @@ impl Spawner {
             .args(["--index", &index.to_string()])
             .arg("--ready-file")
             .arg(&ready)
+            .args((!self.idempotent).then_some("--no-idempotence"))
             .stdin(Stdio::piped())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -293,38 +295,60 @@ impl Broker {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = Command::new("tansu")
+        // tansu reads the path of a `sqlite:///name` URL relative to its working directory.
+        let dir = self.storage.parent().unwrap_or(Path::new("."));
+        let file = self
+            .storage
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        let mut child = Command::new("tansu")
             .arg("broker")
             .args(["--listener-url", &url])
             .args(["--advertised-listener-url", &url])
             .arg("--storage-engine")
-            .arg(format!("sqlite://{}", self.storage.display()))
+            .arg(format!("sqlite:///{file}"))
+            .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .map_err(|e| format!("cannot start tansu (is it installed?): {e}"))?;
-        self.child = Some(child);
         let port = self.port;
-        wait_until(
-            &format!("tansu on 127.0.0.1:{port}"),
-            Duration::from_secs(30),
-            || listening(port),
-        )
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !listening(port) {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "tansu exited at start ({status}); see {}",
+                    self.log.display()
+                )
+                .into());
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("tansu on 127.0.0.1:{port} not reached within 30 s").into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.child = Some(child);
+        Ok(())
     }
 
-    /// Stops tansu: SIGTERM, then SIGKILL after five seconds.
+    /// A new broker on empty storage: after an outage, or when the broker stopped answering.
+    pub(crate) fn reset(&mut self) -> Result<(), BoxError> {
+        self.down();
+        let _ = std::fs::remove_file(&self.storage);
+        self.up()
+    }
+
+    /// Stops tansu with SIGKILL. (tansu 0.6 on SIGTERM cancels its storage first and keeps
+    /// serving connections, whose requests then fail until the process is killed anyway.)
     pub(crate) fn down(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let _ = quietly("kill", &["-TERM", &child.id().to_string()]);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 

@@ -24,6 +24,8 @@ pub(crate) struct RoleArgs {
     pub(crate) brokers: String,
     pub(crate) tag: String,
     pub(crate) index: usize,
+    /// The relay's producer is idempotent (the runtime's default).
+    pub(crate) idempotent: bool,
     /// Created once the process is working (a consumer: once it has partitions).
     pub(crate) ready_file: Option<PathBuf>,
 }
@@ -91,7 +93,8 @@ pub(crate) async fn relay<DB: ChaosDb>(args: RoleArgs) -> Result<(), BoxError> {
     let outbox = Outbox::<DB>::builder(names.catalog()?)
         .config(world::store_config(world::HEALTHY_MAX_ATTEMPTS))
         .build();
-    let running = Runtime::builder(outbox, pool, world::kafka(&args.brokers))?
+    let kafka = world::relay_kafka(&args.brokers, args.idempotent);
+    let running = Runtime::builder(outbox, pool, kafka)?
         .relay(RelayConfig {
             owner: format!("chaos-relay-{}-{}", args.index, std::process::id()),
             batch: 200,
@@ -132,7 +135,10 @@ pub(crate) async fn consumer<DB: ChaosDb>(args: RoleArgs) -> Result<(), BoxError
     let stopped = tokio::select! {
         ready = running.ready(Duration::from_secs(120)) => {
             if ready {
+                eprintln!("{} consumer {} has partitions", world::now_ms(), args.index);
                 mark_ready(&args)?;
+            } else {
+                eprintln!("{} consumer {} got no partitions in 120 s", world::now_ms(), args.index);
             }
             false
         }

@@ -143,6 +143,21 @@ pub(crate) fn kafka(brokers: &str) -> KafkaConfig {
         .set("heartbeat.interval.ms", "1000")
 }
 
+/// The relay's settings: the runtime's idempotent producer, except where `idempotent` is false.
+/// tansu 0.6's SQLite storage panics on a produce from an idempotent producer that was already
+/// producing before the broker restarted (`tansu-storage` `lite.rs:503`, "more or less than one
+/// row", in `idempotent_message_check`), and its storage task stays dead; the broker-outage
+/// scenario therefore runs its relays without idempotence. A duplicate publish that
+/// idempotence would have suppressed is then applied once by the consumer all the same.
+pub(crate) fn relay_kafka(brokers: &str, idempotent: bool) -> KafkaConfig {
+    let config = kafka(brokers);
+    if idempotent {
+        config
+    } else {
+        config.set("enable.idempotence", "false")
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
     let d = std::time::SystemTime::now()
