@@ -12,6 +12,7 @@
 //! Partitions are processed in parallel, each in order, so one key's events are applied in
 //! order.
 
+use std::collections::HashSet;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
@@ -112,6 +113,12 @@ pub struct ConsumerConfig {
     pub dlq: bool,
     /// Where applied events are recorded.
     pub dedupe: Dedupe,
+    /// At most this many messages already received for a worker's partitions are applied in
+    /// one transaction. When any handler in it fails, the transaction rolls back and its
+    /// messages are applied one at a time, so a failure touches only its own message; a
+    /// handler's effects outside the database may then happen twice (they are at least once
+    /// anyway). 1 turns batching off.
+    pub batch: usize,
 }
 
 impl Default for ConsumerConfig {
@@ -120,6 +127,7 @@ impl Default for ConsumerConfig {
             workers: 4,
             dlq: false,
             dedupe: Dedupe::OutboxRow,
+            batch: 100,
         }
     }
 }
@@ -255,23 +263,25 @@ where
                 // Partitions with a message left unsettled (the consumer stopped while the
                 // database was failing): no later offset of theirs may be stored, or the commit
                 // would skip that message.
-                let mut unsettled = std::collections::HashSet::new();
-                while let Some(msg) = rx.recv().await {
-                    let partition = (msg.topic().to_owned(), msg.partition());
-                    if unsettled.contains(&partition) {
-                        continue;
+                let mut unsettled = HashSet::new();
+                let mut batch = Vec::new();
+                while let Some(first) = rx.recv().await {
+                    // Whatever else is already waiting goes into the same batch.
+                    batch.push(first);
+                    while batch.len() < inner.config.batch.max(1) {
+                        match rx.try_recv() {
+                            Ok(m) => batch.push(m),
+                            Err(_) => break,
+                        }
                     }
-                    if !Inner::<DB, H>::handle::<S>(&inner, &msg, &shutdown).await {
-                        unsettled.insert(partition);
-                        continue;
-                    }
-                    if let Err(e) =
-                        consumer.store_offset(msg.topic(), msg.partition(), msg.offset())
-                    {
-                        // After a rebalance the partition may be another member's now; it will
-                        // see the message again and skip it.
-                        tracing::debug!(error = %e, "offset not stored");
-                    }
+                    Inner::<DB, H>::handle_batch::<S>(
+                        &inner,
+                        std::mem::take(&mut batch),
+                        &shutdown,
+                        &mut unsettled,
+                        &consumer,
+                    )
+                    .await;
                 }
             });
         }
@@ -302,6 +312,182 @@ where
 }
 
 impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
+    /// Handles a worker's batch in order: runs of messages that decode to this service's events
+    /// are applied together in one transaction, the rest (and a run whose transaction failed)
+    /// one at a time. Stores each settled message's offset.
+    async fn handle_batch<S>(
+        self: &Arc<Self>,
+        batch: Vec<OwnedMessage>,
+        shutdown: &Shutdown,
+        unsettled: &mut HashSet<(String, i32)>,
+        consumer: &StreamConsumer,
+    ) where
+        S: OutboxService + Dispatch<H, Context<DB>>,
+    {
+        let mut run: Vec<Decoded<S>> = Vec::new();
+        for msg in batch {
+            if unsettled.contains(&(msg.topic().to_owned(), msg.partition())) {
+                continue;
+            }
+            match self.decode::<S>(&msg) {
+                Some((env, event)) => run.push(Decoded {
+                    trace: trace_of(&msg),
+                    msg,
+                    env,
+                    event,
+                }),
+                None => {
+                    self.flush::<S>(std::mem::take(&mut run), shutdown, unsettled, consumer)
+                        .await;
+                    self.settle::<S>(&msg, shutdown, unsettled, consumer).await;
+                }
+            }
+        }
+        self.flush::<S>(run, shutdown, unsettled, consumer).await;
+    }
+
+    /// The envelope and event of a message this service applies; `None` for anything that
+    /// takes the one-at-a-time path (not an envelope, another service's, rejected).
+    fn decode<S: OutboxService>(&self, msg: &OwnedMessage) -> Option<(Envelope, S)> {
+        let env = envelope::decode(msg.payload()?).ok()?;
+        if env.service.as_deref().is_some_and(|o| o != S::SERVICE) {
+            return None;
+        }
+        let event = S::decode(&env.event_type, env.version, &env.payload).ok()?;
+        Some((env, event))
+    }
+
+    /// Applies a run of decoded messages in one transaction, or one at a time when that fails.
+    async fn flush<S>(
+        self: &Arc<Self>,
+        run: Vec<Decoded<S>>,
+        shutdown: &Shutdown,
+        unsettled: &mut HashSet<(String, i32)>,
+        consumer: &StreamConsumer,
+    ) where
+        S: OutboxService + Dispatch<H, Context<DB>>,
+    {
+        if run.is_empty() {
+            return;
+        }
+        let msgs: Vec<OwnedMessage> = run.iter().map(|d| d.msg.clone()).collect();
+        if run.len() > 1 {
+            match self.apply_batch::<S>(run).await {
+                Ok(true) => {
+                    for msg in &msgs {
+                        store_offset(consumer, msg);
+                    }
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(service = S::SERVICE, error = %e, "batch failed; applying one at a time")
+                }
+            }
+        }
+        for msg in &msgs {
+            if !unsettled.contains(&(msg.topic().to_owned(), msg.partition())) {
+                self.settle::<S>(msg, shutdown, unsettled, consumer).await;
+            }
+        }
+    }
+
+    /// One message on its own; stores its offset once it is settled.
+    async fn settle<S>(
+        self: &Arc<Self>,
+        msg: &OwnedMessage,
+        shutdown: &Shutdown,
+        unsettled: &mut HashSet<(String, i32)>,
+        consumer: &StreamConsumer,
+    ) where
+        S: OutboxService + Dispatch<H, Context<DB>>,
+    {
+        if self.handle::<S>(msg, shutdown).await {
+            store_offset(consumer, msg);
+        } else {
+            unsettled.insert((msg.topic().to_owned(), msg.partition()));
+        }
+    }
+
+    /// Applies every message of `run` in one transaction. `Ok(false)` (rolled back) when a
+    /// handler failed: the caller then applies them one at a time.
+    async fn apply_batch<S>(&self, run: Vec<Decoded<S>>) -> Result<bool, Error>
+    where
+        S: OutboxService + Dispatch<H, Context<DB>>,
+    {
+        let service = S::SERVICE;
+        let mut tx = DB::begin_pool_write(&self.pool).await?;
+        let mut rows = std::collections::HashMap::new();
+        if self.config.dedupe == Dedupe::OutboxRow {
+            let ids: Vec<&str> = run.iter().map(|d| d.env.event_id.as_str()).collect();
+            for row in self.outbox.lock_rows(&mut tx, service, &ids).await? {
+                rows.insert(row.event_id.clone(), row);
+            }
+        }
+        let mut applied: Vec<(i64, i64)> = Vec::with_capacity(run.len());
+        let mut seen = HashSet::new();
+        let mut handled = 0u64;
+        for d in run {
+            // The same event twice in one batch (published again after a lease ran out).
+            if !seen.insert(d.env.event_id.clone()) {
+                continue;
+            }
+            let mut attempts = 0;
+            match self.config.dedupe {
+                Dedupe::OutboxRow => {
+                    let Some(row) = rows.get(&d.env.event_id) else {
+                        tracing::warn!(service, event_id = %d.env.event_id, "no outbox row for this event; skipping");
+                        continue;
+                    };
+                    if row.is_settled() {
+                        continue;
+                    }
+                    attempts = row.attempts;
+                    applied.push((row.id, row.created_at));
+                }
+                Dedupe::Inbox => {
+                    if !self
+                        .outbox
+                        .record_inbox(&mut tx, &self.route.group, &d.env.event_id)
+                        .await?
+                    {
+                        continue;
+                    }
+                }
+            }
+            let mut ctx = Context {
+                tx,
+                meta: meta(&d.env, attempts, d.trace),
+            };
+            let span = consume_span(service, &d.env, d.trace);
+            let dispatched = d.event.dispatch(&self.handler, &mut ctx);
+            let ran = match d.trace {
+                Some(t) => tracing::Instrument::instrument(t.child().scope(dispatched), span).await,
+                None => tracing::Instrument::instrument(dispatched, span).await,
+            };
+            tx = ctx.tx;
+            if ran.is_err() {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            handled += 1;
+        }
+        let ids: Vec<i64> = applied.iter().map(|(id, _)| *id).collect();
+        self.outbox
+            .mark_many_consumed(&mut tx, service, &ids)
+            .await?;
+        tx.commit().await?;
+        let now = self.outbox.now_ms();
+        let latency =
+            metrics::histogram!("outbox_latency_seconds", "service" => service.to_owned());
+        for (_, created) in &applied {
+            latency.record((now - created).max(0) as f64 / 1000.0);
+        }
+        metrics::counter!("outbox_consumed_total", "service" => service.to_owned())
+            .increment(handled);
+        Ok(true)
+    }
+
     /// Handles one message; false when it was left unsettled (its offset must not be stored).
     async fn handle<S>(self: &Arc<Self>, msg: &OwnedMessage, shutdown: &Shutdown) -> bool
     where
@@ -335,14 +521,7 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
             return true;
         }
         let trace = trace_of(msg);
-        let span = tracing::info_span!(
-            "outbox.consume",
-            service,
-            event_id = %env.event_id,
-            event_type = %env.event_type,
-            outbox_id = env.outbox_id,
-            trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
-        );
+        let span = consume_span(service, &env, trace);
         let mut delay = Duration::from_millis(100);
         loop {
             let handled =
@@ -446,14 +625,7 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
                 }
             }
         }
-        let meta = Meta {
-            event_id: env.event_id.clone(),
-            outbox_id: env.outbox_id,
-            event_type: env.event_type.clone(),
-            version: env.version,
-            attempts,
-            trace,
-        };
+        let meta = meta(env, attempts, trace);
         let mut ctx = Context { tx, meta };
         let ran = match trace {
             Some(t) => {
@@ -529,6 +701,44 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
             tracing::warn!(error = %e, "dead-letter topic publish failed");
         }
     }
+}
+
+/// A message of a batch, decoded.
+struct Decoded<S> {
+    msg: OwnedMessage,
+    env: Envelope,
+    event: S,
+    trace: Option<TraceParent>,
+}
+
+fn store_offset(consumer: &StreamConsumer, msg: &OwnedMessage) {
+    if let Err(e) = consumer.store_offset(msg.topic(), msg.partition(), msg.offset()) {
+        // After a rebalance the partition may be another member's now; it will see the message
+        // again and skip it.
+        tracing::debug!(error = %e, "offset not stored");
+    }
+}
+
+fn meta(env: &Envelope, attempts: i32, trace: Option<TraceParent>) -> Meta {
+    Meta {
+        event_id: env.event_id.clone(),
+        outbox_id: env.outbox_id,
+        event_type: env.event_type.clone(),
+        version: env.version,
+        attempts,
+        trace,
+    }
+}
+
+fn consume_span(service: &str, env: &Envelope, trace: Option<TraceParent>) -> tracing::Span {
+    tracing::info_span!(
+        "outbox.consume",
+        service,
+        event_id = %env.event_id,
+        event_type = %env.event_type,
+        outbox_id = env.outbox_id,
+        trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
+    )
 }
 
 fn trace_of(msg: &OwnedMessage) -> Option<TraceParent> {

@@ -57,6 +57,9 @@ impl ShutdownTrigger {
     }
 }
 
+/// How soon a relay looks again when a writer that did not notify has yet to commit.
+const BUSY_RECHECK: Duration = Duration::from_millis(20);
+
 /// Relay settings.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -144,29 +147,98 @@ impl<DB: Backend> Relay<DB> {
         // shortly before falling back to the poll interval.
         let mut rechecks: &[u64] = &[];
         let mut gauged = tokio::time::Instant::now() - BACKLOG_EVERY;
+        // The connection that holds the wake lock while this loop rests (PostgreSQL), kept
+        // from one rest to the next; dropping it (closing it) gives the lock back.
+        let mut rest_conn: Option<DB::Connection> = None;
+        let mut resting = false;
         while !shutdown.is_triggered() {
+            if resting {
+                resting = false;
+                self.stop_resting(&mut rest_conn, service).await;
+            }
             if gauged.elapsed() >= BACKLOG_EVERY {
                 gauged = tokio::time::Instant::now();
                 self.gauge_backlog(service).await;
             }
-            match self.relay_once(service).await {
-                Ok(n) if n >= self.config.batch => continue,
-                Ok(n) if n > 0 => rechecks = &[],
-                Ok(_) => {}
-                Err(e) => tracing::warn!(service, error = %e, "relay round failed"),
+            let claimed = match self.relay_once(service).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(service, error = %e, "relay round failed");
+                    0
+                }
+            };
+            if claimed >= self.config.batch {
+                continue;
             }
-            let wait = match rechecks.split_first() {
+            if claimed > 0 {
+                rechecks = &[];
+            }
+            let mut wait = match rechecks.split_first() {
                 Some((ms, rest)) => {
                     rechecks = rest;
                     Duration::from_millis(*ms)
                 }
                 None => self.config.poll_interval,
             };
+            if wait == self.config.poll_interval {
+                match self.rest(&mut rest_conn, service).await {
+                    Some(true) => {
+                        resting = true;
+                        // Rows committed between the last claim and the lock notified no one:
+                        // look once more.
+                        if self.relay_once(service).await.is_ok_and(|n| n > 0) {
+                            continue;
+                        }
+                    }
+                    // A writer that did not notify is about to commit.
+                    Some(false) => wait = BUSY_RECHECK.min(wait),
+                    None => {}
+                }
+            }
             tokio::select! {
                 _ = wake.notified() => rechecks = &[2, 10, 50, 200],
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.wait() => break,
             }
+        }
+        if resting {
+            self.stop_resting(&mut rest_conn, service).await;
+        }
+    }
+
+    /// Takes the wake lock before sleeping; `None` where the database has no wake-up protocol
+    /// or the lock could not be asked for.
+    async fn rest(&self, conn: &mut Option<DB::Connection>, service: &str) -> Option<bool> {
+        if !self.outbox.can_rest(service) {
+            return None;
+        }
+        if conn.is_none() {
+            match self.pool.acquire().await {
+                Ok(c) => *conn = Some(c.detach()),
+                Err(e) => {
+                    tracing::debug!(service, error = %e, "no connection to rest on");
+                    return None;
+                }
+            }
+        }
+        let c = conn.as_mut()?;
+        match self.outbox.rest(c, service).await {
+            Ok(got) => got,
+            Err(e) => {
+                tracing::debug!(service, error = %e, "could not rest");
+                *conn = None;
+                None
+            }
+        }
+    }
+
+    async fn stop_resting(&self, conn: &mut Option<DB::Connection>, service: &str) {
+        if let Some(c) = conn.as_mut()
+            && let Err(e) = self.outbox.stop_resting(c, service).await
+        {
+            // Closing the connection gives the lock back.
+            tracing::debug!(service, error = %e, "could not stop resting");
+            *conn = None;
         }
     }
 

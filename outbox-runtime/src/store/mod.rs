@@ -532,6 +532,11 @@ impl TableSql {
         }
     }
 
+    /// The query `name`, when this dialect has it.
+    fn find(&self, name: &str) -> Option<&str> {
+        self.queries.get(name).map(String::as_str)
+    }
+
     /// The query `name` with `{ids}` replaced by `n` placeholders after the first `before`.
     pub fn with_ids(&self, name: &str, before: usize, n: usize) -> String {
         queries::expand_ids(self.get(name), before, n, self.numbered)
@@ -1084,6 +1089,82 @@ impl<DB: Backend> Outbox<DB> {
         let now = self.now_ms();
         let args = vec![Arg::I64(now), Arg::I64(now), Arg::I64(id)];
         Ok(DB::execute(conn, table.get("mark_consumed"), args).await? == 1)
+    }
+
+    /// A relay with nothing to do asks to be woken by the next insert into `service`'s table:
+    /// on PostgreSQL it takes the table's wake lock on `conn` (a connection of its own, held
+    /// until [`Outbox::stop_resting`]), and writers notify while it is held. `Some(false)` when
+    /// a writer that did not notify has not committed yet (look again soon), `None` when the
+    /// database has no such protocol (poll).
+    #[doc(hidden)]
+    pub async fn rest(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+    ) -> Result<Option<bool>, Error> {
+        let Some(sql) = self.table(service)?.find("rest") else {
+            return Ok(None);
+        };
+        let got = DB::fetch_ints(conn, sql, Vec::new()).await?;
+        Ok(Some(got.first().copied().flatten() == Some(1)))
+    }
+
+    /// Whether [`Outbox::rest`] does anything here (PostgreSQL).
+    #[doc(hidden)]
+    pub fn can_rest(&self, service: &str) -> bool {
+        self.table(service).is_ok_and(|t| t.find("rest").is_some())
+    }
+
+    /// Gives back the wake lock [`Outbox::rest`] took.
+    #[doc(hidden)]
+    pub async fn stop_resting(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+    ) -> Result<(), Error> {
+        if let Some(sql) = self.table(service)?.find("wake") {
+            DB::fetch_ints(conn, sql, Vec::new()).await?;
+        }
+        Ok(())
+    }
+
+    /// Locks the rows of `event_ids` in the caller's transaction, in id order, for a consumer's
+    /// batch; missing ones are left out.
+    #[doc(hidden)]
+    pub async fn lock_rows(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        event_ids: &[&str],
+    ) -> Result<Vec<OutboxRow>, Error> {
+        let table = self.table(service)?;
+        let mut rows = Vec::with_capacity(event_ids.len());
+        for chunk in event_ids.chunks(1000) {
+            let sql = table.with_ids("get_many_for_update", 0, chunk.len());
+            let args = chunk.iter().map(|e| Arg::Str((*e).to_owned())).collect();
+            rows.extend(DB::fetch_rows(conn, &sql, args).await?);
+        }
+        Ok(rows)
+    }
+
+    /// [`Outbox::mark_consumed`] for many locked rows; returns how many changed.
+    #[doc(hidden)]
+    pub async fn mark_many_consumed(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        ids: &[i64],
+    ) -> Result<u64, Error> {
+        let table = self.table(service)?;
+        let now = self.now_ms();
+        let mut changed = 0;
+        for chunk in ids.chunks(1000) {
+            let sql = table.with_ids("mark_many_consumed", 2, chunk.len());
+            let mut args = vec![Arg::I64(now), Arg::I64(now)];
+            args.extend(chunk.iter().map(|id| Arg::I64(*id)));
+            changed += DB::execute(conn, &sql, args).await?;
+        }
+        Ok(changed)
     }
 
     /// Records `(group, event_id)` in the inbox in the caller's transaction; false when it was

@@ -28,9 +28,11 @@ pub(super) fn for_table(
 ) -> HashMap<&'static str, String> {
     let columns = COLUMNS.join(", ");
     let o_columns = COLUMNS.map(|c| format!("o.{c}")).join(", ");
+    let wake_key = wake_key(table).to_string();
     let mut out = HashMap::new();
     for (name, sql) in parse(COMMON).into_iter().chain(parse(dialect)) {
         let sql = sql
+            .replace("{wake_key}", &wake_key)
             .replace("{table}", table)
             .replace("{o.columns}", &o_columns)
             .replace("{columns}", &columns);
@@ -38,6 +40,17 @@ pub(super) fn for_table(
         out.insert(name, sql);
     }
     out
+}
+
+/// The advisory-lock key of a table's wake-up protocol (PostgreSQL): FNV-1a of the table name,
+/// the same in every process.
+fn wake_key(table: &str) -> i64 {
+    let hash = format!("outbox-wake:{table}")
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    i64::from_ne_bytes(hash.to_ne_bytes())
 }
 
 /// Splits a file of `-- name: x` sections into `(name, SQL)`, dropping comment lines.

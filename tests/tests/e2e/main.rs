@@ -65,6 +65,7 @@ e2e_on_every_backend!(
     rows_written_before_the_relay_starts_go_out_at_once,
     a_handler_can_write_another_services_event_in_its_transaction,
     messages_that_are_not_this_services_leave_its_rows_alone,
+    a_failing_handler_in_a_batch_leaves_the_rest_of_it_applied_once,
 );
 
 /// Records every handled event in the effects table, in the handler's transaction. Clones
@@ -801,5 +802,92 @@ async fn messages_that_are_not_this_services_leave_its_rows_alone<DB: TestDb>() 
     drop(conn);
     assert_eq!(after, task_row, "another service's row is not touched");
     assert_eq!(w.effects().await, (1, 1));
+    w.cleanup().await;
+}
+
+// The consumer applies the messages waiting for it in one transaction; one failing handler
+// rolls that back, its batch is applied one at a time, and only the failing event is retried.
+async fn a_failing_handler_in_a_batch_leaves_the_rest_of_it_applied_once<DB: TestDb>() {
+    let w = World::<DB>::new().await;
+    let recorder = w.recorder();
+    recorder.failures.lock().unwrap().insert("pv-17".into(), 1);
+    // Written before the relay starts, so the consumer finds them waiting together.
+    let mut rows = Vec::new();
+    for i in 0..60 {
+        let mut tx = w.h.pool.begin().await.unwrap();
+        rows.push(
+            w.h.outbox
+                .enqueue(&mut *tx, &samples::feishu(i))
+                .await
+                .unwrap(),
+        );
+        tx.commit().await.unwrap();
+    }
+    let running = w.start(recorder, RelayConfig::default()).await;
+    w.settle(60).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(w.effects().await, (60, 60));
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    for (i, e) in rows.iter().enumerate() {
+        let row =
+            w.h.outbox
+                .get(&mut conn, "notification", e.id)
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(row.status, Status::Consumed);
+        if i != 17 {
+            assert_eq!(row.attempts, 1, "event {i} was published again");
+        }
+    }
+    drop(conn);
+    w.cleanup().await;
+}
+
+// PostgreSQL: a relay in another process (here: an outbox instance that shares no in-process
+// wake-up with the writer) rests between bursts and is woken by the writer's commit, not by its
+// poll, which is an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_in_another_process_is_woken_by_each_commit_postgres() {
+    use outbox_runtime::relay::{Relay, Shutdown};
+    let w = World::<outbox_runtime::sqlx::Postgres>::new().await;
+    let writer =
+        outbox_runtime::Outbox::<outbox_runtime::sqlx::Postgres>::new(w.h.outbox.catalog().clone());
+    let topic = w.h.outbox.catalog().service("task").unwrap().topic.clone();
+    let bus = std::sync::Arc::new(
+        outbox_runtime::bus::KafkaBus::new(KafkaConfig::new(brokers())).unwrap(),
+    );
+    bus.ensure_topics(&[topic]).await.unwrap();
+    let (trigger, shutdown) = Shutdown::new();
+    let relay = Relay::new(
+        w.h.outbox.clone(),
+        w.h.pool.clone(),
+        bus,
+        RelayConfig {
+            poll_interval: Duration::from_secs(3600),
+            ..RelayConfig::default()
+        },
+    );
+    let task = tokio::spawn(relay.run(shutdown));
+    for round in 1..=3 {
+        // Long enough for the relay to have found nothing and rested.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut tx = w.h.pool.begin().await.unwrap();
+        writer
+            .enqueue(&mut *tx, &samples::urgency(round))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while w.count("task", Status::Published).await < round as i64 {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the resting relay was not woken"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    trigger.trigger();
+    task.await.unwrap().unwrap();
     w.cleanup().await;
 }

@@ -74,6 +74,7 @@ on_every_backend!(
     enqueue_refuses_an_event_its_service_does_not_list,
     consume_works_inside_the_callers_transaction,
     a_row_dead_by_lease_expiry_is_applied_when_its_message_arrives,
+    a_consumer_batch_locks_its_rows_in_id_order_and_marks_the_open_ones_consumed,
 );
 
 // On the servers only: SQLite has one writer at a time, so there a consumer's transaction holds
@@ -88,6 +89,55 @@ async fn mark_published_does_not_wait_for_a_consumer_holding_the_row_postgres() 
 async fn mark_published_does_not_wait_for_a_consumer_holding_the_row_mysql() {
     mark_published_does_not_wait_for_a_consumer_holding_the_row::<outbox_runtime::sqlx::MySql>()
         .await;
+}
+
+// PostgreSQL's wake-up protocol: a resting relay holds the table's wake lock and the next insert
+// notifies it at commit; while no relay rests, inserts do not notify (a notifying commit
+// serializes every other one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resting_relay_is_notified_by_the_next_commit_and_only_then_postgres() {
+    use outbox_runtime::sqlx::postgres::PgListener;
+    let h = Harness::<outbox_runtime::sqlx::Postgres>::new().await;
+    let table = h.table("task");
+    let mut listener = PgListener::connect_with(&h.pool).await.unwrap();
+    listener.listen("outbox").await.unwrap();
+    let mut relay = h.pool.acquire().await.unwrap().detach();
+    let heard = async |listener: &mut PgListener| {
+        tokio::time::timeout(Duration::from_millis(1500), listener.recv())
+            .await
+            .ok()
+            .map(|n| n.unwrap().payload().to_owned())
+    };
+
+    // A writer that inserted without notifying has not committed: the relay must not rest.
+    let mut tx = h.pool.begin().await.unwrap();
+    h.outbox
+        .enqueue(&mut *tx, &samples::urgency(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        h.outbox.rest(&mut relay, "task").await.unwrap(),
+        Some(false)
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(
+        heard(&mut listener).await,
+        None,
+        "no relay rested: no notification"
+    );
+
+    // Resting, the next commit notifies.
+    assert_eq!(h.outbox.rest(&mut relay, "task").await.unwrap(), Some(true));
+    put(&h, &samples::urgency(2)).await;
+    assert_eq!(heard(&mut listener).await, Some(table.clone()));
+
+    // Awake again, inserts go quietly.
+    h.outbox.stop_resting(&mut relay, "task").await.unwrap();
+    put(&h, &samples::urgency(3)).await;
+    assert_eq!(heard(&mut listener).await, None);
+    assert!(h.outbox.can_rest("task"));
+    drop(relay);
+    h.cleanup().await;
 }
 
 /// Stores one event in its own transaction.
@@ -1150,5 +1200,71 @@ async fn mark_published_does_not_wait_for_a_consumer_holding_the_row<DB: TestDb>
     assert_eq!(consumer.await.unwrap(), Consumed::Applied(()));
     assert_eq!(row(&h, "token-store", e.id).await.status, Status::Consumed);
     let h = Arc::into_inner(h).unwrap();
+    h.cleanup().await;
+}
+
+// The consumer's batch path: one statement locks a batch's rows (missing ones left out) in id
+// order, and one marks the open ones consumed; a final row stays as it was.
+async fn a_consumer_batch_locks_its_rows_in_id_order_and_marks_the_open_ones_consumed<
+    DB: TestDb,
+>() {
+    let h = Harness::<DB>::new().await;
+    let a = put(&h, &samples::charge(1)).await;
+    let b = put(&h, &samples::charge(2)).await;
+    let c = put(&h, &samples::charge(3)).await;
+    let mut conn = h.pool.acquire().await.unwrap();
+    assert!(
+        h.outbox
+            .reject(
+                &mut conn,
+                "token-store",
+                &b.event_id,
+                "invalid_payload",
+                "bad"
+            )
+            .await
+            .unwrap()
+    );
+    drop(conn);
+    let mut tx = h.pool.begin().await.unwrap();
+    let missing = "0190c3c0-0000-7000-8000-000000000000";
+    let ids = [
+        c.event_id.as_str(),
+        missing,
+        a.event_id.as_str(),
+        b.event_id.as_str(),
+    ];
+    let rows = h
+        .outbox
+        .lock_rows(&mut *tx, "token-store", &ids)
+        .await
+        .unwrap();
+    let got: Vec<(i64, Status)> = rows.iter().map(|r| (r.id, r.status)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (a.id, Status::Pending),
+            (b.id, Status::Dead),
+            (c.id, Status::Pending)
+        ]
+    );
+    let changed = h
+        .outbox
+        .mark_many_consumed(&mut *tx, "token-store", &[a.id, b.id, c.id])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(changed, 2, "the dead row is not consumed");
+    for (id, want) in [
+        (a.id, Status::Consumed),
+        (b.id, Status::Dead),
+        (c.id, Status::Consumed),
+    ] {
+        let r = row(&h, "token-store", id).await;
+        assert_eq!(r.status, want);
+        if want == Status::Consumed {
+            assert_eq!(r.consumed_at, Some(T0));
+        }
+    }
     h.cleanup().await;
 }

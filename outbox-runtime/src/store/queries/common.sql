@@ -41,6 +41,15 @@ SET status = 'consumed', consumed_at = $1, updated_at = $2, lease_owner = NULL,
 WHERE id = $3 AND (status IN ('pending', 'sending', 'published')
     OR (status = 'dead' AND dead_reason = 'lease_expired'))
 
+-- name: mark_many_consumed
+-- mark_consumed for a consumer's batch.
+-- consumed_at, updated_at, ids...
+UPDATE {table}
+SET status = 'consumed', consumed_at = $1, updated_at = $2, lease_owner = NULL,
+    lease_until = NULL, next_attempt_at = NULL, dead_reason = NULL
+WHERE id IN ({ids}) AND (status IN ('pending', 'sending', 'published')
+    OR (status = 'dead' AND dead_reason = 'lease_expired'))
+
 -- name: replay
 -- next_attempt_at, updated_at, ids...
 UPDATE {table}

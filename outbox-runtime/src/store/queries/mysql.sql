@@ -104,6 +104,11 @@ FOR UPDATE SKIP LOCKED
 -- event_id
 SELECT {columns} FROM {table} WHERE event_id = ? FOR UPDATE
 
+-- name: get_many_for_update
+-- A consumer's batch: locked in id order, so two batches never wait on each other in a cycle.
+-- event_ids...
+SELECT {columns} FROM {table} WHERE event_id IN ({ids}) ORDER BY id FOR UPDATE
+
 -- name: inbox_insert
 -- consumer_group, event_id, consumed_at
 INSERT IGNORE INTO outbox_inbox (consumer_group, event_id, consumed_at) VALUES (?, ?, ?)

@@ -97,6 +97,11 @@ WHERE status = 'sending' AND lease_owner = ? AND id IN ({ids})
 -- event_id
 SELECT {columns} FROM {table} WHERE event_id = ?
 
+-- name: get_many_for_update
+-- A consumer's batch (the write transaction holds the database lock).
+-- event_ids...
+SELECT {columns} FROM {table} WHERE event_id IN ({ids}) ORDER BY id
+
 -- name: inbox_insert
 -- consumer_group, event_id, consumed_at
 INSERT INTO outbox_inbox (consumer_group, event_id, consumed_at) VALUES (?, ?, ?)
