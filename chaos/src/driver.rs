@@ -18,6 +18,9 @@ use crate::procs::{self, Broker, RoleProc, Spawner};
 use crate::world::{self, BackendKind, ChaosDb, Names};
 use crate::writer::{Mix, Writer};
 
+/// How long a relay or consumer works before it may be killed (see the kill loop).
+const SETTLED: Duration = Duration::from_secs(2);
+
 /// The scenarios of issue 7, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Scenario {
@@ -175,7 +178,7 @@ fn plan(o: &RunOptions, scenario: Scenario) -> Plan {
             ..base
         },
         Scenario::Poison => Plan {
-            events: o.events.unwrap_or(if q { 1500 } else { 5000 }),
+            events: o.events.unwrap_or(if q { 800 } else { 3000 }),
             rate: 0.0,
             writers: 8,
             poison_every: 100,
@@ -343,7 +346,7 @@ async fn scenario_on<DB: ChaosDb>(ctx: &Ctx<'_>, broker: &mut Broker) -> Result<
     // first (caches, the broker's storage); then clean and poison runs in turn, the best of
     // each compared, so that one slow moment of a 2-core machine does not decide.
     let warm = Plan {
-        events: p.events / 4,
+        events: p.events / 8,
         poison_every: 0,
         ..p
     };
@@ -530,13 +533,14 @@ async fn run_once<DB: ChaosDb>(
             for frac in at {
                 tokio::time::sleep_until(start + window.mul_f64(frac)).await;
                 let i = rng.usize(..procs.len());
-                // Only a process that is working is killed: tansu 0.6 never completes a
-                // rebalance when a member dies between joining the group and syncing it (the
-                // group waits for it for ever, whatever the session timeout), a broker bug that
-                // would hide what this scenario is about. A process that never gets to work
-                // fails the scenario here.
+                // Only a process that has been working for a moment is killed: tansu 0.6
+                // never completes the next rebalance when a member dies while the group is
+                // still forming around it (in the middle of joining, or within moments of its
+                // assignment): the new member waits for ever, whatever the session timeout. A
+                // broker bug that would hide what this scenario is about. A process that never
+                // gets to work fails the scenario here.
                 let deadline = Instant::now() + Duration::from_secs(60);
-                while !procs[i].is_ready() {
+                while procs[i].working_for().is_none_or(|d| d < SETTLED) {
                     if Instant::now() >= deadline {
                         return Err(format!("{role} {i} not working 60 s after its restart").into());
                     }
