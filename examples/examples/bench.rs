@@ -2,7 +2,7 @@
 //! against the Go system's algorithm, in one run.
 //!
 //! `cargo run --release -p examples --example bench -- [--backend postgres|mysql|sqlite]
-//!  [--database-url URL] [--brokers HOSTS] [--events N] [--writers C] [--json]`
+//!  [--database-url URL] [--brokers HOSTS] [--events N] [--writers C] [--backlog N] [--json]`
 //!
 //! Without `--brokers` it uses rdkafka's in-process mock cluster. Scenarios:
 //! - `raw_produce`: the producer alone, envelope-sized messages: the broker's limit;
@@ -12,7 +12,10 @@
 //! - `e2e`: writers at full speed with a relay and a consumer running: consumed per second and
 //!   enqueue-to-consumed latency;
 //! - `seed_mode`: the same end to end with the Go system's algorithm (one row at a time: select
-//!   due, synchronous produce, update; one consumer transaction per message).
+//!   due, synchronous produce, update; one consumer transaction per message);
+//! - `relay_backlog`: one relay draining a backlog of `--backlog` rows (1,000,000 by default
+//!   with `--brokers`, 200,000 with the mock cluster), with the process's peak memory while it
+//!   does (with the mock cluster, that includes the in-process broker holding every message).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::sync::Arc;
@@ -41,6 +44,8 @@ struct Options {
     brokers: Option<String>,
     events: usize,
     writers: usize,
+    /// `None`: the default for the broker.
+    backlog: Option<usize>,
     json: bool,
 }
 
@@ -49,6 +54,8 @@ struct Row {
     scenario: &'static str,
     events_per_sec: f64,
     latencies_ms: Vec<f64>,
+    /// Peak memory of the process during this scenario.
+    peak_rss_mb: Option<f64>,
 }
 
 fn options() -> Result<Options, BoxError> {
@@ -58,6 +65,7 @@ fn options() -> Result<Options, BoxError> {
         brokers: None,
         events: 5000,
         writers: 4,
+        backlog: None,
         json: false,
     };
     let mut args = std::env::args().skip(1);
@@ -69,6 +77,7 @@ fn options() -> Result<Options, BoxError> {
             "--brokers" => o.brokers = Some(value()?),
             "--events" => o.events = value()?.parse()?,
             "--writers" => o.writers = value()?.parse()?,
+            "--backlog" => o.backlog = Some(value()?.parse()?),
             "--json" => o.json = true,
             other => return Err(format!("unknown option `{other}`").into()),
         }
@@ -137,8 +146,8 @@ fn print(o: &Options, rows: &[Row]) {
             o.brokers.as_deref().unwrap_or("mock cluster")
         );
         println!(
-            "{:<12} {:>12} {:>9} {:>9} {:>9}",
-            "scenario", "events/s", "p50 ms", "p99 ms", "max ms"
+            "{:<14} {:>10} {:>9} {:>9} {:>9} {:>9}",
+            "scenario", "events/s", "p50 ms", "p99 ms", "max ms", "peak MB"
         );
     }
     for r in rows {
@@ -149,18 +158,19 @@ fn print(o: &Options, rows: &[Row]) {
                 "{}",
                 serde_json::json!({
                     "scenario": r.scenario, "backend": o.backend, "events_per_sec": r.events_per_sec.round(),
-                    "p50_ms": pct(&l, 0.5), "p99_ms": pct(&l, 0.99), "max_ms": l.last(), "peak_rss_mb": rss,
+                    "p50_ms": pct(&l, 0.5), "p99_ms": pct(&l, 0.99), "max_ms": l.last(), "peak_rss_mb": r.peak_rss_mb.unwrap_or(rss),
                 })
             );
         } else {
             let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
             println!(
-                "{:<12} {:>12.0} {:>9} {:>9} {:>9}",
+                "{:<14} {:>10.0} {:>9} {:>9} {:>9} {:>9}",
                 r.scenario,
                 r.events_per_sec,
                 f(pct(&l, 0.5)),
                 f(pct(&l, 0.99)),
-                f(l.last().copied())
+                f(l.last().copied()),
+                f(r.peak_rss_mb)
             );
         }
     }
@@ -170,14 +180,29 @@ fn print(o: &Options, rows: &[Row]) {
 }
 
 fn peak_rss_mb() -> f64 {
+    status_mb("VmHWM:")
+}
+
+fn rss_mb() -> f64 {
+    status_mb("VmRSS:")
+}
+
+fn status_mb(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Starts the peak (`VmHWM`) again from the current resident size (Linux 4.0 and later).
+fn reset_peak_rss() {
+    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
+        eprintln!("peak memory not reset ({e}): the figure is the process's peak so far");
+    }
 }
 
 struct Counter;
@@ -281,6 +306,7 @@ async fn run<DB: Backend>(
             scenario: "raw_produce",
             events_per_sec: n as f64 / started.elapsed().as_secs_f64(),
             latencies_ms: Vec::new(),
+            peak_rss_mb: None,
         });
         drop_table(&pool, &outbox).await?;
     }
@@ -346,6 +372,7 @@ async fn run<DB: Backend>(
             scenario,
             events_per_sec: lat.len() as f64 / started.elapsed().as_secs_f64(),
             latencies_ms: lat,
+            peak_rss_mb: None,
         });
         let mut conn = pool.acquire().await?;
         DB::execute(&mut conn, &format!("DROP TABLE {table}"), Vec::new()).await?;
@@ -379,6 +406,7 @@ async fn run<DB: Backend>(
             scenario: "relay",
             events_per_sec: n as f64 / secs,
             latencies_ms: Vec::new(),
+            peak_rss_mb: None,
         });
         drop_table(&pool, &outbox).await?;
     }
@@ -410,6 +438,7 @@ async fn run<DB: Backend>(
             scenario: "e2e",
             events_per_sec: n as f64 / secs,
             latencies_ms: lat,
+            peak_rss_mb: None,
         });
         drop_table(&pool, &outbox).await?;
     }
@@ -449,7 +478,59 @@ async fn run<DB: Backend>(
             scenario: "seed_mode",
             events_per_sec: n as f64 / secs,
             latencies_ms: lat,
+            peak_rss_mb: None,
         });
+        drop_table(&pool, &outbox).await?;
+    }
+
+    // relay_backlog: a large backlog, drained by one relay; its memory must not grow with it.
+    // The mock cluster keeps every message in this process, and past a few hundred thousand it,
+    // not the relay, sets the pace; a real broker takes the full million.
+    let backlog = o
+        .backlog
+        .unwrap_or(if mock.is_some() { 200_000 } else { 1_000_000 });
+    if backlog > 0 {
+        let outbox = fresh(&pool, "m", mock, &bus).await?;
+        fill(&pool, &outbox, backlog, o.backend == "mysql").await?;
+        let before = rss_mb();
+        reset_peak_rss();
+        let (trigger, shutdown) = Shutdown::new();
+        let relay = Relay::new(
+            outbox.clone(),
+            pool.clone(),
+            bus.clone(),
+            RelayConfig::default(),
+        );
+        let started = Instant::now();
+        let task = tokio::spawn(relay.run(shutdown));
+        wait_for_every(
+            &pool,
+            &outbox,
+            Status::Published,
+            backlog,
+            Duration::from_secs(1),
+        )
+        .await?;
+        let secs = started.elapsed().as_secs_f64();
+        trigger.trigger();
+        task.await??;
+        rows.push(Row {
+            scenario: "relay_backlog",
+            events_per_sec: backlog as f64 / secs,
+            latencies_ms: Vec::new(),
+            peak_rss_mb: Some(peak_rss_mb()),
+        });
+        if !o.json {
+            println!(
+                "relay_backlog: {} rows; resident {before:.0} MB before the relay started{}",
+                backlog,
+                if mock.is_some() {
+                    "; the peak includes the in-process mock broker holding every message"
+                } else {
+                    ""
+                }
+            );
+        }
         drop_table(&pool, &outbox).await?;
     }
     Ok(rows)
@@ -499,6 +580,17 @@ async fn wait_for<DB: Backend>(
     status: Status,
     n: usize,
 ) -> Result<(), BoxError> {
+    wait_for_every(pool, outbox, status, n, Duration::from_millis(20)).await
+}
+
+/// Waits until `n` rows reached `status` (or a later one), looking every `every`.
+async fn wait_for_every<DB: Backend>(
+    pool: &Pool<DB>,
+    outbox: &Outbox<DB>,
+    status: Status,
+    n: usize,
+    every: Duration,
+) -> Result<(), BoxError> {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let mut conn = pool.acquire().await?;
@@ -520,8 +612,80 @@ async fn wait_for<DB: Backend>(
         if Instant::now() > deadline {
             return Err(format!("only {done} of {n} events reached {status}").into());
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(every).await;
     }
+}
+
+/// Writes `n` pending rows straight into the outbox table, many per statement: a backlog as
+/// a stopped relay would leave it.
+async fn fill<DB: Backend>(
+    pool: &Pool<DB>,
+    outbox: &Outbox<DB>,
+    n: usize,
+    mysql: bool,
+) -> Result<(), BoxError> {
+    let route = outbox
+        .catalog()
+        .service("task")
+        .cloned()
+        .ok_or("no route")?;
+    let now = outbox.now_ms();
+    // One statement text for every chunk (only a short last one differs), so that the
+    // connection's statement cache holds one prepared insert, not a thousand.
+    let insert = |rows: usize| {
+        let values: Vec<String> = (0..rows)
+            .map(|r| {
+                let p = r * 4;
+                format!(
+                    "(${}, 'task.urgency.promote.requested', 1, 'task', '{topic}', ${}, ${}, ${}, \
+                     '{{}}', 'pending', 0, 20, {now}, {now}, {now})",
+                    p + 1,
+                    p + 2,
+                    p + 3,
+                    p + 4,
+                    topic = route.topic,
+                )
+            })
+            .collect();
+        DB::dialect_sql(&format!(
+            "INSERT INTO {} (event_id, event_type, event_version, service_name, topic, \
+             message_key, aggregate_id, payload, headers, status, attempts, max_attempts, \
+             next_attempt_at, created_at, updated_at) VALUES {}",
+            route.table,
+            values.join(", ")
+        ))
+        .into_owned()
+    };
+    let full = insert(1000);
+    let rows: Vec<usize> = (0..n).collect();
+    for chunk in rows.chunks(1000) {
+        let sql = if chunk.len() == 1000 {
+            full.clone()
+        } else {
+            insert(chunk.len())
+        };
+        let mut args = Vec::with_capacity(chunk.len() * 4);
+        for i in chunk {
+            let key = (1 + i % 1000).to_string();
+            args.push(Arg::Str(format!("backlog-{i}")));
+            args.push(Arg::Str(key.clone()));
+            args.push(Arg::Str(key.clone()));
+            args.push(Arg::Str(format!(
+                "{{\"user_id\":{key},\"task_ids\":[{i}],\"triggered_at\":\"2026-11-23T09:00:00Z\"}}"
+            )));
+        }
+        let mut conn = pool.acquire().await?;
+        DB::execute(&mut conn, &sql, args).await?;
+    }
+    // The planner's statistics, as a backlog that built up over time would have them.
+    let analyze = if mysql {
+        format!("ANALYZE TABLE {}", route.table)
+    } else {
+        format!("ANALYZE {}", route.table)
+    };
+    let mut conn = pool.acquire().await?;
+    DB::execute(&mut conn, &analyze, Vec::new()).await?;
+    Ok(())
 }
 
 async fn latencies<DB: Backend>(

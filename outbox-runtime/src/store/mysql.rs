@@ -177,7 +177,13 @@ async fn claim_once(
     c: ClaimArgs,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
     {
-        let args = vec![Arg::I64(c.now), Arg::I64(c.now), Arg::I64(c.limit)];
+        let args = vec![
+            Arg::I64(c.now),
+            Arg::I64(c.limit),
+            Arg::I64(c.now),
+            Arg::I64(c.limit),
+            Arg::I64(c.limit),
+        ];
         let candidates: Vec<i64> = MySql::fetch_ints(conn, sql.get("claim_candidates"), args)
             .await?
             .into_iter()

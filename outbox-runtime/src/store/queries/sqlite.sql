@@ -38,6 +38,10 @@ CREATE INDEX IF NOT EXISTS {table}_due ON {table} (next_attempt_at, id) WHERE st
 -- name: index_lease
 CREATE INDEX IF NOT EXISTS {table}_lease ON {table} (lease_until) WHERE status = 'sending'
 
+-- name: index_open
+-- Claims walk the open rows in id order (see the PostgreSQL query).
+CREATE INDEX IF NOT EXISTS {table}_open ON {table} (id) WHERE status IN ('pending', 'sending')
+
 -- name: index_key
 CREATE INDEX IF NOT EXISTS {table}_key ON {table} (message_key, id) WHERE status IN ('pending', 'sending')
 
@@ -76,7 +80,8 @@ SET status = 'sending', lease_owner = ?, lease_until = ?, attempts = attempts + 
     updated_at = ?
 WHERE id IN (
     SELECT c.id FROM {table} c
-    WHERE ((c.status = 'pending' AND c.next_attempt_at <= ?)
+    WHERE c.status IN ('pending', 'sending')
+      AND ((c.status = 'pending' AND c.next_attempt_at <= ?)
         OR (c.status = 'sending' AND c.lease_until <= ? AND c.attempts < c.max_attempts))
       AND (c.message_key IS NULL OR NOT EXISTS (
             SELECT 1 FROM {table} e
