@@ -2,7 +2,8 @@
 //! against the Go system's algorithm, in one run.
 //!
 //! `cargo run --release -p examples --example bench -- [--backend postgres|mysql|sqlite]
-//!  [--database-url URL] [--brokers HOSTS] [--events N] [--writers C] [--backlog N] [--json]`
+//!  [--database-url URL] [--brokers HOSTS] [--events N] [--writers C] [--backlog N]
+//!  [--only SCENARIO,...] [--json]`
 //!
 //! Without `--brokers` it uses rdkafka's in-process mock cluster. Scenarios:
 //! - `raw_produce`: the producer alone, envelope-sized messages: the broker's limit;
@@ -46,7 +47,15 @@ struct Options {
     writers: usize,
     /// `None`: the default for the broker.
     backlog: Option<usize>,
+    /// Scenarios to run; empty: all.
+    only: Vec<String>,
     json: bool,
+}
+
+impl Options {
+    fn runs(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
 }
 
 /// One result line.
@@ -66,6 +75,7 @@ fn options() -> Result<Options, BoxError> {
         events: 5000,
         writers: 4,
         backlog: None,
+        only: Vec::new(),
         json: false,
     };
     let mut args = std::env::args().skip(1);
@@ -78,6 +88,7 @@ fn options() -> Result<Options, BoxError> {
             "--events" => o.events = value()?.parse()?,
             "--writers" => o.writers = value()?.parse()?,
             "--backlog" => o.backlog = Some(value()?.parse()?),
+            "--only" => o.only = value()?.split(',').map(str::to_owned).collect(),
             "--json" => o.json = true,
             other => return Err(format!("unknown option `{other}`").into()),
         }
@@ -279,7 +290,7 @@ async fn run<DB: Backend>(
     let bus = Arc::new(KafkaBus::new(KafkaConfig::new(brokers))?);
 
     // raw_produce
-    {
+    if o.runs("raw_produce") {
         let outbox = fresh(&pool, "p", mock, &bus).await?;
         let route = outbox
             .catalog()
@@ -313,6 +324,9 @@ async fn run<DB: Backend>(
 
     // raw_insert and enqueue
     for (scenario, with_outbox) in [("raw_insert", false), ("enqueue", true)] {
+        if !o.runs(scenario) {
+            continue;
+        }
         let outbox = fresh(&pool, "i", mock, &bus).await?;
         let table = format!(
             "{}_biz",
@@ -381,7 +395,7 @@ async fn run<DB: Backend>(
     }
 
     // relay: a pre-filled backlog.
-    {
+    if o.runs("relay") {
         let outbox = fresh(&pool, "r", mock, &bus).await?;
         let events: Vec<_> = (0..n as u64).map(event).collect();
         for chunk in events.chunks(500) {
@@ -412,7 +426,7 @@ async fn run<DB: Backend>(
     }
 
     // e2e
-    {
+    if o.runs("e2e") {
         let outbox = fresh(&pool, "e", mock, &bus).await?;
         let mut builder =
             Runtime::builder(outbox.clone(), pool.clone(), KafkaConfig::new(brokers))?
@@ -444,7 +458,7 @@ async fn run<DB: Backend>(
     }
 
     // seed_mode: the Go algorithm.
-    {
+    if o.runs("seed_mode") {
         let outbox = fresh(&pool, "s", mock, &bus).await?;
         let route = outbox
             .catalog()
@@ -489,7 +503,7 @@ async fn run<DB: Backend>(
     let backlog = o
         .backlog
         .unwrap_or(if mock.is_some() { 200_000 } else { 1_000_000 });
-    if backlog > 0 {
+    if backlog > 0 && o.runs("relay_backlog") {
         let outbox = fresh(&pool, "m", mock, &bus).await?;
         fill(&pool, &outbox, backlog, o.backend == "mysql").await?;
         let before = rss_mb();

@@ -57,6 +57,10 @@ impl ShutdownTrigger {
     }
 }
 
+/// How long a woken relay waits before it claims, so that one claim takes what a burst of
+/// writers committed.
+const LINGER: Duration = Duration::from_millis(5);
+
 /// How soon a relay looks again when a writer that did not notify has yet to commit.
 const BUSY_RECHECK: Duration = Duration::from_millis(20);
 
@@ -196,7 +200,11 @@ impl<DB: Backend> Relay<DB> {
                 }
             }
             tokio::select! {
-                _ = wake.notified() => rechecks = &[2, 10, 50, 200],
+                _ = wake.notified() => {
+                    rechecks = &[2, 10, 50, 200];
+                    // Writers commit in bursts: a moment's wait lets one claim take several.
+                    tokio::time::sleep(LINGER).await;
+                }
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.wait() => break,
             }
