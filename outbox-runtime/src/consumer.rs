@@ -503,6 +503,27 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
             Ok(env) => env,
             Err(e) => {
                 tracing::warn!(service, error = %e, "dead-lettering a message that is not an envelope");
+                // A message that names its event (a row whose stored fields broke the envelope)
+                // takes its row to dead, not leaves it published for good.
+                if let Some(event_id) = envelope::event_id_of(value) {
+                    let rejected = match self.pool.acquire().await {
+                        Ok(mut conn) => self
+                            .outbox
+                            .reject(
+                                &mut conn,
+                                service,
+                                &event_id,
+                                "undecodable_envelope",
+                                &e.to_string(),
+                            )
+                            .await
+                            .map(drop),
+                        Err(db) => Err(db.into()),
+                    };
+                    if let Err(db) = rejected {
+                        tracing::warn!(service, %event_id, error = %db, "row of an undecodable message not marked dead");
+                    }
+                }
                 self.dead_letter(msg, "undecodable_envelope", &e.to_string())
                     .await;
                 return true;

@@ -126,8 +126,27 @@ struct Wire<'a> {
     service_name: Option<String>,
     #[serde(default)]
     aggregate_id: Option<String>,
-    #[serde(borrow)]
+    // `null` is a payload (the consumer's decoder rejects it and the row goes dead with that
+    // reason); only a missing field is none.
+    #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// The `event_id` of a message that is not a valid envelope, when it has one, so that its row
+/// can be dead-lettered rather than left published.
+pub fn event_id_of(bytes: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Id {
+        event_id: String,
+    }
+    serde_json::from_slice::<Id>(bytes)
+        .ok()
+        .map(|i| i.event_id)
+        .filter(|id| !id.trim().is_empty())
 }
 
 /// Decodes a Kafka message value.
@@ -292,6 +311,20 @@ mod tests {
         }
         let no_version = decode(b"{\"outbox_id\":5,\"event_type\":\"a.b\",\"payload\":1}").unwrap();
         assert_eq!((no_version.version, no_version.event_id.as_str()), (1, "5"));
+    }
+
+    #[test]
+    fn a_null_payload_is_a_payload_and_a_broken_envelope_keeps_its_event_id() {
+        let env = decode(
+            b"{\"outbox_id\":3,\"event_id\":\"e-3\",\"event_type\":\"a.b\",\"payload\":null}",
+        )
+        .unwrap();
+        assert_eq!(env.payload, b"null");
+        let broken = b"{\"outbox_id\":3,\"event_id\":\"e-3\",\"event_type\":\"\",\"payload\":{}}";
+        assert!(decode(broken).is_err());
+        assert_eq!(event_id_of(broken).as_deref(), Some("e-3"));
+        assert_eq!(event_id_of(b"{\"event_id\":\" \"}"), None);
+        assert_eq!(event_id_of(b"garbage"), None);
     }
 
     #[test]

@@ -171,11 +171,11 @@ impl<DB: Backend> Relay<DB> {
                     0
                 }
             };
-            if claimed >= self.config.batch {
-                continue;
-            }
+            // A published row lets the next row of its key go: claim again at once until a
+            // round finds nothing (per-key order lets a claim take one row per key).
             if claimed > 0 {
                 rechecks = &[];
+                continue;
             }
             let mut wait = match rechecks.split_first() {
                 Some((ms, rest)) => {

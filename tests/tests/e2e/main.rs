@@ -66,6 +66,7 @@ e2e_on_every_backend!(
     a_handler_can_write_another_services_event_in_its_transaction,
     messages_that_are_not_this_services_leave_its_rows_alone,
     a_failing_handler_in_a_batch_leaves_the_rest_of_it_applied_once,
+    a_backlog_of_one_key_drains_without_waiting_for_the_poll,
 );
 
 /// Records every handled event in the effects table, in the handler's transaction. Clones
@@ -204,6 +205,15 @@ impl<DB: TestDb> World<DB> {
 
     /// A relay and a consumer per service, on the broker.
     async fn start(&self, recorder: Recorder, relay: RelayConfig) -> Running {
+        // Tests poll every 100 ms unless they set their own interval.
+        let relay = if relay.poll_interval == RelayConfig::default().poll_interval {
+            RelayConfig {
+                poll_interval: Duration::from_millis(100),
+                ..relay
+            }
+        } else {
+            relay
+        };
         let consumers = ConsumerConfig {
             dlq: true,
             ..ConsumerConfig::default()
@@ -214,10 +224,7 @@ impl<DB: TestDb> World<DB> {
             KafkaConfig::new(brokers()),
         )
         .unwrap()
-        .relay(RelayConfig {
-            poll_interval: Duration::from_millis(100),
-            ..relay
-        })
+        .relay(relay)
         .consumer::<NotificationEvents, _>(recorder.clone(), consumers.clone())
         .unwrap()
         .consumer::<TaskEvents, _>(recorder.clone(), consumers.clone())
@@ -418,6 +425,11 @@ async fn poison_is_dead_lettered_and_does_not_hold_back_its_partition<DB: TestDb
     .await;
     raw_row(&w, "notification.feishu.requested", 9, key, &good_payload).await;
     raw_row(&w, "notification.sms.requested", 1, key, "{}").await;
+    // A JSON null payload is a payload the decoder rejects (not a missing one, which left the
+    // row published for good).
+    raw_row(&w, "notification.feishu.requested", 1, key, "null").await;
+    // Seed 31: an envelope without an event type takes its row to dead too.
+    raw_row(&w, "", 1, key, &good_payload).await;
     let mut invalid = serde_json::to_value(samples::feishu(2)).unwrap();
     invalid["user_id"] = 0.into();
     raw_row(
@@ -435,7 +447,7 @@ async fn poison_is_dead_lettered_and_does_not_hold_back_its_partition<DB: TestDb
         w.h.outbox.enqueue(&mut *tx, &e).await.unwrap();
         tx.commit().await.unwrap();
     }
-    w.settle(10).await;
+    w.settle(12).await;
     running.shutdown().await.unwrap();
     assert_eq!(w.effects().await, (5, 5));
     let mut conn = w.h.pool.acquire().await.unwrap();
@@ -449,9 +461,10 @@ async fn poison_is_dead_lettered_and_does_not_hold_back_its_partition<DB: TestDb
     assert_eq!(
         reasons,
         [
-            ("decode_error", 1),
+            ("decode_error", 2),
             ("invalid_payload", 1),
             ("malformed_payload", 1),
+            ("undecodable_envelope", 1),
             ("unknown_event_type", 1),
             ("unsupported_version", 1)
         ]
@@ -889,5 +902,32 @@ async fn a_relay_in_another_process_is_woken_by_each_commit_postgres() {
     }
     trigger.trigger();
     task.await.unwrap().unwrap();
+    w.cleanup().await;
+}
+
+// Per-key order lets a claim take one row of a key; the next becomes due when that one is
+// published, and the relay claims again at once instead of sleeping its poll interval (an hour
+// here): the backlog drained at one row per key per poll before.
+async fn a_backlog_of_one_key_drains_without_waiting_for_the_poll<DB: TestDb>() {
+    let w = World::<DB>::new().await;
+    for i in 0..30 {
+        let mut e = samples::urgency(i);
+        e.user_id = 5;
+        let mut tx = w.h.pool.begin().await.unwrap();
+        w.h.outbox.enqueue(&mut *tx, &e).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let running = w
+        .start(
+            w.recorder(),
+            RelayConfig {
+                poll_interval: Duration::from_secs(3600),
+                ..RelayConfig::default()
+            },
+        )
+        .await;
+    w.settle(30).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(w.effects().await, (30, 30));
     w.cleanup().await;
 }
