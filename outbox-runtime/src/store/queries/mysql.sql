@@ -71,10 +71,11 @@ WHERE status = 'sending' AND lease_until <= ? AND attempts >= max_attempts AND i
 -- `claim_lock`, so that rows another claimer holds are skipped without hiding an earlier row
 -- of the same key from the NOT EXISTS test. Each status is read in id order from the
 -- `(status, id)` index, so a claim never walks the published rows (one OR over both statuses
--- sorted every open row, and a table with a million published rows made each claim slow).
+-- sorted every open row; and left to itself MariaDB walks the primary key from the first row,
+-- 130 ms a claim behind 300,000 published rows).
 -- now (pending due), limit, now (lease expired), limit, limit
 SELECT id FROM (
-    (SELECT c.id FROM {table} c
+    (SELECT c.id FROM {table} c FORCE INDEX ({table}_open)
     WHERE c.status = 'pending' AND c.next_attempt_at <= ?
       AND (c.message_key IS NULL OR NOT EXISTS (
             SELECT 1 FROM {table} e
@@ -83,7 +84,7 @@ SELECT id FROM (
     ORDER BY c.id
     LIMIT ?)
     UNION ALL
-    (SELECT c.id FROM {table} c
+    (SELECT c.id FROM {table} c FORCE INDEX ({table}_open)
     WHERE c.status = 'sending' AND c.lease_until <= ? AND c.attempts < c.max_attempts
       AND (c.message_key IS NULL OR NOT EXISTS (
             SELECT 1 FROM {table} e
