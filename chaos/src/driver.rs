@@ -384,7 +384,11 @@ async fn scenario_on<DB: ChaosDb>(ctx: &Ctx<'_>, broker: &mut Broker) -> Result<
             break;
         }
     }
-    let within = poison_best >= 0.8 * clean_best;
+    // The quick run's few seconds of 800 events cannot tell 20% from this machine's noise, nor
+    // from the retry backoff of the always-failing event holding its key's later events: it
+    // reports the ratio, and the full run (3,000 events, two rounds) enforces it.
+    let enforced = !ctx.options.quick;
+    let within = !enforced || poison_best >= 0.8 * clean_best;
     let n = lines.len();
     Ok(lines
         .into_iter()
@@ -396,8 +400,9 @@ async fn scenario_on<DB: ChaosDb>(ctx: &Ctx<'_>, broker: &mut Broker) -> Result<
             let mut extra = format!(" run={kind}#{round} healthy_per_s={:.0}", o.throughput);
             if last {
                 extra.push_str(&format!(
-                    " best_clean_per_s={clean_best:.0} best_poison_per_s={poison_best:.0} ratio={:.2} (at least 0.80)",
-                    if clean_best > 0.0 { poison_best / clean_best } else { 0.0 }
+                    " best_clean_per_s={clean_best:.0} best_poison_per_s={poison_best:.0} ratio={:.2} ({})",
+                    if clean_best > 0.0 { poison_best / clean_best } else { 0.0 },
+                    if enforced { "at least 0.80" } else { "reported; the full run checks it" }
                 ));
             }
             (o, ok, extra)
