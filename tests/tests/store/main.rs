@@ -143,7 +143,8 @@ async fn a_resting_relay_is_notified_by_the_next_commit_and_only_then_postgres()
         "no relay rests: no notification"
     );
     assert!(h.outbox.can_rest("task"));
-    drop(relay);
+    // The listener holds a connection of the pool, which closing the pool would wait for.
+    drop((relay, listener));
     h.cleanup().await;
 }
 
