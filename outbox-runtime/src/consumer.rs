@@ -324,18 +324,16 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
     ) where
         S: OutboxService + Dispatch<H, Context<DB>>,
     {
-        let mut run: Vec<Decoded<S>> = Vec::new();
+        let mut run: Vec<(OwnedMessage, Decoded<S>)> = Vec::new();
         for msg in batch {
             if unsettled.contains(&(msg.topic().to_owned(), msg.partition())) {
                 continue;
             }
             match self.decode::<S>(&msg) {
-                Some((env, event)) => run.push(Decoded {
-                    trace: trace_of(&msg),
-                    msg,
-                    env,
-                    event,
-                }),
+                Some((env, event)) => {
+                    let trace = trace_of(&msg);
+                    run.push((msg, Decoded { env, event, trace }));
+                }
                 None => {
                     self.flush::<S>(std::mem::take(&mut run), shutdown, unsettled, consumer)
                         .await;
@@ -360,7 +358,7 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
     /// Applies a run of decoded messages in one transaction, or one at a time when that fails.
     async fn flush<S>(
         self: &Arc<Self>,
-        run: Vec<Decoded<S>>,
+        run: Vec<(OwnedMessage, Decoded<S>)>,
         shutdown: &Shutdown,
         unsettled: &mut HashSet<(String, i32)>,
         consumer: &StreamConsumer,
@@ -370,7 +368,7 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
         if run.is_empty() {
             return;
         }
-        let msgs: Vec<OwnedMessage> = run.iter().map(|d| d.msg.clone()).collect();
+        let (msgs, run): (Vec<OwnedMessage>, Vec<Decoded<S>>) = run.into_iter().unzip();
         if run.len() > 1 {
             match self.apply_batch::<S>(run).await {
                 Ok(true) => {
@@ -726,7 +724,6 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
 
 /// A message of a batch, decoded.
 struct Decoded<S> {
-    msg: OwnedMessage,
     env: Envelope,
     event: S,
     trace: Option<TraceParent>,
