@@ -7,8 +7,9 @@
 //!
 //! A message the service must not process (not an envelope, unknown event type, unsupported
 //! version, undecodable or invalid payload) goes dead with its reason, and to `<topic>.dlq` when
-//! configured; its offset is committed and the partition moves on. A handler error sends the
-//! event back through the outbox with backoff (the relay publishes it again), then dead.
+//! configured; its offset is committed and the partition moves on. A handler error, or a handler
+//! panic, sends the event back through the outbox with backoff (the relay publishes it again),
+//! then dead.
 //! Partitions are processed in parallel, each in order, so one key's events are applied in
 //! order.
 
@@ -27,7 +28,7 @@ use crate::envelope::{self, Envelope};
 use crate::error::Error;
 use crate::relay::Shutdown;
 use crate::route::ServiceRoute;
-use crate::service::{Dispatch, OutboxService};
+use crate::service::{Dispatch, HandlerError, OutboxService};
 use crate::store::{Backend, Outbox, Transition};
 use crate::trace::TraceParent;
 
@@ -458,7 +459,7 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
                 meta: meta(&d.env, attempts, d.trace),
             };
             let span = consume_span(service, &d.env, d.trace);
-            let dispatched = d.event.dispatch(&self.handler, &mut ctx);
+            let dispatched = unwound(d.event.dispatch(&self.handler, &mut ctx));
             let ran = match d.trace {
                 Some(t) => tracing::Instrument::instrument(t.child().scope(dispatched), span).await,
                 None => tracing::Instrument::instrument(dispatched, span).await,
@@ -646,13 +647,10 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
         }
         let meta = meta(env, attempts, trace);
         let mut ctx = Context { tx, meta };
+        let dispatched = unwound(event.dispatch(&self.handler, &mut ctx));
         let ran = match trace {
-            Some(t) => {
-                t.child()
-                    .scope(event.dispatch(&self.handler, &mut ctx))
-                    .await
-            }
-            None => event.dispatch(&self.handler, &mut ctx).await,
+            Some(t) => t.child().scope(dispatched).await,
+            None => dispatched.await,
         };
         match ran {
             Ok(()) => {
@@ -722,6 +720,35 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
     }
 }
 
+/// Runs a handler, turning its panic into a failure to retry: the event goes back through the
+/// outbox with backoff and, if it panics every time, dead with `max_attempts` and the panic's
+/// message as its last error. Without this a panic would end the partition's worker, and its
+/// later messages would wait for a restart. (A build with `panic = "abort"` cannot unwind: there
+/// a panic still ends the process.)
+async fn unwound<F>(handler: F) -> Result<(), HandlerError>
+where
+    F: Future<Output = Result<(), HandlerError>>,
+{
+    let mut handler = std::pin::pin!(handler);
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.as_mut().poll(cx))) {
+            Ok(polled) => polled,
+            // Ready, so never polled again; the caller rolls back the handler's transaction.
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a non-string payload".to_owned());
+                std::task::Poll::Ready(Err(HandlerError::retry(format!(
+                    "the handler panicked: {message}"
+                ))))
+            }
+        }
+    })
+    .await
+}
+
 /// A message of a batch, decoded.
 struct Decoded<S> {
     env: Envelope,
@@ -766,4 +793,36 @@ fn trace_of(msg: &OwnedMessage) -> Option<TraceParent> {
         .find(|h| h.key == "traceparent")
         .and_then(|h| std::str::from_utf8(h.value?).ok())
         .and_then(|v| v.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_handler_panic_becomes_a_retryable_error_with_its_message() {
+        let caught = unwound(async { panic!("no client for {}", "feishu") }).await;
+        let e = caught.unwrap_err();
+        assert!(!e.is_permanent());
+        assert_eq!(e.to_string(), "the handler panicked: no client for feishu");
+
+        let caught = unwound(async { std::panic::panic_any(7u8) }).await;
+        assert_eq!(
+            caught.unwrap_err().to_string(),
+            "the handler panicked: a non-string payload"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_returns_passes_its_result_through() {
+        assert!(unwound(async { Ok(()) }).await.is_ok());
+        let e = unwound(async {
+            tokio::task::yield_now().await;
+            Err(HandlerError::permanent("refused"))
+        })
+        .await
+        .unwrap_err();
+        assert!(e.is_permanent());
+        assert_eq!(e.to_string(), "refused");
+    }
 }

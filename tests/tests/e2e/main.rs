@@ -67,6 +67,7 @@ e2e_on_every_backend!(
     messages_that_are_not_this_services_leave_its_rows_alone,
     a_failing_handler_in_a_batch_leaves_the_rest_of_it_applied_once,
     a_backlog_of_one_key_drains_without_waiting_for_the_poll,
+    a_panicking_handler_is_retried_and_its_partition_goes_on,
 );
 
 /// Records every handled event in the effects table, in the handler's transaction. Clones
@@ -76,6 +77,8 @@ struct Recorder {
     effects: String,
     /// Preview ids whose handler fails this many more times.
     failures: Arc<Mutex<HashMap<String, u32>>>,
+    /// Preview ids whose handler panics this many more times.
+    panics: Arc<Mutex<HashMap<String, u32>>>,
     /// Trace id seen by the handler, per event id.
     traces: Arc<Mutex<HashMap<String, Option<String>>>>,
 }
@@ -105,7 +108,11 @@ impl Recorder {
     }
 
     fn should_fail(&self, preview: &str) -> bool {
-        let mut f = self.failures.lock().unwrap();
+        Self::take_one(&self.failures, preview)
+    }
+
+    fn take_one(left: &Mutex<HashMap<String, u32>>, preview: &str) -> bool {
+        let mut f = left.lock().unwrap();
         match f.get_mut(preview) {
             Some(n) if *n > 0 => {
                 *n -= 1;
@@ -124,6 +131,9 @@ impl<DB: TestDb> NotificationEventsHandler<Context<DB>> for Recorder {
     ) -> Result<(), HandlerError> {
         if self.should_fail(&e.preview_id) {
             return Err(HandlerError::retry("feishu api answered 502"));
+        }
+        if Self::take_one(&self.panics, &e.preview_id) {
+            panic!("feishu client bug on {}", e.preview_id);
         }
         self.record(ctx, "feishu").await
     }
@@ -853,6 +863,61 @@ async fn a_failing_handler_in_a_batch_leaves_the_rest_of_it_applied_once<DB: Tes
             assert_eq!(row.attempts, 1, "event {i} was published again");
         }
     }
+    drop(conn);
+    w.cleanup().await;
+}
+
+// A handler that panics is a handler that failed: its event is retried through the outbox, and
+// the worker of its partition lives on to apply everything after it. The first panic comes in
+// the batch path, the second in the one-at-a-time path that follows it.
+async fn a_panicking_handler_is_retried_and_its_partition_goes_on<DB: TestDb>() {
+    let w = World::<DB>::new().await;
+    let recorder = w.recorder();
+    recorder.panics.lock().unwrap().insert("pv-5".into(), 2);
+    let mut rows = Vec::new();
+    for i in 0..30 {
+        let mut tx = w.h.pool.begin().await.unwrap();
+        rows.push(
+            w.h.outbox
+                .enqueue(&mut *tx, &samples::feishu(i))
+                .await
+                .unwrap(),
+        );
+        tx.commit().await.unwrap();
+    }
+    let running = w.start(recorder.clone(), RelayConfig::default()).await;
+    w.settle(30).await;
+    // Written after the panics: the worker that panicked still applies new events.
+    let mut tx = w.h.pool.begin().await.unwrap();
+    let late =
+        w.h.outbox
+            .enqueue(&mut *tx, &samples::feishu(5))
+            .await
+            .unwrap();
+    tx.commit().await.unwrap();
+    w.settle(31).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(w.effects().await, (31, 31));
+    assert!(
+        recorder.panics.lock().unwrap()["pv-5"] == 0,
+        "both panics ran"
+    );
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    let row =
+        w.h.outbox
+            .get(&mut conn, "notification", rows[5].id)
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(row.status, Status::Consumed);
+    assert!(row.attempts >= 2, "published again after the panic");
+    let late =
+        w.h.outbox
+            .get(&mut conn, "notification", late.id)
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(late.status, Status::Consumed);
     drop(conn);
     w.cleanup().await;
 }
