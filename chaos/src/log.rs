@@ -1,6 +1,6 @@
-//! A small `tracing` subscriber for the role processes: warnings and errors, one line each, on
-//! standard error (the driver sends it to the process's log file), so that a failed scenario
-//! can be read afterwards.
+//! A small `tracing` subscriber for the role processes: warnings and errors (and, with
+//! `CHAOS_KAFKA_DEBUG` set, librdkafka's debug lines), one line each, on standard error (the
+//! driver sends it to the process's log file), so that a failed scenario can be read afterwards.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +11,8 @@ use tracing::{Event, Level, Metadata, Subscriber};
 
 struct Lines {
     next: AtomicU64,
+    /// librdkafka's own debug lines too (`CHAOS_KAFKA_DEBUG` is set).
+    kafka_debug: bool,
 }
 
 struct Fields(String);
@@ -36,6 +38,7 @@ impl Visit for Fields {
 impl Subscriber for Lines {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
         *metadata.level() <= Level::WARN
+            || (self.kafka_debug && metadata.target().contains("rdkafka"))
     }
 
     fn new_span(&self, _: &Attributes<'_>) -> Id {
@@ -67,5 +70,6 @@ impl Subscriber for Lines {
 pub(crate) fn init() {
     let _ = tracing::subscriber::set_global_default(Lines {
         next: AtomicU64::new(1),
+        kafka_debug: std::env::var_os("CHAOS_KAFKA_DEBUG").is_some_and(|v| !v.is_empty()),
     });
 }

@@ -137,10 +137,17 @@ pub(crate) fn store_config(max_attempts: i32) -> StoreConfig {
 /// The Kafka settings of every client. A consumer killed with -9 never leaves its group; the
 /// broker notices when its session times out, and until then its partitions are nobody's. A
 /// short session keeps that pause to seconds.
+///
+/// `CHAOS_KAFKA_DEBUG` sets librdkafka's `debug` property (`cgrp`, `consumer,cgrp`, ...) in every
+/// client, to see in the role logs what a group did.
 pub(crate) fn kafka(brokers: &str) -> KafkaConfig {
-    KafkaConfig::new(brokers)
+    let config = KafkaConfig::new(brokers)
         .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "1000")
+        .set("heartbeat.interval.ms", "1000");
+    match std::env::var("CHAOS_KAFKA_DEBUG") {
+        Ok(debug) if !debug.is_empty() => config.set("debug", debug),
+        _ => config,
+    }
 }
 
 /// The relay's settings: the runtime's idempotent producer, except where `idempotent` is false.
