@@ -110,7 +110,14 @@ pub enum EnvelopeError {
     /// No payload.
     #[error("the envelope has no payload")]
     NoPayload,
+    /// An `event_id` longer than [`MAX_EVENT_ID_LEN`] characters.
+    #[error("the envelope's event_id has {0} characters; at most {MAX_EVENT_ID_LEN} are accepted")]
+    EventIdTooLong(usize),
 }
+
+/// The longest event id accepted, in characters: what an inbox record holds. This crate's ids
+/// are UUIDs (36); a producer of its own may use longer ones up to this.
+pub const MAX_EVENT_ID_LEN: usize = 255;
 
 #[derive(Deserialize)]
 struct Wire<'a> {
@@ -167,6 +174,10 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| wire.outbox_id.to_string());
+    let len = event_id.chars().count();
+    if len > MAX_EVENT_ID_LEN {
+        return Err(EnvelopeError::EventIdTooLong(len));
+    }
     Ok(Envelope {
         outbox_id: wire.outbox_id,
         event_id,
@@ -311,6 +322,27 @@ mod tests {
         }
         let no_version = decode(b"{\"outbox_id\":5,\"event_type\":\"a.b\",\"payload\":1}").unwrap();
         assert_eq!((no_version.version, no_version.event_id.as_str()), (1, "5"));
+    }
+
+    #[test]
+    fn an_event_id_longer_than_an_inbox_record_is_refused() {
+        let with_id = |id: &str| {
+            format!(
+                "{{\"outbox_id\":3,\"event_id\":\"{id}\",\"event_type\":\"a.b\",\"payload\":{{}}}}"
+            )
+        };
+        let widest = "é".repeat(MAX_EVENT_ID_LEN);
+        assert_eq!(
+            decode(with_id(&widest).as_bytes()).unwrap().event_id,
+            widest
+        );
+        let longer = format!("{widest}e");
+        assert_eq!(
+            decode(with_id(&longer).as_bytes()),
+            Err(EnvelopeError::EventIdTooLong(256))
+        );
+        // Its row can still be found and dead-lettered by the id it names.
+        assert_eq!(event_id_of(with_id(&longer).as_bytes()), Some(longer));
     }
 
     #[test]

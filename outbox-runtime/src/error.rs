@@ -76,6 +76,16 @@ pub enum Error {
         /// The service the event names.
         service: &'static str,
     },
+    /// An event id longer than an inbox record holds ([`crate::envelope::MAX_EVENT_ID_LEN`]
+    /// characters); cutting it would let two events share one record.
+    #[error(
+        "event id of {len} characters is longer than the {max} an inbox record holds",
+        max = crate::envelope::MAX_EVENT_ID_LEN
+    )]
+    EventIdTooLong {
+        /// Its length in characters.
+        len: usize,
+    },
     /// A payload that could not be serialised.
     #[error("cannot serialise the payload: {0}")]
     Encode(#[source] serde_json::Error),

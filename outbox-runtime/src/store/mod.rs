@@ -224,6 +224,17 @@ impl Clock for ManualClock {
     }
 }
 
+/// An inbox record holds the whole event id or none: a longer id is refused, not cut (MySQL's
+/// `INSERT IGNORE` would cut it, and two events sharing its first characters would then share
+/// one record, the second skipped as already applied).
+fn inbox_id_fits(event_id: &str) -> Result<(), Error> {
+    let len = event_id.chars().count();
+    if len > crate::envelope::MAX_EVENT_ID_LEN {
+        return Err(Error::EventIdTooLong { len });
+    }
+    Ok(())
+}
+
 fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -685,10 +696,23 @@ impl<DB: Backend> Outbox<DB> {
         out
     }
 
-    /// Creates every table and index that does not exist yet.
+    /// Creates every table and index that does not exist yet, and widens an inbox table made
+    /// when event ids were held to 36 characters.
     pub async fn migrate(&self, conn: &mut DB::Connection) -> Result<(), Error> {
         for sql in self.migration_sql() {
             DB::execute(conn, &sql, Vec::new()).await?;
+        }
+        // An inbox table made when event ids were held to 36 characters (SQLite's text has no
+        // width).
+        if let (Some(width), Some(widen)) = (
+            self.inner.inbox.get("inbox_event_id_width"),
+            self.inner.inbox.get("widen_inbox"),
+        ) {
+            let held = DB::fetch_ints(conn, width, Vec::new()).await?;
+            let max = i64::try_from(crate::envelope::MAX_EVENT_ID_LEN).unwrap_or(i64::MAX);
+            if held.first().copied().flatten().is_some_and(|w| w < max) {
+                DB::execute(conn, widen, Vec::new()).await?;
+            }
         }
         Ok(())
     }
@@ -971,6 +995,7 @@ impl<DB: Backend> Outbox<DB> {
     where
         F: AsyncFnOnce(&mut DB::Connection) -> Result<T, E>,
     {
+        inbox_id_fits(event_id)?;
         let mut tx = DB::begin_write(conn).await.map_err(Error::from)?;
         let args = vec![
             Arg::Str(group.to_owned()),
@@ -1176,6 +1201,7 @@ impl<DB: Backend> Outbox<DB> {
         group: &str,
         event_id: &str,
     ) -> Result<bool, Error> {
+        inbox_id_fits(event_id)?;
         let args = vec![
             Arg::Str(group.to_owned()),
             Arg::Str(event_id.to_owned()),

@@ -62,6 +62,7 @@ on_every_backend!(
     consume_skips_final_rows_and_says_so,
     consume_of_an_unknown_event_id_is_reported_missing,
     consume_inbox_applies_once_per_group,
+    the_inbox_keeps_long_event_ids_whole_and_refuses_longer_ones,
     consume_failure_backs_off_then_goes_dead,
     reject_dead_letters_with_a_reason_and_never_reopens_a_final_row,
     replay_reopens_dead_rows_and_discard_deletes_them,
@@ -731,6 +732,59 @@ async fn consume_inbox_applies_once_per_group<DB: TestDb>() {
     );
     assert_eq!(later, Consumed::Applied(()));
     assert_eq!(h.business_rows().await, 2);
+    h.cleanup().await;
+}
+
+// Event ids of other producers can be longer than a UUID. Two that share their first 200
+// characters are two records; one longer than 255 is refused before anything is written, not
+// cut (which would make two events one).
+async fn the_inbox_keeps_long_event_ids_whole_and_refuses_longer_ones<DB: TestDb>() {
+    let h = Harness::<DB>::new().await;
+    let group = format!("long-{}", h.tag);
+    let stem = format!("{}-{}", h.tag, "x".repeat(200));
+    let (a, b) = (format!("{stem}-a"), format!("{stem}-b"));
+    let widest = "w".repeat(255 - h.tag.len()) + &h.tag;
+    let mut conn = h.pool.acquire().await.unwrap();
+    let mut results = Vec::new();
+    for id in [&a, &b, &a, &widest, &widest] {
+        let out = h
+            .outbox
+            .consume_inbox(&mut conn, &group, id, async |_| Ok::<_, std::io::Error>(()))
+            .await
+            .unwrap();
+        results.push(out);
+    }
+    assert_eq!(
+        results,
+        [
+            Consumed::Applied(()),
+            Consumed::Applied(()),
+            Consumed::Skipped(Status::Consumed),
+            Consumed::Applied(()),
+            Consumed::Skipped(Status::Consumed),
+        ]
+    );
+    let too_long = format!("{widest}z");
+    let refused = h
+        .outbox
+        .consume_inbox(&mut conn, &group, &too_long, async |_| {
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+    assert!(
+        matches!(
+            refused,
+            Err(ConsumeError::Store(Error::EventIdTooLong { len: 256 }))
+        ),
+        "{refused:?}"
+    );
+    let mut tx = DB::begin_write(&mut conn).await.unwrap();
+    assert!(matches!(
+        h.outbox.record_inbox(&mut tx, &group, &too_long).await,
+        Err(Error::EventIdTooLong { len: 256 })
+    ));
+    drop(tx);
+    drop(conn);
     h.cleanup().await;
 }
 

@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS {table} (
 -- name: create_inbox
 CREATE TABLE IF NOT EXISTS outbox_inbox (
     consumer_group VARCHAR(255) NOT NULL,
-    event_id CHAR(36) NOT NULL,
+    event_id VARCHAR(255) NOT NULL,
     consumed_at BIGINT NOT NULL,
     PRIMARY KEY (consumer_group, event_id)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin
@@ -124,6 +124,14 @@ SELECT {columns} FROM {table} WHERE event_id = ? FOR UPDATE
 -- A consumer's batch: locked in id order, so two batches never wait on each other in a cycle.
 -- event_ids...
 SELECT {columns} FROM {table} WHERE event_id IN ({ids}) ORDER BY id FOR UPDATE
+
+-- name: inbox_event_id_width
+-- An inbox table created when event ids were held to 36 characters is widened by `migrate`.
+SELECT CAST(CHARACTER_MAXIMUM_LENGTH AS SIGNED) FROM information_schema.columns
+WHERE table_schema = DATABASE() AND table_name = '{table}' AND column_name = 'event_id'
+
+-- name: widen_inbox
+ALTER TABLE {table} MODIFY event_id VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL
 
 -- name: inbox_insert
 -- consumer_group, event_id, consumed_at

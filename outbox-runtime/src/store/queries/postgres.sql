@@ -51,7 +51,7 @@ CREATE INDEX IF NOT EXISTS {table}_st ON {table} (status, updated_at)
 -- name: create_inbox
 CREATE TABLE IF NOT EXISTS outbox_inbox (
     consumer_group VARCHAR(255) NOT NULL,
-    event_id VARCHAR(36) NOT NULL,
+    event_id VARCHAR(255) NOT NULL,
     consumed_at BIGINT NOT NULL,
     PRIMARY KEY (consumer_group, event_id)
 )
@@ -134,6 +134,14 @@ SELECT {columns} FROM {table} WHERE event_id = $1 FOR UPDATE
 -- A consumer's batch: locked in id order, so two batches never wait on each other in a cycle.
 -- event_ids...
 SELECT {columns} FROM {table} WHERE event_id IN ({ids}) ORDER BY id FOR UPDATE
+
+-- name: inbox_event_id_width
+-- An inbox table created when event ids were held to 36 characters is widened by `migrate`.
+SELECT CAST(character_maximum_length AS BIGINT) FROM information_schema.columns
+WHERE table_schema = current_schema() AND table_name = '{table}' AND column_name = 'event_id'
+
+-- name: widen_inbox
+ALTER TABLE {table} ALTER COLUMN event_id TYPE VARCHAR(255)
 
 -- name: inbox_insert
 -- consumer_group, event_id, consumed_at
