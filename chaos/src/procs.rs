@@ -76,12 +76,6 @@ impl RoleProc {
         self.ready.exists()
     }
 
-    /// How long it has been working (since it wrote its ready file).
-    pub(crate) fn working_for(&self) -> Option<Duration> {
-        let at = std::fs::metadata(&self.ready).ok()?.modified().ok()?;
-        Some(at.elapsed().unwrap_or_default())
-    }
-
     /// Exited on its own (a crash): the exit status.
     pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()

@@ -134,15 +134,21 @@ pub(crate) fn store_config(max_attempts: i32) -> StoreConfig {
     }
 }
 
-/// The Kafka settings of every client. A consumer killed with -9 never leaves its group; the
+/// A consumer group member's session: a consumer killed with -9 never leaves its group; the
 /// broker notices when its session times out, and until then its partitions are nobody's. A
 /// short session keeps that pause to seconds.
+pub(crate) const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// The Kafka settings of every client (see [`SESSION_TIMEOUT`]).
 ///
 /// `CHAOS_KAFKA_DEBUG` sets librdkafka's `debug` property (`cgrp`, `consumer,cgrp`, ...) in every
 /// client, to see in the role logs what a group did.
 pub(crate) fn kafka(brokers: &str) -> KafkaConfig {
     let config = KafkaConfig::new(brokers)
-        .set("session.timeout.ms", "6000")
+        .set(
+            "session.timeout.ms",
+            SESSION_TIMEOUT.as_millis().to_string(),
+        )
         .set("heartbeat.interval.ms", "1000");
     match std::env::var("CHAOS_KAFKA_DEBUG") {
         Ok(debug) if !debug.is_empty() => config.set("debug", debug),
