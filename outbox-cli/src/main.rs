@@ -177,6 +177,10 @@ struct RelayFile {
     batch: Option<usize>,
     lease_secs: Option<u64>,
     poll_ms: Option<u64>,
+    /// Partitions of the topics the relay creates (3 by default).
+    topic_partitions: Option<i32>,
+    /// Replication factor of the topics the relay creates (1 by default).
+    topic_replication: Option<i32>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -264,6 +268,14 @@ async fn with_pool<DB: Backend>(cli: Cli, config: Config, pool: Pool<DB>) -> Res
         routes = routes.prefix(prefix)?;
     }
     for (service, over) in &config.routes {
+        // A route for no service would be silently unused: a misspelt name is an error.
+        if !services.contains(service) && !config.services.contains(service) {
+            return Err(format!(
+                "the config file routes service `{service}`, which is not among the services ({})",
+                services.join(", ")
+            )
+            .into());
+        }
         routes = routes.override_service(service, over.clone())?;
     }
     let mut catalog = Catalog::builder(routes);
@@ -585,6 +597,26 @@ async fn relay<DB: Backend>(
     let mut kafka = KafkaConfig::new(brokers);
     for (k, v) in &config.kafka {
         kafka = kafka.set(k, v);
+    }
+    for (key, value, field) in [
+        (
+            "topic_partitions",
+            config.relay.topic_partitions,
+            &mut kafka.partitions,
+        ),
+        (
+            "topic_replication",
+            config.relay.topic_replication,
+            &mut kafka.replication,
+        ),
+    ] {
+        match value {
+            Some(n) if n < 1 => {
+                return Err(format!("relay.{key} must be at least 1, not {n}").into());
+            }
+            Some(n) => *field = n,
+            None => {}
+        }
     }
     let defaults = RelayConfig::default();
     let relay = RelayConfig {

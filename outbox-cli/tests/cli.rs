@@ -23,6 +23,11 @@ struct Setup {
 
 impl Setup {
     fn new(url: &str) -> Self {
+        Self::with_relay(url, serde_json::json!({ "poll_ms": 100 }))
+    }
+
+    /// A setup whose config file has this `relay` section.
+    fn with_relay(url: &str, relay: Value) -> Self {
         let tag = format!("{:08x}", fastrand::u32(..));
         let url = if url == "sqlite" {
             format!(
@@ -43,7 +48,7 @@ impl Setup {
                 "task": { "table": format!("c{tag}_task_outbox") },
                 "notification": { "table": format!("c{tag}_notification_outbox") }
             },
-            "relay": { "poll_ms": 100 }
+            "relay": relay
         });
         std::fs::write(&config, body.to_string()).unwrap();
         Self { tag, config, url }
@@ -302,6 +307,36 @@ fn failures_exit_non_zero_with_a_one_line_reason() {
     );
 }
 
+// A route for a service the run does not have would never be used: the config file is refused
+// with the name, as is a topic setting no broker can honour. Neither needs a server.
+#[test]
+fn a_config_file_that_routes_an_unknown_service_or_asks_for_no_partitions_is_refused() {
+    let s = Setup::new("sqlite");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&s.config).unwrap()).unwrap();
+    config["routes"]["notifcation"] = serde_json::json!({ "table": "typo_outbox" });
+    std::fs::write(&s.config, config.to_string()).unwrap();
+    let typo = s.outbox_cmd(&["status"]);
+
+    let zero = Setup::with_relay("sqlite", serde_json::json!({ "topic_partitions": 0 }));
+    let no_partitions = zero.outbox_cmd(&["relay", "--brokers", "127.0.0.1:1"]);
+    for setup in [&s, &zero] {
+        let _ = std::fs::remove_file(&setup.config);
+        let _ = std::fs::remove_file(setup.url.trim_start_matches("sqlite://"));
+    }
+
+    assert!(!typo.status.success());
+    assert_eq!(
+        String::from_utf8(typo.stderr).unwrap().trim_end(),
+        "outbox: the config file routes service `notifcation`, which is not among the services (task, notification)"
+    );
+    assert!(!no_partitions.status.success());
+    assert_eq!(
+        String::from_utf8(no_partitions.stderr).unwrap().trim_end(),
+        "outbox: relay.topic_partitions must be at least 1, not 0"
+    );
+}
+
 fn copy_tree(from: &Path, to: &Path) {
     for entry in std::fs::read_dir(from).unwrap() {
         let p = entry.unwrap().path();
@@ -375,7 +410,10 @@ fn scrape(addr: &str) -> String {
 
 #[tokio::test]
 async fn relay_daemon_publishes_serves_metrics_and_stops_on_sigterm() {
-    let s = Setup::new(PG);
+    let s = Setup::with_relay(
+        PG,
+        serde_json::json!({ "poll_ms": 100, "topic_partitions": 5 }),
+    );
     let pool = sqlx::postgres::PgPoolOptions::new()
         .connect(&s.url)
         .await
@@ -421,6 +459,24 @@ async fn relay_daemon_publishes_serves_metrics_and_stops_on_sigterm() {
         metrics.contains("outbox_published_total{service=\"task\"} 3"),
         "{metrics}"
     );
+    // The topic it created has the partitions the config file asked for.
+    let topic = format!("cli-{}.task.outbox", s.tag);
+    let metadata = {
+        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        let client: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+        client
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .unwrap()
+    };
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map(|t| t.partitions().len());
+    assert_eq!(partitions, Some(5), "topic {topic}");
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
