@@ -25,7 +25,7 @@ use outbox_runtime::consumer::{ConsumerConfig, Context};
 use outbox_runtime::envelope::{self, VersionFormat};
 use outbox_runtime::relay::RelayConfig;
 use outbox_runtime::runtime::{Running, Runtime};
-use outbox_runtime::store::{Arg, StoreConfig};
+use outbox_runtime::store::{Arg, Enqueued, StoreConfig};
 use outbox_runtime::trace::TraceParent;
 use outbox_runtime::{HandlerError, Status};
 
@@ -250,6 +250,23 @@ impl<DB: TestDb> World<DB> {
             brokers()
         );
         running
+    }
+
+    /// Feishu events `range`, each in its own committed transaction.
+    async fn enqueue_feishu(&self, range: std::ops::Range<u64>) -> Vec<Enqueued> {
+        let mut rows = Vec::new();
+        for i in range {
+            let mut tx = self.h.pool.begin().await.unwrap();
+            rows.push(
+                self.h
+                    .outbox
+                    .enqueue(&mut *tx, &samples::feishu(i))
+                    .await
+                    .unwrap(),
+            );
+            tx.commit().await.unwrap();
+        }
+        rows
     }
 
     /// Waits until `n` events are consumed or dead, at most 60 s.
@@ -835,17 +852,7 @@ async fn a_failing_handler_in_a_batch_leaves_the_rest_of_it_applied_once<DB: Tes
     let recorder = w.recorder();
     recorder.failures.lock().unwrap().insert("pv-17".into(), 1);
     // Written before the relay starts, so the consumer finds them waiting together.
-    let mut rows = Vec::new();
-    for i in 0..60 {
-        let mut tx = w.h.pool.begin().await.unwrap();
-        rows.push(
-            w.h.outbox
-                .enqueue(&mut *tx, &samples::feishu(i))
-                .await
-                .unwrap(),
-        );
-        tx.commit().await.unwrap();
-    }
+    let rows = w.enqueue_feishu(0..60).await;
     let running = w.start(recorder, RelayConfig::default()).await;
     w.settle(60).await;
     running.shutdown().await.unwrap();
@@ -874,27 +881,11 @@ async fn a_panicking_handler_is_retried_and_its_partition_goes_on<DB: TestDb>() 
     let w = World::<DB>::new().await;
     let recorder = w.recorder();
     recorder.panics.lock().unwrap().insert("pv-5".into(), 2);
-    let mut rows = Vec::new();
-    for i in 0..30 {
-        let mut tx = w.h.pool.begin().await.unwrap();
-        rows.push(
-            w.h.outbox
-                .enqueue(&mut *tx, &samples::feishu(i))
-                .await
-                .unwrap(),
-        );
-        tx.commit().await.unwrap();
-    }
+    let rows = w.enqueue_feishu(0..30).await;
     let running = w.start(recorder.clone(), RelayConfig::default()).await;
     w.settle(30).await;
     // Written after the panics: the worker that panicked still applies new events.
-    let mut tx = w.h.pool.begin().await.unwrap();
-    let late =
-        w.h.outbox
-            .enqueue(&mut *tx, &samples::feishu(5))
-            .await
-            .unwrap();
-    tx.commit().await.unwrap();
+    let late = w.enqueue_feishu(5..6).await.remove(0);
     w.settle(31).await;
     running.shutdown().await.unwrap();
     assert_eq!(w.effects().await, (31, 31));
