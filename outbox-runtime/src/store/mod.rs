@@ -693,6 +693,9 @@ impl<DB: Backend> Outbox<DB> {
             out.extend(queries::ddl(&t.queries));
         }
         out.push(self.inbox_sql("create_inbox").to_owned());
+        if let Some(index) = self.inner.inbox.get("create_inbox_at") {
+            out.push(index.clone());
+        }
         out
     }
 
@@ -712,6 +715,17 @@ impl<DB: Backend> Outbox<DB> {
             let max = i64::try_from(crate::envelope::MAX_EVENT_ID_LEN).unwrap_or(i64::MAX);
             if held.first().copied().flatten().is_some_and(|w| w < max) {
                 DB::execute(conn, widen, Vec::new()).await?;
+            }
+        }
+        // MySQL cannot create an index "if not exists": an inbox table made before retention
+        // gets its `consumed_at` index here.
+        if let (Some(has), Some(add)) = (
+            self.inner.inbox.get("inbox_at_index"),
+            self.inner.inbox.get("add_inbox_at_index"),
+        ) {
+            let found = DB::fetch_ints(conn, has, Vec::new()).await?;
+            if found.first().copied().flatten() == Some(0) {
+                DB::execute(conn, add, Vec::new()).await?;
             }
         }
         Ok(())
@@ -1310,13 +1324,39 @@ impl<DB: Backend> Outbox<DB> {
         older_than: Duration,
         batch: usize,
     ) -> Result<u64, Error> {
-        let table = self.table(service)?;
+        let sql = self.table(service)?.get("purge_consumed");
+        self.purge(conn, sql, older_than, batch).await
+    }
+
+    /// Inbox retention: deletes the inbox records (every consumer group's) older than
+    /// `older_than`, `batch` per statement. A record is what tells a consumer that an event was
+    /// applied: keep it longer than the topic keeps its messages (and than any replay from an
+    /// older offset reaches back), or a redelivered event is applied again. Returns how many
+    /// were deleted.
+    pub async fn purge_inbox(
+        &self,
+        conn: &mut DB::Connection,
+        older_than: Duration,
+        batch: usize,
+    ) -> Result<u64, Error> {
+        let sql = self.inbox_sql("purge_inbox");
+        self.purge(conn, sql, older_than, batch).await
+    }
+
+    /// Runs a purge statement (`before`, `limit`) until a round deletes fewer than `batch`.
+    async fn purge(
+        &self,
+        conn: &mut DB::Connection,
+        sql: &str,
+        older_than: Duration,
+        batch: usize,
+    ) -> Result<u64, Error> {
         let before = self.now_ms().saturating_sub(duration_ms(older_than));
         let batch = i64::try_from(batch.max(1)).unwrap_or(i64::MAX);
         let mut total = 0;
         loop {
             let args = vec![Arg::I64(before), Arg::I64(batch)];
-            let n = DB::execute(conn, table.get("purge_consumed"), args).await?;
+            let n = DB::execute(conn, sql, args).await?;
             total += n;
             if n < u64::try_from(batch).unwrap_or(u64::MAX) {
                 return Ok(total);

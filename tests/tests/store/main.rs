@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use contracts::samples;
 use harness::{Harness, T0, TestDb};
-use outbox_runtime::store::{ConsumeError, Consumed, StoreConfig, Transition};
+use outbox_runtime::store::{ConsumeError, Consumed, ManualClock, StoreConfig, Transition};
 use outbox_runtime::trace::TraceParent;
 use outbox_runtime::{Error, OutboxEvent, Status};
 
@@ -63,6 +63,7 @@ on_every_backend!(
     consume_of_an_unknown_event_id_is_reported_missing,
     consume_inbox_applies_once_per_group,
     the_inbox_keeps_long_event_ids_whole_and_refuses_longer_ones,
+    inbox_retention_forgets_old_records_in_batches_and_keeps_recent_ones,
     consume_failure_backs_off_then_goes_dead,
     reject_dead_letters_with_a_reason_and_never_reopens_a_final_row,
     replay_reopens_dead_rows_and_discard_deletes_them,
@@ -788,6 +789,57 @@ async fn the_inbox_keeps_long_event_ids_whole_and_refuses_longer_ones<DB: TestDb
     h.cleanup().await;
 }
 
+// The inbox is one table for every consumer group, shared with the other tests: this test's
+// records are written by a clock a month before every other test's, so that its purge cannot
+// touch theirs. A purged record no longer dedupes; a recent one still does.
+async fn inbox_retention_forgets_old_records_in_batches_and_keeps_recent_ones<DB: TestDb>() {
+    let h = Harness::<DB>::new().await;
+    let clock = ManualClock::at(harness::T0 - 30 * 24 * 3600 * 1000);
+    let outbox = outbox_runtime::Outbox::<DB>::builder(h.outbox.catalog().clone())
+        .clock(clock.clone())
+        .build();
+    let group = format!("ret-{}", h.tag);
+    let old: Vec<String> = (0..7).map(|_| uuid_like(&h.tag)).collect();
+    let recent = uuid_like(&h.tag);
+    let mut conn = h.pool.acquire().await.unwrap();
+    let apply = async |conn: &mut _, id: &str| {
+        outbox
+            .consume_inbox(conn, &group, id, async |_| Ok::<_, std::io::Error>(()))
+            .await
+            .unwrap()
+    };
+    for id in &old {
+        assert_eq!(apply(&mut conn, id).await, Consumed::Applied(()));
+    }
+    clock.advance(Duration::from_secs(24 * 3600));
+    assert_eq!(apply(&mut conn, &recent).await, Consumed::Applied(()));
+    let purged = outbox
+        .purge_inbox(&mut conn, Duration::from_secs(12 * 3600), 3)
+        .await
+        .unwrap();
+    // At least this test's seven (a crashed earlier run may have left some of its own).
+    assert!(purged >= 7, "purged {purged}");
+    for id in &old {
+        assert_eq!(
+            apply(&mut conn, id).await,
+            Consumed::Applied(()),
+            "a purged record no longer dedupes"
+        );
+    }
+    assert_eq!(
+        apply(&mut conn, &recent).await,
+        Consumed::Skipped(Status::Consumed)
+    );
+    // Leaves none of its records behind (still a month before every other test's).
+    clock.advance(Duration::from_secs(24 * 3600));
+    outbox
+        .purge_inbox(&mut conn, Duration::ZERO, 1000)
+        .await
+        .unwrap();
+    drop(conn);
+    h.cleanup().await;
+}
+
 fn uuid_like(tag: &str) -> String {
     format!("{tag}-0000-7000-8000-{:012x}", fastrand::u64(..1 << 48))
 }
@@ -1025,10 +1077,17 @@ async fn migrate_is_idempotent<DB: TestDb>() {
             "{table}"
         );
     }
+    let inbox = sql
+        .iter()
+        .position(|s| s.starts_with("CREATE TABLE IF NOT EXISTS outbox_inbox"))
+        .expect("the inbox table");
+    // After its table, only the inbox's retention index (MySQL declares it in the table).
     assert!(
-        sql.last()
-            .unwrap()
-            .starts_with("CREATE TABLE IF NOT EXISTS outbox_inbox")
+        sql[inbox + 1..]
+            .iter()
+            .all(|s| s.starts_with("CREATE INDEX IF NOT EXISTS outbox_inbox_at")),
+        "{:?}",
+        &sql[inbox..]
     );
     h.cleanup().await;
 }

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS outbox_inbox (
     consumer_group VARCHAR(255) NOT NULL,
     event_id VARCHAR(255) NOT NULL,
     consumed_at BIGINT NOT NULL,
-    PRIMARY KEY (consumer_group, event_id)
+    PRIMARY KEY (consumer_group, event_id),
+    KEY {table}_at (consumed_at)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin
 
 -- name: insert
@@ -124,6 +125,18 @@ SELECT {columns} FROM {table} WHERE event_id = ? FOR UPDATE
 -- A consumer's batch: locked in id order, so two batches never wait on each other in a cycle.
 -- event_ids...
 SELECT {columns} FROM {table} WHERE event_id IN ({ids}) ORDER BY id FOR UPDATE
+
+-- name: inbox_at_index
+-- An inbox table created before retention has no index on consumed_at; `migrate` adds it.
+SELECT COUNT(*) FROM information_schema.statistics
+WHERE table_schema = DATABASE() AND table_name = '{table}' AND index_name = '{table}_at'
+
+-- name: add_inbox_at_index
+ALTER TABLE {table} ADD KEY {table}_at (consumed_at)
+
+-- name: purge_inbox
+-- consumed_at before, limit
+DELETE FROM {table} WHERE consumed_at < ? LIMIT ?
 
 -- name: inbox_event_id_width
 -- An inbox table created when event ids were held to 36 characters is widened by `migrate`.

@@ -135,6 +135,14 @@ SELECT {columns} FROM {table} WHERE event_id = $1 FOR UPDATE
 -- event_ids...
 SELECT {columns} FROM {table} WHERE event_id IN ({ids}) ORDER BY id FOR UPDATE
 
+-- name: create_inbox_at
+CREATE INDEX IF NOT EXISTS {table}_at ON {table} (consumed_at)
+
+-- name: purge_inbox
+-- consumed_at before, limit
+DELETE FROM {table} WHERE (consumer_group, event_id) IN (
+    SELECT consumer_group, event_id FROM {table} WHERE consumed_at < $1 LIMIT $2)
+
 -- name: inbox_event_id_width
 -- An inbox table created when event ids were held to 36 characters is widened by `migrate`.
 SELECT CAST(character_maximum_length AS BIGINT) FROM information_schema.columns

@@ -107,6 +107,14 @@ SELECT {columns} FROM {table} WHERE event_id = ?
 -- event_ids...
 SELECT {columns} FROM {table} WHERE event_id IN ({ids}) ORDER BY id
 
+-- name: create_inbox_at
+CREATE INDEX IF NOT EXISTS {table}_at ON {table} (consumed_at)
+
+-- name: purge_inbox
+-- consumed_at before, limit
+DELETE FROM {table} WHERE rowid IN (
+    SELECT rowid FROM {table} WHERE consumed_at < ? LIMIT ?)
+
 -- name: inbox_insert
 -- consumer_group, event_id, consumed_at
 INSERT INTO outbox_inbox (consumer_group, event_id, consumed_at) VALUES (?, ?, ?)
