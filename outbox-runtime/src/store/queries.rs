@@ -136,6 +136,7 @@ mod tests {
             "get_for_update",
             "inbox_insert",
             "purge_consumed",
+            "purge_inbox",
             "mark_published",
             "retry_leased",
             "dead_leased",
