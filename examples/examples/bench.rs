@@ -403,19 +403,7 @@ async fn run<DB: Backend>(
             outbox.enqueue_all(&mut *tx, chunk).await?;
             tx.commit().await?;
         }
-        let (trigger, shutdown) = Shutdown::new();
-        let relay = Relay::new(
-            outbox.clone(),
-            pool.clone(),
-            bus.clone(),
-            RelayConfig::default(),
-        );
-        let started = Instant::now();
-        let task = tokio::spawn(relay.run(shutdown));
-        wait_for(&pool, &outbox, Status::Published, n).await?;
-        let secs = started.elapsed().as_secs_f64();
-        trigger.trigger();
-        task.await??;
+        let secs = drain(&pool, &outbox, &bus, n, Duration::from_millis(20)).await?;
         rows.push(Row {
             scenario: "relay",
             events_per_sec: n as f64 / secs,
@@ -508,26 +496,7 @@ async fn run<DB: Backend>(
         fill(&pool, &outbox, backlog, o.backend == "mysql").await?;
         let before = rss_mb();
         reset_peak_rss();
-        let (trigger, shutdown) = Shutdown::new();
-        let relay = Relay::new(
-            outbox.clone(),
-            pool.clone(),
-            bus.clone(),
-            RelayConfig::default(),
-        );
-        let started = Instant::now();
-        let task = tokio::spawn(relay.run(shutdown));
-        wait_for_every(
-            &pool,
-            &outbox,
-            Status::Published,
-            backlog,
-            Duration::from_secs(1),
-        )
-        .await?;
-        let secs = started.elapsed().as_secs_f64();
-        trigger.trigger();
-        task.await??;
+        let secs = drain(&pool, &outbox, &bus, backlog, Duration::from_secs(1)).await?;
         rows.push(Row {
             scenario: "relay_backlog",
             events_per_sec: backlog as f64 / secs,
@@ -595,6 +564,31 @@ async fn wait_for<DB: Backend>(
     n: usize,
 ) -> Result<(), BoxError> {
     wait_for_every(pool, outbox, status, n, Duration::from_millis(20)).await
+}
+
+/// Runs one relay until `n` rows are published (looking every `every`), then stops it: the
+/// seconds it took.
+async fn drain<DB: Backend>(
+    pool: &Pool<DB>,
+    outbox: &Outbox<DB>,
+    bus: &Arc<KafkaBus>,
+    n: usize,
+    every: Duration,
+) -> Result<f64, BoxError> {
+    let (trigger, shutdown) = Shutdown::new();
+    let relay = Relay::new(
+        outbox.clone(),
+        pool.clone(),
+        bus.clone(),
+        RelayConfig::default(),
+    );
+    let started = Instant::now();
+    let task = tokio::spawn(relay.run(shutdown));
+    wait_for_every(pool, outbox, Status::Published, n, every).await?;
+    let secs = started.elapsed().as_secs_f64();
+    trigger.trigger();
+    task.await??;
+    Ok(secs)
 }
 
 /// Waits until `n` rows reached `status` (or a later one), looking every `every`.

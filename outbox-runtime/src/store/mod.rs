@@ -699,33 +699,27 @@ impl<DB: Backend> Outbox<DB> {
         out
     }
 
-    /// Creates every table and index that does not exist yet, and widens an inbox table made
-    /// when event ids were held to 36 characters.
+    /// Creates every table and index that does not exist yet, and brings an inbox table made
+    /// by an older version up to date (event ids of 255 characters, the retention index).
     pub async fn migrate(&self, conn: &mut DB::Connection) -> Result<(), Error> {
         for sql in self.migration_sql() {
             DB::execute(conn, &sql, Vec::new()).await?;
         }
-        // An inbox table made when event ids were held to 36 characters (SQLite's text has no
-        // width).
-        if let (Some(width), Some(widen)) = (
-            self.inner.inbox.get("inbox_event_id_width"),
-            self.inner.inbox.get("widen_inbox"),
-        ) {
-            let held = DB::fetch_ints(conn, width, Vec::new()).await?;
-            let max = i64::try_from(crate::envelope::MAX_EVENT_ID_LEN).unwrap_or(i64::MAX);
-            if held.first().copied().flatten().is_some_and(|w| w < max) {
-                DB::execute(conn, widen, Vec::new()).await?;
-            }
-        }
-        // MySQL cannot create an index "if not exists": an inbox table made before retention
-        // gets its `consumed_at` index here.
-        if let (Some(has), Some(add)) = (
-            self.inner.inbox.get("inbox_at_index"),
-            self.inner.inbox.get("add_inbox_at_index"),
-        ) {
-            let found = DB::fetch_ints(conn, has, Vec::new()).await?;
-            if found.first().copied().flatten() == Some(0) {
-                DB::execute(conn, add, Vec::new()).await?;
+        // What `CREATE ... IF NOT EXISTS` cannot change in a table made by an older version
+        // (a narrower column; on MySQL, an index): each dialect's `upgrade_check_X` counts what
+        // is missing, and `upgrade_X` adds it.
+        let mut checks: Vec<&str> = self
+            .inner
+            .inbox
+            .keys()
+            .filter_map(|k| k.strip_prefix("upgrade_check_"))
+            .collect();
+        checks.sort_unstable();
+        for name in checks {
+            let check = self.inbox_sql(&format!("upgrade_check_{name}"));
+            let missing = DB::fetch_ints(conn, check, Vec::new()).await?;
+            if missing.first().copied().flatten().unwrap_or(0) > 0 {
+                DB::execute(conn, self.inbox_sql(&format!("upgrade_{name}")), Vec::new()).await?;
             }
         }
         Ok(())
@@ -1009,15 +1003,8 @@ impl<DB: Backend> Outbox<DB> {
     where
         F: AsyncFnOnce(&mut DB::Connection) -> Result<T, E>,
     {
-        inbox_id_fits(event_id)?;
         let mut tx = DB::begin_write(conn).await.map_err(Error::from)?;
-        let args = vec![
-            Arg::Str(group.to_owned()),
-            Arg::Str(event_id.to_owned()),
-            Arg::I64(self.now_ms()),
-        ];
-        let sql = self.inbox_sql("inbox_insert");
-        if DB::execute(&mut tx, sql, args).await.map_err(Error::from)? == 0 {
+        if !self.record_inbox(&mut tx, group, event_id).await? {
             tx.rollback().await.map_err(Error::from)?;
             return Ok(Consumed::Skipped(Status::Consumed));
         }

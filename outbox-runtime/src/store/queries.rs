@@ -167,6 +167,12 @@ mod tests {
                 );
             }
             assert!(ddl(&q)[0].starts_with("CREATE TABLE IF NOT EXISTS t_outbox"));
+            for check in q.keys().filter_map(|k| k.strip_prefix("upgrade_check_")) {
+                assert!(
+                    q.contains_key(format!("upgrade_{check}").as_str()),
+                    "upgrade_check_{check} has no upgrade_{check}"
+                );
+            }
         }
     }
 }

@@ -126,24 +126,28 @@ SELECT {columns} FROM {table} WHERE event_id = ? FOR UPDATE
 -- event_ids...
 SELECT {columns} FROM {table} WHERE event_id IN ({ids}) ORDER BY id FOR UPDATE
 
--- name: inbox_at_index
--- An inbox table created before retention has no index on consumed_at; `migrate` adds it.
-SELECT COUNT(*) FROM information_schema.statistics
+-- `upgrade_check_X` counts what an older table lacks; when it is not 0, `migrate` runs
+-- `upgrade_X`.
+
+-- name: upgrade_check_inbox_at
+-- An inbox table created before retention has no index on consumed_at.
+SELECT 1 - COUNT(*) FROM information_schema.statistics
 WHERE table_schema = DATABASE() AND table_name = '{table}' AND index_name = '{table}_at'
 
--- name: add_inbox_at_index
+-- name: upgrade_inbox_at
 ALTER TABLE {table} ADD KEY {table}_at (consumed_at)
 
 -- name: purge_inbox
 -- consumed_at before, limit
 DELETE FROM {table} WHERE consumed_at < ? LIMIT ?
 
--- name: inbox_event_id_width
--- An inbox table created when event ids were held to 36 characters is widened by `migrate`.
-SELECT CAST(CHARACTER_MAXIMUM_LENGTH AS SIGNED) FROM information_schema.columns
+-- name: upgrade_check_inbox_width
+-- An inbox table created when event ids were held to 36 characters.
+SELECT COUNT(*) FROM information_schema.columns
 WHERE table_schema = DATABASE() AND table_name = '{table}' AND column_name = 'event_id'
+  AND CHARACTER_MAXIMUM_LENGTH < 255
 
--- name: widen_inbox
+-- name: upgrade_inbox_width
 ALTER TABLE {table} MODIFY event_id VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL
 
 -- name: inbox_insert

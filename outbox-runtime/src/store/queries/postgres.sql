@@ -143,12 +143,14 @@ CREATE INDEX IF NOT EXISTS {table}_at ON {table} (consumed_at)
 DELETE FROM {table} WHERE (consumer_group, event_id) IN (
     SELECT consumer_group, event_id FROM {table} WHERE consumed_at < $1 LIMIT $2)
 
--- name: inbox_event_id_width
--- An inbox table created when event ids were held to 36 characters is widened by `migrate`.
-SELECT CAST(character_maximum_length AS BIGINT) FROM information_schema.columns
+-- name: upgrade_check_inbox_width
+-- An inbox table created when event ids were held to 36 characters (`migrate` runs
+-- `upgrade_X` when `upgrade_check_X` counts more than 0).
+SELECT COUNT(*) FROM information_schema.columns
 WHERE table_schema = current_schema() AND table_name = '{table}' AND column_name = 'event_id'
+  AND character_maximum_length < 255
 
--- name: widen_inbox
+-- name: upgrade_inbox_width
 ALTER TABLE {table} ALTER COLUMN event_id TYPE VARCHAR(255)
 
 -- name: inbox_insert
