@@ -1,7 +1,7 @@
 //! Service `active-scheduler`: proactive schedule triggers.
 
 use chrono::{DateTime, Utc};
-use outbox_runtime::{OutboxEvent, OutboxService, Violations};
+use outbox_contract::{OutboxEvent, OutboxService, Violations};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 

@@ -1,7 +1,7 @@
 //! Service `agent`: chat history, token usage, agent state and timeline persistence.
 
 use chrono::{DateTime, Utc};
-use outbox_runtime::{OutboxEvent, OutboxService};
+use outbox_contract::{OutboxEvent, OutboxService};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 

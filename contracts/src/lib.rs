@@ -27,9 +27,9 @@ pub use token_store::{TokenStoreEvents, TokenStoreEventsHandler};
 pub const PREFIX: &str = "smartflow";
 
 /// The route table of every reference service, with the Go system's prefix.
-pub fn catalog() -> Result<outbox_runtime::Catalog, outbox_runtime::Error> {
-    let config = outbox_runtime::RouteConfig::new().prefix(PREFIX)?;
-    Ok(outbox_runtime::Catalog::builder(config)
+pub fn catalog() -> Result<outbox_contract::Catalog, outbox_contract::Error> {
+    let config = outbox_contract::RouteConfig::new().prefix(PREFIX)?;
+    Ok(outbox_contract::Catalog::builder(config)
         .service::<AgentEvents>()?
         .service::<MemoryEvents>()?
         .service::<TaskEvents>()?

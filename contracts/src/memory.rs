@@ -1,7 +1,7 @@
 //! Service `memory`: long-term memory extraction.
 
 use chrono::{DateTime, Utc};
-use outbox_runtime::{OutboxEvent, OutboxService};
+use outbox_contract::{OutboxEvent, OutboxService};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 

@@ -2,7 +2,7 @@
 //! version 1, each with its own handler, while producers move over.
 
 use chrono::{DateTime, Utc};
-use outbox_runtime::{OutboxEvent, OutboxService, Validate};
+use outbox_contract::{OutboxEvent, OutboxService, Validate};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 

@@ -1,7 +1,7 @@
 //! Service `task`: task management.
 
 use chrono::{DateTime, Utc};
-use outbox_runtime::{OutboxEvent, OutboxService};
+use outbox_contract::{OutboxEvent, OutboxService};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 

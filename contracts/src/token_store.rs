@@ -1,7 +1,7 @@
 //! Service `token-store`: credits and rewards. Forum and llm write into its outbox.
 
 use chrono::{DateTime, Utc};
-use outbox_runtime::{OutboxEvent, OutboxService, Violations};
+use outbox_contract::{OutboxEvent, OutboxService, Violations};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 

@@ -25,6 +25,8 @@ pub(crate) struct Event<'a> {
 /// The validation part shared by `OutboxEvent` and `Validate`.
 pub(crate) struct Body<'a> {
     pub(crate) input: &'a DeriveInput,
+    /// Where generated code finds the traits; see [`Root`].
+    pub(crate) root: syn::Path,
     pub(crate) fields: Vec<Field<'a>>,
     pub(crate) validate_fn: Option<syn::Path>,
 }
@@ -49,6 +51,40 @@ pub(crate) struct Service<'a> {
     pub(crate) group: Option<LitStr>,
     pub(crate) handler: Ident,
     pub(crate) variants: Vec<Variant<'a>>,
+    /// Where generated code finds the traits; see [`Root`].
+    pub(crate) root: syn::Path,
+}
+
+/// The crate that generated code names: `::outbox_runtime` through the runtime's derives,
+/// `::outbox_contract` through the contract crate's, whichever a user depends on; or the path
+/// given with `#[outbox(crate = "...")]` (as serde's `#[serde(crate = "...")]`), for a crate that
+/// re-exports either under another name.
+#[derive(Clone, Copy)]
+pub(crate) enum Root {
+    Runtime,
+    Contract,
+}
+
+impl Root {
+    pub(crate) fn path(self) -> syn::Path {
+        match self {
+            Root::Runtime => syn::parse_quote!(::outbox_runtime),
+            Root::Contract => syn::parse_quote!(::outbox_contract),
+        }
+    }
+}
+
+/// `crate = "::path"`, recorded in `root`.
+fn crate_path(cx: &mut Ctxt, meta: &syn::meta::ParseNestedMeta<'_>, root: &mut Attr<syn::Path>) {
+    if let Some(lit) = keep(cx, meta, attr::string(meta, "::outbox_runtime")) {
+        match lit.parse::<syn::Path>() {
+            Ok(path) => root.set(cx, &meta.path, path),
+            Err(_) => cx.error_spanned_by(
+                &lit,
+                "`crate` takes a path to `outbox_runtime` or `outbox_contract`, like `crate = \"::my_facade::outbox\"`",
+            ),
+        }
+    }
 }
 
 /// One variant of a service enum: `FeishuRequested(FeishuRequested)`.
@@ -108,7 +144,8 @@ fn checked(cx: &mut Ctxt, lit: LitStr, rule: fn(&str) -> Result<(), String>) -> 
     lit
 }
 
-pub(crate) fn event<'a>(cx: &mut Ctxt, input: &'a DeriveInput) -> Option<Event<'a>> {
+pub(crate) fn event<'a>(cx: &mut Ctxt, input: &'a DeriveInput, root: Root) -> Option<Event<'a>> {
+    let mut krate = Attr::none(symbol::CRATE);
     let mut event_type = Attr::none(symbol::EVENT_TYPE);
     let mut version = Attr::none(symbol::VERSION);
     let mut service = Attr::none(symbol::SERVICE);
@@ -151,6 +188,8 @@ pub(crate) fn event<'a>(cx: &mut Ctxt, input: &'a DeriveInput) -> Option<Event<'
             if let Some(path) = keep(cx, meta, attr::path(meta, "check_payload")) {
                 validate_fn.set(cx, p, path);
             }
+        } else if p.is_ident(symbol::CRATE) {
+            crate_path(cx, meta, &mut krate);
         } else {
             attr::unknown(cx, meta, "an event", symbol::EVENT_KEYS);
         }
@@ -215,7 +254,8 @@ pub(crate) fn event<'a>(cx: &mut Ctxt, input: &'a DeriveInput) -> Option<Event<'
         );
     }
 
-    let body = body(cx, input, validate_fn.get());
+    let root = krate.get().unwrap_or_else(|| root.path());
+    let body = body(cx, input, validate_fn.get(), root);
     let (key, aggregate) = (key.get(), aggregate.get());
     if shape_ok {
         for acc in [&key, &aggregate].into_iter().flatten() {
@@ -257,6 +297,7 @@ pub(crate) fn body<'a>(
     cx: &mut Ctxt,
     input: &'a DeriveInput,
     validate_fn: Option<syn::Path>,
+    root: syn::Path,
 ) -> Body<'a> {
     let rename_all = attr::serde_names(&input.attrs).rename_all;
     let mut fields = Vec::new();
@@ -295,19 +336,23 @@ pub(crate) fn body<'a>(
     }
     Body {
         input,
+        root,
         fields,
         validate_fn,
     }
 }
 
 /// A struct deriving only `Validate`.
-pub(crate) fn validate<'a>(cx: &mut Ctxt, input: &'a DeriveInput) -> Body<'a> {
+pub(crate) fn validate<'a>(cx: &mut Ctxt, input: &'a DeriveInput, root: Root) -> Body<'a> {
     let mut validate_fn = Attr::none(symbol::VALIDATE);
+    let mut krate = Attr::none(symbol::CRATE);
     each_meta(cx, &input.attrs, |cx, meta| {
         if meta.path.is_ident(symbol::VALIDATE) {
             if let Some(path) = keep(cx, meta, attr::path(meta, "check_payload")) {
                 validate_fn.set(cx, &meta.path, path);
             }
+        } else if meta.path.is_ident(symbol::CRATE) {
+            crate_path(cx, meta, &mut krate);
         } else {
             attr::unknown(
                 cx,
@@ -324,10 +369,16 @@ pub(crate) fn validate<'a>(cx: &mut Ctxt, input: &'a DeriveInput) -> Body<'a> {
             "`Validate` can be derived for structs with named fields only",
         ),
     }
-    body(cx, input, validate_fn.get())
+    let root = krate.get().unwrap_or_else(|| root.path());
+    body(cx, input, validate_fn.get(), root)
 }
 
-pub(crate) fn service<'a>(cx: &mut Ctxt, input: &'a DeriveInput) -> Option<Service<'a>> {
+pub(crate) fn service<'a>(
+    cx: &mut Ctxt,
+    input: &'a DeriveInput,
+    root: Root,
+) -> Option<Service<'a>> {
+    let mut krate = Attr::none(symbol::CRATE);
     let mut service = Attr::none(symbol::SERVICE);
     let mut table = Attr::none(symbol::TABLE);
     let mut topic = Attr::none(symbol::TOPIC);
@@ -359,6 +410,8 @@ pub(crate) fn service<'a>(cx: &mut Ctxt, input: &'a DeriveInput) -> Option<Servi
             if let Some(i) = keep(cx, meta, ident_value(meta, "NotificationHandler")) {
                 handler.set(cx, p, i);
             }
+        } else if p.is_ident(symbol::CRATE) {
+            crate_path(cx, meta, &mut krate);
         } else {
             attr::unknown(cx, meta, "a service enum", symbol::SERVICE_KEYS);
         }
@@ -423,6 +476,7 @@ pub(crate) fn service<'a>(cx: &mut Ctxt, input: &'a DeriveInput) -> Option<Servi
         group: group.get(),
         handler,
         variants,
+        root: krate.get().unwrap_or_else(|| root.path()),
     })
 }
 

@@ -100,7 +100,15 @@ pub(crate) enum Rule {
 /// as JSON for the schema.
 pub(crate) struct Bound {
     pub(crate) tokens: TokenStream,
-    pub(crate) json: Option<TokenStream>,
+    pub(crate) json: Option<JsonNumber>,
+}
+
+/// A bound as the schema writes it.
+#[derive(Clone, Copy)]
+pub(crate) enum JsonNumber {
+    I64(i64),
+    U64(u64),
+    F64(f64),
 }
 
 /// Reports an unknown key and skips its value, so parsing can go on.
@@ -422,17 +430,16 @@ fn number(input: ParseStream<'_>) -> syn::Result<Bound> {
     let json = match &lit {
         Lit::Int(i) => {
             let text = format!("{sign}{}", i.base10_digits());
-            let json = quote!(::outbox_runtime::__private::Json);
             if let Ok(v) = text.parse::<i64>() {
-                Some(quote!(#json::I64(#v)))
+                Some(JsonNumber::I64(v))
             } else {
-                text.parse::<u64>().ok().map(|v| quote!(#json::U64(#v)))
+                text.parse::<u64>().ok().map(JsonNumber::U64)
             }
         }
         Lit::Float(f) => format!("{sign}{}", f.base10_digits())
             .parse::<f64>()
             .ok()
-            .map(|v| quote!(::outbox_runtime::__private::Json::F64(#v))),
+            .map(JsonNumber::F64),
         other => {
             return Err(syn::Error::new_spanned(
                 other,

@@ -1,5 +1,7 @@
-//! Derive macros for [`outbox-runtime`](https://docs.rs/outbox-runtime). Use them through that
-//! crate, which re-exports them next to the traits they implement.
+//! Derive macros for [`outbox-runtime`](https://docs.rs/outbox-runtime) and
+//! [`outbox-contract`](https://docs.rs/outbox-contract). Use them through either crate, which
+//! re-exports them next to the traits they implement; the code they generate names the crate
+//! they came through (or the path given with `#[outbox(crate = "...")]`).
 
 mod ast;
 mod attr;
@@ -10,6 +12,8 @@ mod symbol;
 
 use proc_macro::TokenStream;
 use syn::{DeriveInput, parse_macro_input};
+
+use crate::ast::Root;
 
 /// Implements `outbox_runtime::OutboxEvent` and `outbox_runtime::Validate`.
 ///
@@ -22,7 +26,7 @@ use syn::{DeriveInput, parse_macro_input};
 #[proc_macro_derive(OutboxEvent, attributes(outbox))]
 pub fn derive_outbox_event(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
-    expand::event::derive(&input).into()
+    expand::event::derive(&input, Root::Runtime).into()
 }
 
 /// Implements `outbox_runtime::OutboxService` on an enum of one service's events, and generates
@@ -30,12 +34,36 @@ pub fn derive_outbox_event(input: TokenStream) -> TokenStream {
 #[proc_macro_derive(OutboxService, attributes(outbox))]
 pub fn derive_outbox_service(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
-    expand::service::derive(&input).into()
+    expand::service::derive(&input, Root::Runtime).into()
 }
 
 /// Implements `outbox_runtime::Validate` for a struct nested inside an event payload.
 #[proc_macro_derive(Validate, attributes(outbox))]
 pub fn derive_validate(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
-    expand::validate::derive(&input).into()
+    expand::validate::derive(&input, Root::Runtime).into()
+}
+
+/// `OutboxEvent` as `outbox_contract` re-exports it: the same derive, naming `::outbox_contract`.
+#[doc(hidden)]
+#[proc_macro_derive(ContractOutboxEvent, attributes(outbox))]
+pub fn derive_contract_outbox_event(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    expand::event::derive(&input, Root::Contract).into()
+}
+
+/// `OutboxService` as `outbox_contract` re-exports it.
+#[doc(hidden)]
+#[proc_macro_derive(ContractOutboxService, attributes(outbox))]
+pub fn derive_contract_outbox_service(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    expand::service::derive(&input, Root::Contract).into()
+}
+
+/// `Validate` as `outbox_contract` re-exports it.
+#[doc(hidden)]
+#[proc_macro_derive(ContractValidate, attributes(outbox))]
+pub fn derive_contract_validate(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    expand::validate::derive(&input, Root::Contract).into()
 }

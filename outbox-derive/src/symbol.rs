@@ -8,6 +8,7 @@ pub(crate) const SERVICE: &str = "service";
 pub(crate) const KEY: &str = "key";
 pub(crate) const AGGREGATE: &str = "aggregate";
 pub(crate) const VALIDATE: &str = "validate";
+pub(crate) const CRATE: &str = "crate";
 
 pub(crate) const TABLE: &str = "table";
 pub(crate) const TOPIC: &str = "topic";
@@ -24,15 +25,17 @@ pub(crate) const MIN: &str = "min";
 pub(crate) const MAX: &str = "max";
 
 /// The keys of `#[outbox(...)]` on an event struct.
-pub(crate) const EVENT_KEYS: &[&str] = &[EVENT_TYPE, VERSION, SERVICE, KEY, AGGREGATE, VALIDATE];
+pub(crate) const EVENT_KEYS: &[&str] = &[
+    EVENT_TYPE, VERSION, SERVICE, KEY, AGGREGATE, VALIDATE, CRATE,
+];
 /// The keys of `#[outbox(...)]` on a struct deriving only `Validate`.
-pub(crate) const VALIDATE_KEYS: &[&str] = &[VALIDATE];
+pub(crate) const VALIDATE_KEYS: &[&str] = &[VALIDATE, CRATE];
 /// The keys of `#[outbox(...)]` on a field.
 pub(crate) const FIELD_KEYS: &[&str] = &[VALIDATE];
 /// The rules inside `#[outbox(validate(...))]` on a field.
 pub(crate) const RULES: &[&str] = &[NON_EMPTY, LENGTH, RANGE, REGEX, CUSTOM, NESTED];
 /// The keys of `#[outbox(...)]` on a service enum.
-pub(crate) const SERVICE_KEYS: &[&str] = &[SERVICE, TABLE, TOPIC, GROUP, HANDLER];
+pub(crate) const SERVICE_KEYS: &[&str] = &[SERVICE, TABLE, TOPIC, GROUP, HANDLER, CRATE];
 /// The keys of `#[outbox(...)]` on a service enum's variant.
 pub(crate) const VARIANT_KEYS: &[&str] = &[HANDLER];
 

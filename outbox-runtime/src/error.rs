@@ -1,51 +1,15 @@
 //! The crate's error type.
 
+use outbox_contract::envelope::MAX_EVENT_ID_LEN;
+
 /// What can go wrong when configuring or running the outbox.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A table, topic, group or prefix name that is not allowed.
-    #[error("invalid {what} `{name}`: {reason}")]
-    InvalidName {
-        /// `table`, `topic`, `group` or `prefix`.
-        what: &'static str,
-        /// The name as given.
-        name: String,
-        /// Which rule it breaks.
-        reason: String,
-    },
-    /// Two different services claim one event type.
-    #[error(
-        "event type `{event_type}` is declared by services `{first}` and `{second}`; an event type belongs to one service"
-    )]
-    EventOwnedTwice {
-        /// The event type.
-        event_type: String,
-        /// The service that claimed it first.
-        first: String,
-        /// The service that claimed it again.
-        second: String,
-    },
-    /// One service name registered twice with different routes.
-    #[error("service `{service}` is registered twice with different routes")]
-    DuplicateService {
-        /// The service.
-        service: String,
-    },
-    /// Two services resolve to the same table or topic.
-    #[error(
-        "services `{first}` and `{second}` both use {what} `{name}`; give one of them its own {what}"
-    )]
-    SharedRoute {
-        /// `table` or `topic`.
-        what: &'static str,
-        /// The shared name.
-        name: String,
-        /// The service registered first.
-        first: String,
-        /// The service registered second.
-        second: String,
-    },
+    /// A catalog or route configuration that cannot be built: an invalid name, an event type
+    /// of two services, two enums of one service, two services sharing a table or topic.
+    #[error(transparent)]
+    Contract(#[from] outbox_contract::Error),
     /// An event that breaks its contract's validation rules; nothing was written.
     #[error("refusing to store an invalid `{event_type}` v{version} event: {violations}")]
     InvalidEvent {
@@ -54,7 +18,7 @@ pub enum Error {
         /// The version.
         version: u32,
         /// Every broken rule.
-        violations: crate::Violations,
+        violations: outbox_contract::Violations,
     },
     /// An event of a service the outbox was not built with.
     #[error(
@@ -64,9 +28,25 @@ pub enum Error {
         /// The service.
         service: String,
     },
-    /// An event whose service's enum does not list its (event type, version).
+    /// An event whose (event type, version) this outbox's catalog routes to another service
+    /// than the one the event declares: storing it in either table would be wrong.
     #[error(
-        "outbox route not registered: `{event_type}` v{version} is not a variant of service `{service}`'s enum; add it there so that a consumer can handle it"
+        "`{event_type}` v{version} declares service `{service}`, but this outbox routes it to service `{routed}`; an event type belongs to one service"
+    )]
+    EventOfAnotherService {
+        /// The event type.
+        event_type: &'static str,
+        /// The version.
+        version: u32,
+        /// The service the event declares.
+        service: &'static str,
+        /// The service the catalog routes the (event type, version) to.
+        routed: String,
+    },
+    /// An event whose enum is not in this outbox's catalog (its service was added by name
+    /// only, so the outbox has its table but not its routes).
+    #[error(
+        "outbox route not registered: `{event_type}` v{version} is listed in `{listed_in}`, which this outbox's catalog does not have; add it with `Catalog::builder(..).service::<{listed_in}>()`"
     )]
     RouteNotRegistered {
         /// The event type.
@@ -75,12 +55,14 @@ pub enum Error {
         version: u32,
         /// The service the event names.
         service: &'static str,
+        /// The enum that lists the event.
+        listed_in: &'static str,
     },
-    /// An event id longer than an inbox record holds ([`crate::envelope::MAX_EVENT_ID_LEN`]
-    /// characters); cutting it would let two events share one record.
+    /// An event id longer than an inbox record holds ([`MAX_EVENT_ID_LEN`] characters); cutting
+    /// it would let two events share one record.
     #[error(
         "event id of {len} characters is longer than the {max} an inbox record holds",
-        max = crate::envelope::MAX_EVENT_ID_LEN
+        max = MAX_EVENT_ID_LEN
     )]
     EventIdTooLong {
         /// Its length in characters.

@@ -6,31 +6,35 @@
 pub mod bus;
 #[cfg(feature = "kafka")]
 pub mod consumer;
-#[cfg(feature = "kafka")]
-pub mod envelope;
 pub mod error;
-pub mod event;
 #[cfg(feature = "kafka")]
 pub mod relay;
-pub mod route;
 #[cfg(feature = "kafka")]
 pub mod runtime;
-pub mod schema;
-pub mod service;
 #[cfg(feature = "store")]
 pub mod store;
 #[cfg(feature = "store")]
 pub mod trace;
-pub mod validate;
+
+// The contract layer, at the paths it has always had here: `outbox_runtime::event::ToKey`,
+// `outbox_runtime::route::RouteConfig`, `outbox_runtime::schema::export`, ...
+#[doc(inline)]
+pub use outbox_contract::{envelope, event, route, schema, service, validate};
 
 #[doc(hidden)]
-pub mod __private;
+pub use outbox_contract::__private;
+
+/// The contract layer's own crate, for code that names it: a contracts crate depends on it
+/// alone, and an application gets it here.
+pub use outbox_contract as contract;
 
 pub use error::Error;
-pub use event::OutboxEvent;
-pub use route::{Catalog, RouteConfig, ServiceRoute};
-pub use service::{Dispatch, HandlerError, OutboxService, Rejection};
-pub use validate::{Validate, Violation, Violations};
+// The traits by their modules' paths: the contract crate's root also holds its own derives
+// (naming `::outbox_contract`), and this crate's derives, below, name `::outbox_runtime`.
+pub use outbox_contract::event::{Listed, OutboxEvent};
+pub use outbox_contract::route::{Catalog, RouteConfig, ServiceRoute};
+pub use outbox_contract::service::{Dispatch, HandlerError, OutboxService, Rejection};
+pub use outbox_contract::validate::{Validate, Violation, Violations};
 
 #[cfg(feature = "store")]
 pub use sqlx;

@@ -38,7 +38,10 @@ mod tests {
                 pub note: Option<String>,
             }
         };
-        insta::assert_snapshot!(pretty(super::event::derive(&input)));
+        insta::assert_snapshot!(pretty(super::event::derive(
+            &input,
+            crate::ast::Root::Runtime
+        )));
     }
 
     #[test]
@@ -52,7 +55,10 @@ mod tests {
                 FeishuRequestedV2(v2::FeishuRequested),
             }
         };
-        insta::assert_snapshot!(pretty(super::service::derive(&input)));
+        insta::assert_snapshot!(pretty(super::service::derive(
+            &input,
+            crate::ast::Root::Runtime
+        )));
     }
 
     #[test]
@@ -64,7 +70,10 @@ mod tests {
                 pub url: String,
             }
         };
-        insta::assert_snapshot!(pretty(super::validate::derive(&input)));
+        insta::assert_snapshot!(pretty(super::validate::derive(
+            &input,
+            crate::ast::Root::Runtime
+        )));
     }
 
     #[test]
@@ -75,7 +84,7 @@ mod tests {
                 pub user_id: u64,
             }
         };
-        let out = super::event::derive(&input).to_string();
+        let out = super::event::derive(&input, crate::ast::Root::Runtime).to_string();
         // Every mistake, then a stub impl so that uses of the type do not add errors.
         for expected in [
             "is not `lower.dotted.words`",

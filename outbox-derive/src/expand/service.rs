@@ -6,12 +6,12 @@ use quote::{ToTokens, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{Data, DeriveInput, LitStr};
 
-use crate::ast::{self, Service};
+use crate::ast::{self, Root, Service};
 use crate::ctxt::Ctxt;
 
-pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
+pub(crate) fn derive(input: &DeriveInput, root: Root) -> TokenStream {
     let mut cx = Ctxt::default();
-    let service = ast::service(&mut cx, input);
+    let service = ast::service(&mut cx, input, root);
     match service {
         Some(s) if !cx.has_errors() => expand(&s),
         other => {
@@ -37,8 +37,8 @@ pub(crate) fn expand(s: &Service<'_>) -> TokenStream {
     }
 }
 
-fn event(ty: &syn::Type) -> TokenStream {
-    quote!(<#ty as ::outbox_runtime::OutboxEvent>)
+fn event(root: &syn::Path, ty: &syn::Type) -> TokenStream {
+    quote!(<#ty as #root::OutboxEvent>)
 }
 
 fn option(lit: Option<&LitStr>) -> TokenStream {
@@ -49,6 +49,7 @@ fn option(lit: Option<&LitStr>) -> TokenStream {
 }
 
 fn service_impl(s: &Service<'_>) -> TokenStream {
+    let root = &s.root;
     let ident = s.ident;
     let service = &s.service;
     let (table, topic, group) = (
@@ -57,12 +58,12 @@ fn service_impl(s: &Service<'_>) -> TokenStream {
         option(s.group.as_ref()),
     );
     let specs = s.variants.iter().map(|v| {
-        let ev = event(v.ty);
+        let ev = event(&s.root, v.ty);
         let payload = v.ty.to_token_stream().to_string().replace(' ', "");
         let variant = syn::ext::IdentExt::unraw(v.ident).to_string();
         let method = syn::ext::IdentExt::unraw(&v.method).to_string();
         quote! {
-            ::outbox_runtime::route::EventSpec {
+            #root::route::EventSpec {
                 event_type: #ev::EVENT_TYPE,
                 version: #ev::VERSION,
                 payload: #payload,
@@ -76,13 +77,13 @@ fn service_impl(s: &Service<'_>) -> TokenStream {
     // Spanned at the payload type, like the checks, so that a type that is not an event is
     // reported once, there.
     let decode = s.variants.iter().map(|v| {
-        let (ev, var) = (event(v.ty), v.ident);
+        let (ev, var) = (event(&s.root, v.ty), v.ident);
         quote_spanned! {v.ty.span()=>
             |payload| #ev::from_payload(payload).map(Self::#var)
         }
     });
     let encode = s.variants.iter().map(|v| {
-        let (ev, var) = (event(v.ty), v.ident);
+        let (ev, var) = (event(&s.root, v.ty), v.ident);
         quote_spanned! {v.ty.span()=>
             |event| match event {
                 Self::#var(event) => #ev::to_payload(event),
@@ -97,7 +98,7 @@ fn service_impl(s: &Service<'_>) -> TokenStream {
     let arms = |body: TokenStream| {
         let arms = s.variants.iter().map(move |v| {
             let var = v.ident;
-            let ev = event(v.ty);
+            let ev = event(&s.root, v.ty);
             let body = body.clone();
             quote!(Self::#var(__event) => #ev::#body)
         });
@@ -109,18 +110,18 @@ fn service_impl(s: &Service<'_>) -> TokenStream {
         // A single-variant enum makes the `_` arms of `ENCODE` unreachable.
         #[automatically_derived]
         #[allow(unreachable_patterns)]
-        impl ::outbox_runtime::OutboxService for #ident {
+        impl #root::OutboxService for #ident {
             const SERVICE: &'static str = #service;
-            const ROUTE: ::outbox_runtime::route::RouteSpec = ::outbox_runtime::route::RouteSpec {
+            const ROUTE: #root::route::RouteSpec = #root::route::RouteSpec {
                 service: #service,
                 table: #table,
                 topic: #topic,
                 group: #group,
             };
-            const EVENTS: &'static [::outbox_runtime::route::EventSpec] = &[#(#specs),*];
+            const EVENTS: &'static [#root::route::EventSpec] = &[#(#specs),*];
 
-            const DECODE: &'static [::outbox_runtime::service::Decoder<Self>] = &[#(#decode),*];
-            const ENCODE: &'static [::outbox_runtime::service::Encoder<Self>] = &[#(#encode),*];
+            const DECODE: &'static [#root::service::Decoder<Self>] = &[#(#decode),*];
+            const ENCODE: &'static [#root::service::Encoder<Self>] = &[#(#encode),*];
 
             fn variant_index(&self) -> usize {
                 match self { #(#index,)* }
@@ -140,10 +141,11 @@ fn service_impl(s: &Service<'_>) -> TokenStream {
 /// Compile-time checks, each failing at the variant it is about:
 /// every event belongs to this enum's service, and no (event type, version) appears twice.
 fn checks(s: &Service<'_>) -> TokenStream {
+    let root = &s.root;
     let ident = s.ident;
     let service = s.service.value();
     let owned = s.variants.iter().map(|v| {
-        let ev = event(v.ty);
+        let ev = event(&s.root, v.ty);
         let msg = format!(
             "the event in variant `{var}` belongs to another service: `{ident}` holds the events of service `{service}`, so `{ty}` needs `service = \"{service}\"` in its `#[outbox(...)]`, or the variant belongs in the enum of the event's own service",
             var = v.ident,
@@ -153,13 +155,13 @@ fn checks(s: &Service<'_>) -> TokenStream {
         // already explains it.
         quote_spanned! {v.ty.span()=>
             ::core::assert!(
-                #ev::SERVICE.is_empty() || ::outbox_runtime::__private::str_eq(#ev::SERVICE, #service),
+                #ev::SERVICE.is_empty() || #root::__private::str_eq(#ev::SERVICE, #service),
                 #msg
             );
         }
     });
     let pairs = s.variants.iter().map(|v| {
-        let ev = event(v.ty);
+        let ev = event(&s.root, v.ty);
         quote!((#ev::EVENT_TYPE, #ev::VERSION))
     });
     let unique = s.variants.iter().enumerate().skip(1).map(|(i, v)| {
@@ -170,7 +172,7 @@ fn checks(s: &Service<'_>) -> TokenStream {
         );
         quote_spanned! {v.ty.span()=>
             ::core::assert!(
-                __EVENTS[#i].1 == 0 || !::outbox_runtime::__private::repeats_earlier(__EVENTS, #i),
+                __EVENTS[#i].1 == 0 || !#root::__private::repeats_earlier(__EVENTS, #i),
                 #msg
             );
         }
@@ -185,6 +187,7 @@ fn checks(s: &Service<'_>) -> TokenStream {
 }
 
 fn handler_trait(s: &Service<'_>) -> TokenStream {
+    let root = &s.root;
     let (vis, ident, name, service) = (s.vis, s.ident, &s.handler, s.service.value());
     let ctx = ctx_param(s);
     let methods = s.variants.iter().map(|v| {
@@ -205,7 +208,7 @@ fn handler_trait(s: &Service<'_>) -> TokenStream {
                 ctx: &mut #ctx,
                 event: #ty,
             ) -> impl ::core::future::Future<
-                Output = ::core::result::Result<(), ::outbox_runtime::HandlerError>,
+                Output = ::core::result::Result<(), #root::HandlerError>,
             > + ::core::marker::Send;
         }
     });
@@ -234,6 +237,7 @@ fn ctx_param(s: &Service<'_>) -> syn::Ident {
 }
 
 fn dispatch_impl(s: &Service<'_>) -> TokenStream {
+    let root = &s.root;
     let (ident, name) = (s.ident, &s.handler);
     let arms = s.variants.iter().map(|v| {
         let (var, method) = (v.ident, &v.method);
@@ -241,7 +245,7 @@ fn dispatch_impl(s: &Service<'_>) -> TokenStream {
     });
     quote! {
         #[automatically_derived]
-        impl<__H, __Ctx> ::outbox_runtime::Dispatch<__H, __Ctx> for #ident
+        impl<__H, __Ctx> #root::Dispatch<__H, __Ctx> for #ident
         where
             __H: #name<__Ctx> + ?::core::marker::Sized,
             __Ctx: ?::core::marker::Sized + ::core::marker::Send,
@@ -251,7 +255,7 @@ fn dispatch_impl(s: &Service<'_>) -> TokenStream {
                 __handler: &'__a __H,
                 __ctx: &'__a mut __Ctx,
             ) -> impl ::core::future::Future<
-                Output = ::core::result::Result<(), ::outbox_runtime::HandlerError>,
+                Output = ::core::result::Result<(), #root::HandlerError>,
             > + ::core::marker::Send + '__a {
                 async move {
                     match self { #(#arms,)* }
@@ -261,10 +265,13 @@ fn dispatch_impl(s: &Service<'_>) -> TokenStream {
     }
 }
 
-/// `From<Event> for Enum`, so that an event can be passed where the service's enum is expected.
-/// Left out when a payload type appears twice: that is a duplicate, reported by `checks`.
+/// `From<Event> for Enum`, so that an event can be passed where the service's enum is expected,
+/// and `Listed for Event`, which `enqueue` requires: an event no enum lists cannot be stored, and
+/// an event listed in a second enum is a conflicting implementation, reported at that enum's
+/// variant. Both are left out when a payload type appears twice in this enum: that is a
+/// duplicate, reported by `checks`.
 fn from_impls(s: &Service<'_>) -> TokenStream {
-    let ident = s.ident;
+    let (ident, root) = (s.ident, &s.root);
     let names: Vec<String> = s
         .variants
         .iter()
@@ -275,12 +282,17 @@ fn from_impls(s: &Service<'_>) -> TokenStream {
             return None;
         }
         let (ty, var) = (v.ty, v.ident);
+        let listed = quote_spanned!(v.ty.span()=> impl #root::Listed for #ty);
         Some(quote! {
             #[automatically_derived]
             impl ::core::convert::From<#ty> for #ident {
                 fn from(event: #ty) -> Self {
                     Self::#var(event)
                 }
+            }
+            #[automatically_derived]
+            #listed {
+                type Service = #ident;
             }
         })
     });
@@ -291,6 +303,7 @@ fn from_impls(s: &Service<'_>) -> TokenStream {
 /// user's `impl ...Handler for ...` and `.service::<Enum>()` still resolve and the real error
 /// stands alone.
 fn fallback(s: &Service<'_>, input: &DeriveInput) -> TokenStream {
+    let root = &s.root;
     if !matches!(input.data, Data::Enum(_)) {
         return TokenStream::new();
     }
@@ -299,17 +312,17 @@ fn fallback(s: &Service<'_>, input: &DeriveInput) -> TokenStream {
     quote! {
         #handler
         #[automatically_derived]
-        impl ::outbox_runtime::OutboxService for #ident {
+        impl #root::OutboxService for #ident {
             const SERVICE: &'static str = "";
-            const ROUTE: ::outbox_runtime::route::RouteSpec = ::outbox_runtime::route::RouteSpec {
+            const ROUTE: #root::route::RouteSpec = #root::route::RouteSpec {
                 service: "",
                 table: ::core::option::Option::None,
                 topic: ::core::option::Option::None,
                 group: ::core::option::Option::None,
             };
-            const EVENTS: &'static [::outbox_runtime::route::EventSpec] = &[];
-            const DECODE: &'static [::outbox_runtime::service::Decoder<Self>] = &[];
-            const ENCODE: &'static [::outbox_runtime::service::Encoder<Self>] = &[];
+            const EVENTS: &'static [#root::route::EventSpec] = &[];
+            const DECODE: &'static [#root::service::Decoder<Self>] = &[];
+            const ENCODE: &'static [#root::service::Encoder<Self>] = &[];
             fn variant_index(&self) -> usize {
                 ::core::unimplemented!("the derive failed")
             }

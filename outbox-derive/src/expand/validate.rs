@@ -5,14 +5,15 @@ use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
 use syn::DeriveInput;
 
-use crate::ast::{self, Body, Field};
-use crate::attr::Rule;
+use crate::ast::{self, Body, Field, Root};
+use crate::attr::{JsonNumber, Rule};
 use crate::ctxt::Ctxt;
 
 /// `#[derive(Validate)]`.
-pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
+pub(crate) fn derive(input: &DeriveInput, root: Root) -> TokenStream {
     let mut cx = Ctxt::default();
-    let body = ast::validate(&mut cx, input);
+    let body = ast::validate(&mut cx, input, root);
+    let root = &body.root;
     if cx.has_errors() {
         let ident = &input.ident;
         let (imp, ty, wh) = input.generics.split_for_impl();
@@ -21,8 +22,8 @@ pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
         return quote! {
             #errors
             #[automatically_derived]
-            impl #imp ::outbox_runtime::Validate for #ident #ty #wh {
-                fn validate_into(&self, _: &str, _: &mut ::outbox_runtime::Violations) {}
+            impl #imp #root::Validate for #ident #ty #wh {
+                fn validate_into(&self, _: &str, _: &mut #root::Violations) {}
             }
         };
     }
@@ -32,24 +33,25 @@ pub(crate) fn derive(input: &DeriveInput) -> TokenStream {
 /// `impl Validate for T`: every rule of every field, then the struct's own function.
 pub(crate) fn validate_impl(body: &Body<'_>) -> TokenStream {
     let ident = &body.input.ident;
+    let root = &body.root;
     let (imp, ty, wh) = body.input.generics.split_for_impl();
     let fields = body
         .fields
         .iter()
         .filter(|f| !f.rules.is_empty())
-        .map(field_checks);
+        .map(|f| field_checks(root, f));
     let whole = body.validate_fn.as_ref().map(|path| {
         quote_spanned! {path_span(path)=>
-            ::outbox_runtime::__private::merge(__outbox_path, #path(self), __outbox_out);
+            #root::__private::merge(__outbox_path, #path(self), __outbox_out);
         }
     });
     quote! {
         #[automatically_derived]
-        impl #imp ::outbox_runtime::Validate for #ident #ty #wh {
+        impl #imp #root::Validate for #ident #ty #wh {
             fn validate_into(
                 &self,
                 __outbox_path: &str,
-                __outbox_out: &mut ::outbox_runtime::Violations,
+                __outbox_out: &mut #root::Violations,
             ) {
                 #(#fields)*
                 #whole
@@ -65,14 +67,14 @@ fn path_span(path: &syn::Path) -> proc_macro2::Span {
 }
 
 /// The checks of one field, in the order its rules were written.
-fn field_checks(field: &Field<'_>) -> TokenStream {
+fn field_checks(root: &syn::Path, field: &Field<'_>) -> TokenStream {
     let ident = field.ident;
     let name = &field.json_name;
     let name = if field.flatten { "" } else { name.as_str() };
     let checks = field.rules.iter().map(|rule| {
         // Every token of a check, down to the path and the field name, takes the rule's span,
         // so an error underlines just the rule.
-        let v = quote_spanned!(rule_span(rule)=> ::outbox_runtime::validate);
+        let v = quote_spanned!(rule_span(rule)=> #root::validate);
         let ident = &{
             let mut i = ident.clone();
             i.set_span(rule_span(rule));
@@ -105,8 +107,8 @@ fn field_checks(field: &Field<'_>) -> TokenStream {
                 let anchored = format!("^(?:{})$", pattern.value());
                 quote_spanned! {word.span()=>
                     {
-                        static __RE: ::outbox_runtime::__private::LazyLock<::outbox_runtime::__private::regex::Regex> =
-                            ::outbox_runtime::__private::LazyLock::new(|| ::outbox_runtime::__private::compile_regex(#anchored));
+                        static __RE: #root::__private::LazyLock<#root::__private::regex::Regex> =
+                            #root::__private::LazyLock::new(|| #root::__private::compile_regex(#anchored));
                         #v::regex(&self.#ident, &__RE, #pattern, __p, __outbox_out);
                     }
                 }
@@ -115,13 +117,13 @@ fn field_checks(field: &Field<'_>) -> TokenStream {
                 #v::custom(#path(&self.#ident), __p, __outbox_out);
             },
             Rule::Nested(word) => quote_spanned! {word.span()=>
-                ::outbox_runtime::Validate::validate_into(&self.#ident, &__p.render(), __outbox_out);
+                #root::Validate::validate_into(&self.#ident, &__p.render(), __outbox_out);
             },
         }
     });
     quote! {
         {
-            let __p = ::outbox_runtime::validate::At::new(__outbox_path, #name);
+            let __p = #root::validate::At::new(__outbox_path, #name);
             #(#checks)*
         }
     }
@@ -150,7 +152,10 @@ fn opt(v: Option<TokenStream>) -> TokenStream {
 /// sets the keyword of each (`minLength`, `minItems`, `minProperties`): JSON Schema applies
 /// each only to values of its own type, so the others are inert.
 pub(crate) fn schema_constraints(body: &Body<'_>) -> Vec<TokenStream> {
-    let json = quote!(::outbox_runtime::__private::Json);
+    let json = {
+        let root = &body.root;
+        quote!(#root::__private::Json)
+    };
     body.fields
         .iter()
         .filter(|f| !f.flatten)
@@ -176,7 +181,12 @@ pub(crate) fn schema_constraints(body: &Body<'_>) -> Vec<TokenStream> {
                     }
                     Rule::Range { min, max, .. } => {
                         for (kw, b) in [("minimum", min), ("maximum", max)] {
-                            if let Some(j) = b.as_ref().and_then(|b| b.json.as_ref()) {
+                            if let Some(j) = b.as_ref().and_then(|b| b.json) {
+                                let j = match j {
+                                    JsonNumber::I64(v) => quote!(#json::I64(#v)),
+                                    JsonNumber::U64(v) => quote!(#json::U64(#v)),
+                                    JsonNumber::F64(v) => quote!(#json::F64(#v)),
+                                };
                                 pairs.push(quote!((#kw, #j)));
                             }
                         }

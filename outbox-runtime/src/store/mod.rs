@@ -35,9 +35,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use outbox_contract::Listed;
+use outbox_contract::envelope::{MAX_EVENT_ID_LEN, Record};
+use outbox_contract::route::{Catalog, ServiceRoute};
+
 use crate::error::Error;
-use crate::event::OutboxEvent;
-use crate::route::{Catalog, ServiceRoute};
 
 pub use queries::Arg;
 
@@ -154,6 +156,37 @@ impl OutboxRow {
             _ => false,
         }
     }
+
+    /// The row as the envelope codec reads it.
+    pub fn record(&self) -> Record<'_> {
+        #[derive(serde::Deserialize)]
+        struct Headers<'a> {
+            #[serde(borrow, default)]
+            traceparent: Option<&'a str>,
+        }
+        Record {
+            outbox_id: self.id,
+            event_id: &self.event_id,
+            event_type: &self.event_type,
+            event_version: u32::try_from(self.event_version).unwrap_or(0),
+            service: &self.service,
+            message_key: self.message_key.as_deref(),
+            aggregate_id: self.aggregate_id.as_deref(),
+            payload: &self.payload,
+            // A traceparent is hex and dashes: it borrows unless the stored headers were
+            // written by hand with escapes, and then it is left out.
+            traceparent: serde_json::from_str::<Headers<'_>>(&self.headers)
+                .ok()
+                .and_then(|h| h.traceparent),
+            created_at_ms: self.created_at,
+        }
+    }
+}
+
+impl<'a> From<&'a OutboxRow> for Record<'a> {
+    fn from(row: &'a OutboxRow) -> Self {
+        row.record()
+    }
 }
 
 /// The columns of [`OutboxRow`], in its field order.
@@ -229,7 +262,7 @@ impl Clock for ManualClock {
 /// one record, the second skipped as already applied).
 fn inbox_id_fits(event_id: &str) -> Result<(), Error> {
     let len = event_id.chars().count();
-    if len > crate::envelope::MAX_EVENT_ID_LEN {
+    if len > MAX_EVENT_ID_LEN {
         return Err(Error::EventIdTooLong { len });
     }
     Ok(())
@@ -730,7 +763,10 @@ impl<DB: Backend> Outbox<DB> {
     /// The event is validated first; an invalid event is refused with every violation and
     /// nothing is written. The row gets a new UUIDv7 event id and the current trace context's
     /// `traceparent` header when there is one.
-    pub async fn enqueue<E: OutboxEvent>(
+    ///
+    /// `E` must be [`Listed`] in its service's `#[derive(OutboxService)]` enum: an event that
+    /// no enum lists has no handler anywhere, and does not compile here.
+    pub async fn enqueue<E: Listed>(
         &self,
         conn: &mut DB::Connection,
         event: &E,
@@ -743,7 +779,7 @@ impl<DB: Backend> Outbox<DB> {
 
     /// Stores several events inside the caller's transaction: all are validated before any is
     /// written, so one invalid event stores none.
-    pub async fn enqueue_all<'e, E: OutboxEvent>(
+    pub async fn enqueue_all<'e, E: Listed>(
         &self,
         conn: &mut DB::Connection,
         events: impl IntoIterator<Item = &'e E>,
@@ -760,26 +796,34 @@ impl<DB: Backend> Outbox<DB> {
         Ok(out)
     }
 
-    fn prepare<E: OutboxEvent>(&self, event: &E) -> Result<Prepared, Error> {
-        crate::Validate::validate(event).map_err(|violations| Error::InvalidEvent {
+    fn prepare<E: Listed>(&self, event: &E) -> Result<Prepared, Error> {
+        outbox_contract::Validate::validate(event).map_err(|violations| Error::InvalidEvent {
             event_type: E::EVENT_TYPE,
             version: E::VERSION,
             violations,
         })?;
         let table = self.table(E::SERVICE)?;
-        // An event its service's enum does not list would be stored, published, and then
-        // dead-lettered by the consumer: refuse it here instead.
-        if self
-            .inner
-            .catalog
-            .route(E::EVENT_TYPE, E::VERSION)
-            .is_none()
-        {
-            return Err(Error::RouteNotRegistered {
-                event_type: E::EVENT_TYPE,
-                version: E::VERSION,
-                service: E::SERVICE,
-            });
+        // The compiler saw that an enum lists the event; the catalog must have that enum, and
+        // route the (event type, version) to the event's own service, or the row would land in
+        // a table whose consumer dead-letters it.
+        match self.inner.catalog.route(E::EVENT_TYPE, E::VERSION) {
+            None => {
+                return Err(Error::RouteNotRegistered {
+                    event_type: E::EVENT_TYPE,
+                    version: E::VERSION,
+                    service: E::SERVICE,
+                    listed_in: std::any::type_name::<E::Service>(),
+                });
+            }
+            Some(route) if route.route.service != E::SERVICE => {
+                return Err(Error::EventOfAnotherService {
+                    event_type: E::EVENT_TYPE,
+                    version: E::VERSION,
+                    service: E::SERVICE,
+                    routed: route.route.service.clone(),
+                });
+            }
+            Some(_) => {}
         }
         let payload = String::from_utf8(event.to_payload().map_err(Error::Encode)?)
             .map_err(|e| Error::Encode(serde::de::Error::custom(e)))?;

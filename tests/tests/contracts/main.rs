@@ -11,10 +11,10 @@ use contracts::{
     ActiveSchedulerEvents, AgentEvents, MemoryEvents, NotificationEvents,
     NotificationEventsHandler, TaskEvents, TokenStoreEvents,
 };
+use outbox_runtime::contract::Error as ContractError;
 use outbox_runtime::route::{RouteOverride, RouteSpec};
 use outbox_runtime::{
-    Catalog, Dispatch, Error, HandlerError, OutboxEvent, OutboxService, Rejection, RouteConfig,
-    Validate,
+    Catalog, Dispatch, HandlerError, OutboxEvent, OutboxService, Rejection, RouteConfig, Validate,
 };
 use serde_json::{Value, json};
 
@@ -155,7 +155,7 @@ fn the_catalog_refuses_an_event_type_claimed_by_two_services() {
         .unwrap()
         .service::<RogueEvents>()
         .unwrap_err();
-    assert!(matches!(err, Error::EventOwnedTwice { .. }));
+    assert!(matches!(err, ContractError::EventOwnedTwice { .. }));
     assert_eq!(
         err.to_string(),
         "event type `notification.feishu.requested` is declared by services `notification` and `rogue`; an event type belongs to one service"
@@ -498,8 +498,10 @@ fn service_enums_describe_their_events_in_variant_order() {
     );
 }
 
+// Each consumer is typed on one enum, so a second enum of a service would have its events
+// dead-lettered as unknown by the first enum's consumer (and the reverse): refused, naming both.
 #[test]
-fn two_enums_of_one_service_merge_their_events() {
+fn the_catalog_refuses_two_enums_of_one_service() {
     #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema, OutboxEvent)]
     #[outbox(event_type = "task.archived", version = 1, service = "task")]
     struct TaskArchived {
@@ -510,18 +512,54 @@ fn two_enums_of_one_service_merge_their_events() {
     enum MoreTaskEvents {
         Archived(TaskArchived),
     }
+    for err in [
+        Catalog::builder(RouteConfig::new())
+            .service::<TaskEvents>()
+            .unwrap()
+            .service::<MoreTaskEvents>()
+            .unwrap_err(),
+        Catalog::builder(RouteConfig::new())
+            .service::<MoreTaskEvents>()
+            .unwrap()
+            .service::<TaskEvents>()
+            .unwrap_err(),
+    ] {
+        let ContractError::ServiceClaimedTwice {
+            service,
+            first,
+            second,
+        } = &err
+        else {
+            panic!("{err}")
+        };
+        assert_eq!(service, "task");
+        let mut names = [*first, *second];
+        names.sort_unstable_by_key(|n| n.ends_with("::TaskEvents"));
+        assert!(names[0].ends_with("::MoreTaskEvents"), "{names:?}");
+        assert_eq!(names[1], "contracts::task::TaskEvents");
+        assert!(
+            err.to_string()
+                .starts_with("service `task` is claimed by two enums, `"),
+            "{err}"
+        );
+    }
+    // The same enum twice is one enum: a no-op.
     let catalog = Catalog::builder(RouteConfig::new())
         .service::<TaskEvents>()
         .unwrap()
-        .service::<MoreTaskEvents>()
+        .service::<TaskEvents>()
         .unwrap()
         .build();
     assert_eq!(catalog.services().count(), 1);
+    assert_eq!(catalog.enum_of("task"), Some("contracts::task::TaskEvents"));
+    // A service added by name (a tool's) and then by its enum is one service.
+    let catalog = Catalog::builder(RouteConfig::new())
+        .service_by_name("task")
+        .unwrap()
+        .service::<TaskEvents>()
+        .unwrap()
+        .build();
     assert!(catalog.route("task.urgency.promote.requested", 1).is_some());
-    assert_eq!(
-        catalog.route("task.archived", 1).unwrap().route.table,
-        "task_outbox"
-    );
 }
 
 #[test]

@@ -14,7 +14,9 @@ use contracts::samples;
 use harness::{Harness, T0, TestDb};
 use outbox_runtime::store::{ConsumeError, Consumed, ManualClock, StoreConfig, Transition};
 use outbox_runtime::trace::TraceParent;
-use outbox_runtime::{Error, OutboxEvent, Status};
+use outbox_runtime::{
+    Catalog, Error, Listed, Outbox, OutboxEvent, OutboxService, RouteConfig, Status,
+};
 
 const LEASE: Duration = Duration::from_secs(30);
 
@@ -73,7 +75,8 @@ on_every_backend!(
     four_claimers_on_ten_thousand_rows_claim_each_row_once,
     a_claimer_that_dies_loses_its_rows_when_the_lease_ends,
     per_key_order_holds_under_concurrent_claimers,
-    enqueue_refuses_an_event_its_service_does_not_list,
+    enqueue_refuses_an_event_whose_enum_is_not_in_the_catalog,
+    enqueue_refuses_an_event_the_catalog_routes_to_another_service,
     consume_works_inside_the_callers_transaction,
     a_row_dead_by_lease_expiry_is_applied_when_its_message_arrives,
     a_consumer_batch_locks_its_rows_in_id_order_and_marks_the_open_ones_consumed,
@@ -151,10 +154,7 @@ async fn a_resting_relay_is_notified_by_the_next_commit_and_only_then_postgres()
 }
 
 /// Stores one event in its own transaction.
-async fn put<DB: TestDb, E: OutboxEvent>(
-    h: &Harness<DB>,
-    event: &E,
-) -> outbox_runtime::store::Enqueued {
+async fn put<DB: TestDb, E: Listed>(h: &Harness<DB>, event: &E) -> outbox_runtime::store::Enqueued {
     let mut tx = h.pool.begin().await.unwrap();
     let done = h.outbox.enqueue(&mut *tx, event).await.unwrap();
     tx.commit().await.unwrap();
@@ -252,6 +252,11 @@ async fn enqueue_refuses_a_service_not_in_the_catalog<DB: TestDb>() {
     #[outbox(event_type = "billing.invoice.sent", version = 1, service = "billing")]
     struct InvoiceSent {
         invoice: u64,
+    }
+    #[derive(OutboxService)]
+    #[outbox(service = "billing")]
+    enum BillingEvents {
+        InvoiceSent(InvoiceSent),
     }
     let h = Harness::<DB>::new().await;
     let mut conn = h.pool.acquire().await.unwrap();
@@ -1210,27 +1215,84 @@ async fn per_key_order_holds_under_concurrent_claimers<DB: TestDb>() {
     h.cleanup().await;
 }
 
-// Spec §8.2: an event its service's enum does not list is refused before anything is written.
-async fn enqueue_refuses_an_event_its_service_does_not_list<DB: TestDb>() {
+// Spec §8.2: an event its service's enum does not list does not compile at `enqueue` (the UI
+// case `enqueue-unlisted-event`). What the compiler cannot see is the catalog an outbox was
+// built with: an event whose enum is missing from it is refused before anything is written.
+async fn enqueue_refuses_an_event_whose_enum_is_not_in_the_catalog<DB: TestDb>() {
     #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema, OutboxEvent)]
-    #[outbox(event_type = "task.archived", version = 1, service = "task")]
+    #[outbox(event_type = "archive.task.archived", version = 1, service = "archive")]
     struct TaskArchived {
         task_id: u64,
     }
+    #[derive(OutboxService)]
+    #[outbox(service = "archive")]
+    enum ArchiveEvents {
+        TaskArchived(TaskArchived),
+    }
     let h = Harness::<DB>::new().await;
+    // The table of `archive` is known (a tool's catalog, by name), its enum is not.
+    let catalog = Catalog::builder(RouteConfig::new())
+        .service_by_name("archive")
+        .unwrap()
+        .build();
+    let outbox = Outbox::<DB>::new(catalog);
     let mut conn = h.pool.acquire().await.unwrap();
-    let err = h
-        .outbox
+    let err = outbox
         .enqueue(&mut conn, &TaskArchived { task_id: 1 })
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::RouteNotRegistered { .. }), "{err}");
+    assert!(
+        matches!(err, Error::RouteNotRegistered { listed_in, .. } if listed_in.ends_with("::ArchiveEvents")),
+        "{err}"
+    );
     assert!(
         err.to_string()
-            .starts_with("outbox route not registered: `task.archived` v1")
+            .starts_with("outbox route not registered: `archive.task.archived` v1 is listed in `"),
+        "{err}"
     );
     drop(conn);
-    assert_eq!(h.rows("task").await, 0);
+    h.cleanup().await;
+}
+
+// An event that declares one service while the catalog routes its (event type, version) to
+// another is refused: it would land in a table whose consumer dead-letters it.
+async fn enqueue_refuses_an_event_the_catalog_routes_to_another_service<DB: TestDb>() {
+    #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema, OutboxEvent)]
+    #[outbox(
+        event_type = "task.urgency.promote.requested",
+        version = 1,
+        service = "billing"
+    )]
+    struct Promote {
+        user_id: u64,
+    }
+    #[derive(OutboxService)]
+    #[outbox(service = "billing")]
+    enum BillingEvents {
+        Promote(Promote),
+    }
+    let h = Harness::<DB>::new().await;
+    let catalog = Catalog::builder(RouteConfig::new())
+        .service::<contracts::TaskEvents>()
+        .unwrap()
+        .service_by_name("billing")
+        .unwrap()
+        .build();
+    let outbox = Outbox::<DB>::new(catalog);
+    let mut conn = h.pool.acquire().await.unwrap();
+    let err = outbox
+        .enqueue(&mut conn, &Promote { user_id: 1 })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::EventOfAnotherService { service: "billing", ref routed, .. } if routed == "task"),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "`task.urgency.promote.requested` v1 declares service `billing`, but this outbox routes it to service `task`; an event type belongs to one service"
+    );
+    drop(conn);
     h.cleanup().await;
 }
 

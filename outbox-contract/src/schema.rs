@@ -17,6 +17,54 @@ use serde_json::{Value, json};
 
 use crate::route::Catalog;
 
+/// A JSON value written into a schema by the derive.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub enum Json {
+    /// A non-negative integer.
+    U64(u64),
+    /// An integer.
+    I64(i64),
+    /// A float.
+    F64(f64),
+    /// A string.
+    Str(&'static str),
+}
+
+impl From<Json> for serde_json::Value {
+    fn from(j: Json) -> Self {
+        match j {
+            Json::U64(v) => v.into(),
+            Json::I64(v) => v.into(),
+            Json::F64(v) => v.into(),
+            Json::Str(v) => v.into(),
+        }
+    }
+}
+
+#[doc(hidden)]
+/// Schema constraints per property: `(property, [(keyword, value)])`.
+pub type Constraints = &'static [(&'static str, &'static [(&'static str, Json)])];
+
+#[doc(hidden)]
+/// Adds the constraints of `#[outbox(validate(...))]` to a property of a payload's schema.
+pub fn constrain(schema: &mut schemars::Schema, property: &str, constraints: &[(&str, Json)]) {
+    let Some(prop) = schema
+        .get_mut("properties")
+        .and_then(|p| p.get_mut(property))
+        .and_then(|p| p.as_object_mut())
+    else {
+        return;
+    };
+    // A property given only as a `$ref` (a nested struct) keeps its own schema's constraints.
+    if prop.contains_key("$ref") {
+        return;
+    }
+    for (k, v) in constraints {
+        prop.insert((*k).to_owned(), (*v).into());
+    }
+}
+
 /// The files [`export`] writes, as `(path relative to the directory, content)`.
 pub fn files(catalog: &Catalog) -> BTreeMap<PathBuf, String> {
     let mut out = BTreeMap::new();
@@ -87,7 +135,7 @@ pub fn files(catalog: &Catalog) -> BTreeMap<PathBuf, String> {
         "info": {
             "title": "outbox events",
             "version": "1",
-            "description": "Generated from the event contracts by outbox_runtime::schema::export; do not edit."
+            "description": "Generated from the event contracts by outbox_contract::schema::export; do not edit."
         },
         "channels": channels,
         "operations": operations,

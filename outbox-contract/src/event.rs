@@ -7,7 +7,7 @@ use crate::validate::Validate;
 /// Implement it with `#[derive(OutboxEvent)]`:
 ///
 /// ```
-/// use outbox_runtime::OutboxEvent;
+/// use outbox_contract::OutboxEvent;
 /// use serde::{Deserialize, Serialize};
 ///
 /// #[derive(Serialize, Deserialize, schemars::JsonSchema, OutboxEvent)]
@@ -22,7 +22,7 @@ use crate::validate::Validate;
 /// let event = UrgencyPromoteRequested { user_id: 7, task_ids: vec![] };
 /// assert_eq!(UrgencyPromoteRequested::EVENT_TYPE, "task.urgency.promote.requested");
 /// assert_eq!(event.message_key().as_deref(), Some("7"));
-/// let err = outbox_runtime::Validate::validate(&event).unwrap_err();
+/// let err = outbox_contract::Validate::validate(&event).unwrap_err();
 /// assert_eq!(err.to_string(), "task_ids: must not be empty");
 /// ```
 ///
@@ -91,17 +91,47 @@ pub trait OutboxEvent:
     /// The constraints of `#[outbox(validate(...))]` that JSON Schema can express, per
     /// property. Generated.
     #[doc(hidden)]
-    const SCHEMA_CONSTRAINTS: crate::__private::Constraints = &[];
+    const SCHEMA_CONSTRAINTS: crate::schema::Constraints = &[];
 
     /// The payload's JSON Schema (draft 2020-12), including the field constraints declared with
     /// `#[outbox(validate(...))]` that JSON Schema can express.
     fn json_schema() -> schemars::Schema {
         let mut schema = schemars::schema_for!(Self);
         for (property, constraints) in Self::SCHEMA_CONSTRAINTS {
-            crate::__private::constrain(&mut schema, property, constraints);
+            crate::schema::constrain(&mut schema, property, constraints);
         }
         schema
     }
+}
+
+/// An event listed in its service's `#[derive(OutboxService)]` enum: it has a route and a
+/// handler method. `#[derive(OutboxService)]` implements it for the event of each variant, and
+/// storing an event requires it, so an event that no enum lists cannot be enqueued: the build
+/// fails where it is enqueued, naming the event.
+///
+/// An event is listed in one enum: a second enum listing it is a conflicting implementation,
+/// which the compiler refuses at that enum. The enum lives in the crate that defines its
+/// events (the orphan rule says so, and it keeps a service's events in one place).
+///
+/// ```compile_fail
+/// use outbox_contract::{Listed, OutboxEvent};
+/// # use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize, schemars::JsonSchema, OutboxEvent)]
+/// #[outbox(event_type = "ledger.entry.posted", version = 1, service = "ledger")]
+/// pub struct EntryPosted { pub cents: i64 }
+///
+/// fn stores<E: Listed>(_: &E) {}
+/// stores(&EntryPosted { cents: 5 }); // no enum lists `EntryPosted`
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not listed in any `#[derive(OutboxService)]` enum, so it has no route and no handler",
+    label = "`{Self}` is listed in no service enum",
+    note = "add a variant `{Self}({Self})` to the `#[derive(OutboxService)]` enum of the service that `{Self}` names in `#[outbox(service = \"...\")]`"
+)]
+pub trait Listed: OutboxEvent {
+    /// The enum that lists the event: its service's events.
+    type Service: crate::OutboxService;
 }
 
 /// A value usable as a message key with `key = field` (or returned by `key = method()`).
@@ -111,7 +141,7 @@ pub trait OutboxEvent:
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a message key",
     label = "not usable as a key",
-    note = "keys are strings, integers, or `Option`s of them; implement `outbox_runtime::event::ToKey` for `{Self}`, or name a method that returns a `String` with `key = method()`"
+    note = "keys are strings, integers, or `Option`s of them; implement `outbox_contract::event::ToKey` for `{Self}`, or name a method that returns a `String` with `key = method()`"
 )]
 pub trait ToKey {
     /// The key text, or `None` for no key.

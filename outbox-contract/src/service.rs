@@ -5,8 +5,52 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
 
-use crate::route::{EventSpec, RouteSpec};
 use crate::validate::Violations;
+
+/// What `#[derive(OutboxService)]` knows about a service's routing at compile time:
+/// its name and the overrides written on its attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteSpec {
+    /// The service name, `[a-z][a-z0-9-]*`, at most 48 characters.
+    pub service: &'static str,
+    /// `#[outbox(table = "...")]`.
+    pub table: Option<&'static str>,
+    /// `#[outbox(topic = "...")]`.
+    pub topic: Option<&'static str>,
+    /// `#[outbox(group = "...")]`.
+    pub group: Option<&'static str>,
+}
+
+/// One event a service accepts: a variant of its `#[derive(OutboxService)]` enum.
+#[derive(Clone, Copy)]
+pub struct EventSpec {
+    /// `lower.dotted.words`.
+    pub event_type: &'static str,
+    /// 1 or more.
+    pub version: u32,
+    /// The payload type's name, as written in the enum.
+    pub payload: &'static str,
+    /// The enum variant.
+    pub variant: &'static str,
+    /// The handler trait method that receives it.
+    pub handler: &'static str,
+    /// What the message key comes from (`user_id`), when the contract names one.
+    pub key: Option<&'static str>,
+    /// The payload's JSON Schema.
+    pub schema: fn() -> schemars::Schema,
+}
+
+impl fmt::Debug for EventSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventSpec")
+            .field("event_type", &self.event_type)
+            .field("version", &self.version)
+            .field("payload", &self.payload)
+            .field("variant", &self.variant)
+            .field("handler", &self.handler)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Decodes and validates one variant's payload.
 #[doc(hidden)]
@@ -60,7 +104,7 @@ pub trait OutboxService: Sized + Send + 'static {
                 return decode(payload);
             }
         }
-        Err(crate::__private::reject::<Self>(event_type, version))
+        Err(reject::<Self>(event_type, version))
     }
 
     /// The event type of this variant.
@@ -87,6 +131,24 @@ pub trait OutboxService: Sized + Send + 'static {
             .collect();
         v.sort_unstable();
         v
+    }
+}
+
+/// The rejection for an (event type, version) that matched no variant of `S`.
+pub fn reject<S: OutboxService>(event_type: &str, version: u32) -> Rejection {
+    let accepted = S::accepted_versions(event_type);
+    if accepted.is_empty() {
+        Rejection::UnknownEventType {
+            service: S::SERVICE,
+            event_type: event_type.to_owned(),
+        }
+    } else {
+        Rejection::UnsupportedVersion {
+            service: S::SERVICE,
+            event_type: event_type.to_owned(),
+            got: version,
+            accepted,
+        }
     }
 }
 

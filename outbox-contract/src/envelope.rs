@@ -14,8 +14,6 @@ use std::fmt::Write as _;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::store::OutboxRow;
-
 /// How `event_version` is written. Go consumers compared strings: notification and the
 /// scheduler accepted `"1"`, forum and credit `"v1"`; this decoder accepts both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -27,47 +25,82 @@ pub enum VersionFormat {
     Prefixed,
 }
 
-/// Builds the envelope of a stored row. Fails when the stored payload is not JSON (a row written
-/// by hand or corrupted), which no retry can fix.
-pub fn encode(row: &OutboxRow, format: VersionFormat) -> Result<Vec<u8>, serde_json::Error> {
+/// What an envelope is made of: one stored event, borrowed from wherever it is kept (an outbox
+/// row, a write-ahead-log message, a test). The wire format knows no storage row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record<'a> {
+    /// The id in the owning service's table: the envelope's `outbox_id`.
+    pub outbox_id: i64,
+    /// The globally unique event id.
+    pub event_id: &'a str,
+    /// The event type.
+    pub event_type: &'a str,
+    /// The contract version.
+    pub event_version: u32,
+    /// The owning (consuming) service.
+    pub service: &'a str,
+    /// The message key.
+    pub message_key: Option<&'a str>,
+    /// The aggregate id; the message key when `None`.
+    pub aggregate_id: Option<&'a str>,
+    /// The payload's JSON text.
+    pub payload: &'a str,
+    /// The W3C `traceparent` of the trace that stored the event, if any.
+    pub traceparent: Option<&'a str>,
+    /// When the event was stored, in Unix milliseconds.
+    pub created_at_ms: i64,
+}
+
+impl<'a> From<&Record<'a>> for Record<'a> {
+    fn from(r: &Record<'a>) -> Self {
+        *r
+    }
+}
+
+/// Builds the envelope of a stored event. Fails when the stored payload is not JSON (a row
+/// written by hand or corrupted), which no retry can fix.
+pub fn encode<'a>(
+    record: impl Into<Record<'a>>,
+    format: VersionFormat,
+) -> Result<Vec<u8>, serde_json::Error> {
+    let r: Record<'a> = record.into();
     // The payload is embedded as is; check that it is one JSON value first.
-    serde_json::from_str::<serde::de::IgnoredAny>(&row.payload)?;
-    let mut out = String::with_capacity(row.payload.len() + 256);
+    serde_json::from_str::<serde::de::IgnoredAny>(r.payload)?;
+    let mut out = String::with_capacity(r.payload.len() + 256);
     let quote = |s: &str| serde_json::to_string(s);
     let version = match format {
-        VersionFormat::Number => row.event_version.to_string(),
-        VersionFormat::Prefixed => format!("v{}", row.event_version),
+        VersionFormat::Number => r.event_version.to_string(),
+        VersionFormat::Prefixed => format!("v{}", r.event_version),
     };
     let _ = write!(
         out,
         "{{\"outbox_id\":{},\"event_id\":{},\"event_type\":{},\"event_version\":{},\"service_name\":{}",
-        row.id,
-        quote(&row.event_id)?,
-        quote(&row.event_type)?,
+        r.outbox_id,
+        quote(r.event_id)?,
+        quote(r.event_type)?,
         quote(&version)?,
-        quote(&row.service)?,
+        quote(r.service)?,
     );
-    if let Some(agg) = row.aggregate_id.as_deref().or(row.message_key.as_deref()) {
+    if let Some(agg) = r.aggregate_id.or(r.message_key) {
         let _ = write!(out, ",\"aggregate_id\":{}", quote(agg)?);
     }
-    let _ = write!(out, ",\"payload\":{}}}", row.payload.trim());
+    let _ = write!(out, ",\"payload\":{}}}", r.payload.trim());
     Ok(out.into_bytes())
 }
 
-/// The Kafka headers of a stored row: its `traceparent`, if any, and the CloudEvents binding's
+/// The Kafka headers of a stored event: its `traceparent`, if any, and the CloudEvents binding's
 /// `ce_*` attributes.
-pub fn headers(row: &OutboxRow) -> Vec<(&'static str, String)> {
+pub fn headers<'a>(record: impl Into<Record<'a>>) -> Vec<(&'static str, String)> {
+    let r: Record<'a> = record.into();
     let mut out = Vec::with_capacity(7);
-    if let Ok(serde_json::Value::Object(map)) = serde_json::from_str(&row.headers)
-        && let Some(serde_json::Value::String(tp)) = map.get("traceparent")
-    {
-        out.push(("traceparent", tp.clone()));
+    if let Some(tp) = r.traceparent {
+        out.push(("traceparent", tp.to_owned()));
     }
     out.push(("ce_specversion", "1.0".to_owned()));
-    out.push(("ce_id", row.event_id.clone()));
-    out.push(("ce_type", row.event_type.clone()));
-    out.push(("ce_source", format!("/outbox/{}", row.service)));
-    out.push(("ce_time", rfc3339(row.created_at)));
+    out.push(("ce_id", r.event_id.to_owned()));
+    out.push(("ce_type", r.event_type.to_owned()));
+    out.push(("ce_source", format!("/outbox/{}", r.service)));
+    out.push(("ce_time", rfc3339(r.created_at_ms)));
     out.push(("content-type", "application/json".to_owned()));
     out
 }
@@ -245,40 +278,25 @@ pub fn rfc3339(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Status;
 
-    fn row() -> OutboxRow {
-        OutboxRow {
-            id: 12,
-            event_id: "0190c3c0-0000-7000-8000-000000000001".into(),
-            event_type: "notification.feishu.requested".into(),
+    fn row() -> Record<'static> {
+        Record {
+            outbox_id: 12,
+            event_id: "0190c3c0-0000-7000-8000-000000000001",
+            event_type: "notification.feishu.requested",
             event_version: 1,
-            service: "notification".into(),
-            topic: "smartflow.notification.outbox".into(),
-            message_key: Some("7".into()),
+            service: "notification",
+            message_key: Some("7"),
             aggregate_id: None,
-            payload: "{\"user_id\":7}".into(),
-            headers:
-                "{\"traceparent\":\"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\"}"
-                    .into(),
-            status: Status::Sending,
-            attempts: 1,
-            max_attempts: 20,
-            next_attempt_at: None,
-            lease_owner: None,
-            lease_until: None,
-            last_error: None,
-            dead_reason: None,
-            published_at: None,
-            consumed_at: None,
-            created_at: 1_795_424_400_123,
-            updated_at: 1_795_424_400_123,
+            payload: "{\"user_id\":7}",
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            created_at_ms: 1_795_424_400_123,
         }
     }
 
     #[test]
     fn encodes_the_go_envelope_and_decodes_it_back() {
-        let bytes = encode(&row(), VersionFormat::Number).unwrap();
+        let bytes = encode(row(), VersionFormat::Number).unwrap();
         assert_eq!(
             std::str::from_utf8(&bytes).unwrap(),
             "{\"outbox_id\":12,\"event_id\":\"0190c3c0-0000-7000-8000-000000000001\",\"event_type\":\"notification.feishu.requested\",\"event_version\":\"1\",\"service_name\":\"notification\",\"aggregate_id\":\"7\",\"payload\":{\"user_id\":7}}"
@@ -288,7 +306,7 @@ mod tests {
         assert_eq!(env.version, 1);
         assert_eq!(env.aggregate_id.as_deref(), Some("7"), "the key when none");
         assert_eq!(env.payload, b"{\"user_id\":7}");
-        let prefixed = encode(&row(), VersionFormat::Prefixed).unwrap();
+        let prefixed = encode(row(), VersionFormat::Prefixed).unwrap();
         assert!(
             String::from_utf8(prefixed)
                 .unwrap()
@@ -380,7 +398,7 @@ mod tests {
 
     #[test]
     fn headers_carry_the_trace_and_cloud_events_attributes() {
-        let h = headers(&row());
+        let h = headers(row());
         let get = |k: &str| h.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str());
         assert_eq!(
             get("traceparent"),
@@ -397,7 +415,7 @@ mod tests {
     #[test]
     fn a_stored_payload_that_is_not_json_cannot_be_encoded() {
         let mut r = row();
-        r.payload = "{\"user_id\": 7".into();
-        assert!(encode(&r, VersionFormat::Number).is_err());
+        r.payload = "{\"user_id\": 7";
+        assert!(encode(r, VersionFormat::Number).is_err());
     }
 }

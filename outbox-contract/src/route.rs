@@ -9,7 +9,7 @@
 //!    `<prefix>.<service>.outbox`, group `<prefix>-<service>-outbox-consumer`.
 //!
 //! ```
-//! use outbox_runtime::route::{RouteConfig, RouteSpec};
+//! use outbox_contract::route::{RouteConfig, RouteSpec};
 //!
 //! let spec = RouteSpec { service: "active-scheduler", table: None, topic: None, group: None };
 //! let route = RouteConfig::new().resolve(&spec);
@@ -20,58 +20,13 @@
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
-use std::fmt;
 
 use crate::error::Error;
 use crate::service::OutboxService;
+pub use crate::service::{EventSpec, RouteSpec};
 
 /// The topic and group prefix when none is configured.
 pub const DEFAULT_PREFIX: &str = "outbox";
-
-/// What `#[derive(OutboxService)]` knows about a service's routing at compile time:
-/// its name and the overrides written on its attribute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RouteSpec {
-    /// The service name, `[a-z][a-z0-9-]*`, at most 48 characters.
-    pub service: &'static str,
-    /// `#[outbox(table = "...")]`.
-    pub table: Option<&'static str>,
-    /// `#[outbox(topic = "...")]`.
-    pub topic: Option<&'static str>,
-    /// `#[outbox(group = "...")]`.
-    pub group: Option<&'static str>,
-}
-
-/// One event a service accepts: a variant of its `#[derive(OutboxService)]` enum.
-#[derive(Clone, Copy)]
-pub struct EventSpec {
-    /// `lower.dotted.words`.
-    pub event_type: &'static str,
-    /// 1 or more.
-    pub version: u32,
-    /// The payload type's name, as written in the enum.
-    pub payload: &'static str,
-    /// The enum variant.
-    pub variant: &'static str,
-    /// The handler trait method that receives it.
-    pub handler: &'static str,
-    /// What the message key comes from (`user_id`), when the contract names one.
-    pub key: Option<&'static str>,
-    /// The payload's JSON Schema.
-    pub schema: fn() -> schemars::Schema,
-}
-
-impl fmt::Debug for EventSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EventSpec")
-            .field("event_type", &self.event_type)
-            .field("version", &self.version)
-            .field("payload", &self.payload)
-            .field("variant", &self.variant)
-            .field("handler", &self.handler)
-            .finish_non_exhaustive()
-    }
-}
 
 /// Where a service's events live, once resolved.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -210,6 +165,9 @@ pub struct Catalog {
     services: BTreeMap<&'static str, ServiceRoute>,
     events: BTreeMap<(&'static str, u32), Route>,
     owners: BTreeMap<&'static str, &'static str>,
+    /// The enum that lists each service's events (by type name), for the services added with
+    /// [`CatalogBuilder::service`].
+    enums: BTreeMap<&'static str, &'static str>,
 }
 
 impl Catalog {
@@ -246,6 +204,12 @@ impl Catalog {
     pub fn routes(&self) -> impl Iterator<Item = &Route> {
         self.events.values()
     }
+
+    /// The type name of the enum that lists `service`'s events, when it was added with
+    /// [`CatalogBuilder::service`].
+    pub fn enum_of(&self, service: &str) -> Option<&'static str> {
+        self.enums.get(service).copied()
+    }
 }
 
 /// Adds services to a [`Catalog`].
@@ -257,8 +221,26 @@ pub struct CatalogBuilder {
 
 impl CatalogBuilder {
     /// Adds the service `S`; adding the same service twice is a no-op.
-    pub fn service<S: OutboxService>(self) -> Result<Self, Error> {
-        self.add(&S::ROUTE, S::EVENTS)
+    ///
+    /// A service's events are the variants of one enum: a second enum claiming the same service
+    /// is refused ([`Error::ServiceClaimedTwice`], naming both), because each consumer is typed on
+    /// one enum and would dead-letter the other's events as unknown.
+    pub fn service<S: OutboxService>(mut self) -> Result<Self, Error> {
+        let name = std::any::type_name::<S>();
+        match self.catalog.enums.get(S::SERVICE) {
+            Some(&first) if first != name => {
+                return Err(Error::ServiceClaimedTwice {
+                    service: S::SERVICE.to_owned(),
+                    first,
+                    second: name,
+                });
+            }
+            Some(_) => return Ok(self),
+            None => {}
+        }
+        self = self.add(&S::ROUTE, S::EVENTS)?;
+        self.catalog.enums.insert(S::SERVICE, name);
+        Ok(self)
     }
 
     /// Adds a service known only by name, with no events: for tools (the `outbox` CLI, a relay
@@ -284,8 +266,7 @@ impl CatalogBuilder {
     fn add(mut self, spec: &RouteSpec, events: &'static [EventSpec]) -> Result<Self, Error> {
         let route = self.config.resolve(spec);
         let known = match self.catalog.services.get(spec.service) {
-            // One service's events may come in several enums (say from two crates); their routes
-            // must agree, and their events are merged.
+            // A service added by name (a tool's) and then by its enum: the routes must agree.
             Some(existing) if *existing == route => true,
             Some(_) => {
                 return Err(Error::DuplicateService {
