@@ -24,13 +24,13 @@ use sqlx::Pool;
 use tokio::sync::mpsc;
 
 use crate::bus::{KafkaBus, KafkaConfig, Outgoing};
-use crate::envelope::{self, Envelope};
 use crate::error::Error;
 use crate::relay::Shutdown;
-use crate::route::ServiceRoute;
-use crate::service::{Dispatch, HandlerError, OutboxService};
 use crate::store::{Backend, Outbox, Transition};
 use crate::trace::TraceParent;
+use outbox_contract::envelope::{self, Envelope};
+use outbox_contract::route::ServiceRoute;
+use outbox_contract::service::{Dispatch, HandlerError, OutboxService};
 
 /// Counts consumers that have their partitions.
 #[derive(Debug, Default)]
@@ -174,6 +174,9 @@ where
     H: Send + Sync + 'static,
 {
     /// A consumer of service `S`; the outbox's catalog gives its topic and group.
+    ///
+    /// Refused when the catalog lists another enum for `S`'s service: this consumer would
+    /// dead-letter that enum's events as unknown ([`outbox_contract::Error::ServiceClaimedTwice`]).
     pub fn new(
         outbox: Outbox<DB>,
         pool: Pool<DB>,
@@ -181,6 +184,17 @@ where
         handler: H,
         config: ConsumerConfig,
     ) -> Result<Self, Error> {
+        let this = std::any::type_name::<S>();
+        if let Some(listed) = outbox.catalog().enum_of(S::SERVICE)
+            && listed != this
+        {
+            return Err(outbox_contract::Error::ServiceClaimedTwice {
+                service: S::SERVICE.to_owned(),
+                first: listed,
+                second: this,
+            }
+            .into());
+        }
         let route = outbox
             .catalog()
             .service(S::SERVICE)

@@ -17,9 +17,9 @@ use sqlx::Pool;
 use tokio::sync::watch;
 
 use crate::bus::{KafkaBus, Outgoing};
-use crate::envelope::{self, VersionFormat};
 use crate::error::Error;
 use crate::store::{Backend, Outbox, OutboxRow, Transition};
+use outbox_contract::envelope::{self, VersionFormat};
 
 /// How often a relay measures its backlog for the `outbox_backlog` gauge.
 const BACKLOG_EVERY: Duration = Duration::from_secs(5);

@@ -987,3 +987,66 @@ async fn a_backlog_of_one_key_drains_without_waiting_for_the_poll<DB: TestDb>() 
     assert_eq!(w.effects().await, (30, 30));
     w.cleanup().await;
 }
+
+// A consumer typed on a second enum of a service is refused when the runtime is built (the
+// compiler cannot see it: the enums are separate types): it would dead-letter the events of
+// the catalog's enum as unknown, and the other consumer this one's.
+#[tokio::test]
+async fn a_consumer_of_a_second_enum_of_a_service_is_refused() {
+    use outbox_runtime::contract::Error as ContractError;
+    use outbox_runtime::sqlx::{Sqlite, SqlitePool};
+    use outbox_runtime::{Catalog, Error, Outbox, OutboxEvent, OutboxService, RouteConfig};
+
+    #[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema, OutboxEvent)]
+    #[outbox(event_type = "task.archived", version = 1, service = "task")]
+    struct TaskArchived {
+        task_id: u64,
+    }
+    #[derive(OutboxService)]
+    #[outbox(service = "task")]
+    enum MoreTaskEvents {
+        Archived(TaskArchived),
+    }
+    struct Archiver;
+    impl MoreTaskEventsHandler<Context<Sqlite>> for Archiver {
+        async fn archived(
+            &self,
+            _: &mut Context<Sqlite>,
+            _: TaskArchived,
+        ) -> Result<(), HandlerError> {
+            Ok(())
+        }
+    }
+    let pool = SqlitePool::connect("sqlite::memory:").await.unwrap();
+    let catalog = Catalog::builder(RouteConfig::new())
+        .service::<TaskEvents>()
+        .unwrap()
+        .build();
+    let err = Runtime::builder(
+        Outbox::<Sqlite>::new(catalog),
+        pool,
+        KafkaConfig::new(brokers()),
+    )
+    .unwrap()
+    .consumer::<MoreTaskEvents, _>(Archiver, ConsumerConfig::default())
+    .unwrap_err();
+    let Error::Contract(ContractError::ServiceClaimedTwice {
+        service,
+        first,
+        second,
+    }) = &err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!(
+        (service.as_str(), *first),
+        ("task", "contracts::task::TaskEvents")
+    );
+    assert!(second.ends_with("::MoreTaskEvents"), "{second}");
+    assert!(
+        err.to_string().starts_with(
+            "service `task` is claimed by two enums, `contracts::task::TaskEvents` and `"
+        ),
+        "{err}"
+    );
+}
