@@ -95,4 +95,67 @@ mod tests {
             assert!(out.contains(expected), "missing {expected:?} in {out}");
         }
     }
+
+    /// Every path of the generated code starts at the root: the crate the derive came through
+    /// (`outbox_runtime`, `outbox_contract`), or `crate = "..."`; never another crate.
+    #[test]
+    fn generated_paths_start_at_the_chosen_root() {
+        use crate::ast::Root;
+        let event: DeriveInput = parse_quote! {
+            #[outbox(event_type = "ledger.entry.posted", version = 1, service = "ledger", key = account)]
+            pub struct EntryPosted {
+                #[outbox(validate(non_empty, length(max = 9), range(min = 1)))]
+                pub account: String,
+            }
+        };
+        let service: DeriveInput = parse_quote! {
+            #[outbox(service = "ledger")]
+            pub enum LedgerEvents { EntryPosted(EntryPosted) }
+        };
+        let roots = |tokens: proc_macro2::TokenStream| {
+            let text = tokens.to_string();
+            ["outbox_runtime", "outbox_contract", "my_facade"]
+                .into_iter()
+                .filter(|r| {
+                    text.contains(&format!(":: {r} ::"))
+                        || text.contains(&format!("{r} :: outbox ::"))
+                })
+                .collect::<Vec<_>>()
+        };
+        let with_crate = |mut input: DeriveInput| {
+            input
+                .attrs
+                .push(parse_quote!(#[outbox(crate = "::my_facade::outbox")]));
+            input
+        };
+        for (root, want) in [
+            (Root::Runtime, "outbox_runtime"),
+            (Root::Contract, "outbox_contract"),
+        ] {
+            assert_eq!(roots(super::event::derive(&event, root)), [want]);
+            assert_eq!(roots(super::service::derive(&service, root)), [want]);
+            assert_eq!(roots(super::validate::derive(&event, root)), [want]);
+            assert_eq!(
+                roots(super::event::derive(&with_crate(event.clone()), root)),
+                ["my_facade"]
+            );
+            assert_eq!(
+                roots(super::service::derive(&with_crate(service.clone()), root)),
+                ["my_facade"]
+            );
+        }
+    }
+
+    #[test]
+    fn crate_must_be_a_path() {
+        let input: DeriveInput = parse_quote! {
+            #[outbox(crate = "not a path", service = "ledger")]
+            pub enum LedgerEvents { EntryPosted(EntryPosted) }
+        };
+        let out = super::service::derive(&input, crate::ast::Root::Runtime).to_string();
+        assert!(
+            out.contains("`crate` takes a path to `outbox_runtime` or `outbox_contract`"),
+            "{out}"
+        );
+    }
 }

@@ -537,6 +537,7 @@ pub struct ClaimArgs {
 
 impl ClaimArgs {
     /// The binding of the single-statement `claim` query (PostgreSQL, SQLite).
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
     fn single_statement(self) -> Vec<Arg> {
         vec![
             Arg::Str(self.owner),
