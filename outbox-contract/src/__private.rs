@@ -7,7 +7,7 @@ pub use serde;
 pub use serde_json;
 pub use std::sync::LazyLock;
 
-pub use crate::schema::{Constraints, Json, constrain};
+pub use crate::schema::{Constraint, Constraints, Json, Nested, NestedRules, NoRules, SchemaCx};
 pub use crate::service::reject;
 
 use crate::validate::{Violations, join};

@@ -88,18 +88,12 @@ pub trait OutboxEvent:
         serde_json::to_vec(self)
     }
 
-    /// The constraints of `#[outbox(validate(...))]` that JSON Schema can express, per
-    /// property. Generated.
-    #[doc(hidden)]
-    const SCHEMA_CONSTRAINTS: crate::schema::Constraints = &[];
-
-    /// The payload's JSON Schema (draft 2020-12), including the field constraints declared with
-    /// `#[outbox(validate(...))]` that JSON Schema can express.
+    /// The payload's JSON Schema (draft 2020-12), including the rules declared with
+    /// `#[outbox(validate(...))]` that JSON Schema can express, on the payload's fields and on
+    /// those of the structs its `nested` fields reach.
     fn json_schema() -> schemars::Schema {
         let mut schema = schemars::schema_for!(Self);
-        for (property, constraints) in Self::SCHEMA_CONSTRAINTS {
-            crate::schema::constrain(&mut schema, property, constraints);
-        }
+        crate::schema::constrain::<Self>(&mut schema);
         schema
     }
 }

@@ -7,7 +7,7 @@ use syn::{Data, DeriveInput};
 use crate::ast::{self, Event, Root};
 use crate::attr::Accessor;
 use crate::ctxt::Ctxt;
-use crate::expand::validate::{schema_constraints, validate_impl};
+use crate::expand::validate::validate_impl;
 
 pub(crate) fn derive(input: &DeriveInput, root: Root) -> TokenStream {
     let mut cx = Ctxt::default();
@@ -41,12 +41,6 @@ pub(crate) fn expand(ev: &Event<'_>) -> TokenStream {
             }
         }
     });
-    let constraints = schema_constraints(&ev.body);
-    let schema = (!constraints.is_empty()).then(|| {
-        quote! {
-            const SCHEMA_CONSTRAINTS: #root::__private::Constraints = &[#(#constraints),*];
-        }
-    });
     let validate = validate_impl(&ev.body);
     // The impl header carries the struct's span: when the payload is not `Serialize`,
     // `Deserialize` or `JsonSchema`, the error underlines the struct's name.
@@ -63,7 +57,6 @@ pub(crate) fn expand(ev: &Event<'_>) -> TokenStream {
                 #key
             }
             #aggregate
-            #schema
         }
 
         #validate

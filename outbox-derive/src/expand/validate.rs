@@ -45,6 +45,7 @@ pub(crate) fn validate_impl(body: &Body<'_>) -> TokenStream {
             #root::__private::merge(__outbox_path, #path(self), __outbox_out);
         }
     });
+    let schema = schema_fn(body);
     quote! {
         #[automatically_derived]
         impl #imp #root::Validate for #ident #ty #wh {
@@ -56,6 +57,7 @@ pub(crate) fn validate_impl(body: &Body<'_>) -> TokenStream {
                 #(#fields)*
                 #whole
             }
+            #schema
         }
     }
 }
@@ -146,16 +148,74 @@ fn opt(v: Option<TokenStream>) -> TokenStream {
     }
 }
 
-/// The entries of `SCHEMA_CONSTRAINTS`: each field's constraints for the payload's JSON Schema.
-///
-/// The macro cannot see whether a field is a string, an array or an object, so a size rule
-/// sets the keyword of each (`minLength`, `minItems`, `minProperties`): JSON Schema applies
-/// each only to values of its own type, so the others are inert.
-pub(crate) fn schema_constraints(body: &Body<'_>) -> Vec<TokenStream> {
-    let json = {
-        let root = &body.root;
-        quote!(#root::__private::Json)
+/// `Validate::__outbox_schema`: writes the fields' rules into the properties of the type's
+/// schema, then has each `nested` field's type write its own into the schema of that field
+/// (through `items`, `additionalProperties`, `$ref`, as its type says). Nothing when no field
+/// has a rule JSON Schema can state.
+fn schema_fn(body: &Body<'_>) -> Option<TokenStream> {
+    let root = &body.root;
+    let fields = schema_constraints(body);
+    let nested: Vec<TokenStream> = body
+        .fields
+        .iter()
+        .filter_map(|f| {
+            let word = f.rules.iter().find_map(|r| match r {
+                Rule::Nested(word) => Some(word),
+                _ => None,
+            })?;
+            let ident = f.ident;
+            // A flattened field's fields sit in this object; any other in its own property.
+            let name = if f.flatten {
+                quote!(::core::option::Option::None)
+            } else {
+                let name = &f.json_name;
+                quote!(::core::option::Option::Some(#name))
+            };
+            // The closure only names the field's type. The call carries the rule's span, as the
+            // `validate_into` call does.
+            let private = quote_spanned!(word.span()=> #root::__private);
+            Some(quote_spanned! {word.span()=>
+                (&#private::Nested::of(|__outbox_s: &Self| &__outbox_s.#ident)).__outbox_schema_of(
+                    __outbox_cx,
+                    &#private::SchemaCx::at(&__outbox_object, #name),
+                );
+            })
+        })
+        .collect();
+    if fields.is_empty() && nested.is_empty() {
+        return None;
+    }
+    let write = quote!(__outbox_cx.object::<Self>(__outbox_at, __OUTBOX_FIELDS));
+    let (uses, body) = if nested.is_empty() {
+        (None, quote!(#write;))
+    } else {
+        (
+            Some(quote!(use #root::__private::{NestedRules as _, NoRules as _};)),
+            quote! {
+                for __outbox_object in #write {
+                    #(#nested)*
+                }
+            },
+        )
     };
+    Some(quote! {
+        fn __outbox_schema(__outbox_cx: &mut #root::__private::SchemaCx<'_>, __outbox_at: &str) {
+            #uses
+            const __OUTBOX_FIELDS: #root::__private::Constraints = &[#(#fields),*];
+            #body
+        }
+    })
+}
+
+/// Each field's rules that JSON Schema can state, as `(property, &[Constraint])`.
+///
+/// The macro cannot see whether a field is a string, an array or an object, so it names the
+/// rule (`MinSize`, not `minLength`), and `SchemaCx` picks the keyword from the `type` of the
+/// property's schema when the schema is built.
+fn schema_constraints(body: &Body<'_>) -> Vec<TokenStream> {
+    let root = &body.root;
+    let c = quote!(#root::__private::Constraint);
+    let json = quote!(#root::__private::Json);
     body.fields
         .iter()
         .filter(|f| !f.flatten)
@@ -164,7 +224,7 @@ pub(crate) fn schema_constraints(body: &Body<'_>) -> Vec<TokenStream> {
             let mut max_size: Option<u64> = None;
             let mut pattern: Option<String> = None;
             let mut non_empty = false;
-            let mut pairs: Vec<TokenStream> = Vec::new();
+            let mut numbers: Vec<TokenStream> = Vec::new();
             for rule in &f.rules {
                 match rule {
                     Rule::NonEmpty(_) => {
@@ -180,14 +240,14 @@ pub(crate) fn schema_constraints(body: &Body<'_>) -> Vec<TokenStream> {
                         }
                     }
                     Rule::Range { min, max, .. } => {
-                        for (kw, b) in [("minimum", min), ("maximum", max)] {
+                        for (kind, b) in [(quote!(Minimum), min), (quote!(Maximum), max)] {
                             if let Some(j) = b.as_ref().and_then(|b| b.json) {
                                 let j = match j {
                                     JsonNumber::I64(v) => quote!(#json::I64(#v)),
                                     JsonNumber::U64(v) => quote!(#json::U64(#v)),
                                     JsonNumber::F64(v) => quote!(#json::F64(#v)),
                                 };
-                                pairs.push(quote!((#kw, #j)));
+                                numbers.push(quote!(#c::#kind(#j)));
                             }
                         }
                     }
@@ -197,26 +257,22 @@ pub(crate) fn schema_constraints(body: &Body<'_>) -> Vec<TokenStream> {
                     Rule::Custom { .. } | Rule::Nested(_) => {}
                 }
             }
-            // A blank string breaks `non_empty`; `\S` says "has a non-space character".
-            if non_empty && pattern.is_none() {
-                pattern = Some("\\S".to_owned());
+            let mut list: Vec<TokenStream> = Vec::new();
+            list.extend(min_size.map(|v| quote!(#c::MinSize(#v))));
+            list.extend(max_size.map(|v| quote!(#c::MaxSize(#v))));
+            list.extend(numbers);
+            match pattern {
+                Some(p) => list.push(quote!(#c::Pattern(#p))),
+                // A blank string breaks `non_empty` on a string; `\S` says "has a non-space
+                // character". One `pattern` per schema: a `regex` takes the place.
+                None if non_empty => list.push(quote!(#c::NotBlank)),
+                None => {}
             }
-            for (suffix, v) in [("min", min_size), ("max", max_size)] {
-                if let Some(v) = v {
-                    for kw in ["Length", "Items", "Properties"] {
-                        let kw = format!("{suffix}{kw}");
-                        pairs.push(quote!((#kw, #json::U64(#v))));
-                    }
-                }
-            }
-            if let Some(p) = pattern {
-                pairs.push(quote!(("pattern", #json::Str(#p))));
-            }
-            if pairs.is_empty() {
+            if list.is_empty() {
                 return None;
             }
             let name = &f.json_name;
-            Some(quote!((#name, &[#(#pairs),*])))
+            Some(quote!((#name, &[#(#list),*])))
         })
         .collect()
 }

@@ -1,6 +1,7 @@
 //! The reference contracts as the runtime will use them: routes, decoding, rejections,
 //! validation, dispatch to typed handlers, and JSON Schemas.
 
+mod schemas;
 use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
