@@ -115,7 +115,7 @@ pub trait OutboxEvent:
 /// #[outbox(event_type = "ledger.entry.posted", version = 1, service = "ledger")]
 /// pub struct EntryPosted { pub cents: i64 }
 ///
-/// fn stores<E: Listed>(_: &E) {}
+/// fn stores<E: OutboxEvent + Listed>(_: &E) {}
 /// stores(&EntryPosted { cents: 5 }); // no enum lists `EntryPosted`
 /// ```
 #[diagnostic::on_unimplemented(
@@ -123,7 +123,9 @@ pub trait OutboxEvent:
     label = "`{Self}` is listed in no service enum",
     note = "add a variant `{Self}({Self})` to the `#[derive(OutboxService)]` enum of the service that `{Self}` names in `#[outbox(service = \"...\")]`"
 )]
-pub trait Listed: OutboxEvent {
+// Not `Listed: OutboxEvent`: the derive implements `Listed` for each variant's type, and a
+// variant that is not an event is already its own error; a supertrait would add a second.
+pub trait Listed {
     /// The enum that lists the event: its service's events.
     type Service: crate::OutboxService;
 }
@@ -135,7 +137,7 @@ pub trait Listed: OutboxEvent {
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a message key",
     label = "not usable as a key",
-    note = "keys are strings, integers, or `Option`s of them; implement `outbox_contract::event::ToKey` for `{Self}`, or name a method that returns a `String` with `key = method()`"
+    note = "keys are strings, integers, or `Option`s of them; implement `event::ToKey` (of `outbox_runtime` or `outbox_contract`) for `{Self}`, or name a method that returns a `String` with `key = method()`"
 )]
 pub trait ToKey {
     /// The key text, or `None` for no key.

@@ -117,7 +117,7 @@ impl<'a> IntoIterator for &'a Violations {
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be validated as a nested value",
     label = "`nested` needs a type that implements `Validate`",
-    note = "add `#[derive(outbox_contract::Validate)]` to `{Self}`, or remove `nested`"
+    note = "add `#[derive(Validate)]` (of `outbox_runtime` or `outbox_contract`) to `{Self}`, or remove `nested`"
 )]
 pub trait Validate {
     /// Appends the violations of `self` to `out`, prefixing each path with `path`

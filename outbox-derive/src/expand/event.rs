@@ -7,6 +7,7 @@ use syn::{Data, DeriveInput};
 use crate::ast::{self, Event, Root};
 use crate::attr::Accessor;
 use crate::ctxt::Ctxt;
+use crate::expand::root_at;
 use crate::expand::validate::validate_impl;
 
 pub(crate) fn derive(input: &DeriveInput, root: Root) -> TokenStream {
@@ -44,7 +45,10 @@ pub(crate) fn expand(ev: &Event<'_>) -> TokenStream {
     let validate = validate_impl(&ev.body);
     // The impl header carries the struct's span: when the payload is not `Serialize`,
     // `Deserialize` or `JsonSchema`, the error underlines the struct's name.
-    let header = quote_spanned!(ident.span()=> impl #root::OutboxEvent for #ident);
+    let header = {
+        let root = root_at(root, ident.span());
+        quote_spanned!(ident.span()=> impl #root::OutboxEvent for #ident)
+    };
     quote! {
         #[automatically_derived]
         #header {
@@ -68,12 +72,18 @@ pub(crate) fn expand(ev: &Event<'_>) -> TokenStream {
 fn accessor(root: &syn::Path, acc: Option<&Accessor>) -> TokenStream {
     match acc {
         None => quote!(::core::option::Option::None),
-        Some(Accessor::Field(f)) => quote_spanned! {f.span()=>
-            #root::event::ToKey::to_key(&self.#f)
-        },
-        Some(Accessor::Method(m)) => quote_spanned! {m.span()=>
-            #root::event::ToKey::to_key(&self.#m())
-        },
+        Some(Accessor::Field(f)) => {
+            let root = root_at(root, f.span());
+            quote_spanned! {f.span()=>
+                #root::event::ToKey::to_key(&self.#f)
+            }
+        }
+        Some(Accessor::Method(m)) => {
+            let root = root_at(root, m.span());
+            quote_spanned! {m.span()=>
+                #root::event::ToKey::to_key(&self.#m())
+            }
+        }
     }
 }
 

@@ -6,6 +6,22 @@ pub(crate) mod event;
 pub(crate) mod service;
 pub(crate) mod validate;
 
+use proc_macro2::{Span, TokenStream};
+use quote::ToTokens;
+
+/// The root path (`::outbox_runtime`, ...) with every token at `span`, for `quote_spanned!`:
+/// interpolated tokens keep their own spans, and a path spanned half at the derive and half at
+/// the user's attribute makes rustc report one mistake twice, once at each.
+pub(crate) fn root_at(root: &syn::Path, span: Span) -> TokenStream {
+    root.to_token_stream()
+        .into_iter()
+        .map(|mut t| {
+            t.set_span(span);
+            t
+        })
+        .collect()
+}
+
 /// Expansion snapshots: what each derive generates for a typical input. Review a change with
 /// `cargo insta review` (or `INSTA_UPDATE=always`), then read the new `.snap` before committing.
 #[cfg(test)]

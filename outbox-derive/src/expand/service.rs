@@ -8,6 +8,7 @@ use syn::{Data, DeriveInput, LitStr};
 
 use crate::ast::{self, Root, Service};
 use crate::ctxt::Ctxt;
+use crate::expand::root_at;
 
 pub(crate) fn derive(input: &DeriveInput, root: Root) -> TokenStream {
     let mut cx = Ctxt::default();
@@ -37,7 +38,10 @@ pub(crate) fn expand(s: &Service<'_>) -> TokenStream {
     }
 }
 
+/// `<Ty as ::root::OutboxEvent>`, every token of the root at the payload type's span (see
+/// [`root_at`]), as the checks and tables that use it are.
 fn event(root: &syn::Path, ty: &syn::Type) -> TokenStream {
+    let root = root_at(root, ty.span());
     quote!(<#ty as #root::OutboxEvent>)
 }
 
@@ -153,6 +157,7 @@ fn checks(s: &Service<'_>) -> TokenStream {
         );
         // An empty service is the stub left by a failed `#[derive(OutboxEvent)]`, whose own error
         // already explains it.
+        let root = root_at(root, v.ty.span());
         quote_spanned! {v.ty.span()=>
             ::core::assert!(
                 #ev::SERVICE.is_empty() || #root::__private::str_eq(#ev::SERVICE, #service),
@@ -170,6 +175,7 @@ fn checks(s: &Service<'_>) -> TokenStream {
             var = v.ident,
             ty = v.ty.to_token_stream().to_string().replace(' ', ""),
         );
+        let root = root_at(root, v.ty.span());
         quote_spanned! {v.ty.span()=>
             ::core::assert!(
                 __EVENTS[#i].1 == 0 || !#root::__private::repeats_earlier(__EVENTS, #i),
@@ -199,6 +205,7 @@ fn handler_trait(s: &Service<'_>) -> TokenStream {
         let sep = (!docs.is_empty()).then(|| quote!(#[doc = ""]));
         // The declaration carries the variant's span: when an implementation misses this
         // method, the compiler's "from trait" note points at the variant and its event.
+        let root = root_at(root, v.ident.span());
         quote_spanned! {v.ident.span()=>
             #[doc = #summary]
             #sep
@@ -282,7 +289,17 @@ fn from_impls(s: &Service<'_>) -> TokenStream {
             return None;
         }
         let (ty, var) = (v.ty, v.ident);
-        let listed = quote_spanned!(v.ty.span()=> impl #root::Listed for #ty);
+        // Spanned at the payload type, attribute included (an impl's span starts at its first
+        // attribute), so that a second enum listing the event is reported at its variant.
+        let listed = {
+            let root = root_at(root, v.ty.span());
+            quote_spanned! {v.ty.span()=>
+                #[automatically_derived]
+                impl #root::Listed for #ty {
+                    type Service = #ident;
+                }
+            }
+        };
         Some(quote! {
             #[automatically_derived]
             impl ::core::convert::From<#ty> for #ident {
@@ -290,10 +307,7 @@ fn from_impls(s: &Service<'_>) -> TokenStream {
                     Self::#var(event)
                 }
             }
-            #[automatically_derived]
-            #listed {
-                type Service = #ident;
-            }
+            #listed
         })
     });
     quote!(#(#impls)*)

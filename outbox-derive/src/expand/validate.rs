@@ -8,6 +8,7 @@ use syn::DeriveInput;
 use crate::ast::{self, Body, Field, Root};
 use crate::attr::{JsonNumber, Rule};
 use crate::ctxt::Ctxt;
+use crate::expand::root_at;
 
 /// `#[derive(Validate)]`.
 pub(crate) fn derive(input: &DeriveInput, root: Root) -> TokenStream {
@@ -41,6 +42,7 @@ pub(crate) fn validate_impl(body: &Body<'_>) -> TokenStream {
         .filter(|f| !f.rules.is_empty())
         .map(|f| field_checks(root, f));
     let whole = body.validate_fn.as_ref().map(|path| {
+        let root = root_at(root, path_span(path));
         quote_spanned! {path_span(path)=>
             #root::__private::merge(__outbox_path, #path(self), __outbox_out);
         }
@@ -76,7 +78,8 @@ fn field_checks(root: &syn::Path, field: &Field<'_>) -> TokenStream {
     let checks = field.rules.iter().map(|rule| {
         // Every token of a check, down to the path and the field name, takes the rule's span,
         // so an error underlines just the rule.
-        let v = quote_spanned!(rule_span(rule)=> #root::validate);
+        let r = root_at(root, rule_span(rule));
+        let v = quote_spanned!(rule_span(rule)=> #r::validate);
         let ident = &{
             let mut i = ident.clone();
             i.set_span(rule_span(rule));
@@ -119,7 +122,7 @@ fn field_checks(root: &syn::Path, field: &Field<'_>) -> TokenStream {
                 #v::custom(#path(&self.#ident), __p, __outbox_out);
             },
             Rule::Nested(word) => quote_spanned! {word.span()=>
-                #root::Validate::validate_into(&self.#ident, &__p.render(), __outbox_out);
+                #r::Validate::validate_into(&self.#ident, &__p.render(), __outbox_out);
             },
         }
     });
@@ -173,6 +176,7 @@ fn schema_fn(body: &Body<'_>) -> Option<TokenStream> {
             };
             // The closure only names the field's type. The call carries the rule's span, as the
             // `validate_into` call does.
+            let root = root_at(root, word.span());
             let private = quote_spanned!(word.span()=> #root::__private);
             Some(quote_spanned! {word.span()=>
                 (&#private::Nested::of(|__outbox_s: &Self| &__outbox_s.#ident)).__outbox_schema_of(

@@ -35,9 +35,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use outbox_contract::Listed;
 use outbox_contract::envelope::{MAX_EVENT_ID_LEN, Record};
 use outbox_contract::route::{Catalog, ServiceRoute};
+use outbox_contract::{Listed, OutboxEvent};
 
 use crate::error::Error;
 
@@ -767,7 +767,7 @@ impl<DB: Backend> Outbox<DB> {
     ///
     /// `E` must be [`Listed`] in its service's `#[derive(OutboxService)]` enum: an event that
     /// no enum lists has no handler anywhere, and does not compile here.
-    pub async fn enqueue<E: Listed>(
+    pub async fn enqueue<E: OutboxEvent + Listed>(
         &self,
         conn: &mut DB::Connection,
         event: &E,
@@ -780,7 +780,7 @@ impl<DB: Backend> Outbox<DB> {
 
     /// Stores several events inside the caller's transaction: all are validated before any is
     /// written, so one invalid event stores none.
-    pub async fn enqueue_all<'e, E: Listed>(
+    pub async fn enqueue_all<'e, E: OutboxEvent + Listed>(
         &self,
         conn: &mut DB::Connection,
         events: impl IntoIterator<Item = &'e E>,
@@ -797,7 +797,7 @@ impl<DB: Backend> Outbox<DB> {
         Ok(out)
     }
 
-    fn prepare<E: Listed>(&self, event: &E) -> Result<Prepared, Error> {
+    fn prepare<E: OutboxEvent + Listed>(&self, event: &E) -> Result<Prepared, Error> {
         outbox_contract::Validate::validate(event).map_err(|violations| Error::InvalidEvent {
             event_type: E::EVENT_TYPE,
             version: E::VERSION,

@@ -154,7 +154,10 @@ async fn a_resting_relay_is_notified_by_the_next_commit_and_only_then_postgres()
 }
 
 /// Stores one event in its own transaction.
-async fn put<DB: TestDb, E: Listed>(h: &Harness<DB>, event: &E) -> outbox_runtime::store::Enqueued {
+async fn put<DB: TestDb, E: OutboxEvent + Listed>(
+    h: &Harness<DB>,
+    event: &E,
+) -> outbox_runtime::store::Enqueued {
     let mut tx = h.pool.begin().await.unwrap();
     let done = h.outbox.enqueue(&mut *tx, event).await.unwrap();
     tx.commit().await.unwrap();

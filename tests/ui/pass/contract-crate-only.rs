@@ -4,13 +4,13 @@ use outbox_contract::{OutboxEvent, OutboxService, Validate};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-#[derive(Serialize, Deserialize, JsonSchema, Validate)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema, Validate)]
 pub struct Line {
     #[outbox(validate(non_empty))]
     pub sku: String,
 }
 
-#[derive(Serialize, Deserialize, JsonSchema, OutboxEvent)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema, OutboxEvent)]
 #[outbox(event_type = "ledger.entry.posted", version = 1, service = "ledger", key = account)]
 pub struct EntryPosted {
     #[outbox(validate(non_empty))]
@@ -19,7 +19,7 @@ pub struct EntryPosted {
     pub lines: Vec<Line>,
 }
 
-#[derive(OutboxService)]
+#[derive(Debug, OutboxService)]
 #[outbox(service = "ledger")]
 pub enum LedgerEvents {
     EntryPosted(EntryPosted),
@@ -42,7 +42,7 @@ pub enum VoidEvents {
     EntryVoided(EntryVoided),
 }
 
-fn listed<E: outbox_contract::Listed>() -> &'static str {
+fn listed<E: outbox_contract::OutboxEvent + outbox_contract::Listed>() -> &'static str {
     <E::Service as outbox_contract::OutboxService>::SERVICE
 }
 
