@@ -7,8 +7,9 @@ pub use serde;
 pub use serde_json;
 pub use std::sync::LazyLock;
 
-pub use crate::schema::{Constraint, Constraints, Json, Nested, NestedRules, NoRules, SchemaCx};
+pub use crate::constraint::{Constraint, Constraints, Json, Nested, NoRules, SchemaCx};
 pub use crate::service::reject;
+pub use crate::validate::NestedRules;
 
 use crate::validate::{Violations, join};
 

@@ -1,5 +1,6 @@
 //! The [`OutboxEvent`] trait: one versioned event contract.
 
+use crate::constraint::SchemaCx;
 use crate::validate::Validate;
 
 /// An event contract: a payload type with its event type, version and owning service.
@@ -93,7 +94,13 @@ pub trait OutboxEvent:
     /// those of the structs its `nested` fields reach.
     fn json_schema() -> schemars::Schema {
         let mut schema = schemars::schema_for!(Self);
-        crate::schema::constrain::<Self>(&mut schema);
+        if let Some(object) = schema.as_object_mut() {
+            let mut root = serde_json::Value::Object(std::mem::take(object));
+            Self::__outbox_schema(&mut SchemaCx::new(&mut root), "");
+            if let serde_json::Value::Object(done) = root {
+                *object = done;
+            }
+        }
         schema
     }
 }

@@ -30,6 +30,7 @@
 #![warn(missing_docs)]
 #![warn(clippy::print_stdout, clippy::print_stderr)]
 
+mod constraint;
 pub mod envelope;
 pub mod error;
 pub mod event;

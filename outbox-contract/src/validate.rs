@@ -10,6 +10,8 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 
+use crate::constraint::{Nested, SchemaCx};
+
 /// One broken rule: which field, which rule, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Violation {
@@ -139,7 +141,7 @@ pub trait Validate {
     /// unsized `T`, cannot pass it on, and their `T`'s rules reach the schema only through
     /// another path to the same `$defs` entry.
     #[doc(hidden)]
-    fn __outbox_schema(_cx: &mut crate::schema::SchemaCx<'_>, _at: &str)
+    fn __outbox_schema(_cx: &mut SchemaCx<'_>, _at: &str)
     where
         Self: Sized,
     {
@@ -165,7 +167,7 @@ impl<T: Validate> Validate for Option<T> {
         }
     }
 
-    fn __outbox_schema(cx: &mut crate::schema::SchemaCx<'_>, at: &str) {
+    fn __outbox_schema(cx: &mut SchemaCx<'_>, at: &str) {
         T::__outbox_schema(cx, at);
     }
 }
@@ -183,7 +185,7 @@ impl<T: Validate, const N: usize> Validate for [T; N] {
         self.as_slice().validate_into(path, out);
     }
 
-    fn __outbox_schema(cx: &mut crate::schema::SchemaCx<'_>, at: &str) {
+    fn __outbox_schema(cx: &mut SchemaCx<'_>, at: &str) {
         for items in cx.items(at) {
             T::__outbox_schema(cx, &items);
         }
@@ -195,7 +197,7 @@ impl<T: Validate> Validate for Vec<T> {
         self.as_slice().validate_into(path, out);
     }
 
-    fn __outbox_schema(cx: &mut crate::schema::SchemaCx<'_>, at: &str) {
+    fn __outbox_schema(cx: &mut SchemaCx<'_>, at: &str) {
         for items in cx.items(at) {
             T::__outbox_schema(cx, &items);
         }
@@ -209,7 +211,7 @@ impl<K: fmt::Display, V: Validate> Validate for BTreeMap<K, V> {
         }
     }
 
-    fn __outbox_schema(cx: &mut crate::schema::SchemaCx<'_>, at: &str) {
+    fn __outbox_schema(cx: &mut SchemaCx<'_>, at: &str) {
         for values in cx.values(at) {
             V::__outbox_schema(cx, &values);
         }
@@ -223,7 +225,7 @@ impl<K: fmt::Display, V: Validate, S> Validate for HashMap<K, V, S> {
         }
     }
 
-    fn __outbox_schema(cx: &mut crate::schema::SchemaCx<'_>, at: &str) {
+    fn __outbox_schema(cx: &mut SchemaCx<'_>, at: &str) {
         for values in cx.values(at) {
             V::__outbox_schema(cx, &values);
         }
@@ -515,6 +517,19 @@ fn bounds_message<N: fmt::Display>(what: &str, got: N, min: Option<N>, max: Opti
         (Some(min), None) => format!("{what} must be at least {min}, got {got}"),
         (None, Some(max)) => format!("{what} must be at most {max}, got {got}"),
         (None, None) => format!("{what} out of range, got {got}"),
+    }
+}
+
+/// Writes a `nested` field's type's rules into its schema: see [`Nested`].
+#[doc(hidden)]
+pub trait NestedRules {
+    /// Writes the nested type's rules into its schema at `at`.
+    fn __outbox_schema_of(&self, cx: &mut SchemaCx<'_>, at: &str);
+}
+
+impl<T: Validate> NestedRules for Nested<T> {
+    fn __outbox_schema_of(&self, cx: &mut SchemaCx<'_>, at: &str) {
+        T::__outbox_schema(cx, at);
     }
 }
 
