@@ -13,10 +13,10 @@ use crate::expand::validate::validate_impl;
 pub(crate) fn derive(input: &DeriveInput, root: Root) -> TokenStream {
     let mut cx = Ctxt::default();
     let event = ast::event(&mut cx, input, root);
-    match event {
-        Some(event) if !cx.has_errors() => expand(&event),
-        other => {
-            let errors = cx.into_compile_errors();
+    match (cx.check(), event) {
+        (Ok(()), Some(event)) => expand(&event),
+        (checked, other) => {
+            let errors = checked.err().unwrap_or_default();
             let root = other.map_or_else(|| root.path(), |e| e.body.root);
             let stub = fallback(input, &root);
             quote!(#errors #stub)

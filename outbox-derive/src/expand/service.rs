@@ -13,10 +13,10 @@ use crate::expand::root_at;
 pub(crate) fn derive(input: &DeriveInput, root: Root) -> TokenStream {
     let mut cx = Ctxt::default();
     let service = ast::service(&mut cx, input, root);
-    match service {
-        Some(s) if !cx.has_errors() => expand(&s),
-        other => {
-            let errors = cx.into_compile_errors();
+    match (cx.check(), service) {
+        (Ok(()), Some(s)) => expand(&s),
+        (checked, other) => {
+            let errors = checked.err().unwrap_or_default();
             let stub = other.map(|s| fallback(&s, input));
             quote!(#errors #stub)
         }

@@ -15,10 +15,9 @@ pub(crate) fn derive(input: &DeriveInput, root: Root) -> TokenStream {
     let mut cx = Ctxt::default();
     let body = ast::validate(&mut cx, input, root);
     let root = &body.root;
-    if cx.has_errors() {
+    if let Err(errors) = cx.check() {
         let ident = &input.ident;
         let (imp, ty, wh) = input.generics.split_for_impl();
-        let errors = cx.into_compile_errors();
         // A stub, so that one mistake here does not also fail every payload nesting this type.
         return quote! {
             #errors
