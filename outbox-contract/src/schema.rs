@@ -11,7 +11,8 @@
 //! rules.
 //!
 //! Each schema carries the rules of `#[outbox(validate(...))]` that JSON Schema can state, each
-//! as the keyword of the type it lands on (see [`crate::constraint`]).
+//! as the keyword of the type it lands on: `length(max = 64)` is `maxLength` on a string and
+//! `maxItems` on an array.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
