@@ -23,14 +23,15 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 use sqlx::Pool;
 use tokio::sync::mpsc;
 
+use outbox_contract::envelope::{self, Envelope};
+use outbox_contract::route::ServiceRoute;
+use outbox_contract::service::{Dispatch, HandlerError, OutboxService};
+
 use crate::bus::{KafkaBus, KafkaConfig, Outgoing};
 use crate::error::Error;
 use crate::relay::Shutdown;
 use crate::store::{Backend, Outbox, Transition};
 use crate::trace::TraceParent;
-use outbox_contract::envelope::{self, Envelope};
-use outbox_contract::route::ServiceRoute;
-use outbox_contract::service::{Dispatch, HandlerError, OutboxService};
 
 /// Counts consumers that have their partitions.
 #[derive(Debug, Default)]

@@ -16,10 +16,11 @@ use std::time::Duration;
 use sqlx::Pool;
 use tokio::sync::watch;
 
+use outbox_contract::envelope::{self, VersionFormat};
+
 use crate::bus::{KafkaBus, Outgoing};
 use crate::error::Error;
 use crate::store::{Backend, Outbox, OutboxRow, Transition};
-use outbox_contract::envelope::{self, VersionFormat};
 
 /// How often a relay measures its backlog for the `outbox_backlog` gauge.
 const BACKLOG_EVERY: Duration = Duration::from_secs(5);

@@ -17,12 +17,13 @@ use std::sync::Arc;
 
 use sqlx::Pool;
 
+use outbox_contract::service::{Dispatch, OutboxService};
+
 use crate::bus::{KafkaBus, KafkaConfig};
 use crate::consumer::{Consumer, ConsumerConfig, Context, Ready};
 use crate::error::Error;
 use crate::relay::{Relay, RelayConfig, Shutdown, ShutdownTrigger};
 use crate::store::{Backend, Outbox};
-use outbox_contract::service::{Dispatch, OutboxService};
 
 type Task = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
 type Start = Box<dyn FnOnce(Shutdown, Arc<Ready>) -> Task + Send>;
