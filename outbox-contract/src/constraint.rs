@@ -171,9 +171,10 @@ impl<'a> SchemaCx<'a> {
 
 /// The type of a `nested` field, named by a closure that reads the field. Generated code calls
 /// `(&Nested::of(..)).__outbox_schema_of(cx, at)`: for a `Validate` type, method lookup finds
-/// [`NestedRules`], which writes the type's rules; for any other type, it falls back to
-/// [`NoRules`], which writes nothing, because the field's `validate_into` call already reports
-/// the missing `Validate`, and one mistake should give one error.
+/// [`NestedRules`](crate::validate::NestedRules), which writes the type's rules; for any other
+/// type, it falls back to [`NoRules`], which writes nothing, because the field's
+/// `validate_into` call already reports the missing `Validate`, and one mistake should give one
+/// error.
 #[doc(hidden)]
 pub struct Nested<T>(PhantomData<fn() -> T>);
 
