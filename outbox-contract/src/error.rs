@@ -1,6 +1,6 @@
 //! The contract layer's error type: a catalog that cannot be built.
 
-/// Why a [`Catalog`](crate::Catalog) or a [`RouteConfig`](crate::RouteConfig) was refused.
+/// Why a [`Catalog`](crate::route::Catalog) or a [`RouteConfig`](crate::route::RouteConfig) was refused.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

@@ -1,6 +1,7 @@
 //! The [`OutboxEvent`] trait: one versioned event contract.
 
 use crate::constraint::SchemaCx;
+use crate::service::{OutboxService, Rejection};
 use crate::validate::Validate;
 
 /// An event contract: a payload type with its event type, version and owning service.
@@ -67,20 +68,17 @@ pub trait OutboxEvent:
 
     /// Decodes and validates a payload of this contract; the error says why it must be
     /// dead-lettered.
-    fn from_payload(payload: &[u8]) -> Result<Self, crate::Rejection> {
-        let event: Self =
-            serde_json::from_slice(payload).map_err(|e| crate::Rejection::Decode {
-                event_type: Self::EVENT_TYPE,
-                version: Self::VERSION,
-                error: e.to_string(),
-            })?;
-        event
-            .validate()
-            .map_err(|violations| crate::Rejection::Invalid {
-                event_type: Self::EVENT_TYPE,
-                version: Self::VERSION,
-                violations,
-            })?;
+    fn from_payload(payload: &[u8]) -> Result<Self, Rejection> {
+        let event: Self = serde_json::from_slice(payload).map_err(|e| Rejection::Decode {
+            event_type: Self::EVENT_TYPE,
+            version: Self::VERSION,
+            error: e.to_string(),
+        })?;
+        event.validate().map_err(|violations| Rejection::Invalid {
+            event_type: Self::EVENT_TYPE,
+            version: Self::VERSION,
+            violations,
+        })?;
         Ok(event)
     }
 
@@ -134,7 +132,7 @@ pub trait OutboxEvent:
 // variant that is not an event is already its own error; a supertrait would add a second.
 pub trait Listed {
     /// The enum that lists the event: its service's events.
-    type Service: crate::OutboxService;
+    type Service: OutboxService;
 }
 
 /// A value usable as a message key with `key = field` (or returned by `key = method()`).
