@@ -210,6 +210,21 @@ impl Catalog {
     pub fn enum_of(&self, service: &str) -> Option<&'static str> {
         self.enums.get(service).copied()
     }
+
+    /// Refuses `S` when another enum lists `S`'s service here
+    /// ([`Error::ServiceClaimedTwice`], naming both): a consumer typed on `S` would dead-letter
+    /// that enum's events as unknown. A service without an enum here (added by name) passes.
+    pub fn check_enum<S: OutboxService>(&self) -> Result<(), Error> {
+        let this = std::any::type_name::<S>();
+        match self.enum_of(S::SERVICE) {
+            Some(first) if first != this => Err(Error::ServiceClaimedTwice {
+                service: S::SERVICE.to_owned(),
+                first,
+                second: this,
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Adds services to a [`Catalog`].
@@ -226,20 +241,14 @@ impl CatalogBuilder {
     /// is refused ([`Error::ServiceClaimedTwice`], naming both), because each consumer is typed on
     /// one enum and would dead-letter the other's events as unknown.
     pub fn service<S: OutboxService>(mut self) -> Result<Self, Error> {
-        let name = std::any::type_name::<S>();
-        match self.catalog.enums.get(S::SERVICE) {
-            Some(&first) if first != name => {
-                return Err(Error::ServiceClaimedTwice {
-                    service: S::SERVICE.to_owned(),
-                    first,
-                    second: name,
-                });
-            }
-            Some(_) => return Ok(self),
-            None => {}
+        self.catalog.check_enum::<S>()?;
+        if self.catalog.enum_of(S::SERVICE).is_some() {
+            return Ok(self);
         }
         self = self.add(&S::ROUTE, S::EVENTS)?;
-        self.catalog.enums.insert(S::SERVICE, name);
+        self.catalog
+            .enums
+            .insert(S::SERVICE, std::any::type_name::<S>());
         Ok(self)
     }
 

@@ -204,33 +204,26 @@ impl<T: Validate> Validate for Vec<T> {
     }
 }
 
-impl<K: fmt::Display, V: Validate> Validate for BTreeMap<K, V> {
-    fn validate_into(&self, path: &str, out: &mut Violations) {
-        for (k, v) in self {
-            v.validate_into(&join(path, &k.to_string()), out);
-        }
-    }
+/// Maps validate each value under its key, and describe their values' schema in
+/// `additionalProperties` (or `patternProperties`).
+macro_rules! validate_map {
+    ($($map:ident<K, V $(, $s:ident)?>),*) => {$(
+        impl<K: fmt::Display, V: Validate $(, $s)?> Validate for $map<K, V $(, $s)?> {
+            fn validate_into(&self, path: &str, out: &mut Violations) {
+                for (k, v) in self {
+                    v.validate_into(&join(path, &k.to_string()), out);
+                }
+            }
 
-    fn __outbox_schema(cx: &mut SchemaCx<'_>, at: &str) {
-        for values in cx.values(at) {
-            V::__outbox_schema(cx, &values);
+            fn __outbox_schema(cx: &mut SchemaCx<'_>, at: &str) {
+                for values in cx.values(at) {
+                    V::__outbox_schema(cx, &values);
+                }
+            }
         }
-    }
+    )*};
 }
-
-impl<K: fmt::Display, V: Validate, S> Validate for HashMap<K, V, S> {
-    fn validate_into(&self, path: &str, out: &mut Violations) {
-        for (k, v) in self {
-            v.validate_into(&join(path, &k.to_string()), out);
-        }
-    }
-
-    fn __outbox_schema(cx: &mut SchemaCx<'_>, at: &str) {
-        for values in cx.values(at) {
-            V::__outbox_schema(cx, &values);
-        }
-    }
-}
+validate_map!(BTreeMap<K, V>, HashMap<K, V, S>);
 
 /// `parent.child`, or `child` at the root.
 pub fn join(parent: &str, child: &str) -> String {

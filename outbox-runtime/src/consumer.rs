@@ -185,17 +185,7 @@ where
         handler: H,
         config: ConsumerConfig,
     ) -> Result<Self, Error> {
-        let this = std::any::type_name::<S>();
-        if let Some(listed) = outbox.catalog().enum_of(S::SERVICE)
-            && listed != this
-        {
-            return Err(outbox_contract::Error::ServiceClaimedTwice {
-                service: S::SERVICE.to_owned(),
-                first: listed,
-                second: this,
-            }
-            .into());
-        }
+        outbox.catalog().check_enum::<S>()?;
         let route = outbox
             .catalog()
             .service(S::SERVICE)

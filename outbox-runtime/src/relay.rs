@@ -288,7 +288,9 @@ impl<DB: Backend> Relay<DB> {
         let mut outgoing = Vec::with_capacity(rows.len());
         let mut conn = self.pool.acquire().await?;
         for row in &rows {
-            match envelope::encode(row, self.config.version_format) {
+            // One record per row: building it parses the stored headers.
+            let record = row.record();
+            match envelope::encode(record, self.config.version_format) {
                 Ok(value) => {
                     outgoing.push(Outgoing {
                         topic: row.topic.clone(),
@@ -299,7 +301,7 @@ impl<DB: Backend> Relay<DB> {
                                 .unwrap_or_else(|| row.event_id.clone()),
                         ),
                         value,
-                        headers: envelope::headers(row),
+                        headers: envelope::headers(record),
                     });
                     sendable.push(row);
                 }
