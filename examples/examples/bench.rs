@@ -310,7 +310,7 @@ async fn run<DB: Backend>(
                 })
                 .collect();
             for r in bus.send_all(&records).await {
-                r?;
+                r.into_result()?;
             }
         }
         rows.push(Row {

@@ -97,4 +97,9 @@ pub enum Error {
         /// How long this process waited.
         waited: std::time::Duration,
     },
+    /// A record not sent, because an earlier record of its key in the same batch failed; it is
+    /// sent after that one.
+    #[cfg(feature = "kafka")]
+    #[error("held back behind an earlier record of its key that failed")]
+    HeldBack,
 }

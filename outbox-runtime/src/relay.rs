@@ -6,10 +6,21 @@
 //! in effect, so the duplicate has no second effect). Any number of relays can run: claims are
 //! leased, so two relays never publish the same row at once, and a key's rows go out in order.
 //!
+//! Per-key order through failures: a claim takes a run of a key's oldest rows, and when one of
+//! them fails to publish, no later row of its key goes before it. The producer is not handed
+//! the key's later rows of the batch after it refuses one, and those, like later rows that
+//! failed behind it, are given back to pending without counting an attempt; the failed row,
+//! waiting for its retry, holds them back until it is published or dead. A row no retry can
+//! deliver (larger than `message.max.bytes`) goes dead at once, `message_too_large`, and frees
+//! its key. One case is the producer's, not ours: librdkafka may time a sent record out and
+//! still deliver later records of its partition (its documented gap); the relay then marks
+//! those published and counts them in `outbox_key_order_gaps_total`.
+//!
 //! A relay wakes at once on new rows (PostgreSQL `LISTEN`; an in-process signal for writers in
 //! the same process) and polls as a fallback. On shutdown it stops claiming, finishes the batch
 //! in flight, and returns.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +29,7 @@ use tokio::sync::watch;
 
 use outbox_contract::envelope::{self, VersionFormat};
 
-use crate::bus::{KafkaBus, Outgoing};
+use crate::bus::{KafkaBus, Outgoing, Sent, permanent_failure};
 use crate::error::Error;
 use crate::store::{Backend, Outbox, OutboxRow, Transition};
 
@@ -172,8 +183,8 @@ impl<DB: Backend> Relay<DB> {
                     0
                 }
             };
-            // A published row lets the next row of its key go: claim again at once until a
-            // round finds nothing (per-key order lets a claim take one row per key).
+            // Claim again at once until a round finds nothing: a published run of a key lets
+            // its next rows go.
             if claimed > 0 {
                 rechecks = &[];
                 continue;
@@ -317,28 +328,43 @@ impl<DB: Backend> Relay<DB> {
         drop(conn);
         let results = self.bus.send_all(&outgoing).await;
         let mut published = Vec::with_capacity(results.len());
+        // Rows behind a failed row of their key: never sent (or failed behind it), so given
+        // back uncounted, to go after it.
+        let mut released = Vec::new();
+        let mut failed_keys: HashSet<&str> = HashSet::new();
         let mut conn = self.pool.acquire().await?;
         for (row, result) in sendable.iter().zip(results) {
+            let key = row.message_key.as_deref();
+            let behind_failure = key.is_some_and(|k| failed_keys.contains(k));
             match result {
-                Ok(_) => published.push(row.id),
-                Err(e) => {
-                    let error = format!("publish to Kafka failed: {e}");
-                    match self
-                        .outbox
-                        .publish_failed(&mut conn, row, owner, &error)
-                        .await?
-                    {
-                        Transition::Dead => {
-                            metrics::counter!("outbox_dead_total", "service" => service.to_owned(), "reason" => "max_attempts").increment(1);
-                        }
-                        Transition::Retrying { .. } => {
-                            metrics::counter!("outbox_retried_total", "service" => service.to_owned()).increment(1);
-                        }
-                        Transition::Unchanged => {}
+                Sent::Acked { .. } => {
+                    published.push(row.id);
+                    if behind_failure {
+                        // The producer timed an earlier record of this key out after sending
+                        // this one (librdkafka's documented gap): the broker has it first.
+                        metrics::counter!("outbox_key_order_gaps_total", "service" => service.to_owned()).increment(1);
+                        tracing::warn!(
+                            service,
+                            outbox_id = row.id,
+                            key,
+                            "a row reached the broker before an earlier row of its key that failed"
+                        );
                     }
-                    tracing::warn!(service, outbox_id = row.id, event_id = %row.event_id, %error, "publish failed");
+                }
+                Sent::HeldBack => released.push(row.id),
+                Sent::Failed(_) if behind_failure => released.push(row.id),
+                Sent::Failed(e) => {
+                    if let Some(k) = key {
+                        failed_keys.insert(k);
+                    }
+                    self.publish_failed(&mut conn, service, row, &e).await?;
                 }
             }
+        }
+        if !released.is_empty() {
+            self.outbox
+                .release_leased(&mut conn, service, owner, &released)
+                .await?;
         }
         let marked = self
             .outbox
@@ -347,5 +373,40 @@ impl<DB: Backend> Relay<DB> {
         metrics::counter!("outbox_published_total", "service" => service.to_owned())
             .increment(marked);
         Ok(rows.len())
+    }
+
+    /// Records a failed publish: dead at once when no retry can deliver it (too large), else
+    /// back to pending with backoff, or dead when its attempts are used up.
+    async fn publish_failed(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        row: &OutboxRow,
+        e: &Error,
+    ) -> Result<(), Error> {
+        let owner = &self.config.owner;
+        let error = format!("publish to Kafka failed: {e}");
+        tracing::warn!(service, outbox_id = row.id, event_id = %row.event_id, %error, "publish failed");
+        if let Some(reason) = permanent_failure(e) {
+            if self
+                .outbox
+                .dead_leased(conn, row, owner, reason, &error)
+                .await?
+            {
+                metrics::counter!("outbox_dead_total", "service" => service.to_owned(), "reason" => reason).increment(1);
+            }
+            return Ok(());
+        }
+        match self.outbox.publish_failed(conn, row, owner, &error).await? {
+            Transition::Dead => {
+                metrics::counter!("outbox_dead_total", "service" => service.to_owned(), "reason" => "max_attempts").increment(1);
+            }
+            Transition::Retrying { .. } => {
+                metrics::counter!("outbox_retried_total", "service" => service.to_owned())
+                    .increment(1);
+            }
+            Transition::Unchanged => {}
+        }
+        Ok(())
     }
 }

@@ -3,7 +3,7 @@
 //! one key lands on one partition whatever the client), and topic creation through the admin
 //! API, because brokers may not auto-create topics.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -97,6 +97,54 @@ impl Outgoing {
         }
         record
     }
+}
+
+/// What became of one record of [`KafkaBus::send_all`].
+#[derive(Debug)]
+pub enum Sent {
+    /// The broker acknowledged it.
+    Acked {
+        /// Its partition.
+        partition: i32,
+        /// Its offset there.
+        offset: i64,
+    },
+    /// It was not delivered.
+    Failed(Error),
+    /// Not handed to the producer, because an earlier record of its topic and key in the same
+    /// call was refused.
+    HeldBack,
+}
+
+impl Sent {
+    /// The partition and offset of an acknowledged record; the error otherwise.
+    pub fn into_result(self) -> Result<(i32, i64), Error> {
+        match self {
+            Sent::Acked { partition, offset } => Ok((partition, offset)),
+            Sent::Failed(e) => Err(e),
+            Sent::HeldBack => Err(Error::HeldBack),
+        }
+    }
+}
+
+/// Why an error means no retry can deliver the record: the dead-letter reason, or `None` for
+/// an error worth retrying. A record larger than the producer's or the broker's
+/// `message.max.bytes` stays too large however often it is sent.
+pub fn permanent_failure(error: &Error) -> Option<&'static str> {
+    match error {
+        Error::Kafka(e)
+            if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) =>
+        {
+            Some("message_too_large")
+        }
+        _ => None,
+    }
+}
+
+enum Waiting {
+    Delivery(rdkafka::producer::DeliveryFuture),
+    Refused(Error),
+    HeldBack,
 }
 
 /// A connected producer and admin client.
@@ -204,16 +252,27 @@ impl KafkaBus {
         Ok(())
     }
 
-    /// Sends records together and waits for every acknowledgement: one result per record, in
+    /// Sends records together and waits for every acknowledgement: one outcome per record, in
     /// order. Records of one partition keep their order (the producer is idempotent).
-    pub async fn send_all(&self, records: &[Outgoing]) -> Vec<Result<(i32, i64), Error>> {
+    ///
+    /// A key's records stay in order through failures too: once the producer refuses a record
+    /// (too large, say), later records of the same topic and key are not handed to it and come
+    /// back [`Sent::HeldBack`], so no later record of a key reaches the broker before an
+    /// earlier one that failed.
+    pub async fn send_all(&self, records: &[Outgoing]) -> Vec<Sent> {
+        let mut refused: HashSet<(&str, Option<&str>)> = HashSet::new();
         let mut waiting = Vec::with_capacity(records.len());
         for r in records {
+            let key = (r.topic.as_str(), r.key.as_deref());
+            if r.key.is_some() && refused.contains(&key) {
+                waiting.push(Waiting::HeldBack);
+                continue;
+            }
             let mut record = r.record();
             loop {
                 match self.producer.send_result(record) {
                     Ok(delivery) => {
-                        waiting.push(Ok(delivery));
+                        waiting.push(Waiting::Delivery(delivery));
                         break;
                     }
                     // The local queue is full: wait for deliveries to drain it, then retry.
@@ -225,7 +284,8 @@ impl KafkaBus {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((e, _)) => {
-                        waiting.push(Err(Error::Kafka(e)));
+                        refused.insert(key);
+                        waiting.push(Waiting::Refused(Error::Kafka(e)));
                         break;
                     }
                 }
@@ -234,12 +294,16 @@ impl KafkaBus {
         let mut out = Vec::with_capacity(waiting.len());
         for w in waiting {
             out.push(match w {
-                Ok(delivery) => match delivery.await {
-                    Ok(Ok(d)) => Ok((d.partition, d.offset)),
-                    Ok(Err((e, _))) => Err(Error::Kafka(e)),
-                    Err(_) => Err(Error::Kafka(rdkafka::error::KafkaError::Canceled)),
+                Waiting::Delivery(delivery) => match delivery.await {
+                    Ok(Ok(d)) => Sent::Acked {
+                        partition: d.partition,
+                        offset: d.offset,
+                    },
+                    Ok(Err((e, _))) => Sent::Failed(Error::Kafka(e)),
+                    Err(_) => Sent::Failed(Error::Kafka(rdkafka::error::KafkaError::Canceled)),
                 },
-                Err(e) => Err(e),
+                Waiting::Refused(e) => Sent::Failed(e),
+                Waiting::HeldBack => Sent::HeldBack,
             });
         }
         out

@@ -2,4 +2,4 @@
 
 mod kafka;
 
-pub use kafka::{KafkaBus, KafkaConfig, Outgoing};
+pub use kafka::{KafkaBus, KafkaConfig, Outgoing, Sent, permanent_failure};

@@ -103,11 +103,29 @@ macro_rules! common_methods {
             let rows = bind_all!(sqlx::query(sql), args).fetch_all(conn).await?;
             rows.iter().map(|r| r.try_get(0)).collect()
         }
+
+        async fn fetch_window(
+            conn: &mut Self::Connection,
+            sql: &str,
+            args: Vec<$crate::store::Arg>,
+        ) -> Result<Vec<$crate::store::WindowRow>, sqlx::Error> {
+            use sqlx::Row as _;
+            let rows = bind_all!(sqlx::query(sql), args).fetch_all(conn).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok($crate::store::WindowRow {
+                        id: r.try_get(0)?,
+                        key: r.try_get(1)?,
+                        claimable: r.try_get::<i64, _>(2)? == 1,
+                    })
+                })
+                .collect()
+        }
     };
 }
 
-/// `insert` and `claim` of the dialects with `RETURNING` (PostgreSQL, SQLite): one statement
-/// each.
+/// `insert` and `claim_update` of the dialects with `RETURNING` (PostgreSQL, SQLite): one
+/// statement each.
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 macro_rules! returning_methods {
     () => {
@@ -123,14 +141,14 @@ macro_rules! returning_methods {
                 .try_get(0)
         }
 
-        async fn claim(
+        async fn claim_update(
             sql: &$crate::store::TableSql,
             conn: &mut Self::Connection,
-            c: $crate::store::ClaimArgs,
+            args: Vec<$crate::store::Arg>,
+            ids: usize,
         ) -> Result<Vec<$crate::store::OutboxRow>, sqlx::Error> {
-            let mut rows = Self::fetch_rows(conn, sql.get("claim"), c.single_statement()).await?;
-            rows.sort_unstable_by_key(|r| r.id);
-            Ok(rows)
+            let update = sql.with_ids("claim_update", 3, ids);
+            Self::fetch_rows(conn, &update, args).await
         }
     };
 }

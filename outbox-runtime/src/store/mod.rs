@@ -27,7 +27,7 @@ mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -512,13 +512,193 @@ pub trait Backend: sqlx::Database + private::Sealed {
         )
     }
 
+    /// Runs a claim's window read (`claim_window`).
+    #[doc(hidden)]
+    fn fetch_window(
+        conn: &mut Self::Connection,
+        sql: &str,
+        args: Vec<Arg>,
+    ) -> impl Future<Output = Result<Vec<WindowRow>, sqlx::Error>> + Send;
+
+    /// Leases the rows a claim keeps (`claim_update` over `ids` row ids, bound after the
+    /// owner, the lease's end and the time) and returns them.
+    #[doc(hidden)]
+    fn claim_update(
+        sql: &TableSql,
+        conn: &mut Self::Connection,
+        args: Vec<Arg>,
+        ids: usize,
+    ) -> impl Future<Output = Result<Vec<OutboxRow>, sqlx::Error>> + Send;
+
     /// Claims due rows; see [`Outbox::claim`].
     #[doc(hidden)]
     fn claim(
         sql: &TableSql,
         conn: &mut Self::Connection,
         claim: ClaimArgs,
-    ) -> impl Future<Output = Result<Vec<OutboxRow>, sqlx::Error>> + Send;
+    ) -> impl Future<Output = Result<Vec<OutboxRow>, sqlx::Error>> + Send {
+        claim_rows::<Self>(sql, conn, claim)
+    }
+}
+
+/// One open row as a claim's window read sees it.
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowRow {
+    /// The row id.
+    pub id: i64,
+    /// Its message key.
+    pub key: Option<String>,
+    /// Whether it could be claimed now (due, or its lease ended with attempts left).
+    pub claimable: bool,
+}
+
+/// The rows one claim at most reads per window.
+const MAX_WINDOW: usize = 10_000;
+
+/// Claims due rows in one write transaction, finding them without walking the backlog:
+///
+/// 1. **Plan.** Read the open rows (pending or sending) in id order, a window at a time, and
+///    take each claimable row unless its key has stopped; a key stops at its first row that
+///    cannot be claimed (leased to another relay, or waiting for a retry). Every earlier open
+///    row of a key comes before its later ones in this read, so a key's planned rows are the
+///    run of its oldest open rows, as many as the limit allows. The read ends when the plan
+///    is full or the open rows are, so a backlog of one key costs a claim one window.
+/// 2. **Lock.** Lock the planned rows that are still claimable, skipping rows another claimer
+///    holds, and keep for each key only its planned rows before the first one not locked:
+///    another claimer may have taken a key's oldest rows since the plan was read.
+/// 3. **Lease** the kept rows to the owner.
+async fn claim_rows<DB: Backend>(
+    sql: &TableSql,
+    conn: &mut DB::Connection,
+    c: ClaimArgs,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    let limit = usize::try_from(c.limit).unwrap_or(0);
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let mut tx = DB::begin_write(conn).await?;
+    let mut plan = ClaimPlan::new(limit);
+    let mut after = i64::MIN;
+    let mut window = limit.clamp(64, MAX_WINDOW);
+    loop {
+        let n = i64::try_from(window).unwrap_or(i64::MAX);
+        let args = vec![
+            Arg::I64(c.now),
+            Arg::I64(after),
+            Arg::I64(n),
+            Arg::I64(c.now),
+            Arg::I64(after),
+            Arg::I64(n),
+            Arg::I64(n),
+        ];
+        let rows = DB::fetch_window(&mut tx, sql.get("claim_window"), args).await?;
+        let full = rows.len() == window;
+        let Some(last) = rows.last().map(|r| r.id) else {
+            break;
+        };
+        if !rows.into_iter().all(|r| plan.offer(r)) || !full {
+            break;
+        }
+        // Keys that cannot go fill this window (one held by another relay, one waiting for a
+        // retry): read on, in larger windows, to the rows of keys that can.
+        after = last;
+        window = (window * 2).min(MAX_WINDOW);
+    }
+    if plan.is_empty() {
+        tx.commit().await?;
+        return Ok(Vec::new());
+    }
+    let mut locked = HashSet::new();
+    for chunk in plan.ids().chunks(1000) {
+        let lock = sql.with_ids("claim_lock", 2, chunk.len());
+        let mut args = vec![Arg::I64(c.now), Arg::I64(c.now)];
+        args.extend(chunk.iter().map(|&id| Arg::I64(id)));
+        locked.extend(
+            DB::fetch_ints(&mut tx, &lock, args)
+                .await?
+                .into_iter()
+                .flatten(),
+        );
+    }
+    let keep = plan.keep(&locked);
+    let mut rows = Vec::with_capacity(keep.len());
+    for chunk in keep.chunks(1000) {
+        let mut args = vec![
+            Arg::Str(c.owner.clone()),
+            Arg::I64(c.lease_until),
+            Arg::I64(c.now),
+        ];
+        args.extend(chunk.iter().map(|&id| Arg::I64(id)));
+        rows.extend(DB::claim_update(sql, &mut tx, args, chunk.len()).await?);
+    }
+    tx.commit().await?;
+    rows.sort_unstable_by_key(|r| r.id);
+    Ok(rows)
+}
+
+/// What a claim means to take, built from open rows offered in id order.
+#[derive(Debug)]
+struct ClaimPlan {
+    limit: usize,
+    /// Planned rows in id order, with their keys.
+    rows: Vec<(i64, Option<String>)>,
+    /// Keys whose oldest open row cannot be claimed now: none of their rows is.
+    stopped: HashSet<String>,
+}
+
+impl ClaimPlan {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            rows: Vec::new(),
+            stopped: HashSet::new(),
+        }
+    }
+
+    /// Takes in the next open row in id order; false once the plan is full.
+    fn offer(&mut self, row: WindowRow) -> bool {
+        if self.rows.len() >= self.limit {
+            return false;
+        }
+        match row.key {
+            None if row.claimable => self.rows.push((row.id, None)),
+            None => {}
+            Some(key) if self.stopped.contains(&key) => {}
+            Some(key) if row.claimable => self.rows.push((row.id, Some(key))),
+            Some(key) => {
+                self.stopped.insert(key);
+            }
+        }
+        self.rows.len() < self.limit
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    fn ids(&self) -> Vec<i64> {
+        self.rows.iter().map(|(id, _)| *id).collect()
+    }
+
+    /// The planned rows to lease, given those the claim `locked`: each key's planned rows up to
+    /// its first one not locked (taken by another claimer since the plan was read).
+    fn keep(self, locked: &HashSet<i64>) -> Vec<i64> {
+        let mut stopped = HashSet::new();
+        let mut out = Vec::with_capacity(self.rows.len());
+        for (id, key) in self.rows {
+            match key {
+                None if locked.contains(&id) => out.push(id),
+                None => {}
+                Some(key) if stopped.contains(&key) => {}
+                Some(_) if locked.contains(&id) => out.push(id),
+                Some(key) => {
+                    stopped.insert(key);
+                }
+            }
+        }
+        out
+    }
 }
 
 mod private {
@@ -533,21 +713,6 @@ pub struct ClaimArgs {
     pub now: i64,
     pub lease_until: i64,
     pub limit: i64,
-}
-
-impl ClaimArgs {
-    /// The binding of the single-statement `claim` query (PostgreSQL, SQLite).
-    #[cfg(any(feature = "postgres", feature = "sqlite"))]
-    fn single_statement(self) -> Vec<Arg> {
-        vec![
-            Arg::Str(self.owner),
-            Arg::I64(self.lease_until),
-            Arg::I64(self.now),
-            Arg::I64(self.now),
-            Arg::I64(self.now),
-            Arg::I64(self.limit),
-        ]
-    }
 }
 
 /// One service's queries, with its table name and the dialect's placeholders filled in.
@@ -874,9 +1039,13 @@ impl<DB: Backend> Outbox<DB> {
     /// Claims up to `limit` due rows of `service` for `owner` until `lease` from now.
     ///
     /// Due rows are pending rows whose time has come and sending rows whose lease expired.
-    /// Concurrent claimers never receive the same row. A row is not claimed while an earlier
-    /// row of the same key is still pending or sending, so one key's events go out in order
-    /// (the order of their ids: a key's events written by one writer in sequence). Each claim
+    /// Concurrent claimers never receive the same row. A key's rows are claimed as a run of
+    /// its oldest open rows (pending or sending), in id order and as many as `limit` allows,
+    /// and only while the oldest of them is due: a key whose oldest open row is leased to
+    /// another publisher, or waits for a retry, gives nothing. So one key's events go out in
+    /// order (the order of their ids: a key's events written by one writer in sequence), and a
+    /// backlog of one key drains a batch per claim. The claim reads the open rows in id order
+    /// and stops when it has `limit`, so its cost does not grow with the backlog. Each claim
     /// counts as an attempt; a row whose lease expires on its last attempt goes dead with reason
     /// `lease_expired`.
     pub async fn claim(
@@ -977,6 +1146,29 @@ impl<DB: Backend> Outbox<DB> {
         } else {
             Transition::Unchanged
         })
+    }
+
+    /// Gives back leased rows that were never sent because an earlier row of their key failed
+    /// in the same batch: back to pending, due now, with the attempt their claim counted taken
+    /// back. The failed row is still the key's oldest open row and, until it is published or
+    /// dead, holds them back. Only rows still `sending` under `owner` change; returns how many.
+    pub async fn release_leased(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        owner: &str,
+        ids: &[i64],
+    ) -> Result<u64, Error> {
+        let table = self.table(service)?;
+        let mut changed = 0;
+        for chunk in ids.chunks(1000) {
+            let now = self.now_ms();
+            let sql = table.with_ids("release_leased", 3, chunk.len());
+            let mut args = vec![Arg::I64(now), Arg::I64(now), Arg::Str(owner.to_owned())];
+            args.extend(chunk.iter().map(|&id| Arg::I64(id)));
+            changed += DB::execute(conn, &sql, args).await?;
+        }
+        Ok(changed)
     }
 
     /// A leased row can never be published (it does not parse, say): dead at once with

@@ -1,10 +1,9 @@
-//! MySQL 8 and MariaDB 10.6+: no `UPDATE ... RETURNING`, so a claim is a plain read of the
-//! candidates (due, and first of their key), then a transaction that locks them with
-//! `FOR UPDATE SKIP LOCKED`, updates what it locked and reads it back.
+//! MySQL 8 and MariaDB 10.6+: no `UPDATE ... RETURNING`, so a claim updates the rows it
+//! locked and reads them back; a claim InnoDB picked as a deadlock victim runs again.
 //!
-//! The key test runs in the plain read, not under the lock, on purpose: InnoDB's locking reads
-//! would skip another claimer's locked rows inside the `NOT EXISTS` too, and so miss an earlier
-//! row of the same key.
+//! The claim's plan is a plain (non-locking) read, on purpose: InnoDB's locking reads skip
+//! another claimer's locked rows, and the plan must see every open row of a key to know where
+//! the key's run of claimable rows ends.
 
 use sqlx::{Connection as _, MySql, MySqlConnection};
 
@@ -83,12 +82,23 @@ impl Backend for MySql {
         retrying!(mark_published_once(sql, conn, now, owner, ids))
     }
 
+    async fn claim_update(
+        sql: &TableSql,
+        conn: &mut MySqlConnection,
+        args: Vec<Arg>,
+        ids: usize,
+    ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        let select_args = args[3..].to_vec();
+        Self::execute(conn, &sql.with_ids("claim_update", 3, ids), args).await?;
+        Self::fetch_rows(conn, &sql.with_ids("select_ids", 0, ids), select_args).await
+    }
+
     async fn claim(
         sql: &TableSql,
         conn: &mut MySqlConnection,
         c: ClaimArgs,
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-        retrying!(claim_once(sql, conn, c.clone()))
+        retrying!(super::claim_rows::<MySql>(sql, conn, c.clone()))
     }
 }
 
@@ -169,54 +179,4 @@ async fn lock_then_update(
     }
     tx.commit().await?;
     Ok(changed)
-}
-
-async fn claim_once(
-    sql: &TableSql,
-    conn: &mut MySqlConnection,
-    c: ClaimArgs,
-) -> Result<Vec<OutboxRow>, sqlx::Error> {
-    {
-        let args = vec![
-            Arg::I64(c.now),
-            Arg::I64(c.limit),
-            Arg::I64(c.now),
-            Arg::I64(c.limit),
-            Arg::I64(c.limit),
-        ];
-        let candidates: Vec<i64> = MySql::fetch_ints(conn, sql.get("claim_candidates"), args)
-            .await?
-            .into_iter()
-            .flatten()
-            .collect();
-        if candidates.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut tx = conn.begin().await?;
-        let lock = sql.with_ids("claim_lock", 2, candidates.len());
-        let mut args = vec![Arg::I64(c.now), Arg::I64(c.now)];
-        args.extend(candidates.iter().map(|&id| Arg::I64(id)));
-        let locked: Vec<i64> = MySql::fetch_ints(&mut tx, &lock, args)
-            .await?
-            .into_iter()
-            .flatten()
-            .collect();
-        if locked.is_empty() {
-            tx.commit().await?;
-            return Ok(Vec::new());
-        }
-        let update = sql.with_ids("claim_update", 3, locked.len());
-        let mut args = vec![Arg::Str(c.owner), Arg::I64(c.lease_until), Arg::I64(c.now)];
-        args.extend(locked.iter().map(|&id| Arg::I64(id)));
-        MySql::execute(&mut tx, &update, args).await?;
-        let select = sql.with_ids("select_ids", 0, locked.len());
-        let rows = MySql::fetch_rows(
-            &mut tx,
-            &select,
-            locked.iter().map(|&id| Arg::I64(id)).collect(),
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(rows)
-    }
 }

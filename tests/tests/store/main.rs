@@ -53,6 +53,9 @@ on_every_backend!(
     event_ids_are_global_while_row_ids_are_per_table,
     claim_takes_due_rows_of_its_own_table_in_id_order_up_to_the_limit,
     claim_holds_a_key_back_while_an_earlier_row_of_it_is_open,
+    a_backlog_of_one_key_is_claimed_a_full_batch_at_a_time,
+    a_key_waiting_for_a_retry_holds_its_later_rows_back,
+    rows_behind_a_held_keys_backlog_are_still_claimed,
     an_expired_lease_is_reclaimed_and_a_live_one_is_not,
     a_lease_expiring_on_the_last_attempt_goes_dead,
     mark_published_changes_only_rows_still_leased_by_the_owner,
@@ -75,6 +78,7 @@ on_every_backend!(
     four_claimers_on_ten_thousand_rows_claim_each_row_once,
     a_claimer_that_dies_loses_its_rows_when_the_lease_ends,
     per_key_order_holds_under_concurrent_claimers,
+    per_key_order_holds_for_hot_keys_under_concurrent_claimers,
     enqueue_refuses_an_event_whose_enum_is_not_in_the_catalog,
     enqueue_refuses_an_event_the_catalog_routes_to_another_service,
     consume_works_inside_the_callers_transaction,
@@ -386,22 +390,138 @@ async fn claim_takes_due_rows_of_its_own_table_in_id_order_up_to_the_limit<DB: T
     h.cleanup().await;
 }
 
-// Per-key order: a key's next row waits while an earlier one is pending or sending; rows of
-// other keys, and rows without a key, are not held back.
+// Per-key order with hot keys: a claim takes a run of a key's oldest open rows in id order, as
+// many as the limit allows; while the oldest of them is leased to another claimer the key gives
+// nothing, and rows of other keys, and rows without a key, are not held back.
 async fn claim_holds_a_key_back_while_an_earlier_row_of_it_is_open<DB: TestDb>() {
     let h = Harness::<DB>::new().await;
-    let k1a = put(&h, &urgency(1, 7)).await.id;
-    let k1b = put(&h, &urgency(2, 7)).await.id;
-    let k2 = put(&h, &urgency(3, 8)).await.id;
-    let mut unkeyed = samples::snapshot(1);
-    unkeyed.conversation_id = "conv-x".into();
-    let first = claim(&h, "task", "relay", 10).await;
-    assert_eq!(first.iter().map(|r| r.id).collect::<Vec<_>>(), [k1a, k2]);
-    // While k1a is sending, k1b stays back, however often we ask.
+    let k7a = put(&h, &urgency(1, 7)).await.id;
+    let k7b = put(&h, &urgency(2, 7)).await.id;
+    let k8 = put(&h, &urgency(3, 8)).await.id;
+    let k7c = put(&h, &urgency(4, 7)).await.id;
+    let k9 = put(&h, &urgency(5, 9)).await.id;
+    // The limit cuts the run of key 7 after its first two rows: a prefix, never a gap.
+    let first = claim(&h, "task", "relay-a", 2).await;
+    assert_eq!(first.iter().map(|r| r.id).collect::<Vec<_>>(), [k7a, k7b]);
+    // While those are sending, key 7 gives nothing to anyone, however often asked; key 8 and
+    // key 9 go.
+    let other = claim(&h, "task", "relay-b", 10).await;
+    assert_eq!(other.iter().map(|r| r.id).collect::<Vec<_>>(), [k8, k9]);
+    assert!(claim(&h, "task", "relay-b", 10).await.is_empty());
+    assert_eq!(publish(&h, "task", "relay-a", &[k7a]).await, 1);
+    // k7b is still sending: k7c waits behind it.
+    assert!(claim(&h, "task", "relay-b", 10).await.is_empty());
+    assert_eq!(publish(&h, "task", "relay-a", &[k7b]).await, 1);
+    let next = claim(&h, "task", "relay-b", 10).await;
+    assert_eq!(next.iter().map(|r| r.id).collect::<Vec<_>>(), [k7c]);
+    h.cleanup().await;
+}
+
+// A backlog of one key goes out a batch per claim, in id order (the claim took one row of a key
+// per round before, and walked the whole backlog to find it).
+async fn a_backlog_of_one_key_is_claimed_a_full_batch_at_a_time<DB: TestDb>() {
+    let h = Harness::<DB>::new().await;
+    let events: Vec<_> = (0..1000u64).map(|n| urgency(n, 42)).collect();
+    let mut tx = h.pool.begin().await.unwrap();
+    let ids: Vec<i64> = h
+        .outbox
+        .enqueue_all(&mut *tx, &events)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    tx.commit().await.unwrap();
+    let mut seen = Vec::new();
+    for round in 0..4 {
+        let rows = claim(&h, "task", "relay", 250).await;
+        assert_eq!(rows.len(), 250, "round {round}");
+        let got: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        // Not another batch of this key while this one is out.
+        assert!(claim(&h, "task", "other", 250).await.is_empty());
+        assert_eq!(publish(&h, "task", "relay", &got).await, 250);
+        seen.extend(got);
+    }
+    assert_eq!(seen, ids);
+    assert!(claim(&h, "task", "relay", 250).await.is_empty());
+    h.cleanup().await;
+}
+
+// A key whose oldest row waits for a retry holds its later rows back until that row is due
+// again; then they go together, the released ones without an attempt counted for the batch
+// they were never sent in.
+async fn a_key_waiting_for_a_retry_holds_its_later_rows_back<DB: TestDb>() {
+    let h = Harness::<DB>::new().await;
+    let a = put(&h, &urgency(1, 7)).await.id;
+    let b = put(&h, &urgency(2, 7)).await.id;
+    let c = put(&h, &urgency(3, 7)).await.id;
+    let other = put(&h, &urgency(4, 8)).await.id;
+    let rows = claim(&h, "task", "relay", 10).await;
+    assert_eq!(rows.len(), 4);
+    let mut conn = h.pool.acquire().await.unwrap();
+    let Transition::Retrying { next_attempt_at } = h
+        .outbox
+        .publish_failed(&mut conn, &rows[0], "relay", "broker unreachable")
+        .await
+        .unwrap()
+    else {
+        panic!("the failure was not recorded");
+    };
+    // Only rows still leased to the releasing owner change.
+    assert_eq!(
+        h.outbox
+            .release_leased(&mut conn, "task", "someone-else", &[b, c])
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        h.outbox
+            .release_leased(&mut conn, "task", "relay", &[b, c])
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(publish(&h, "task", "relay", &[other]).await, 1);
+    drop(conn);
+    for id in [b, c] {
+        let r = row(&h, "task", id).await;
+        assert_eq!(
+            (r.status, r.attempts, r.lease_owner),
+            (Status::Pending, 0, None)
+        );
+    }
+    // b and c are due, but a is first of the key and is not.
+    h.clock.advance(Duration::from_millis(
+        (next_attempt_at - h.outbox.now_ms() - 1) as u64,
+    ));
     assert!(claim(&h, "task", "relay", 10).await.is_empty());
-    assert_eq!(publish(&h, "task", "relay", &[k1a, k2]).await, 2);
-    let next = claim(&h, "task", "relay", 10).await;
-    assert_eq!(next.iter().map(|r| r.id).collect::<Vec<_>>(), [k1b]);
+    h.clock.advance(Duration::from_millis(1));
+    let again = claim(&h, "task", "relay", 10).await;
+    assert_eq!(
+        again.iter().map(|r| (r.id, r.attempts)).collect::<Vec<_>>(),
+        [(a, 2), (b, 1), (c, 1)]
+    );
+    h.cleanup().await;
+}
+
+// Rows of a key that cannot go (leased to another claimer) fill far more than one claim's
+// window; the claim reads on past them and still finds the rows of the keys that can.
+async fn rows_behind_a_held_keys_backlog_are_still_claimed<DB: TestDb>() {
+    let h = Harness::<DB>::new().await;
+    let hot: Vec<_> = (0..3000u64).map(|n| urgency(n, 7)).collect();
+    let mut tx = h.pool.begin().await.unwrap();
+    h.outbox.enqueue_all(&mut *tx, &hot).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut behind = Vec::new();
+    for n in 0..5 {
+        behind.push(put(&h, &urgency(10_000 + n, 100 + n)).await.id);
+    }
+    let held = claim(&h, "task", "holder", 1).await;
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].message_key.as_deref(), Some("7"));
+    let got = claim(&h, "task", "relay", 100).await;
+    assert_eq!(got.iter().map(|r| r.id).collect::<Vec<_>>(), behind);
     h.cleanup().await;
 }
 
@@ -1168,8 +1288,17 @@ async fn a_claimer_that_dies_loses_its_rows_when_the_lease_ends<DB: TestDb>() {
 
 // Per-key order under four concurrent claimers: each key's rows are published in id order.
 async fn per_key_order_holds_under_concurrent_claimers<DB: TestDb>() {
+    per_key_order_under_four_claimers::<DB>(12, 5).await;
+}
+
+// The same with two hot keys and batches that take long runs of one key.
+async fn per_key_order_holds_for_hot_keys_under_concurrent_claimers<DB: TestDb>() {
+    per_key_order_under_four_claimers::<DB>(2, 40).await;
+}
+
+async fn per_key_order_under_four_claimers<DB: TestDb>(keys: u64, batch: usize) {
     let h = Arc::new(Harness::<DB>::new().await);
-    let events: Vec<_> = (0..600u64).map(|n| urgency(n, 1 + n % 12)).collect();
+    let events: Vec<_> = (0..600u64).map(|n| urgency(n, 1 + n % keys)).collect();
     for chunk in events.chunks(200) {
         let mut tx = h.pool.begin().await.unwrap();
         h.outbox.enqueue_all(&mut *tx, chunk).await.unwrap();
@@ -1183,7 +1312,7 @@ async fn per_key_order_holds_under_concurrent_claimers<DB: TestDb>() {
             let owner = format!("claimer-{claimer}");
             let mut idle = 0;
             while idle < 3 {
-                let rows = claim(&h, "task", &owner, 5).await;
+                let rows = claim(&h, "task", &owner, batch).await;
                 if rows.is_empty() {
                     idle += 1;
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1213,7 +1342,7 @@ async fn per_key_order_holds_under_concurrent_claimers<DB: TestDb>() {
             assert!(prev < id, "key {key}: {id} went out after {prev}");
         }
     }
-    assert_eq!(last.len(), 12);
+    assert_eq!(last.len() as u64, keys);
     let h = Arc::into_inner(h).unwrap();
     h.cleanup().await;
 }

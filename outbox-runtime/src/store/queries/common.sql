@@ -17,6 +17,16 @@ SET status = 'dead', dead_reason = $1, last_error = $2, next_attempt_at = NULL,
     lease_owner = NULL, lease_until = NULL, updated_at = $3
 WHERE id = $4 AND status = 'sending' AND lease_owner = $5
 
+-- name: release_leased
+-- Rows claimed behind an earlier row of their key that failed to publish: never sent, so back
+-- to pending, due at once, with the attempt their claim counted taken back. The failed row,
+-- first of the key and waiting for its retry, holds them back until it is published or dead.
+-- next_attempt_at, updated_at, lease_owner, ids...
+UPDATE {table}
+SET status = 'pending', attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END,
+    next_attempt_at = $1, lease_owner = NULL, lease_until = NULL, updated_at = $2
+WHERE status = 'sending' AND lease_owner = $3 AND id IN ({ids})
+
 -- name: retry_open
 -- next_attempt_at, last_error, updated_at, id
 UPDATE {table}

@@ -67,35 +67,29 @@ SET status = 'dead', dead_reason = 'lease_expired',
     lease_owner = NULL, lease_until = NULL, next_attempt_at = NULL, updated_at = ?
 WHERE status = 'sending' AND lease_until <= ? AND attempts >= max_attempts AND id IN ({ids})
 
--- name: claim_candidates
--- A plain (non-locking) read: which rows are due and first of their key. Locking happens in
--- `claim_lock`, so that rows another claimer holds are skipped without hiding an earlier row
--- of the same key from the NOT EXISTS test. Each status is read in id order from the
--- `(status, id)` index, so a claim never walks the published rows (one OR over both statuses
--- sorted every open row; and left to itself MariaDB walks the primary key from the first row,
--- 130 ms a claim behind 300,000 published rows).
--- now (pending due), limit, now (lease expired), limit, limit
-SELECT id FROM (
-    (SELECT c.id FROM {table} c FORCE INDEX ({table}_open)
-    WHERE c.status = 'pending' AND c.next_attempt_at <= ?
-      AND (c.message_key IS NULL OR NOT EXISTS (
-            SELECT 1 FROM {table} e
-            WHERE e.message_key = c.message_key AND e.id < c.id
-              AND e.status IN ('pending', 'sending')))
-    ORDER BY c.id
-    LIMIT ?)
+-- name: claim_window
+-- The first open rows in id order after `after`, each with whether it can be claimed now (due,
+-- or leased until a time now past with attempts left). A key's first open row is its oldest,
+-- so the store sees in one ordered read which keys may go and how many of their rows in a row.
+-- Each status is read in id order from its own index, so the read never walks published rows.
+-- now, after, limit, now, after, limit, limit
+SELECT id, message_key, ok FROM (
+    SELECT * FROM (
+        SELECT id, message_key,
+            CASE WHEN next_attempt_at <= $1 THEN CAST(1 AS SIGNED) ELSE CAST(0 AS SIGNED) END
+                AS ok
+        FROM {table} FORCE INDEX ({table}_open)
+        WHERE status = 'pending' AND id > $2 ORDER BY id LIMIT $3) p
     UNION ALL
-    (SELECT c.id FROM {table} c FORCE INDEX ({table}_open)
-    WHERE c.status = 'sending' AND c.lease_until <= ? AND c.attempts < c.max_attempts
-      AND (c.message_key IS NULL OR NOT EXISTS (
-            SELECT 1 FROM {table} e
-            WHERE e.message_key = c.message_key AND e.id < c.id
-              AND e.status IN ('pending', 'sending')))
-    ORDER BY c.id
-    LIMIT ?)
-) AS due
+    SELECT * FROM (
+        SELECT id, message_key,
+            CASE WHEN lease_until <= $4 AND attempts < max_attempts
+                THEN CAST(1 AS SIGNED) ELSE CAST(0 AS SIGNED) END AS ok
+        FROM {table} FORCE INDEX ({table}_open)
+        WHERE status = 'sending' AND id > $5 ORDER BY id LIMIT $6) s
+) AS w
 ORDER BY id
-LIMIT ?
+LIMIT $7
 
 -- name: mark_published_lock
 -- Rows a consumer holds locked are skipped, not waited for (see the PostgreSQL query).
@@ -159,18 +153,22 @@ INSERT IGNORE INTO outbox_inbox (consumer_group, event_id, consumed_at) VALUES (
 DELETE FROM {table} WHERE status = 'consumed' AND consumed_at < ? ORDER BY id LIMIT ?
 
 -- name: claim_lock
+-- The planned rows that are still claimable, locked, skipping rows another transaction holds.
+-- A row another claimer took meanwhile fails the re-check (or is skipped while locked); the
+-- store then drops it and every later planned row of its key.
 -- now (pending due), now (lease expired), ids...
 SELECT id FROM {table}
-WHERE ((status = 'pending' AND next_attempt_at <= ?)
-    OR (status = 'sending' AND lease_until <= ? AND attempts < max_attempts))
+WHERE ((status = 'pending' AND next_attempt_at <= $1)
+    OR (status = 'sending' AND lease_until <= $2 AND attempts < max_attempts))
   AND id IN ({ids})
 ORDER BY id
 FOR UPDATE SKIP LOCKED
-
 -- name: claim_update
+-- The rows the claim keeps, locked by it: leased to the owner, one attempt more.
 -- lease_owner, lease_until, updated_at, ids...
 UPDATE {table}
-SET status = 'sending', lease_owner = ?, lease_until = ?, attempts = attempts + 1, updated_at = ?
+SET status = 'sending', lease_owner = $1, lease_until = $2, attempts = attempts + 1,
+    updated_at = $3
 WHERE id IN ({ids})
 
 -- name: select_ids

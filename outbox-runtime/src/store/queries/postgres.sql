@@ -93,26 +93,47 @@ WHERE id IN (
     WHERE status = 'sending' AND lease_until <= $2 AND attempts >= max_attempts
     FOR UPDATE SKIP LOCKED)
 
--- name: claim
--- lease_owner, lease_until, updated_at, now (pending due), now (lease expired), limit
-UPDATE {table} AS o
-SET status = 'sending', lease_owner = $1, lease_until = $2, attempts = o.attempts + 1,
+-- name: claim_window
+-- The first open rows in id order after `after`, each with whether it can be claimed now (due,
+-- or leased until a time now past with attempts left). A key's first open row is its oldest,
+-- so the store sees in one ordered read which keys may go and how many of their rows in a row.
+-- Each status is read in id order from its own index, so the read never walks published rows.
+-- now, after, limit, now, after, limit, limit
+SELECT id, message_key, ok FROM (
+    SELECT * FROM (
+        SELECT id, message_key,
+            CASE WHEN next_attempt_at <= $1 THEN 1::BIGINT ELSE 0::BIGINT END AS ok
+        FROM {table} WHERE status = 'pending' AND id > $2 ORDER BY id LIMIT $3) p
+    UNION ALL
+    SELECT * FROM (
+        SELECT id, message_key,
+            CASE WHEN lease_until <= $4 AND attempts < max_attempts
+                THEN 1::BIGINT ELSE 0::BIGINT END AS ok
+        FROM {table} WHERE status = 'sending' AND id > $5 ORDER BY id LIMIT $6) s
+) AS w
+ORDER BY id
+LIMIT $7
+
+-- name: claim_lock
+-- The planned rows that are still claimable, locked, skipping rows another transaction holds.
+-- A row another claimer took meanwhile fails the re-check (or is skipped while locked); the
+-- store then drops it and every later planned row of its key.
+-- now (pending due), now (lease expired), ids...
+SELECT id FROM {table}
+WHERE ((status = 'pending' AND next_attempt_at <= $1)
+    OR (status = 'sending' AND lease_until <= $2 AND attempts < max_attempts))
+  AND id IN ({ids})
+ORDER BY id
+FOR UPDATE SKIP LOCKED
+
+-- name: claim_update
+-- The rows the claim keeps, locked by it: leased to the owner, one attempt more.
+-- lease_owner, lease_until, updated_at, ids...
+UPDATE {table}
+SET status = 'sending', lease_owner = $1, lease_until = $2, attempts = attempts + 1,
     updated_at = $3
-FROM (
-    SELECT c.id FROM {table} c
-    WHERE c.status IN ('pending', 'sending')
-      AND ((c.status = 'pending' AND c.next_attempt_at <= $4)
-        OR (c.status = 'sending' AND c.lease_until <= $5 AND c.attempts < c.max_attempts))
-      AND (c.message_key IS NULL OR NOT EXISTS (
-            SELECT 1 FROM {table} e
-            WHERE e.message_key = c.message_key AND e.id < c.id
-              AND e.status IN ('pending', 'sending')))
-    ORDER BY c.id
-    LIMIT $6
-    FOR UPDATE SKIP LOCKED
-) AS due
-WHERE o.id = due.id
-RETURNING {o.columns}
+WHERE id IN ({ids})
+RETURNING {columns}
 
 -- name: mark_published
 -- Rows a consumer holds locked are skipped, not waited for: the consumer ends them (consumed,

@@ -73,22 +73,44 @@ SET status = 'dead', dead_reason = 'lease_expired',
     lease_owner = NULL, lease_until = NULL, next_attempt_at = NULL, updated_at = ?
 WHERE status = 'sending' AND lease_until <= ? AND attempts >= max_attempts
 
--- name: claim
--- lease_owner, lease_until, updated_at, now (pending due), now (lease expired), limit
+-- name: claim_window
+-- The first open rows in id order after `after`, each with whether it can be claimed now (due,
+-- or leased until a time now past with attempts left). A key's first open row is its oldest,
+-- so the store sees in one ordered read which keys may go and how many of their rows in a row.
+-- Each status is read in id order from its own index, so the read never walks published rows.
+-- now, after, limit, now, after, limit, limit
+SELECT id, message_key, ok FROM (
+    SELECT * FROM (
+        SELECT id, message_key,
+            CASE WHEN next_attempt_at <= $1 THEN 1 ELSE 0 END AS ok
+        FROM {table} WHERE status = 'pending' AND id > $2 ORDER BY id LIMIT $3) p
+    UNION ALL
+    SELECT * FROM (
+        SELECT id, message_key,
+            CASE WHEN lease_until <= $4 AND attempts < max_attempts
+                THEN 1 ELSE 0 END AS ok
+        FROM {table} WHERE status = 'sending' AND id > $5 ORDER BY id LIMIT $6) s
+) AS w
+ORDER BY id
+LIMIT $7
+
+-- name: claim_lock
+-- The planned rows that are still claimable (SQLite has one writer at a time, so the plan
+-- holds; the re-check keeps one claim procedure for every database).
+-- now (pending due), now (lease expired), ids...
+SELECT id FROM {table}
+WHERE ((status = 'pending' AND next_attempt_at <= $1)
+    OR (status = 'sending' AND lease_until <= $2 AND attempts < max_attempts))
+  AND id IN ({ids})
+ORDER BY id
+
+-- name: claim_update
+-- The rows the claim keeps, locked by it: leased to the owner, one attempt more.
+-- lease_owner, lease_until, updated_at, ids...
 UPDATE {table}
-SET status = 'sending', lease_owner = ?, lease_until = ?, attempts = attempts + 1,
-    updated_at = ?
-WHERE id IN (
-    SELECT c.id FROM {table} c
-    WHERE c.status IN ('pending', 'sending')
-      AND ((c.status = 'pending' AND c.next_attempt_at <= ?)
-        OR (c.status = 'sending' AND c.lease_until <= ? AND c.attempts < c.max_attempts))
-      AND (c.message_key IS NULL OR NOT EXISTS (
-            SELECT 1 FROM {table} e
-            WHERE e.message_key = c.message_key AND e.id < c.id
-              AND e.status IN ('pending', 'sending')))
-    ORDER BY c.id
-    LIMIT ?)
+SET status = 'sending', lease_owner = $1, lease_until = $2, attempts = attempts + 1,
+    updated_at = $3
+WHERE id IN ({ids})
 RETURNING {columns}
 
 -- name: mark_published
