@@ -20,7 +20,7 @@ use contracts::{
     TokenStoreEventsHandler, samples,
 };
 use harness::{Harness, TestDb};
-use outbox_runtime::bus::{KafkaConfig, Outgoing};
+use outbox_runtime::bus::{KafkaBus, KafkaConfig, Outgoing};
 use outbox_runtime::consumer::{ConsumerConfig, Context};
 use outbox_runtime::envelope::{self, VersionFormat};
 use outbox_runtime::relay::RelayConfig;
@@ -68,6 +68,8 @@ e2e_on_every_backend!(
     a_failing_handler_in_a_batch_leaves_the_rest_of_it_applied_once,
     a_backlog_of_one_key_drains_without_waiting_for_the_poll,
     a_panicking_handler_is_retried_and_its_partition_goes_on,
+    an_oversized_event_goes_dead_and_its_keys_later_rows_follow_in_order,
+    a_failed_publish_holds_its_keys_later_rows_back_until_it_goes,
 );
 
 /// Records every handled event in the effects table, in the handler's transaction. Clones
@@ -1049,4 +1051,235 @@ async fn a_consumer_of_a_second_enum_of_a_service_is_refused() {
         ),
         "{err}"
     );
+}
+
+/// A relay of the task service alone, on its own producer.
+fn task_relay<DB: TestDb>(
+    w: &World<DB>,
+    kafka: KafkaConfig,
+) -> (outbox_runtime::relay::Relay<DB>, Arc<KafkaBus>) {
+    let bus = Arc::new(KafkaBus::new(kafka).unwrap());
+    let relay = outbox_runtime::relay::Relay::new(
+        w.h.outbox.clone(),
+        w.h.pool.clone(),
+        bus.clone(),
+        RelayConfig {
+            batch: 100,
+            ..RelayConfig::default()
+        },
+    )
+    .services(["task"]);
+    (relay, bus)
+}
+
+fn task_topic<DB: TestDb>(w: &World<DB>) -> String {
+    w.h.outbox.catalog().service("task").unwrap().topic.clone()
+}
+
+/// The event ids of the first `n` messages of `key` on `topic`, in the order the broker holds
+/// them (a key's messages share one partition), waiting at most 60 s.
+fn event_ids_on_the_broker(topic: &str, key: &str, n: usize) -> Vec<String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("order-check-{:08x}", fastrand::u32(..)))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..KafkaConfig::new(brokers()).partitions {
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} messages of key {key} arrived: {ids:?}",
+            ids.len()
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = message.unwrap();
+        if message.key() != Some(key.as_bytes()) {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+        ids.push(value["event_id"].as_str().unwrap().to_owned());
+    }
+    ids
+}
+
+async fn put_task<DB: TestDb>(w: &World<DB>, e: &TaskUrgencyPromoteRequested) -> Enqueued {
+    let mut tx = w.h.pool.begin().await.unwrap();
+    let done = w.h.outbox.enqueue(&mut *tx, e).await.unwrap();
+    tx.commit().await.unwrap();
+    done
+}
+
+async fn task_row<DB: TestDb>(w: &World<DB>, id: i64) -> outbox_runtime::store::OutboxRow {
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    w.h.outbox
+        .get(&mut conn, "task", id)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// Five events of key 5 (the third larger than the producer takes) and one of key 6 between.
+async fn a_key_with_an_oversized_event<DB: TestDb>(w: &World<DB>) -> (Vec<Enqueued>, Enqueued) {
+    let mut rows = Vec::new();
+    let mut other = None;
+    for i in 0..5u64 {
+        let mut e = samples::urgency(i);
+        e.user_id = 5;
+        if i == 2 {
+            // About 9 kB of ids against a 2 kB `message.max.bytes`.
+            e.task_ids = (0..500).map(|n| 1_000_000_000_000_000 + n).collect();
+            let mut o = samples::urgency(100);
+            o.user_id = 6;
+            other = Some(put_task(w, &o).await);
+        }
+        rows.push(put_task(w, &e).await);
+    }
+    (rows, other.unwrap())
+}
+
+// Per-key order through a failure, the classic case: an event larger than the producer takes.
+// It goes dead at once with its reason (no retry can send it), the rows of its key behind it in
+// the same batch are not sent but given back uncounted, and they go out after it, in order; a
+// row of another key in the batch is not held back.
+async fn an_oversized_event_goes_dead_and_its_keys_later_rows_follow_in_order<DB: TestDb>() {
+    let w = World::<DB>::new().await;
+    let (rows, other) = a_key_with_an_oversized_event(&w).await;
+    let (relay, bus) = task_relay(
+        &w,
+        KafkaConfig::new(brokers()).set("message.max.bytes", "2000"),
+    );
+    bus.ensure_topics(&[task_topic(&w)]).await.unwrap();
+    assert_eq!(relay.relay_once("task").await.unwrap(), 6);
+    let states: Vec<_> = row_states(&w, &rows).await;
+    assert_eq!(
+        states,
+        [
+            (Status::Published, 1, None),
+            (Status::Published, 1, None),
+            (Status::Dead, 1, Some("message_too_large".to_owned())),
+            (Status::Pending, 0, None),
+            (Status::Pending, 0, None),
+        ]
+    );
+    assert!(
+        task_row(&w, rows[2].id)
+            .await
+            .last_error
+            .unwrap()
+            .contains("too large"),
+        "the dead row names its reason"
+    );
+    assert_eq!(task_row(&w, other.id).await.status, Status::Published);
+    assert_eq!(relay.relay_once("task").await.unwrap(), 2);
+    for r in [&rows[3], &rows[4]] {
+        let r = task_row(&w, r.id).await;
+        assert_eq!((r.status, r.attempts), (Status::Published, 1));
+    }
+    let want: Vec<String> = [0, 1, 3, 4]
+        .iter()
+        .map(|&i| rows[i].event_id.clone())
+        .collect();
+    let topic = task_topic(&w);
+    let got = tokio::task::spawn_blocking(move || event_ids_on_the_broker(&topic, "5", 4))
+        .await
+        .unwrap();
+    assert_eq!(got, want);
+    w.cleanup().await;
+}
+
+// A publish that fails (here: the topic does not exist, and the broker does not create it) puts
+// its row back for a retry and its key's later rows of the batch back uncounted; while the
+// first waits for its retry no later row of its key is claimed; once the topic exists the key
+// goes out in id order.
+async fn a_failed_publish_holds_its_keys_later_rows_back_until_it_goes<DB: TestDb>() {
+    let w = World::<DB>::new().await;
+    let rows: Vec<Enqueued> = {
+        let mut rows = Vec::new();
+        for i in 0..4u64 {
+            let mut e = samples::urgency(i);
+            e.user_id = 5;
+            rows.push(put_task(&w, &e).await);
+        }
+        rows
+    };
+    let mut kafka = KafkaConfig::new(brokers());
+    kafka.publish_timeout = Duration::from_secs(1);
+    let (relay, bus) = task_relay(&w, kafka);
+    assert_eq!(relay.relay_once("task").await.unwrap(), 4);
+    let first = task_row(&w, rows[0].id).await;
+    assert_eq!((first.status, first.attempts), (Status::Pending, 1));
+    assert!(first.last_error.is_some());
+    for r in &rows[1..] {
+        let r = task_row(&w, r.id).await;
+        assert_eq!(
+            (r.status, r.attempts, r.last_error),
+            (Status::Pending, 0, None)
+        );
+    }
+    // The later rows are due, the first is not: nothing of the key may go.
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    let now = w.h.outbox.now_ms();
+    if first.next_attempt_at.unwrap() > now {
+        let claimed =
+            w.h.outbox
+                .claim(&mut conn, "task", "probe", 10, Duration::from_secs(1))
+                .await
+                .unwrap();
+        assert!(
+            claimed.is_empty() || claimed[0].id == rows[0].id,
+            "a later row of the key was claimed before the failed one: {claimed:?}"
+        );
+        if !claimed.is_empty() {
+            // The retry came due meanwhile: give the probe's claim back.
+            let ids: Vec<i64> = claimed.iter().map(|r| r.id).collect();
+            w.h.outbox
+                .release_leased(&mut conn, "task", "probe", &ids)
+                .await
+                .unwrap();
+        }
+    }
+    drop(conn);
+    bus.ensure_topics(&[task_topic(&w)]).await.unwrap();
+    // A new producer, so that the failed one's view of the missing topic plays no part.
+    let (relay, _bus) = task_relay(&w, KafkaConfig::new(brokers()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while w.count("task", Status::Published).await < 4 {
+        assert!(Instant::now() < deadline, "the key did not drain in 60 s");
+        if relay.relay_once("task").await.unwrap() == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let want: Vec<String> = rows.iter().map(|r| r.event_id.clone()).collect();
+    let topic = task_topic(&w);
+    let got = tokio::task::spawn_blocking(move || event_ids_on_the_broker(&topic, "5", 4))
+        .await
+        .unwrap();
+    assert_eq!(got, want);
+    w.cleanup().await;
+}
+
+/// `(status, attempts, dead_reason)` of each row.
+async fn row_states<DB: TestDb>(
+    w: &World<DB>,
+    rows: &[Enqueued],
+) -> Vec<(Status, i32, Option<String>)> {
+    let mut out = Vec::new();
+    for r in rows {
+        let r = task_row(w, r.id).await;
+        out.push((r.status, r.attempts, r.dead_reason));
+    }
+    out
 }
