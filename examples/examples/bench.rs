@@ -273,6 +273,38 @@ async fn drop_table<DB: Backend>(pool: &Pool<DB>, outbox: &Outbox<DB>) -> Result
     Ok(())
 }
 
+/// On PostgreSQL, what a table-mode scenario left in the task table: dead tuples (as the
+/// statistics report them) and its size with indexes. Elsewhere nothing.
+async fn table_cost<DB: Backend>(
+    pool: &Pool<DB>,
+    outbox: &Outbox<DB>,
+    scenario: &str,
+    o: &Options,
+) -> Result<(), BoxError> {
+    if o.backend != "postgres" || o.json {
+        return Ok(());
+    }
+    let table = &outbox.catalog().service("task").ok_or("no route")?.table;
+    let mut conn = pool.acquire().await?;
+    // Statistics reach the shared counters when each backend flushes them; the relay's
+    // connections are idle by now, so a moment's wait covers their last flush.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut one = async |sql: String| -> Result<i64, BoxError> {
+        let got = DB::fetch_ints(&mut conn, &sql, Vec::new()).await?;
+        Ok(got.first().copied().flatten().unwrap_or(0))
+    };
+    let dead = one(format!(
+        "SELECT COALESCE(MAX(n_dead_tup), 0) FROM pg_stat_user_tables WHERE relname = '{table}'"
+    ))
+    .await?;
+    let bytes = one(format!("SELECT pg_total_relation_size('{table}')")).await?;
+    println!(
+        "{scenario}: table {table}: {dead} dead tuples, {:.1} MB with indexes",
+        bytes as f64 / 1e6
+    );
+    Ok(())
+}
+
 fn event(n: u64) -> TaskUrgencyPromoteRequested {
     let mut e = samples::urgency(n);
     e.user_id = 1 + n % 1000;
@@ -410,6 +442,7 @@ async fn run<DB: Backend>(
             latencies_ms: Vec::new(),
             peak_rss_mb: None,
         });
+        table_cost(&pool, &outbox, "relay", o).await?;
         drop_table(&pool, &outbox).await?;
     }
 
@@ -442,6 +475,7 @@ async fn run<DB: Backend>(
             latencies_ms: lat,
             peak_rss_mb: None,
         });
+        table_cost(&pool, &outbox, "e2e", o).await?;
         drop_table(&pool, &outbox).await?;
     }
 
@@ -487,26 +521,39 @@ async fn run<DB: Backend>(
 
     // relay_backlog: a large backlog, drained by one relay; its memory must not grow with it.
     // The mock cluster keeps every message in this process, and past a few hundred thousand it,
-    // not the relay, sets the pace; a real broker takes the full million.
+    // not the relay, sets the pace; a real broker takes the full million. Then the same backlog
+    // on 10 keys and on 1 key (hot keys: per-key order must not cost the rate), and a tenth of
+    // it on 1 key (the cost must grow with the backlog, not with its square).
     let backlog = o
         .backlog
         .unwrap_or(if mock.is_some() { 200_000 } else { 1_000_000 });
-    if backlog > 0 && o.runs("relay_backlog") {
+    let shapes: [(&'static str, usize, usize); 4] = [
+        ("relay_backlog", backlog, 1000),
+        ("backlog_10_keys", backlog, 10),
+        ("backlog_1_key", backlog, 1),
+        ("backlog_1_key/10", backlog / 10, 1),
+    ];
+    let mut secs_of = std::collections::HashMap::new();
+    for (scenario, size, keys) in shapes {
+        if size == 0 || !(o.runs("relay_backlog") || o.runs(scenario)) {
+            continue;
+        }
         let outbox = fresh(&pool, "m", mock, &bus).await?;
-        fill(&pool, &outbox, backlog, o.backend == "mysql").await?;
+        fill(&pool, &outbox, size, keys, o.backend == "mysql").await?;
         let before = rss_mb();
         reset_peak_rss();
-        let secs = drain(&pool, &outbox, &bus, backlog, Duration::from_secs(1)).await?;
+        let secs = drain(&pool, &outbox, &bus, size, Duration::from_secs(1)).await?;
+        secs_of.insert(scenario, secs);
         rows.push(Row {
-            scenario: "relay_backlog",
-            events_per_sec: backlog as f64 / secs,
+            scenario,
+            events_per_sec: size as f64 / secs,
             latencies_ms: Vec::new(),
             peak_rss_mb: Some(peak_rss_mb()),
         });
         if !o.json {
             println!(
-                "relay_backlog: {} rows; resident {before:.0} MB before the relay started{}",
-                backlog,
+                "{scenario}: {size} rows on {keys} keys in {secs:.1} s; resident {before:.0} MB \
+                 before the relay started{}",
                 if mock.is_some() {
                     "; the peak includes the in-process mock broker holding every message"
                 } else {
@@ -514,7 +561,18 @@ async fn run<DB: Backend>(
                 }
             );
         }
+        table_cost(&pool, &outbox, scenario, o).await?;
         drop_table(&pool, &outbox).await?;
+    }
+    if let (Some(big), Some(small)) = (
+        secs_of.get("backlog_1_key"),
+        secs_of.get("backlog_1_key/10"),
+    ) && !o.json
+    {
+        println!(
+            "1 key: 10x the backlog took {:.1}x the time (target: at most 12x)",
+            big / small
+        );
     }
     Ok(rows)
 }
@@ -630,6 +688,7 @@ async fn fill<DB: Backend>(
     pool: &Pool<DB>,
     outbox: &Outbox<DB>,
     n: usize,
+    keys: usize,
     mysql: bool,
 ) -> Result<(), BoxError> {
     let route = outbox
@@ -674,7 +733,7 @@ async fn fill<DB: Backend>(
         };
         let mut args = Vec::with_capacity(chunk.len() * 4);
         for i in chunk {
-            let key = (1 + i % 1000).to_string();
+            let key = (1 + i % keys.max(1)).to_string();
             args.push(Arg::Str(format!("backlog-{i}")));
             args.push(Arg::Str(key.clone()));
             args.push(Arg::Str(key.clone()));
