@@ -682,22 +682,15 @@ impl ClaimPlan {
     }
 
     /// The planned rows to lease, given those the claim `locked`: each key's planned rows up to
-    /// its first one not locked (taken by another claimer since the plan was read).
+    /// its first one not locked (taken by another claimer since the plan was read). The same
+    /// rule as the plan's, with "locked" for "claimable".
     fn keep(self, locked: &HashSet<i64>) -> Vec<i64> {
-        let mut stopped = HashSet::new();
-        let mut out = Vec::with_capacity(self.rows.len());
+        let mut kept = ClaimPlan::new(self.rows.len());
         for (id, key) in self.rows {
-            match key {
-                None if locked.contains(&id) => out.push(id),
-                None => {}
-                Some(key) if stopped.contains(&key) => {}
-                Some(_) if locked.contains(&id) => out.push(id),
-                Some(key) => {
-                    stopped.insert(key);
-                }
-            }
+            let claimable = locked.contains(&id);
+            kept.offer(WindowRow { id, key, claimable });
         }
-        out
+        kept.ids()
     }
 }
 
@@ -1659,6 +1652,44 @@ struct Prepared {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn window(id: i64, key: Option<&str>, claimable: bool) -> WindowRow {
+        WindowRow {
+            id,
+            key: key.map(str::to_owned),
+            claimable,
+        }
+    }
+
+    #[test]
+    fn a_plan_takes_each_keys_run_up_to_its_first_row_that_cannot_go() {
+        let mut plan = ClaimPlan::new(10);
+        for row in [
+            window(1, Some("a"), true),
+            window(2, Some("b"), false),
+            window(3, Some("a"), true),
+            window(4, Some("b"), true),
+            window(5, None, false),
+            window(6, None, true),
+            window(7, Some("a"), false),
+            window(8, Some("a"), true),
+        ] {
+            assert!(plan.offer(row));
+        }
+        assert_eq!(plan.ids(), [1, 3, 6]);
+        // Row 1 was taken by another claimer meanwhile: key a keeps nothing after it.
+        let locked: HashSet<i64> = [3, 6].into();
+        assert_eq!(plan.keep(&locked), [6]);
+    }
+
+    #[test]
+    fn a_full_plan_takes_no_more_and_cuts_runs_as_prefixes() {
+        let mut plan = ClaimPlan::new(2);
+        assert!(plan.offer(window(1, Some("a"), true)));
+        assert!(!plan.offer(window(2, Some("a"), true)));
+        assert!(!plan.offer(window(3, Some("b"), true)));
+        assert_eq!(plan.ids(), [1, 2]);
+    }
 
     #[test]
     fn truncation_never_splits_a_character() {

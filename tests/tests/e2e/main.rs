@@ -1115,6 +1115,17 @@ fn event_ids_on_the_broker(topic: &str, key: &str, n: usize) -> Vec<String> {
     ids
 }
 
+/// Asserts that the task topic holds `want`, and only those, as the messages of `key`, in
+/// that order.
+async fn assert_key_order_on_the_broker<DB: TestDb>(w: &World<DB>, key: &str, want: &[&Enqueued]) {
+    let (topic, key, n) = (task_topic(w), key.to_owned(), want.len());
+    let got = tokio::task::spawn_blocking(move || event_ids_on_the_broker(&topic, &key, n))
+        .await
+        .unwrap();
+    let want: Vec<&str> = want.iter().map(|e| e.event_id.as_str()).collect();
+    assert_eq!(got, want);
+}
+
 async fn put_task<DB: TestDb>(w: &World<DB>, e: &TaskUrgencyPromoteRequested) -> Enqueued {
     let mut tx = w.h.pool.begin().await.unwrap();
     let done = w.h.outbox.enqueue(&mut *tx, e).await.unwrap();
@@ -1188,15 +1199,8 @@ async fn an_oversized_event_goes_dead_and_its_keys_later_rows_follow_in_order<DB
         let r = task_row(&w, r.id).await;
         assert_eq!((r.status, r.attempts), (Status::Published, 1));
     }
-    let want: Vec<String> = [0, 1, 3, 4]
-        .iter()
-        .map(|&i| rows[i].event_id.clone())
-        .collect();
-    let topic = task_topic(&w);
-    let got = tokio::task::spawn_blocking(move || event_ids_on_the_broker(&topic, "5", 4))
-        .await
-        .unwrap();
-    assert_eq!(got, want);
+    let want: Vec<&Enqueued> = [0, 1, 3, 4].iter().map(|&i| &rows[i]).collect();
+    assert_key_order_on_the_broker(&w, "5", &want).await;
     w.cleanup().await;
 }
 
@@ -1262,12 +1266,7 @@ async fn a_failed_publish_holds_its_keys_later_rows_back_until_it_goes<DB: TestD
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let want: Vec<String> = rows.iter().map(|r| r.event_id.clone()).collect();
-    let topic = task_topic(&w);
-    let got = tokio::task::spawn_blocking(move || event_ids_on_the_broker(&topic, "5", 4))
-        .await
-        .unwrap();
-    assert_eq!(got, want);
+    assert_key_order_on_the_broker(&w, "5", &rows.iter().collect::<Vec<_>>()).await;
     w.cleanup().await;
 }
 
