@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outbox_runtime::Outbox;
-use outbox_runtime::bus::KafkaBus;
+use outbox_runtime::bus::{KafkaBus, Publish as _};
 use outbox_runtime::sqlx::{self, Pool};
 
 use crate::BoxError;
@@ -664,8 +664,7 @@ fn kafka_positions(brokers: &str, group: &str, topic: &str) -> String {
 }
 
 async fn create_topic(brokers: &str, topic: &str) -> Result<(), BoxError> {
-    let mut config = world::kafka(brokers);
-    config.topic_timeout = Duration::from_secs(15);
+    let config = world::kafka(brokers).topic_timeout(Duration::from_secs(15));
     KafkaBus::new(config)?
         .ensure_topics(&[topic.to_owned()])
         .await?;

@@ -9,9 +9,8 @@ use std::time::Duration;
 
 use outbox_runtime::consumer::{ConsumerConfig, Context};
 use outbox_runtime::relay::RelayConfig;
-use outbox_runtime::runtime::Runtime;
 use outbox_runtime::store::{Arg, Backend};
-use outbox_runtime::{HandlerError, Outbox};
+use outbox_runtime::{Engine, HandlerError, Outbox};
 
 use crate::BoxError;
 use crate::contract::{ChaosEvents, ChaosEventsHandler, TickRecorded};
@@ -94,14 +93,15 @@ pub(crate) async fn relay<DB: ChaosDb>(args: RoleArgs) -> Result<(), BoxError> {
         .config(world::store_config(world::HEALTHY_MAX_ATTEMPTS))
         .build();
     let kafka = world::relay_kafka(&args.brokers, args.idempotent);
-    let running = Runtime::builder(outbox, pool, kafka)?
-        .relay(RelayConfig {
-            owner: format!("chaos-relay-{}-{}", args.index, std::process::id()),
-            batch: 200,
-            lease: world::LEASE,
-            poll_interval: Duration::from_millis(200),
-            ..RelayConfig::default()
-        })
+    let running = Engine::builder(pool, kafka)
+        .outbox(outbox)
+        .relay(
+            RelayConfig::default()
+                .owner(format!("chaos-relay-{}-{}", args.index, std::process::id()))
+                .batch(200)
+                .lease(world::LEASE)
+                .poll_interval(Duration::from_millis(200)),
+        )
         .start()
         .await?;
     mark_ready(&args)?;
@@ -121,14 +121,9 @@ pub(crate) async fn consumer<DB: ChaosDb>(args: RoleArgs) -> Result<(), BoxError
         effects: names.effects.clone(),
         name: format!("consumer-{}-{}", args.index, std::process::id()),
     };
-    let running = Runtime::builder(outbox, pool, world::kafka(&args.brokers))?
-        .consumer::<ChaosEvents, _>(
-            applier,
-            ConsumerConfig {
-                workers: 3,
-                ..ConsumerConfig::default()
-            },
-        )?
+    let running = Engine::builder(pool, world::kafka(&args.brokers))
+        .outbox(outbox)
+        .consumer_with::<ChaosEvents, _>(applier, ConsumerConfig::default().workers(3))
         .start()
         .await?;
     let mut stop = std::pin::pin!(stop);

@@ -24,15 +24,14 @@ use std::time::{Duration, Instant};
 
 use contracts::task::TaskUrgencyPromoteRequested;
 use contracts::{TaskEvents, TaskEventsHandler, samples};
-use outbox_runtime::bus::{KafkaBus, KafkaConfig, Outgoing};
-use outbox_runtime::consumer::{ConsumerConfig, Context};
+use outbox_runtime::bus::{KafkaBus, KafkaConfig, Outgoing, Publish};
+use outbox_runtime::consumer::Context;
 use outbox_runtime::envelope::{self, VersionFormat};
 use outbox_runtime::relay::{Relay, RelayConfig, Shutdown};
 use outbox_runtime::route::RouteOverride;
-use outbox_runtime::runtime::Runtime;
 use outbox_runtime::sqlx::{self, Pool};
 use outbox_runtime::store::{Arg, Backend};
-use outbox_runtime::{Catalog, HandlerError, Outbox, RouteConfig, Status};
+use outbox_runtime::{Catalog, Engine, HandlerError, Outbox, RouteConfig, Status};
 use rdkafka::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 
@@ -319,7 +318,10 @@ async fn run<DB: Backend>(
 ) -> Result<Vec<Row>, BoxError> {
     let mut rows = Vec::new();
     let n = o.events;
-    let bus = Arc::new(KafkaBus::new(KafkaConfig::new(brokers))?);
+    // The mock cluster makes its topics through its own API (`fresh`), not the admin API.
+    let bus = Arc::new(KafkaBus::new(
+        KafkaConfig::new(brokers).create_topics(mock.is_none()),
+    )?);
 
     // raw_produce
     if o.runs("raw_produce") {
@@ -449,17 +451,12 @@ async fn run<DB: Backend>(
     // e2e
     if o.runs("e2e") {
         let outbox = fresh(&pool, "e", mock, &bus).await?;
-        let mut builder =
-            Runtime::builder(outbox.clone(), pool.clone(), KafkaConfig::new(brokers))?
-                .relay(RelayConfig {
-                    poll_interval: Duration::from_millis(50),
-                    ..RelayConfig::default()
-                })
-                .consumer::<TaskEvents, _>(Counter, ConsumerConfig::default())?;
-        if mock.is_some() {
-            builder = builder.skip_topic_creation();
-        }
-        let running = builder.start().await?;
+        let running = Engine::builder(pool.clone(), bus.clone())
+            .outbox(outbox.clone())
+            .relay(RelayConfig::default().poll_interval(Duration::from_millis(50)))
+            .consumer::<TaskEvents, _>(Counter)
+            .start()
+            .await?;
         if !running.ready(Duration::from_secs(60)).await {
             return Err("the consumer did not join its group".into());
         }

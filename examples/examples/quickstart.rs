@@ -22,13 +22,10 @@ use contracts::{
     NotificationEvents, NotificationEventsHandler, TaskEvents, TaskEventsHandler, TokenStoreEvents,
     TokenStoreEventsHandler, samples,
 };
-use outbox_runtime::bus::KafkaConfig;
-use outbox_runtime::consumer::{ConsumerConfig, Context};
-use outbox_runtime::relay::RelayConfig;
-use outbox_runtime::runtime::Runtime;
 use outbox_runtime::sqlx::{self, Pool};
 use outbox_runtime::store::{Arg, Backend, StoreConfig};
 use outbox_runtime::{Catalog, HandlerError, Outbox, RouteConfig, Status};
+use outbox_runtime::{ConsumerConfig, Context, Engine, KafkaConfig, RelayConfig};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -151,9 +148,10 @@ fn options() -> Result<Options, BoxError> {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let o = options()?;
-    // The mock cluster lives as long as this binding.
-    let (brokers, mock) = examples::brokers(o.brokers.as_deref())?;
-    let mock = mock.as_ref();
+    let (kafka, brokers) = match o.brokers.as_deref() {
+        Some(b) => (KafkaConfig::new(b), b),
+        None => (KafkaConfig::mock(), "rdkafka's mock cluster"),
+    };
     // The embedded default: a SQLite file, removed at the end.
     let default_db =
         std::env::temp_dir().join(format!("outbox-quickstart-{}.db", std::process::id()));
@@ -170,18 +168,18 @@ async fn main() -> Result<(), BoxError> {
             .max_connections(16)
             .connect(&url)
             .await?;
-        run(pool, &brokers, mock, o.events).await
+        run(pool, kafka.clone(), o.events).await
     } else if url.starts_with("mysql") {
         let pool = sqlx::mysql::MySqlPoolOptions::new()
             .max_connections(16)
             .connect(&url)
             .await?;
-        run(pool, &brokers, mock, o.events).await
+        run(pool, kafka.clone(), o.events).await
     } else if url.starts_with("sqlite") {
         use std::str::FromStr;
         let pool =
             examples::sqlite_pool(sqlx::sqlite::SqliteConnectOptions::from_str(&url)?).await?;
-        let result = run(pool, &brokers, mock, o.events).await;
+        let result = run(pool, kafka.clone(), o.events).await;
         if o.database_url.is_none() {
             examples::remove_sqlite(&default_db);
         }
@@ -191,12 +189,9 @@ async fn main() -> Result<(), BoxError> {
     }
 }
 
-/// `mock` is the mock cluster when the quickstart runs on it: it does not serve the admin API,
-/// so the quickstart creates the topics on it directly.
 async fn run<DB: Backend>(
     pool: Pool<DB>,
-    brokers: &str,
-    mock: Option<&examples::Mock>,
+    kafka: KafkaConfig,
     total: usize,
 ) -> Result<(), BoxError> {
     let run_id = format!("{:06x}", fastrand::u32(..1 << 24));
@@ -240,31 +235,21 @@ async fn run<DB: Backend>(
         .await?;
     }
 
-    let consumers = ConsumerConfig {
-        dlq: true,
-        ..ConsumerConfig::default()
-    };
-    let mut builder = Runtime::builder(outbox.clone(), pool.clone(), KafkaConfig::new(brokers))?
-        .relay(RelayConfig {
-            poll_interval: Duration::from_millis(200),
-            ..RelayConfig::default()
-        })
-        .consumer::<NotificationEvents, _>(
+    let consumers = ConsumerConfig::default().dlq(true);
+    let joining = Instant::now();
+    let running = Engine::builder(pool.clone(), kafka)
+        .outbox(outbox.clone())
+        .relay(RelayConfig::default().poll_interval(Duration::from_millis(200)))
+        .consumer_with::<NotificationEvents, _>(
             Notifier {
                 flaky_failures: AtomicU32::new(0),
             },
             consumers.clone(),
-        )?
-        .consumer::<TaskEvents, _>(Tasks, consumers.clone())?
-        .consumer::<TokenStoreEvents, _>(Ledger, consumers)?;
-    if let Some(mock) = mock {
-        for topic in builder.topics() {
-            mock.create_topic(&topic, 3, 1)?;
-        }
-        builder = builder.skip_topic_creation();
-    }
-    let joining = Instant::now();
-    let running = builder.start().await?;
+        )
+        .consumer_with::<TaskEvents, _>(Tasks, consumers.clone())
+        .consumer_with::<TokenStoreEvents, _>(Ledger, consumers)
+        .start()
+        .await?;
     if !running.ready(Duration::from_secs(30)).await {
         return Err("the consumers did not join their groups within 30 s".into());
     }

@@ -24,10 +24,9 @@ use clap::{Args, Parser, Subcommand};
 use outbox_runtime::bus::KafkaConfig;
 use outbox_runtime::relay::RelayConfig;
 use outbox_runtime::route::RouteOverride;
-use outbox_runtime::runtime::Runtime;
 use outbox_runtime::sqlx::{self, Pool};
 use outbox_runtime::store::{Backend, OutboxRow};
-use outbox_runtime::{Catalog, Outbox, RouteConfig, Status};
+use outbox_runtime::{Catalog, Engine, Outbox, RouteConfig, Status};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -247,10 +246,11 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
             .await?;
         with_pool(cli, config, pool).await
     } else {
-        Err(
-            format!("unsupported database URL `{url}`: use postgres://, mysql:// or sqlite://")
-                .into(),
+        Err(format!(
+            "unsupported database URL `{}`: use postgres://, mysql:// or sqlite://",
+            redact_url(&url)
         )
+        .into())
     }
 }
 
@@ -598,58 +598,80 @@ async fn relay<DB: Backend>(
     for (k, v) in &config.kafka {
         kafka = kafka.set(k, v);
     }
-    for (key, value, field) in [
-        (
-            "topic_partitions",
-            config.relay.topic_partitions,
-            &mut kafka.partitions,
-        ),
-        (
-            "topic_replication",
-            config.relay.topic_replication,
-            &mut kafka.replication,
-        ),
+    for (key, value) in [
+        ("topic_partitions", config.relay.topic_partitions),
+        ("topic_replication", config.relay.topic_replication),
     ] {
-        match value {
-            Some(n) if n < 1 => {
-                return Err(format!("relay.{key} must be at least 1, not {n}").into());
-            }
-            Some(n) => *field = n,
-            None => {}
+        if let Some(n) = value.filter(|n| *n < 1) {
+            return Err(format!("relay.{key} must be at least 1, not {n}").into());
         }
     }
-    let defaults = RelayConfig::default();
-    let relay = RelayConfig {
-        batch: config.relay.batch.unwrap_or(defaults.batch),
-        lease: config
-            .relay
-            .lease_secs
-            .map_or(defaults.lease, Duration::from_secs),
-        poll_interval: config
-            .relay
-            .poll_ms
-            .map_or(defaults.poll_interval, Duration::from_millis),
-        ..defaults
-    };
+    if let Some(n) = config.relay.topic_partitions {
+        kafka = kafka.partitions(n);
+    }
+    if let Some(n) = config.relay.topic_replication {
+        kafka = kafka.replication(n);
+    }
+    let mut relay = RelayConfig::default();
+    if let Some(batch) = config.relay.batch {
+        relay = relay.batch(batch);
+    }
+    if let Some(secs) = config.relay.lease_secs {
+        relay = relay.lease(Duration::from_secs(secs));
+    }
+    if let Some(ms) = config.relay.poll_ms {
+        relay = relay.poll_interval(Duration::from_millis(ms));
+    }
     let services: Vec<String> = outbox
         .catalog()
         .services()
         .map(|r| r.service.clone())
         .collect();
-    let running = Runtime::builder(outbox, pool, kafka)?
-        .relay(relay)
-        .start()
-        .await?;
-    eprintln!("outbox: relaying {}", services.join(", "));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    eprintln!("outbox: stopping; finishing the batch in flight");
-    running.shutdown().await?;
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        eprintln!("outbox: stopping; finishing the batch in flight");
+    };
+    eprintln!("outbox: relaying {}", services.join(", "));
+    // Runs until SIGTERM or Ctrl-C, or until the relay fails: then the error is the exit.
+    Engine::builder(pool, kafka)
+        .outbox(outbox)
+        .relay(relay)
+        .run(stop)
+        .await?;
     eprintln!("outbox: stopped");
     Ok(())
+}
+
+/// `url` with its password (in the authority or a `password=` parameter) replaced by `***`, for
+/// messages.
+fn redact_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = scheme_end + 3;
+        let authority_end = out[rest..].find(['/', '?']).map_or(out.len(), |i| rest + i);
+        if let Some(at) = out[rest..authority_end].rfind('@') {
+            let userinfo = &out[rest..rest + at];
+            if let Some(colon) = userinfo.find(':') {
+                out.replace_range(rest + colon + 1..rest + at, "***");
+            }
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => kv.to_owned(),
+            })
+            .collect();
+        out = format!("{head}{}", query.join("&"));
+    }
+    out
 }
 
 fn schema_check(base: &PathBuf, head: &PathBuf, json_out: bool) -> Result<(), BoxError> {
@@ -680,5 +702,28 @@ fn schema_check(base: &PathBuf, head: &PathBuf, json_out: bool) -> Result<(), Bo
             breaks.len()
         )
         .into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn database_urls_lose_their_passwords_in_messages() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/app?sslmode=require"),
+            "postgres://app:***@db:5432/app?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("mysql://root@127.0.0.1/test?password=hunter2&x=1"),
+            "mysql://root@127.0.0.1/test?password=***&x=1"
+        );
+        assert_eq!(redact_url("sqlite://app.db"), "sqlite://app.db");
+        assert_eq!(
+            redact_url("oracle://u:p@w:rd@h/db"),
+            "oracle://u:***@h/db",
+            "the last @ ends the user info"
+        );
     }
 }

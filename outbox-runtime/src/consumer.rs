@@ -18,8 +18,6 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
-use rdkafka::message::{Headers, Message, OwnedMessage};
 use sqlx::Pool;
 use tokio::sync::mpsc;
 
@@ -27,7 +25,7 @@ use outbox_contract::envelope::{self, Envelope};
 use outbox_contract::route::ServiceRoute;
 use outbox_contract::service::{Dispatch, HandlerError, OutboxService};
 
-use crate::bus::{KafkaBus, KafkaConfig, Outgoing};
+use crate::bus::{Bus, Outgoing, Publish, Receive, Received};
 use crate::error::Error;
 use crate::relay::Shutdown;
 use crate::store::{Backend, Outbox, Transition};
@@ -106,21 +104,43 @@ pub enum Dedupe {
     Inbox,
 }
 
-/// Consumer settings.
+/// Consumer settings: start from [`ConsumerConfig::default`] and change what you need.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
-    /// Partitions handled at once.
-    pub workers: usize,
-    /// Also send dead-lettered messages to `<topic>.dlq`.
-    pub dlq: bool,
-    /// Where applied events are recorded.
-    pub dedupe: Dedupe,
+    pub(crate) workers: usize,
+    pub(crate) dlq: bool,
+    pub(crate) dedupe: Dedupe,
+    pub(crate) batch: usize,
+}
+
+impl ConsumerConfig {
+    /// Partitions handled at once (4).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers.max(1);
+        self
+    }
+
+    /// Also send dead-lettered messages to `<topic>.dlq` (off).
+    pub fn dlq(mut self, dlq: bool) -> Self {
+        self.dlq = dlq;
+        self
+    }
+
+    /// Where applied events are recorded ([`Dedupe::OutboxRow`]).
+    pub fn dedupe(mut self, dedupe: Dedupe) -> Self {
+        self.dedupe = dedupe;
+        self
+    }
+
     /// At most this many messages already received for a worker's partitions are applied in
-    /// one transaction. When any handler in it fails, the transaction rolls back and its
+    /// one transaction (100). When any handler in it fails, the transaction rolls back and its
     /// messages are applied one at a time, so a failure touches only its own message; a
     /// handler's effects outside the database may then happen twice (they are at least once
     /// anyway). 1 turns batching off.
-    pub batch: usize,
+    pub fn batch(mut self, batch: usize) -> Self {
+        self.batch = batch.max(1);
+        self
+    }
 }
 
 impl Default for ConsumerConfig {
@@ -134,14 +154,13 @@ impl Default for ConsumerConfig {
     }
 }
 
-/// The consumer of one service: `S` its events, `H` its handler.
-pub struct Consumer<DB: Backend, S, H> {
-    inner: Arc<Inner<DB, H>>,
-    kafka: KafkaConfig,
+/// The consumer of one service: `S` its events, `H` its handler, on bus `B`.
+pub struct Consumer<DB: Backend, S, H, B: Bus> {
+    inner: Arc<Inner<DB, H, B>>,
     _s: PhantomData<fn() -> S>,
 }
 
-impl<DB: Backend, S, H> std::fmt::Debug for Consumer<DB, S, H> {
+impl<DB: Backend, S, H, B: Bus> std::fmt::Debug for Consumer<DB, S, H, B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Consumer")
             .field("route", &self.inner.route)
@@ -149,13 +168,13 @@ impl<DB: Backend, S, H> std::fmt::Debug for Consumer<DB, S, H> {
     }
 }
 
-struct Inner<DB: Backend, H> {
+struct Inner<DB: Backend, H, B: Bus> {
     outbox: Outbox<DB>,
     pool: Pool<DB>,
     handler: H,
     route: ServiceRoute,
     config: ConsumerConfig,
-    bus: Arc<KafkaBus>,
+    bus: Arc<B>,
 }
 
 /// What became of one message.
@@ -168,11 +187,12 @@ enum Outcome {
     RetryInPlace,
 }
 
-impl<DB, S, H> Consumer<DB, S, H>
+impl<DB, S, H, B> Consumer<DB, S, H, B>
 where
     DB: Backend,
     S: OutboxService + Dispatch<H, Context<DB>>,
     H: Send + Sync + 'static,
+    B: Bus,
 {
     /// A consumer of service `S`; the outbox's catalog gives its topic and group.
     ///
@@ -181,7 +201,7 @@ where
     pub fn new(
         outbox: Outbox<DB>,
         pool: Pool<DB>,
-        bus: Arc<KafkaBus>,
+        bus: Arc<B>,
         handler: H,
         config: ConsumerConfig,
     ) -> Result<Self, Error> {
@@ -193,7 +213,6 @@ where
             .ok_or_else(|| Error::UnknownService {
                 service: S::SERVICE.to_owned(),
             })?;
-        let kafka = bus.config().clone();
         Ok(Self {
             inner: Arc::new(Inner {
                 outbox,
@@ -203,7 +222,6 @@ where
                 config,
                 bus,
             }),
-            kafka,
             _s: PhantomData,
         })
     }
@@ -228,28 +246,18 @@ where
         mut shutdown: Shutdown,
         ready: Option<Arc<Ready>>,
     ) -> Result<(), Error> {
-        let consumer: Arc<StreamConsumer> = Arc::new(
-            self.kafka
-                .client(&[
-                    ("group.id", &self.inner.route.group),
-                    ("enable.auto.commit", "true"),
-                    ("auto.commit.interval.ms", "500"),
-                    ("enable.auto.offset.store", "false"),
-                    ("auto.offset.reset", "earliest"),
-                    // An outbox consumer favours latency: some Kafka-protocol brokers (tansu)
-                    // hold a fetch for the whole wait even when data is there.
-                    ("fetch.wait.max.ms", "100"),
-                ])
-                .create()?,
+        let receiver = Arc::new(
+            self.inner
+                .bus
+                .receiver(&self.inner.route.group, &[self.inner.route.topic.clone()])?,
         );
-        consumer.subscribe(&[&self.inner.route.topic])?;
         if let Some(ready) = ready {
-            let (consumer, shutdown) = (consumer.clone(), shutdown.clone());
+            let (receiver, shutdown) = (receiver.clone(), shutdown.clone());
             tokio::spawn(async move {
                 // Joining a group takes a rebalance; poll until partitions arrive (or the
                 // consumer stops first).
                 while !shutdown.is_triggered() {
-                    if consumer.assignment().is_ok_and(|a| a.count() > 0) {
+                    if receiver.assigned() > 0 {
                         ready.arrive();
                         return;
                     }
@@ -261,10 +269,10 @@ where
         let mut senders = Vec::with_capacity(workers);
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..workers {
-            let (tx, mut rx) = mpsc::channel::<OwnedMessage>(64);
+            let (tx, mut rx) = mpsc::channel::<Received>(64);
             senders.push(tx);
-            let (inner, consumer, shutdown) =
-                (self.inner.clone(), consumer.clone(), shutdown.clone());
+            let (inner, receiver, shutdown) =
+                (self.inner.clone(), receiver.clone(), shutdown.clone());
             tasks.spawn(async move {
                 // Partitions with a message left unsettled (the consumer stopped while the
                 // database was failing): no later offset of theirs may be stored, or the commit
@@ -280,59 +288,80 @@ where
                             Err(_) => break,
                         }
                     }
-                    Inner::<DB, H>::handle_batch::<S>(
-                        &inner,
-                        std::mem::take(&mut batch),
-                        &shutdown,
-                        &mut unsettled,
-                        &consumer,
-                    )
-                    .await;
+                    inner
+                        .handle_batch::<S>(
+                            std::mem::take(&mut batch),
+                            &shutdown,
+                            &mut unsettled,
+                            &*receiver,
+                        )
+                        .await;
                 }
             });
         }
+        let mut failed = None;
         loop {
             tokio::select! {
-                msg = consumer.recv() => match msg {
+                msg = receiver.recv() => match msg {
                     Ok(m) => {
-                        let worker = usize::try_from(m.partition()).unwrap_or(0) % workers;
-                        if senders[worker].send(m.detach()).await.is_err() {
+                        let worker = usize::try_from(m.partition).unwrap_or(0) % workers;
+                        if senders[worker].send(m).await.is_err() {
+                            // The worker is gone: it panicked outside a handler.
                             break;
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "kafka receive failed");
+                        tracing::warn!(error = %e, "receive failed");
                         tokio::time::sleep(Duration::from_millis(300)).await;
                     }
                 },
+                Some(done) = tasks.join_next() => {
+                    // A worker ends only when its channel closes, which has not happened yet.
+                    let why = match done {
+                        Err(e) => e.to_string(),
+                        Ok(()) => "it returned".to_owned(),
+                    };
+                    failed = Some(Error::Task(format!(
+                        "a worker of the `{}` consumer stopped: {why}",
+                        self.inner.route.service
+                    )));
+                    break;
+                }
                 _ = shutdown.wait() => break,
             }
         }
         drop(senders);
-        while tasks.join_next().await.is_some() {}
-        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        while let Some(done) = tasks.join_next().await {
+            if let Err(e) = done {
+                failed.get_or_insert(Error::Task(format!(
+                    "a worker of the `{}` consumer panicked: {e}",
+                    self.inner.route.service
+                )));
+            }
+        }
+        if let Err(e) = receiver.commit().await {
             tracing::debug!(error = %e, "final offset commit");
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 }
 
-impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
+impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
     /// Handles a worker's batch in order: runs of messages that decode to this service's events
     /// are applied together in one transaction, the rest (and a run whose transaction failed)
     /// one at a time. Stores each settled message's offset.
     async fn handle_batch<S>(
         self: &Arc<Self>,
-        batch: Vec<OwnedMessage>,
+        batch: Vec<Received>,
         shutdown: &Shutdown,
         unsettled: &mut HashSet<(String, i32)>,
-        consumer: &StreamConsumer,
+        receiver: &B::Receiver,
     ) where
         S: OutboxService + Dispatch<H, Context<DB>>,
     {
-        let mut run: Vec<(OwnedMessage, Decoded<S>)> = Vec::new();
+        let mut run: Vec<(Received, Decoded<S>)> = Vec::new();
         for msg in batch {
-            if unsettled.contains(&(msg.topic().to_owned(), msg.partition())) {
+            if unsettled.contains(&(msg.topic.clone(), msg.partition)) {
                 continue;
             }
             match self.decode::<S>(&msg) {
@@ -341,19 +370,19 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
                     run.push((msg, Decoded { env, event, trace }));
                 }
                 None => {
-                    self.flush::<S>(std::mem::take(&mut run), shutdown, unsettled, consumer)
+                    self.flush::<S>(std::mem::take(&mut run), shutdown, unsettled, receiver)
                         .await;
-                    self.settle::<S>(&msg, shutdown, unsettled, consumer).await;
+                    self.settle::<S>(&msg, shutdown, unsettled, receiver).await;
                 }
             }
         }
-        self.flush::<S>(run, shutdown, unsettled, consumer).await;
+        self.flush::<S>(run, shutdown, unsettled, receiver).await;
     }
 
     /// The envelope and event of a message this service applies; `None` for anything that
     /// takes the one-at-a-time path (not an envelope, another service's, rejected).
-    fn decode<S: OutboxService>(&self, msg: &OwnedMessage) -> Option<(Envelope, S)> {
-        let env = envelope::decode(msg.payload()?).ok()?;
+    fn decode<S: OutboxService>(&self, msg: &Received) -> Option<(Envelope, S)> {
+        let env = envelope::decode(msg.payload.as_deref()?).ok()?;
         if env.service.as_deref().is_some_and(|o| o != S::SERVICE) {
             return None;
         }
@@ -364,22 +393,22 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
     /// Applies a run of decoded messages in one transaction, or one at a time when that fails.
     async fn flush<S>(
         self: &Arc<Self>,
-        run: Vec<(OwnedMessage, Decoded<S>)>,
+        run: Vec<(Received, Decoded<S>)>,
         shutdown: &Shutdown,
         unsettled: &mut HashSet<(String, i32)>,
-        consumer: &StreamConsumer,
+        receiver: &B::Receiver,
     ) where
         S: OutboxService + Dispatch<H, Context<DB>>,
     {
         if run.is_empty() {
             return;
         }
-        let (msgs, run): (Vec<OwnedMessage>, Vec<Decoded<S>>) = run.into_iter().unzip();
+        let (msgs, run): (Vec<Received>, Vec<Decoded<S>>) = run.into_iter().unzip();
         if run.len() > 1 {
             match self.apply_batch::<S>(run).await {
                 Ok(true) => {
                     for msg in &msgs {
-                        store_offset(consumer, msg);
+                        store_offset(receiver, msg);
                     }
                     return;
                 }
@@ -390,8 +419,8 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
             }
         }
         for msg in &msgs {
-            if !unsettled.contains(&(msg.topic().to_owned(), msg.partition())) {
-                self.settle::<S>(msg, shutdown, unsettled, consumer).await;
+            if !unsettled.contains(&(msg.topic.clone(), msg.partition)) {
+                self.settle::<S>(msg, shutdown, unsettled, receiver).await;
             }
         }
     }
@@ -399,17 +428,17 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
     /// One message on its own; stores its offset once it is settled.
     async fn settle<S>(
         self: &Arc<Self>,
-        msg: &OwnedMessage,
+        msg: &Received,
         shutdown: &Shutdown,
         unsettled: &mut HashSet<(String, i32)>,
-        consumer: &StreamConsumer,
+        receiver: &B::Receiver,
     ) where
         S: OutboxService + Dispatch<H, Context<DB>>,
     {
         if self.handle::<S>(msg, shutdown).await {
-            store_offset(consumer, msg);
+            store_offset(receiver, msg);
         } else {
-            unsettled.insert((msg.topic().to_owned(), msg.partition()));
+            unsettled.insert((msg.topic.clone(), msg.partition));
         }
     }
 
@@ -493,12 +522,12 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
     }
 
     /// Handles one message; false when it was left unsettled (its offset must not be stored).
-    async fn handle<S>(self: &Arc<Self>, msg: &OwnedMessage, shutdown: &Shutdown) -> bool
+    async fn handle<S>(self: &Arc<Self>, msg: &Received, shutdown: &Shutdown) -> bool
     where
         S: OutboxService + Dispatch<H, Context<DB>>,
     {
         let service = S::SERVICE;
-        let Some(value) = msg.payload() else {
+        let Some(value) = msg.payload.as_deref() else {
             self.dead_letter(msg, "undecodable_envelope", "the message has no value")
                 .await;
             return true;
@@ -705,7 +734,7 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
     }
 
     /// Sends a dead message to `<topic>.dlq` with the reason, when configured.
-    async fn dead_letter(&self, msg: &OwnedMessage, reason: &str, detail: &str) {
+    async fn dead_letter(&self, msg: &Received, reason: &str, detail: &str) {
         if !self.config.dlq {
             return;
         }
@@ -714,9 +743,9 @@ impl<DB: Backend, H: Send + Sync + 'static> Inner<DB, H> {
             headers.push(("x-outbox-dead-detail", detail.to_owned()));
         }
         let record = Outgoing {
-            topic: format!("{}.dlq", msg.topic()),
-            key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-            value: msg.payload().unwrap_or_default().to_vec(),
+            topic: format!("{}.dlq", msg.topic),
+            key: msg.key_str(),
+            value: msg.payload.clone().unwrap_or_default(),
             headers,
         };
         if let Err(e) = self.bus.send(&record).await {
@@ -761,8 +790,8 @@ struct Decoded<S> {
     trace: Option<TraceParent>,
 }
 
-fn store_offset(consumer: &StreamConsumer, msg: &OwnedMessage) {
-    if let Err(e) = consumer.store_offset(msg.topic(), msg.partition(), msg.offset()) {
+fn store_offset<R: Receive>(receiver: &R, msg: &Received) {
+    if let Err(e) = receiver.store_offset(&msg.topic, msg.partition, msg.offset) {
         // After a rebalance the partition may be another member's now; it will see the message
         // again and skip it.
         tracing::debug!(error = %e, "offset not stored");
@@ -791,13 +820,8 @@ fn consume_span(service: &str, env: &Envelope, trace: Option<TraceParent>) -> tr
     )
 }
 
-fn trace_of(msg: &OwnedMessage) -> Option<TraceParent> {
-    let headers = msg.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == "traceparent")
-        .and_then(|h| std::str::from_utf8(h.value?).ok())
-        .and_then(|v| v.parse().ok())
+fn trace_of(msg: &Received) -> Option<TraceParent> {
+    msg.header("traceparent")?.parse().ok()
 }
 
 #[cfg(test)]

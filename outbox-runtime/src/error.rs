@@ -99,7 +99,36 @@ pub enum Error {
     },
     /// A record not sent, because an earlier record of its key in the same batch failed; it is
     /// sent after that one.
-    #[cfg(feature = "kafka")]
     #[error("held back behind an earlier record of its key that failed")]
     HeldBack,
+    /// A record larger than the bus takes; no retry can send it.
+    #[error("a record of {size} bytes for `{topic}` is larger than the {max} bytes the bus takes")]
+    MessageTooLarge {
+        /// The topic.
+        topic: String,
+        /// The record's size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A publish to a topic that does not exist.
+    #[error("topic `{topic}` does not exist")]
+    UnknownTopic {
+        /// The topic.
+        topic: String,
+    },
+    /// An offset stored for a partition this consumer no longer has (the group moved it).
+    #[error("partition {partition} of `{topic}` is not assigned to this consumer")]
+    NotAssigned {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+    },
+    /// The bus failed.
+    #[error("bus error: {0}")]
+    Bus(String),
+    /// A task of the runtime panicked or was cancelled.
+    #[error("runtime task failed: {0}")]
+    Task(String),
 }

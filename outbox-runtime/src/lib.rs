@@ -2,15 +2,15 @@
 #![warn(missing_docs)]
 #![warn(clippy::print_stdout, clippy::print_stderr)]
 
-#[cfg(feature = "kafka")]
+#[cfg(feature = "runtime")]
 pub mod bus;
-#[cfg(feature = "kafka")]
+#[cfg(feature = "runtime")]
 pub mod consumer;
+#[cfg(feature = "runtime")]
+pub mod engine;
 pub mod error;
-#[cfg(feature = "kafka")]
+#[cfg(feature = "runtime")]
 pub mod relay;
-#[cfg(feature = "kafka")]
-pub mod runtime;
 #[cfg(feature = "store")]
 pub mod store;
 #[cfg(feature = "store")]
@@ -36,6 +36,16 @@ pub use outbox_contract::route::{Catalog, RouteConfig, ServiceRoute};
 pub use outbox_contract::service::{Dispatch, HandlerError, OutboxService, Rejection};
 pub use outbox_contract::validate::{Validate, Violation, Violations};
 
+#[cfg(feature = "kafka")]
+pub use bus::KafkaConfig;
+#[cfg(feature = "runtime")]
+pub use bus::MemoryBus;
+#[cfg(feature = "runtime")]
+pub use consumer::{ConsumerConfig, Context, Dedupe};
+#[cfg(feature = "runtime")]
+pub use engine::{Engine, Running};
+#[cfg(feature = "runtime")]
+pub use relay::RelayConfig;
 #[cfg(feature = "store")]
 pub use sqlx;
 #[cfg(feature = "store")]

@@ -25,47 +25,60 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::Pool;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use outbox_contract::envelope::{self, VersionFormat};
 
-use crate::bus::{KafkaBus, Outgoing, Sent, permanent_failure};
+use crate::bus::{Outgoing, Publish, Sent, permanent_failure};
 use crate::error::Error;
 use crate::store::{Backend, Outbox, OutboxRow, Transition};
 
 /// How often a relay measures its backlog for the `outbox_backlog` gauge.
 const BACKLOG_EVERY: Duration = Duration::from_secs(5);
 
-/// A signal to stop, shared by relays and consumers.
+/// A signal to stop, shared by relays and consumers: a [`CancellationToken`] underneath, so a
+/// service that already has one for its own tasks can hand a child of it over.
 #[derive(Debug, Clone)]
-pub struct Shutdown(watch::Receiver<bool>);
+pub struct Shutdown(CancellationToken);
 
-/// Sends the [`Shutdown`] signal.
+/// Sends the [`Shutdown`] signal; dropping it sends it too, so tasks never outlive their
+/// owner.
 #[derive(Debug)]
-pub struct ShutdownTrigger(watch::Sender<bool>);
+pub struct ShutdownTrigger(CancellationToken);
 
 impl Shutdown {
     /// A signal and its trigger.
     pub fn new() -> (ShutdownTrigger, Shutdown) {
-        let (tx, rx) = watch::channel(false);
-        (ShutdownTrigger(tx), Shutdown(rx))
+        let token = CancellationToken::new();
+        (ShutdownTrigger(token.clone()), Shutdown(token))
+    }
+
+    /// A signal sent when `token` is cancelled.
+    pub fn from_token(token: CancellationToken) -> Shutdown {
+        Shutdown(token)
     }
 
     /// True once triggered.
     pub fn is_triggered(&self) -> bool {
-        *self.0.borrow()
+        self.0.is_cancelled()
     }
 
-    /// Resolves when triggered (or when the trigger is dropped).
+    /// Resolves when triggered.
     pub async fn wait(&mut self) {
-        let _ = self.0.wait_for(|stop| *stop).await;
+        self.0.cancelled().await;
     }
 }
 
 impl ShutdownTrigger {
     /// Asks every holder of the signal to stop.
     pub fn trigger(&self) {
-        let _ = self.0.send(true);
+        self.0.cancel();
+    }
+}
+
+impl Drop for ShutdownTrigger {
+    fn drop(&mut self) {
+        self.0.cancel();
     }
 }
 
@@ -76,19 +89,51 @@ const LINGER: Duration = Duration::from_millis(5);
 /// How soon a relay looks again when a writer that did not notify has yet to commit.
 const BUSY_RECHECK: Duration = Duration::from_millis(20);
 
-/// Relay settings.
+/// Relay settings: start from [`RelayConfig::default`] and change what you need.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// This relay's name in leases; unique per instance.
-    pub owner: String,
-    /// Rows claimed and published together.
-    pub batch: usize,
-    /// How long a claim holds its rows.
-    pub lease: Duration,
-    /// How often to look for due rows without a wake-up.
-    pub poll_interval: Duration,
-    /// How `event_version` is written.
-    pub version_format: VersionFormat,
+    pub(crate) owner: String,
+    pub(crate) batch: usize,
+    pub(crate) lease: Duration,
+    pub(crate) poll_interval: Duration,
+    pub(crate) version_format: VersionFormat,
+}
+
+impl RelayConfig {
+    /// This relay's name in leases; unique per instance (default: `relay-<pid>-<random>`).
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = owner.into();
+        self
+    }
+
+    /// Rows claimed and published together (500).
+    pub fn batch(mut self, batch: usize) -> Self {
+        self.batch = batch.max(1);
+        self
+    }
+
+    /// How long a claim holds its rows (30 s).
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// How often to look for due rows without a wake-up (1 s).
+    pub fn poll_interval(mut self, every: Duration) -> Self {
+        self.poll_interval = every;
+        self
+    }
+
+    /// How `event_version` is written (a number).
+    pub fn version_format(mut self, format: VersionFormat) -> Self {
+        self.version_format = format;
+        self
+    }
+
+    /// This relay's name in leases.
+    pub fn owner_name(&self) -> &str {
+        &self.owner
+    }
 }
 
 impl Default for RelayConfig {
@@ -103,24 +148,19 @@ impl Default for RelayConfig {
     }
 }
 
-/// Publishes the due rows of some services.
+/// Publishes the due rows of some services on bus `B`.
 #[derive(Debug)]
-pub struct Relay<DB: Backend> {
+pub struct Relay<DB: Backend, B> {
     outbox: Outbox<DB>,
     pool: Pool<DB>,
-    bus: Arc<KafkaBus>,
+    bus: Arc<B>,
     config: RelayConfig,
     services: Vec<String>,
 }
 
-impl<DB: Backend> Relay<DB> {
+impl<DB: Backend, B: Publish> Relay<DB, B> {
     /// A relay for every service of the outbox's catalog.
-    pub fn new(
-        outbox: Outbox<DB>,
-        pool: Pool<DB>,
-        bus: Arc<KafkaBus>,
-        config: RelayConfig,
-    ) -> Self {
+    pub fn new(outbox: Outbox<DB>, pool: Pool<DB>, bus: Arc<B>, config: RelayConfig) -> Self {
         let services = outbox
             .catalog()
             .services()
@@ -150,11 +190,19 @@ impl<DB: Backend> Relay<DB> {
             let (this, shutdown) = (this.clone(), shutdown.clone());
             tasks.spawn(async move { this.run_service(&service, shutdown).await });
         }
-        while tasks.join_next().await.is_some() {}
+        let mut failed = None;
+        while let Some(done) = tasks.join_next().await {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "a relay loop panicked");
+                failed.get_or_insert(Error::Task(format!("a relay loop panicked: {e}")));
+                // The others stop too: a relay that relays only some services hides the rest.
+                tasks.abort_all();
+            }
+        }
         if let Some(l) = listener {
             l.abort();
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     async fn run_service(&self, service: &str, mut shutdown: Shutdown) {
@@ -168,6 +216,11 @@ impl<DB: Backend> Relay<DB> {
         let mut rest_conn: Option<DB::Connection> = None;
         let mut resting = false;
         while !shutdown.is_triggered() {
+            // Registered before this round looks at the table: an enqueue during the round
+            // wakes the wait below instead of being missed.
+            let woken = wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
             if resting {
                 resting = false;
                 self.stop_resting(&mut rest_conn, service).await;
@@ -212,7 +265,7 @@ impl<DB: Backend> Relay<DB> {
                 }
             }
             tokio::select! {
-                _ = wake.notified() => {
+                _ = &mut woken => {
                     rechecks = &[2, 10, 50, 200];
                     // Writers commit in bursts: a moment's wait lets one claim take several.
                     tokio::time::sleep(LINGER).await;

@@ -20,14 +20,19 @@ use contracts::{
     TokenStoreEventsHandler, samples,
 };
 use harness::{Harness, TestDb};
-use outbox_runtime::bus::{KafkaBus, KafkaConfig, Outgoing};
+use outbox_runtime::bus::{KafkaBus, KafkaConfig, Outgoing, Publish};
 use outbox_runtime::consumer::{ConsumerConfig, Context};
 use outbox_runtime::envelope::{self, VersionFormat};
 use outbox_runtime::relay::RelayConfig;
-use outbox_runtime::runtime::{Running, Runtime};
 use outbox_runtime::store::{Arg, Enqueued, StoreConfig};
 use outbox_runtime::trace::TraceParent;
+use outbox_runtime::{Engine, Running};
 use outbox_runtime::{HandlerError, Status};
+
+/// Relay settings for tests: the defaults, polling every 100 ms.
+fn relay() -> RelayConfig {
+    RelayConfig::default().poll_interval(Duration::from_millis(100))
+}
 
 fn brokers() -> String {
     std::env::var("OUTBOX_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
@@ -216,36 +221,17 @@ impl<DB: TestDb> World<DB> {
     }
 
     /// A relay and a consumer per service, on the broker.
-    async fn start(&self, recorder: Recorder, relay: RelayConfig) -> Running {
-        // Tests poll every 100 ms unless they set their own interval.
-        let relay = if relay.poll_interval == RelayConfig::default().poll_interval {
-            RelayConfig {
-                poll_interval: Duration::from_millis(100),
-                ..relay
-            }
-        } else {
-            relay
-        };
-        let consumers = ConsumerConfig {
-            dlq: true,
-            ..ConsumerConfig::default()
-        };
-        let running = Runtime::builder(
-            self.h.outbox.clone(),
-            self.h.pool.clone(),
-            KafkaConfig::new(brokers()),
-        )
-        .unwrap()
-        .relay(relay)
-        .consumer::<NotificationEvents, _>(recorder.clone(), consumers.clone())
-        .unwrap()
-        .consumer::<TaskEvents, _>(recorder.clone(), consumers.clone())
-        .unwrap()
-        .consumer::<TokenStoreEvents, _>(recorder, consumers)
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    async fn start(&self, recorder: Recorder, relay: RelayConfig) -> Running<DB, KafkaBus> {
+        let consumers = ConsumerConfig::default().dlq(true);
+        let running = Engine::builder(self.h.pool.clone(), KafkaConfig::new(brokers()))
+            .outbox(self.h.outbox.clone())
+            .relay(relay)
+            .consumer_with::<NotificationEvents, _>(recorder.clone(), consumers.clone())
+            .consumer_with::<TaskEvents, _>(recorder.clone(), consumers.clone())
+            .consumer_with::<TokenStoreEvents, _>(recorder, consumers)
+            .start()
+            .await
+            .unwrap();
         assert!(
             running.ready(Duration::from_secs(60)).await,
             "the consumers did not join their groups on the broker at {}",
@@ -372,7 +358,7 @@ async fn enqueue_mix<DB: TestDb>(w: &World<DB>, n: u64) {
 // published.
 async fn events_flow_from_enqueue_to_their_handler_once<DB: TestDb>() {
     let w = World::<DB>::new().await;
-    let running = w.start(w.recorder(), RelayConfig::default()).await;
+    let running = w.start(w.recorder(), relay()).await;
     enqueue_mix(&w, 200).await;
     w.settle(200).await;
     running.shutdown().await.unwrap();
@@ -430,7 +416,7 @@ async fn raw_row<DB: TestDb>(
 // behind it on the same key (so the same partition) are still consumed.
 async fn poison_is_dead_lettered_and_does_not_hold_back_its_partition<DB: TestDb>() {
     let w = World::<DB>::new().await;
-    let running = w.start(w.recorder(), RelayConfig::default()).await;
+    let running = w.start(w.recorder(), relay()).await;
     let key = "42";
     let good_payload =
         String::from_utf8(outbox_runtime::OutboxEvent::to_payload(&samples::feishu(1)).unwrap())
@@ -517,7 +503,7 @@ async fn a_failing_handler_is_retried_through_the_outbox_until_it_succeeds<DB: T
     let w = World::<DB>::new().await;
     let recorder = w.recorder();
     recorder.failures.lock().unwrap().insert("pv-7".into(), 2);
-    let running = w.start(recorder.clone(), RelayConfig::default()).await;
+    let running = w.start(recorder.clone(), relay()).await;
     let e = {
         let mut tx = w.h.pool.begin().await.unwrap();
         let e =
@@ -547,7 +533,7 @@ async fn a_failing_handler_is_retried_through_the_outbox_until_it_succeeds<DB: T
 // Seed 40: a redelivered message (here: published again by hand) has no second effect.
 async fn a_message_delivered_twice_has_one_effect<DB: TestDb>() {
     let w = World::<DB>::new().await;
-    let running = w.start(w.recorder(), RelayConfig::default()).await;
+    let running = w.start(w.recorder(), relay()).await;
     let e = {
         let mut tx = w.h.pool.begin().await.unwrap();
         let e =
@@ -594,24 +580,10 @@ async fn two_relays_and_two_consumers_give_no_duplicate_effect<DB: TestDb>() {
     let w = World::<DB>::new().await;
     let recorder = w.recorder();
     let a = w
-        .start(
-            recorder.clone(),
-            RelayConfig {
-                owner: "relay-a".into(),
-                batch: 20,
-                ..RelayConfig::default()
-            },
-        )
+        .start(recorder.clone(), relay().owner("relay-a").batch(20))
         .await;
     let b = w
-        .start(
-            recorder.clone(),
-            RelayConfig {
-                owner: "relay-b".into(),
-                batch: 20,
-                ..RelayConfig::default()
-            },
-        )
+        .start(recorder.clone(), relay().owner("relay-b").batch(20))
         .await;
     enqueue_mix(&w, 300).await;
     w.settle(300).await;
@@ -624,7 +596,7 @@ async fn two_relays_and_two_consumers_give_no_duplicate_effect<DB: TestDb>() {
 async fn a_trace_started_before_enqueue_continues_in_the_handler<DB: TestDb>() {
     let w = World::<DB>::new().await;
     let recorder = w.recorder();
-    let running = w.start(recorder.clone(), RelayConfig::default()).await;
+    let running = w.start(recorder.clone(), relay()).await;
     let trace = TraceParent::new_root();
     let e = trace
         .scope(async {
@@ -651,10 +623,7 @@ async fn go_version_spellings_are_accepted<DB: TestDb>() {
     let running = w
         .start(
             w.recorder(),
-            RelayConfig {
-                version_format: VersionFormat::Prefixed,
-                ..RelayConfig::default()
-            },
+            relay().version_format(VersionFormat::Prefixed),
         )
         .await;
     enqueue_mix(&w, 8).await;
@@ -672,10 +641,7 @@ async fn rows_written_before_the_relay_starts_go_out_at_once<DB: TestDb>() {
     let running = w
         .start(
             w.recorder(),
-            RelayConfig {
-                poll_interval: Duration::from_secs(3600),
-                ..RelayConfig::default()
-            },
+            relay().poll_interval(Duration::from_secs(3600)),
         )
         .await;
     w.settle(40).await;
@@ -712,29 +678,20 @@ async fn a_handler_can_write_another_services_event_in_its_transaction<DB: TestD
     let w = World::<DB>::new().await;
     let recorder = w.recorder();
     let consumers = ConsumerConfig::default();
-    let running = Runtime::builder(
-        w.h.outbox.clone(),
-        w.h.pool.clone(),
-        KafkaConfig::new(brokers()),
-    )
-    .unwrap()
-    .relay(RelayConfig {
-        poll_interval: Duration::from_millis(100),
-        ..RelayConfig::default()
-    })
-    .consumer::<TaskEvents, _>(
-        Notifying {
-            outbox: w.h.outbox.clone(),
-            inner: recorder.clone(),
-        },
-        consumers.clone(),
-    )
-    .unwrap()
-    .consumer::<NotificationEvents, _>(recorder, consumers)
-    .unwrap()
-    .start()
-    .await
-    .unwrap();
+    let running = Engine::builder(w.h.pool.clone(), KafkaConfig::new(brokers()))
+        .outbox(w.h.outbox.clone())
+        .relay(relay().poll_interval(Duration::from_millis(100)))
+        .consumer_with::<TaskEvents, _>(
+            Notifying {
+                outbox: w.h.outbox.clone(),
+                inner: recorder.clone(),
+            },
+            consumers.clone(),
+        )
+        .consumer_with::<NotificationEvents, _>(recorder, consumers)
+        .start()
+        .await
+        .unwrap();
     assert!(running.ready(Duration::from_secs(60)).await);
     let mut tx = w.h.pool.begin().await.unwrap();
     w.h.outbox
@@ -755,21 +712,13 @@ async fn a_handler_can_write_another_services_event_in_its_transaction<DB: TestD
 async fn messages_that_are_not_this_services_leave_its_rows_alone<DB: TestDb>() {
     let w = World::<DB>::new().await;
     // Only notification consumes; task's row is published and stays published.
-    let running = Runtime::builder(
-        w.h.outbox.clone(),
-        w.h.pool.clone(),
-        KafkaConfig::new(brokers()),
-    )
-    .unwrap()
-    .relay(RelayConfig {
-        poll_interval: Duration::from_millis(100),
-        ..RelayConfig::default()
-    })
-    .consumer::<NotificationEvents, _>(w.recorder(), ConsumerConfig::default())
-    .unwrap()
-    .start()
-    .await
-    .unwrap();
+    let running = Engine::builder(w.h.pool.clone(), KafkaConfig::new(brokers()))
+        .outbox(w.h.outbox.clone())
+        .relay(relay().poll_interval(Duration::from_millis(100)))
+        .consumer_with::<NotificationEvents, _>(w.recorder(), ConsumerConfig::default())
+        .start()
+        .await
+        .unwrap();
     assert!(running.ready(Duration::from_secs(60)).await);
     let task = {
         let mut tx = w.h.pool.begin().await.unwrap();
@@ -855,7 +804,7 @@ async fn a_failing_handler_in_a_batch_leaves_the_rest_of_it_applied_once<DB: Tes
     recorder.failures.lock().unwrap().insert("pv-17".into(), 1);
     // Written before the relay starts, so the consumer finds them waiting together.
     let rows = w.enqueue_feishu(0..60).await;
-    let running = w.start(recorder, RelayConfig::default()).await;
+    let running = w.start(recorder, relay()).await;
     w.settle(60).await;
     running.shutdown().await.unwrap();
     assert_eq!(w.effects().await, (60, 60));
@@ -884,7 +833,7 @@ async fn a_panicking_handler_is_retried_and_its_partition_goes_on<DB: TestDb>() 
     let recorder = w.recorder();
     recorder.panics.lock().unwrap().insert("pv-5".into(), 2);
     let rows = w.enqueue_feishu(0..30).await;
-    let running = w.start(recorder.clone(), RelayConfig::default()).await;
+    let running = w.start(recorder.clone(), relay()).await;
     w.settle(30).await;
     // Written after the panics: the worker that panicked still applies new events.
     let late = w.enqueue_feishu(5..6).await.remove(0);
@@ -934,10 +883,7 @@ async fn a_relay_in_another_process_is_woken_by_each_commit_postgres() {
         w.h.outbox.clone(),
         w.h.pool.clone(),
         bus,
-        RelayConfig {
-            poll_interval: Duration::from_secs(3600),
-            ..RelayConfig::default()
-        },
+        relay().poll_interval(Duration::from_secs(3600)),
     );
     let task = tokio::spawn(relay.run(shutdown));
     for round in 1..=3 {
@@ -978,10 +924,7 @@ async fn a_backlog_of_one_key_drains_without_waiting_for_the_poll<DB: TestDb>() 
     let running = w
         .start(
             w.recorder(),
-            RelayConfig {
-                poll_interval: Duration::from_secs(3600),
-                ..RelayConfig::default()
-            },
+            relay().poll_interval(Duration::from_secs(3600)),
         )
         .await;
     w.settle(30).await;
@@ -1024,14 +967,12 @@ async fn a_consumer_of_a_second_enum_of_a_service_is_refused() {
         .service::<TaskEvents>()
         .unwrap()
         .build();
-    let err = Runtime::builder(
-        Outbox::<Sqlite>::new(catalog),
-        pool,
-        KafkaConfig::new(brokers()),
-    )
-    .unwrap()
-    .consumer::<MoreTaskEvents, _>(Archiver, ConsumerConfig::default())
-    .unwrap_err();
+    let err = Engine::builder(pool, KafkaConfig::new(brokers()))
+        .outbox(Outbox::<Sqlite>::new(catalog))
+        .consumer::<MoreTaskEvents, _>(Archiver)
+        .start()
+        .await
+        .unwrap_err();
     let Error::Contract(ContractError::ServiceClaimedTwice {
         service,
         first,
@@ -1057,16 +998,13 @@ async fn a_consumer_of_a_second_enum_of_a_service_is_refused() {
 fn task_relay<DB: TestDb>(
     w: &World<DB>,
     kafka: KafkaConfig,
-) -> (outbox_runtime::relay::Relay<DB>, Arc<KafkaBus>) {
+) -> (outbox_runtime::relay::Relay<DB, KafkaBus>, Arc<KafkaBus>) {
     let bus = Arc::new(KafkaBus::new(kafka).unwrap());
     let relay = outbox_runtime::relay::Relay::new(
         w.h.outbox.clone(),
         w.h.pool.clone(),
         bus.clone(),
-        RelayConfig {
-            batch: 100,
-            ..RelayConfig::default()
-        },
+        relay().batch(100),
     )
     .services(["task"]);
     (relay, bus)
@@ -1088,7 +1026,7 @@ fn event_ids_on_the_broker(topic: &str, key: &str, n: usize) -> Vec<String> {
         .create()
         .unwrap();
     let mut assignment = TopicPartitionList::new();
-    for p in 0..KafkaConfig::new(brokers()).partitions {
+    for p in 0..KafkaConfig::new(brokers()).topic_partitions() {
         assignment
             .add_partition_offset(topic, p, Offset::Beginning)
             .unwrap();
@@ -1219,8 +1157,7 @@ async fn a_failed_publish_holds_its_keys_later_rows_back_until_it_goes<DB: TestD
         }
         rows
     };
-    let mut kafka = KafkaConfig::new(brokers());
-    kafka.publish_timeout = Duration::from_secs(1);
+    let kafka = KafkaConfig::new(brokers()).publish_timeout(Duration::from_secs(1));
     let (relay, bus) = task_relay(&w, kafka);
     assert_eq!(relay.relay_once("task").await.unwrap(), 4);
     let first = task_row(&w, rows[0].id).await;
