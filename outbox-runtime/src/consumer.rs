@@ -302,6 +302,9 @@ where
         let mut failed = None;
         loop {
             tokio::select! {
+                // Once asked to stop, take no new message, even one that is already there.
+                biased;
+                _ = shutdown.wait() => break,
                 msg = receiver.recv() => match msg {
                     Ok(m) => {
                         let worker = usize::try_from(m.partition).unwrap_or(0) % workers;
@@ -327,7 +330,6 @@ where
                     )));
                     break;
                 }
-                _ = shutdown.wait() => break,
             }
         }
         drop(senders);

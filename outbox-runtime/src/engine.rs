@@ -27,7 +27,7 @@ use crate::bus::{Bus, MemoryBus};
 use crate::consumer::{Consumer, ConsumerConfig, Context, Ready};
 use crate::error::Error;
 use crate::relay::{Relay, RelayConfig, Shutdown, ShutdownTrigger};
-use crate::store::{Backend, Outbox};
+use crate::store::{Backend, Outbox, StoreConfig};
 
 type Task = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
 type Start = Box<dyn FnOnce(Shutdown, Arc<Ready>) -> Task + Send>;
@@ -106,6 +106,7 @@ impl Engine {
             relay: Some(RelayConfig::default()),
             consumers: Vec::new(),
             migrate: false,
+            store: StoreConfig::default(),
         }
     }
 }
@@ -121,6 +122,7 @@ pub struct EngineBuilder<DB: Backend, B: Bus> {
     relay: Option<RelayConfig>,
     consumers: Vec<MakeConsumer<DB, B>>,
     migrate: bool,
+    store: StoreConfig,
 }
 
 impl<DB: Backend, B: Bus> std::fmt::Debug for EngineBuilder<DB, B> {
@@ -146,6 +148,13 @@ impl<DB: Backend, B: Bus> EngineBuilder<DB, B> {
     /// [`EngineBuilder::outbox`], whose catalog has its own.
     pub fn routes(mut self, routes: RouteConfig) -> Self {
         self.routes = Some(routes);
+        self
+    }
+
+    /// Store settings (attempts, backoff) of the outbox this builder makes; ignored with
+    /// [`EngineBuilder::outbox`], which has its own.
+    pub fn store_config(mut self, config: StoreConfig) -> Self {
+        self.store = config;
         self
     }
 
@@ -241,7 +250,7 @@ impl<DB: Backend, B: Bus> EngineBuilder<DB, B> {
                 for add in self.services {
                     catalog = add(catalog)?;
                 }
-                Outbox::new(catalog.build())
+                Outbox::builder(catalog.build()).config(self.store).build()
             }
         };
         let bus = (self.bus)()?;

@@ -13,6 +13,8 @@ pub mod error;
 pub mod relay;
 #[cfg(feature = "store")]
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 #[cfg(feature = "store")]
 pub mod trace;
 

@@ -4,7 +4,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::pin::Pin;
+
 use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 
 use crate::bus::{Bus, Outgoing, Publish, Receive, Received, Sent};
 use crate::error::Error;
@@ -241,7 +244,7 @@ impl MemoryBus {
 
     /// A future that resolves on the next change, registered now: look at the state after
     /// this, and no change between the look and the wait is missed.
-    pub(crate) fn watch(&self) -> impl std::future::Future<Output = ()> + Send + '_ {
+    pub(crate) fn watch(&self) -> Pin<Box<Notified<'_>>> {
         let mut notified = Box::pin(self.shared.changed.notified());
         notified.as_mut().enable();
         notified

@@ -1,0 +1,541 @@
+//! The consumer's and the relay's logic, unit-tested on the in-memory bus and SQLite: batches,
+//! the fallback after a failing handler, offsets never stored past an unsettled message, poison,
+//! shutdown in the middle of a batch, and per-key order through failed publishes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use outbox_runtime::bus::{Bus as _, MemoryBus, Outgoing, Publish as _, partition_for};
+use outbox_runtime::consumer::Consumer;
+use outbox_runtime::relay::{Relay, Shutdown};
+use outbox_runtime::sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+use outbox_runtime::sqlx::{Sqlite, SqlitePool};
+use outbox_runtime::{
+    Catalog, ConsumerConfig, Context, HandlerError, Outbox, OutboxEvent, OutboxService,
+    RelayConfig, RouteConfig, Status,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema, OutboxEvent)]
+#[outbox(event_type = "order.placed", version = 1, service = "orders", key = customer)]
+pub struct OrderPlaced {
+    pub customer: String,
+    pub n: u64,
+    /// Padding, to make a record too large.
+    pub note: String,
+}
+
+#[derive(Debug, Clone, OutboxService)]
+#[outbox(service = "orders")]
+pub enum OrderEvents {
+    OrderPlaced(OrderPlaced),
+}
+
+/// Records every call; fails or waits where told.
+#[derive(Default)]
+struct Recorder {
+    calls: Mutex<HashMap<u64, u32>>,
+    /// `n` whose first call fails with a retryable error.
+    fail_once: Option<u64>,
+    /// `n` whose call closes the pool once it is applied (a database going away).
+    close_pool_after: Option<(u64, SqlitePool)>,
+    /// `n` whose call waits for `gate` (and signals `entered` first).
+    hold: Option<(u64, Arc<Notify>, Arc<Notify>)>,
+}
+
+impl Recorder {
+    fn calls(&self, n: u64) -> u32 {
+        self.calls.lock().unwrap().get(&n).copied().unwrap_or(0)
+    }
+}
+
+impl OrderEventsHandler<Context<Sqlite>> for Arc<Recorder> {
+    async fn order_placed(
+        &self,
+        ctx: &mut Context<Sqlite>,
+        e: OrderPlaced,
+    ) -> Result<(), HandlerError> {
+        let call = {
+            let mut calls = self.calls.lock().unwrap();
+            let c = calls.entry(e.n).or_default();
+            *c += 1;
+            *c
+        };
+        if self.fail_once == Some(e.n) && call == 1 {
+            return Err(HandlerError::retry("the payment service answered 503"));
+        }
+        if let Some((n, entered, gate)) = &self.hold
+            && *n == e.n
+        {
+            entered.notify_one();
+            gate.notified().await;
+        }
+        outbox_runtime::sqlx::query("INSERT INTO effects (n) VALUES (?)")
+            .bind(e.n as i64)
+            .execute(ctx.tx())
+            .await
+            .map_err(|e| HandlerError::retry(e.to_string()))?;
+        if let Some((n, pool)) = &self.close_pool_after
+            && *n == e.n
+        {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.close().await });
+        }
+        Ok(())
+    }
+}
+
+struct World {
+    pool: SqlitePool,
+    outbox: Outbox<Sqlite>,
+    bus: MemoryBus,
+    topic: String,
+    group: String,
+    _dir: Option<TempFile>,
+}
+
+/// A SQLite file removed when the test ends.
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+        }
+    }
+}
+
+async fn file_pool(path: &std::path::Path) -> SqlitePool {
+    SqlitePoolOptions::new()
+        .max_connections(2)
+        .connect_with(
+            SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true)
+                .busy_timeout(std::time::Duration::from_secs(10)),
+        )
+        .await
+        .unwrap()
+}
+
+impl World {
+    async fn new(bus: MemoryBus) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "outbox-memory-bus-{}-{:08x}.db",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        let pool = file_pool(&path).await;
+        let catalog = Catalog::builder(RouteConfig::new())
+            .service::<OrderEvents>()
+            .unwrap()
+            .build();
+        let outbox = Outbox::<Sqlite>::new(catalog);
+        let mut conn = pool.acquire().await.unwrap();
+        outbox.migrate(&mut conn).await.unwrap();
+        outbox_runtime::sqlx::query("CREATE TABLE effects (n INTEGER NOT NULL)")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        drop(conn);
+        let route = outbox.catalog().service("orders").unwrap().clone();
+        bus.ensure_topics(&[route.topic.clone(), format!("{}.dlq", route.topic)])
+            .await
+            .unwrap();
+        Self {
+            pool,
+            outbox,
+            bus,
+            topic: route.topic,
+            group: route.group,
+            _dir: Some(TempFile(path)),
+        }
+    }
+
+    async fn enqueue(&self, customer: &str, n: u64, note_len: usize) -> i64 {
+        let mut tx = self.pool.begin().await.unwrap();
+        let e = OrderPlaced {
+            customer: customer.to_owned(),
+            n,
+            note: "x".repeat(note_len),
+        };
+        let done = self.outbox.enqueue(&mut *tx, &e).await.unwrap();
+        tx.commit().await.unwrap();
+        done.id
+    }
+
+    fn relay(&self) -> Relay<Sqlite, MemoryBus> {
+        Relay::new(
+            self.outbox.clone(),
+            self.pool.clone(),
+            Arc::new(self.bus.clone()),
+            RelayConfig::default(),
+        )
+    }
+
+    /// Publishes every due row.
+    async fn relay_all(&self) {
+        let relay = self.relay();
+        while relay.relay_once("orders").await.unwrap() > 0 {}
+    }
+
+    fn consumer(
+        &self,
+        pool: &SqlitePool,
+        recorder: &Arc<Recorder>,
+        config: ConsumerConfig,
+    ) -> Consumer<Sqlite, OrderEvents, Arc<Recorder>, MemoryBus> {
+        Consumer::new(
+            self.outbox.clone(),
+            pool.clone(),
+            Arc::new(self.bus.clone()),
+            recorder.clone(),
+            config,
+        )
+        .unwrap()
+    }
+
+    /// Waits until the group has committed past every message of the topic.
+    async fn consumed_all(&self) {
+        loop {
+            let changed = self.bus.changed();
+            if self.bus.lag(&self.group, &self.topic) == 0 {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    async fn effects(&self) -> Vec<i64> {
+        outbox_runtime::sqlx::query_scalar("SELECT n FROM effects ORDER BY n")
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    async fn status(&self, id: i64) -> outbox_runtime::store::OutboxRow {
+        let mut conn = self.pool.acquire().await.unwrap();
+        self.outbox
+            .get(&mut conn, "orders", id)
+            .await
+            .unwrap()
+            .unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_batch_applies_together_and_a_failing_handler_sends_it_one_at_a_time() {
+    let w = World::new(MemoryBus::new().with_partitions(1)).await;
+    for n in 0..20 {
+        w.enqueue("c1", n, 0).await;
+    }
+    w.relay_all().await;
+    let recorder = Arc::new(Recorder {
+        fail_once: Some(7),
+        ..Recorder::default()
+    });
+    let (trigger, shutdown) = Shutdown::new();
+    // On this single-threaded runtime the receiving loop hands the worker every waiting
+    // message before the worker runs: one batch of 20.
+    let consumer = w.consumer(&w.pool, &recorder, ConsumerConfig::default().workers(1));
+    let task = tokio::spawn(consumer.run(shutdown));
+    w.consumed_all().await;
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+
+    // 0..=7 ran in the batch that rolled back at 7, then every message ran on its own.
+    for n in 0..20 {
+        let expected = if n <= 7 { 2 } else { 1 };
+        assert_eq!(recorder.calls(n), expected, "calls of {n}");
+    }
+    // Each effect exactly once: the batch's writes rolled back with it.
+    assert_eq!(w.effects().await, (0..20).collect::<Vec<i64>>());
+    assert_eq!(w.bus.committed(&w.group, &w.topic), vec![20]);
+}
+
+#[tokio::test]
+async fn a_retryable_handler_error_goes_back_through_the_outbox_and_the_partition_moves_on() {
+    let w = World::new(MemoryBus::new().with_partitions(1)).await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(w.enqueue("c1", n, 0).await);
+    }
+    w.relay_all().await;
+    let recorder = Arc::new(Recorder {
+        fail_once: Some(1),
+        ..Recorder::default()
+    });
+    let (trigger, shutdown) = Shutdown::new();
+    let consumer = w.consumer(&w.pool, &recorder, ConsumerConfig::default().batch(1));
+    let task = tokio::spawn(consumer.run(shutdown));
+    w.consumed_all().await;
+    let failed = w.status(ids[1]).await;
+    assert_eq!(failed.status, Status::Pending);
+    assert_eq!(
+        failed.last_error.as_deref(),
+        Some("the payment service answered 503")
+    );
+    assert_eq!(w.status(ids[2]).await.status, Status::Consumed);
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+    assert_eq!(w.effects().await, vec![0, 2]);
+}
+
+#[tokio::test]
+async fn no_offset_is_stored_past_a_message_left_unsettled() {
+    let mut w = World::new(MemoryBus::new().with_partitions(1)).await;
+    for n in 0..10 {
+        w.enqueue("c1", n, 0).await;
+    }
+    w.relay_all().await;
+    // The consumer's own pool goes away after message 3: message 4 cannot be applied, and the
+    // consumer is stopped while it retries.
+    let path = w._dir.as_ref().unwrap().0.clone();
+    let doomed = file_pool(&path).await;
+    let recorder = Arc::new(Recorder {
+        close_pool_after: Some((3, doomed.clone())),
+        ..Recorder::default()
+    });
+    let (trigger, shutdown) = Shutdown::new();
+    let consumer = w.consumer(&doomed, &recorder, ConsumerConfig::default().batch(1));
+    let task = tokio::spawn(consumer.run(shutdown));
+    // Wait until message 3 is applied and the pool closed: message 4 is failing now.
+    while !doomed.is_closed() || w.bus.committed(&w.group, &w.topic) != vec![4] {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+    assert_eq!(
+        w.bus.committed(&w.group, &w.topic),
+        vec![4],
+        "committed up to the unsettled message, and not past it"
+    );
+    assert_eq!(w.effects().await, vec![0, 1, 2, 3]);
+
+    // A new consumer (a restart) gets message 4 on and applies the rest, each once.
+    let (trigger, shutdown) = Shutdown::new();
+    let consumer = w.consumer(&w.pool, &recorder, ConsumerConfig::default());
+    let task = tokio::spawn(consumer.run(shutdown));
+    w.consumed_all().await;
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+    assert_eq!(w.effects().await, (0..10).collect::<Vec<i64>>());
+    w._dir.take();
+}
+
+#[tokio::test]
+async fn poison_is_dead_lettered_with_its_reason_and_the_partition_moves_on() {
+    let w = World::new(MemoryBus::new().with_partitions(1)).await;
+    let good = w.enqueue("c1", 1, 0).await;
+    w.relay_all().await;
+    let raw = |value: &str| Outgoing {
+        topic: w.topic.clone(),
+        key: Some("c1".into()),
+        value: value.as_bytes().to_vec(),
+        headers: Vec::new(),
+    };
+    // Not an envelope; a version no one handles; a payload that does not decode.
+    w.bus.send(&raw("not json")).await.unwrap();
+    let v9 = r#"{"outbox_id":900,"event_id":"e-900","event_type":"order.placed","event_version":"9","service_name":"orders","payload":{"customer":"c1","n":9,"note":""}}"#;
+    w.bus.send(&raw(v9)).await.unwrap();
+    let bad = r#"{"outbox_id":901,"event_id":"e-901","event_type":"order.placed","event_version":"1","service_name":"orders","payload":{"customer":"c1","n":"nine"}}"#;
+    w.bus.send(&raw(bad)).await.unwrap();
+    let after = w.enqueue("c1", 2, 0).await;
+    w.relay_all().await;
+
+    let recorder = Arc::new(Recorder::default());
+    let (trigger, shutdown) = Shutdown::new();
+    let consumer = w.consumer(&w.pool, &recorder, ConsumerConfig::default().dlq(true));
+    let task = tokio::spawn(consumer.run(shutdown));
+    w.consumed_all().await;
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+
+    let reasons: Vec<String> = w
+        .bus
+        .messages(&format!("{}.dlq", w.topic))
+        .iter()
+        .map(|m| m.header("x-outbox-dead-reason").unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "undecodable_envelope",
+            "unsupported_version",
+            "decode_error"
+        ]
+    );
+    assert_eq!(w.status(good).await.status, Status::Consumed);
+    assert_eq!(w.status(after).await.status, Status::Consumed);
+    assert_eq!(w.effects().await, vec![1, 2]);
+}
+
+#[tokio::test]
+async fn a_shutdown_in_the_middle_of_a_batch_finishes_it_and_commits_its_offsets() {
+    let w = World::new(MemoryBus::new().with_partitions(1)).await;
+    for n in 0..5 {
+        w.enqueue("c1", n, 0).await;
+    }
+    w.relay_all().await;
+    let (entered, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let recorder = Arc::new(Recorder {
+        hold: Some((2, entered.clone(), gate.clone())),
+        ..Recorder::default()
+    });
+    let (trigger, shutdown) = Shutdown::new();
+    let consumer = w.consumer(&w.pool, &recorder, ConsumerConfig::default().workers(1));
+    let task = tokio::spawn(consumer.run(shutdown));
+    entered.notified().await;
+    trigger.trigger();
+    // Published after the shutdown: not this consumer's to take any more. (Straight onto the
+    // bus: the batch's transaction holds SQLite's write lock.)
+    for n in 5..8 {
+        w.bus
+            .send(&Outgoing {
+                topic: w.topic.clone(),
+                key: Some("c1".into()),
+                value: format!("late {n}").into_bytes(),
+                headers: Vec::new(),
+            })
+            .await
+            .unwrap();
+    }
+    gate.notify_one();
+    task.await.unwrap().unwrap();
+    assert_eq!(w.effects().await, vec![0, 1, 2, 3, 4]);
+    assert_eq!(w.bus.committed(&w.group, &w.topic), vec![5]);
+    assert_eq!(w.bus.lag(&w.group, &w.topic), 3);
+}
+
+#[tokio::test]
+async fn the_relay_keeps_each_keys_order_on_its_partition() {
+    let w = World::new(MemoryBus::new().with_partitions(4)).await;
+    for n in 0..40 {
+        w.enqueue(&format!("c{}", n % 5), n, 0).await;
+    }
+    w.relay_all().await;
+    let messages = w.bus.messages(&w.topic);
+    assert_eq!(messages.len(), 40);
+    for m in &messages {
+        let key = m.key.as_deref().unwrap();
+        assert_eq!(m.partition, partition_for(key, 4));
+    }
+    for k in 0..5 {
+        let key = format!("c{k}");
+        let ns: Vec<u64> = messages
+            .iter()
+            .filter(|m| m.key_str().as_deref() == Some(key.as_str()))
+            .map(|m| {
+                let env = outbox_runtime::envelope::decode(m.payload.as_deref().unwrap()).unwrap();
+                serde_json::from_slice::<OrderPlaced>(&env.payload)
+                    .unwrap()
+                    .n
+            })
+            .collect();
+        let expected: Vec<u64> = (0..40).filter(|n| n % 5 == k).collect();
+        assert_eq!(ns, expected, "order of {key}");
+    }
+}
+
+#[tokio::test]
+async fn a_failed_publish_holds_its_keys_later_rows_back_and_an_oversized_row_goes_dead() {
+    let w = World::new(
+        MemoryBus::new()
+            .with_partitions(2)
+            .with_max_message_bytes(2_000),
+    )
+    .await;
+    // Key a: a row too large, then two more. Key b: three rows while the broker fails.
+    let a_big = w.enqueue("a", 0, 5_000).await;
+    let a1 = w.enqueue("a", 1, 0).await;
+    let a2 = w.enqueue("a", 2, 0).await;
+    let relay = w.relay();
+    assert_eq!(relay.relay_once("orders").await.unwrap(), 3);
+    let dead = w.status(a_big).await;
+    assert_eq!(
+        (dead.status, dead.dead_reason.as_deref()),
+        (Status::Dead, Some("message_too_large"))
+    );
+    // Held back behind the refused row in that batch: given back uncounted, then published.
+    assert_eq!(w.status(a1).await.attempts, 0);
+    w.relay_all().await;
+    assert_eq!(w.status(a1).await.status, Status::Published);
+    assert_eq!(w.status(a2).await.status, Status::Published);
+
+    w.bus.fail_publishes(&w.topic, "the broker is down");
+    let b: Vec<i64> = [
+        w.enqueue("b", 10, 0).await,
+        w.enqueue("b", 11, 0).await,
+        w.enqueue("b", 12, 0).await,
+    ]
+    .into();
+    relay.relay_once("orders").await.unwrap();
+    let first = w.status(b[0]).await;
+    assert_eq!((first.status, first.attempts), (Status::Pending, 1));
+    assert!(first.last_error.unwrap().contains("the broker is down"));
+    for id in &b[1..] {
+        let row = w.status(*id).await;
+        assert_eq!(
+            (row.status, row.attempts),
+            (Status::Pending, 0),
+            "released uncounted"
+        );
+    }
+    // While the first waits for its retry, nothing of its key goes.
+    assert_eq!(relay.relay_once("orders").await.unwrap(), 0);
+    w.bus.heal(&w.topic);
+    let mut conn = w.pool.acquire().await.unwrap();
+    outbox_runtime::sqlx::query(
+        "UPDATE orders_outbox SET next_attempt_at = 0 WHERE status = 'pending'",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    drop(conn);
+    w.relay_all().await;
+    let ns: Vec<u64> = w
+        .bus
+        .messages(&w.topic)
+        .iter()
+        .filter(|m| m.key_str().as_deref() == Some("b"))
+        .map(|m| {
+            let env = outbox_runtime::envelope::decode(m.payload.as_deref().unwrap()).unwrap();
+            serde_json::from_slice::<OrderPlaced>(&env.payload)
+                .unwrap()
+                .n
+        })
+        .collect();
+    assert_eq!(ns, vec![10, 11, 12]);
+}
+
+#[tokio::test]
+async fn consumers_of_one_group_share_the_partitions_and_apply_each_event_once() {
+    let w = World::new(MemoryBus::new().with_partitions(4)).await;
+    for n in 0..60 {
+        w.enqueue(&format!("c{}", n % 7), n, 0).await;
+    }
+    w.relay_all().await;
+    let recorder = Arc::new(Recorder::default());
+    let (trigger, shutdown) = Shutdown::new();
+    let a = tokio::spawn(
+        w.consumer(&w.pool, &recorder, ConsumerConfig::default())
+            .run(shutdown.clone()),
+    );
+    let b = tokio::spawn(
+        w.consumer(&w.pool, &recorder, ConsumerConfig::default())
+            .run(shutdown),
+    );
+    w.consumed_all().await;
+    trigger.trigger();
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    assert_eq!(w.effects().await, (0..60).collect::<Vec<i64>>());
+    // Another group reads everything again.
+    let other = w.bus.receiver("another-group", &[w.topic.clone()]).unwrap();
+    let mut n = 0;
+    while n < 60 {
+        outbox_runtime::bus::Receive::recv(&other).await.unwrap();
+        n += 1;
+    }
+}
