@@ -246,11 +246,10 @@ where
         mut shutdown: Shutdown,
         ready: Option<Arc<Ready>>,
     ) -> Result<(), Error> {
-        let receiver = Arc::new(
-            self.inner
-                .bus
-                .receiver(&self.inner.route.group, &[self.inner.route.topic.clone()])?,
-        );
+        let receiver = Arc::new(self.inner.bus.receiver(
+            &self.inner.route.group,
+            std::slice::from_ref(&self.inner.route.topic),
+        )?);
         if let Some(ready) = ready {
             let (receiver, shutdown) = (receiver.clone(), shutdown.clone());
             tokio::spawn(async move {
@@ -369,7 +368,16 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             match self.decode::<S>(&msg) {
                 Some((env, event)) => {
                     let trace = trace_of(&msg);
-                    run.push((msg, Decoded { env, event, trace }));
+                    let tracestate = msg.header(crate::trace::TRACESTATE).map(str::to_owned);
+                    run.push((
+                        msg,
+                        Decoded {
+                            env,
+                            event,
+                            trace,
+                            tracestate,
+                        },
+                    ));
                 }
                 None => {
                     self.flush::<S>(std::mem::take(&mut run), shutdown, unsettled, receiver)
@@ -495,6 +503,11 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 meta: meta(&d.env, attempts, d.trace),
             };
             let span = consume_span(service, &d.env, d.trace);
+            crate::trace::continue_from(
+                &span,
+                d.trace.map(|t| t.to_string()).as_deref(),
+                d.tracestate.as_deref(),
+            );
             let dispatched = unwound(d.event.dispatch(&self.handler, &mut ctx));
             let ran = match d.trace {
                 Some(t) => tracing::Instrument::instrument(t.child().scope(dispatched), span).await,
@@ -578,6 +591,11 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         }
         let trace = trace_of(msg);
         let span = consume_span(service, &env, trace);
+        crate::trace::continue_from(
+            &span,
+            msg.header(crate::trace::TRACEPARENT),
+            msg.header(crate::trace::TRACESTATE),
+        );
         let mut delay = Duration::from_millis(100);
         loop {
             let handled =
@@ -790,6 +808,7 @@ struct Decoded<S> {
     env: Envelope,
     event: S,
     trace: Option<TraceParent>,
+    tracestate: Option<String>,
 }
 
 fn store_offset<R: Receive>(receiver: &R, msg: &Received) {

@@ -32,6 +32,7 @@ use outbox_contract::envelope::{self, VersionFormat};
 use crate::bus::{Outgoing, Publish, Sent, permanent_failure};
 use crate::error::Error;
 use crate::store::{Backend, Outbox, OutboxRow, Transition};
+use crate::trace;
 
 /// How often a relay measures its backlog for the `outbox_backlog` gauge.
 const BACKLOG_EVERY: Duration = Duration::from_secs(5);
@@ -349,6 +350,9 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             return Ok(0);
         }
         let mut sendable: Vec<&OutboxRow> = Vec::with_capacity(rows.len());
+        // One span per row, continuing the trace the row was enqueued in, open until its
+        // outcome is recorded; on the wire, its context is the consumer's parent.
+        let mut spans = Vec::with_capacity(rows.len());
         let mut outgoing = Vec::with_capacity(rows.len());
         let mut conn = self.pool.acquire().await?;
         for row in &rows {
@@ -356,6 +360,24 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             let record = row.record();
             match envelope::encode(record, self.config.version_format) {
                 Ok(value) => {
+                    let span = tracing::info_span!(
+                        "outbox.publish",
+                        service,
+                        event_id = %row.event_id,
+                        outbox_id = row.id,
+                        topic = %row.topic,
+                    );
+                    let (traceparent, tracestate) = row.trace_headers();
+                    trace::continue_from(&span, traceparent.as_deref(), tracestate.as_deref());
+                    let mut headers = envelope::headers(record);
+                    match trace::headers_of(&span) {
+                        Some(context) => {
+                            headers.retain(|(k, _)| *k != trace::TRACEPARENT);
+                            headers.extend(context);
+                        }
+                        None => headers.extend(tracestate.map(|ts| (trace::TRACESTATE, ts))),
+                    }
+                    spans.push(span);
                     outgoing.push(Outgoing {
                         topic: row.topic.clone(),
                         // No key: the event id, as the Go system did, spreads events evenly.
@@ -365,7 +387,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                                 .unwrap_or_else(|| row.event_id.clone()),
                         ),
                         value,
-                        headers: envelope::headers(record),
+                        headers,
                     });
                     sendable.push(row);
                 }
@@ -425,6 +447,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             .await?;
         metrics::counter!("outbox_published_total", "service" => service.to_owned())
             .increment(marked);
+        drop(spans);
         Ok(rows.len())
     }
 

@@ -70,7 +70,6 @@ pub fn current() -> Option<TraceParent> {
 /// The W3C header carrying the trace id, the parent span id and the flags.
 pub(crate) const TRACEPARENT: &str = "traceparent";
 /// The W3C header carrying vendors' trace state.
-#[cfg_attr(not(feature = "opentelemetry"), allow(dead_code))]
 pub(crate) const TRACESTATE: &str = "tracestate";
 
 /// The W3C trace headers to store with an event enqueued now, `traceparent` first, then
@@ -79,7 +78,6 @@ pub(crate) const TRACESTATE: &str = "tracestate";
 /// With the `opentelemetry` feature, the context of the current `tracing` span when it has a
 /// valid OpenTelemetry span context; else the trace context in scope ([`current`]); else a new
 /// root, so that every event carries a `traceparent`.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn capture() -> Vec<(&'static str, String)> {
     #[cfg(feature = "opentelemetry")]
     if let Some(headers) = otel::headers_of(&tracing::Span::current()) {
@@ -94,7 +92,6 @@ pub(crate) fn capture() -> Vec<(&'static str, String)> {
 /// With the `opentelemetry` feature only; a no-op without it. Call it on a new span, before it
 /// is entered or its context read (`tracing-opentelemetry` fixes a span's parent then). A
 /// missing or malformed `traceparent` is ignored: `span` keeps the parent it has.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn continue_from(
     span: &tracing::Span,
     traceparent: Option<&str>,
@@ -111,7 +108,6 @@ pub(crate) fn continue_from(
 ///
 /// With the `opentelemetry` feature only; `None` without it, and for a span that the
 /// OpenTelemetry layer does not record.
-#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn headers_of(span: &tracing::Span) -> Option<Vec<(&'static str, String)>> {
     #[cfg(feature = "opentelemetry")]
     return otel::headers_of(span);

@@ -420,6 +420,10 @@ async fn the_relay_keeps_each_keys_order_on_its_partition() {
     for m in &messages {
         let key = m.key.as_deref().unwrap();
         assert_eq!(m.partition, partition_for(key, 4));
+        // Enqueued with no trace in scope, each still carries one (a trace of its own).
+        let tp: outbox_runtime::trace::TraceParent =
+            m.header("traceparent").unwrap().parse().unwrap();
+        assert_eq!(tp.flags, 1);
     }
     for k in 0..5 {
         let key = format!("c{k}");
@@ -532,7 +536,7 @@ async fn consumers_of_one_group_share_the_partitions_and_apply_each_event_once()
     b.await.unwrap().unwrap();
     assert_eq!(w.effects().await, (0..60).collect::<Vec<i64>>());
     // Another group reads everything again.
-    let other = w.bus.receiver("another-group", &[w.topic.clone()]).unwrap();
+    let other = w.bus.receiver("another-group", std::slice::from_ref(&w.topic)).unwrap();
     let mut n = 0;
     while n < 60 {
         outbox_runtime::bus::Receive::recv(&other).await.unwrap();

@@ -319,10 +319,10 @@ impl Publish for MemoryBus {
             records
                 .iter()
                 .map(|r| {
-                    if let Some(k) = r.key.as_deref() {
-                        if refused.contains(&(r.topic.as_str(), k)) {
-                            return Sent::HeldBack;
-                        }
+                    if let Some(k) = r.key.as_deref()
+                        && refused.contains(&(r.topic.as_str(), k))
+                    {
+                        return Sent::HeldBack;
                     }
                     let sent = self.publish(&mut state, r);
                     if let (Sent::Failed(_), Some(k)) = (&sent, r.key.as_deref()) {

@@ -183,6 +183,22 @@ impl OutboxRow {
     }
 }
 
+impl OutboxRow {
+    /// The stored `traceparent` and `tracestate`.
+    pub fn trace_headers(&self) -> (Option<String>, Option<String>) {
+        #[derive(serde::Deserialize)]
+        struct Trace {
+            #[serde(default)]
+            traceparent: Option<String>,
+            #[serde(default)]
+            tracestate: Option<String>,
+        }
+        serde_json::from_str::<Trace>(&self.headers)
+            .map(|t| (t.traceparent, t.tracestate))
+            .unwrap_or_default()
+    }
+}
+
 impl<'a> From<&'a OutboxRow> for Record<'a> {
     fn from(row: &'a OutboxRow) -> Self {
         row.record()
@@ -986,9 +1002,11 @@ impl<DB: Backend> Outbox<DB> {
         }
         let payload = String::from_utf8(event.to_payload().map_err(Error::Encode)?)
             .map_err(|e| Error::Encode(serde::de::Error::custom(e)))?;
+        // Every event carries a trace context: the current span's (OpenTelemetry), the one in
+        // scope, or a new trace.
         let mut headers = serde_json::Map::new();
-        if let Some(tp) = crate::trace::current() {
-            headers.insert("traceparent".into(), tp.to_string().into());
+        for (name, value) in crate::trace::capture() {
+            headers.insert(name.into(), value.into());
         }
         Ok(Prepared {
             service: E::SERVICE,
