@@ -536,7 +536,10 @@ async fn consumers_of_one_group_share_the_partitions_and_apply_each_event_once()
     b.await.unwrap().unwrap();
     assert_eq!(w.effects().await, (0..60).collect::<Vec<i64>>());
     // Another group reads everything again.
-    let other = w.bus.receiver("another-group", std::slice::from_ref(&w.topic)).unwrap();
+    let other = w
+        .bus
+        .receiver("another-group", std::slice::from_ref(&w.topic))
+        .unwrap();
     let mut n = 0;
     while n < 60 {
         outbox_runtime::bus::Receive::recv(&other).await.unwrap();

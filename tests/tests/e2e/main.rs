@@ -1219,3 +1219,33 @@ async fn row_states<DB: TestDb>(
     }
     out
 }
+
+// The in-memory bus puts a key on the partition librdkafka's `murmur2_random` picks on a broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_bus_partitions_keys_as_librdkafka_does_on_the_broker() {
+    let bus = KafkaBus::new(KafkaConfig::new(brokers()).partitions(5)).unwrap();
+    let topic = format!("murmur2-{:08x}", fastrand::u32(..));
+    bus.ensure_topics(std::slice::from_ref(&topic))
+        .await
+        .unwrap();
+    let records: Vec<Outgoing> = (0..200)
+        .map(|i| Outgoing {
+            topic: topic.clone(),
+            key: Some(format!("user-{i}-{}", "k".repeat(i % 7))),
+            value: b"x".to_vec(),
+            headers: Vec::new(),
+        })
+        .collect();
+    let mut partitions = std::collections::HashSet::new();
+    for (r, sent) in records.iter().zip(bus.send_all(&records).await) {
+        let (partition, _) = sent.into_result().unwrap();
+        let key = r.key.as_deref().unwrap();
+        assert_eq!(
+            partition,
+            outbox_runtime::bus::partition_for(key.as_bytes(), 5),
+            "{key}"
+        );
+        partitions.insert(partition);
+    }
+    assert_eq!(partitions.len(), 5, "the keys spread over every partition");
+}
