@@ -70,6 +70,8 @@ pub fn current() -> Option<TraceParent> {
 /// The W3C header carrying the trace id, the parent span id and the flags.
 pub(crate) const TRACEPARENT: &str = "traceparent";
 /// The W3C header carrying vendors' trace state.
+// Used by the relay and the consumers.
+#[cfg_attr(not(feature = "runtime"), allow(dead_code))]
 pub(crate) const TRACESTATE: &str = "tracestate";
 
 /// The W3C trace headers to store with an event enqueued now, `traceparent` first, then
@@ -92,6 +94,8 @@ pub(crate) fn capture() -> Vec<(&'static str, String)> {
 /// With the `opentelemetry` feature only; a no-op without it. Call it on a new span, before it
 /// is entered or its context read (`tracing-opentelemetry` fixes a span's parent then). A
 /// missing or malformed `traceparent` is ignored: `span` keeps the parent it has.
+// Used by the relay and the consumers.
+#[cfg_attr(not(feature = "runtime"), allow(dead_code))]
 pub(crate) fn continue_from(
     span: &tracing::Span,
     traceparent: Option<&str>,
@@ -108,6 +112,8 @@ pub(crate) fn continue_from(
 ///
 /// With the `opentelemetry` feature only; `None` without it, and for a span that the
 /// OpenTelemetry layer does not record.
+// Used by the relay and the consumers.
+#[cfg_attr(not(feature = "runtime"), allow(dead_code))]
 pub(crate) fn headers_of(span: &tracing::Span) -> Option<Vec<(&'static str, String)>> {
     #[cfg(feature = "opentelemetry")]
     return otel::headers_of(span);
