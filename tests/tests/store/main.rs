@@ -222,7 +222,10 @@ async fn enqueue_stores_a_pending_row_with_every_field<DB: TestDb>() {
     assert_eq!(r.message_key.as_deref(), Some("4"));
     assert_eq!(r.aggregate_id.as_deref(), Some("pv-3"));
     assert_eq!(r.payload.as_bytes(), event.to_payload().unwrap());
-    assert_eq!(r.headers, "{}");
+    // No trace in scope: the event starts one of its own.
+    let (traceparent, tracestate) = r.trace_headers();
+    let tp: outbox_runtime::trace::TraceParent = traceparent.unwrap().parse().unwrap();
+    assert_eq!((tp.flags, tracestate), (1, None));
     assert_eq!(r.event_id, done.event_id);
     let uuid: Vec<&str> = r.event_id.split('-').collect();
     assert_eq!(uuid.len(), 5);
