@@ -126,12 +126,10 @@ impl Names {
 
 /// Retries in the relays and consumers: quick, so that a scenario settles in seconds.
 pub(crate) fn store_config(max_attempts: i32) -> StoreConfig {
-    StoreConfig {
-        max_attempts,
-        backoff_base: Duration::from_millis(100),
-        backoff_cap: Duration::from_secs(1),
-        ..StoreConfig::default()
-    }
+    StoreConfig::default()
+        .max_attempts(max_attempts)
+        .backoff_base(Duration::from_millis(100))
+        .backoff_cap(Duration::from_secs(1))
 }
 
 /// A consumer group member's session: a consumer killed with -9 never leaves its group; the

@@ -213,10 +213,7 @@ async fn run<DB: Backend>(
         .service::<TokenStoreEvents>()?
         .build();
     let outbox = Outbox::<DB>::builder(catalog)
-        .config(StoreConfig {
-            backoff_base: Duration::from_millis(200),
-            ..StoreConfig::default()
-        })
+        .config(StoreConfig::default().backoff_base(Duration::from_millis(200)))
         .build();
     {
         let mut conn = pool.acquire().await?;

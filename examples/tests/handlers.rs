@@ -116,10 +116,7 @@ async fn a_send_that_never_works_ends_dead_after_its_attempts_and_a_refusal_at_o
         ..Notifier::default()
     };
     let mut h = Harness::builder()
-        .store_config(StoreConfig {
-            max_attempts: 3,
-            ..StoreConfig::default()
-        })
+        .store_config(StoreConfig::default().max_attempts(3))
         .consumer::<NotificationEvents, _>(notifier.clone())
         .start()
         .await

@@ -288,20 +288,52 @@ fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Retry and storage settings.
+/// Retry and storage settings: start from [`StoreConfig::default`] and change what you need.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    /// Attempts before a row goes dead; the Go system's default, 20.
-    pub max_attempts: i32,
-    /// The first retry's delay; each later one doubles it.
-    pub backoff_base: Duration,
-    /// The longest retry delay.
-    pub backoff_cap: Duration,
+    pub(crate) max_attempts: i32,
+    pub(crate) backoff_base: Duration,
+    pub(crate) backoff_cap: Duration,
+    pub(crate) jitter: bool,
+    pub(crate) error_limit: usize,
+}
+
+impl StoreConfig {
+    /// Attempts before a row goes dead (20, the Go system's default).
+    pub fn max_attempts(mut self, attempts: i32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// The first retry's delay; each later one doubles it (1 s).
+    pub fn backoff_base(mut self, base: Duration) -> Self {
+        self.backoff_base = base;
+        self
+    }
+
+    /// The longest retry delay (10 min).
+    pub fn backoff_cap(mut self, cap: Duration) -> Self {
+        self.backoff_cap = cap;
+        self
+    }
+
     /// Spread retries randomly over the upper half of each delay, so that rows failing together
-    /// do not retry together.
-    pub jitter: bool,
-    /// `last_error` is cut to this many bytes, on a character boundary.
-    pub error_limit: usize,
+    /// do not retry together (on).
+    pub fn jitter(mut self, jitter: bool) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// `last_error` is cut to this many bytes, on a character boundary (2,000).
+    pub fn error_limit(mut self, bytes: usize) -> Self {
+        self.error_limit = bytes;
+        self
+    }
+
+    /// Attempts before a row goes dead.
+    pub fn attempts_allowed(&self) -> i32 {
+        self.max_attempts
+    }
 }
 
 impl Default for StoreConfig {

@@ -195,11 +195,9 @@ struct World<DB: TestDb> {
 impl<DB: TestDb> World<DB> {
     async fn new() -> Self {
         let h = Harness::<DB>::live(
-            StoreConfig {
-                backoff_base: Duration::from_millis(100),
-                jitter: false,
-                ..StoreConfig::default()
-            },
+            StoreConfig::default()
+                .backoff_base(Duration::from_millis(100))
+                .jitter(false),
             |tag| format!("e2e-{tag}"),
         )
         .await;

@@ -100,11 +100,7 @@ static MIGRATIONS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl<DB: TestDb> Harness<DB> {
     pub(crate) async fn new() -> Self {
-        Self::with_config(StoreConfig {
-            jitter: false,
-            ..StoreConfig::default()
-        })
-        .await
+        Self::with_config(StoreConfig::default().jitter(false)).await
     }
 
     pub(crate) async fn with_config(config: StoreConfig) -> Self {

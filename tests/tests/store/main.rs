@@ -550,12 +550,7 @@ async fn an_expired_lease_is_reclaimed_and_a_live_one_is_not<DB: TestDb>() {
 }
 
 async fn a_lease_expiring_on_the_last_attempt_goes_dead<DB: TestDb>() {
-    let h = Harness::<DB>::with_config(StoreConfig {
-        max_attempts: 2,
-        jitter: false,
-        ..StoreConfig::default()
-    })
-    .await;
+    let h = Harness::<DB>::with_config(StoreConfig::default().max_attempts(2).jitter(false)).await;
     let id = put(&h, &samples::urgency(1)).await.id;
     for _ in 0..2 {
         assert_eq!(claim(&h, "task", "crashing-relay", 10).await.len(), 1);
@@ -612,13 +607,13 @@ async fn mark_published_changes_only_rows_still_leased_by_the_owner<DB: TestDb>(
 
 // 21, 24: each failure backs off exponentially; the failure on the last attempt is dead.
 async fn publish_failures_back_off_then_go_dead_at_max_attempts<DB: TestDb>() {
-    let h = Harness::<DB>::with_config(StoreConfig {
-        max_attempts: 4,
-        backoff_base: Duration::from_secs(2),
-        backoff_cap: Duration::from_secs(5),
-        jitter: false,
-        ..StoreConfig::default()
-    })
+    let h = Harness::<DB>::with_config(
+        StoreConfig::default()
+            .max_attempts(4)
+            .backoff_base(Duration::from_secs(2))
+            .backoff_cap(Duration::from_secs(5))
+            .jitter(false),
+    )
     .await;
     let id = put(&h, &samples::urgency(1)).await.id;
     let mut delays = Vec::new();
@@ -978,12 +973,7 @@ fn uuid_like(tag: &str) -> String {
 // 34: a handler failure sends the row back to pending with backoff so the relay publishes it
 // again; when the attempts are used up it is dead.
 async fn consume_failure_backs_off_then_goes_dead<DB: TestDb>() {
-    let h = Harness::<DB>::with_config(StoreConfig {
-        max_attempts: 2,
-        jitter: false,
-        ..StoreConfig::default()
-    })
-    .await;
+    let h = Harness::<DB>::with_config(StoreConfig::default().max_attempts(2).jitter(false)).await;
     let e = put(&h, &samples::feishu(1)).await;
     for attempt in 1..=2 {
         let rows = claim(&h, "notification", "relay", 10).await;
@@ -1453,12 +1443,7 @@ async fn consume_works_inside_the_callers_transaction<DB: TestDb>() {
 // A lease that runs out on the last attempt leaves the row dead (`lease_expired`), but the
 // publish may have gone through: when its message arrives, it is applied.
 async fn a_row_dead_by_lease_expiry_is_applied_when_its_message_arrives<DB: TestDb>() {
-    let h = Harness::<DB>::with_config(StoreConfig {
-        max_attempts: 1,
-        jitter: false,
-        ..StoreConfig::default()
-    })
-    .await;
+    let h = Harness::<DB>::with_config(StoreConfig::default().max_attempts(1).jitter(false)).await;
     let e = put(&h, &samples::charge(1)).await;
     assert_eq!(claim(&h, "token-store", "slow-relay", 10).await.len(), 1);
     h.clock.advance(LEASE);
