@@ -113,13 +113,9 @@ impl Names {
     }
 
     pub(crate) fn catalog(&self) -> Result<Catalog, BoxError> {
-        let routes = RouteConfig::new().prefix(&self.prefix)?.override_service(
-            SERVICE,
-            RouteOverride {
-                table: Some(self.table.clone()),
-                ..RouteOverride::default()
-            },
-        )?;
+        let routes = RouteConfig::new()
+            .prefix(&self.prefix)?
+            .override_service(SERVICE, RouteOverride::default().table(self.table.clone()))?;
         Ok(Catalog::builder(routes).service::<ChaosEvents>()?.build())
     }
 }

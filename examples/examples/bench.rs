@@ -239,10 +239,7 @@ async fn fresh<DB: Backend>(
         .prefix(&format!("bench-{tag}"))?
         .override_service(
             "task",
-            RouteOverride {
-                table: Some(format!("b{tag}_outbox")),
-                ..RouteOverride::default()
-            },
+            RouteOverride::default().table(format!("b{tag}_outbox")),
         )?;
     let outbox = Outbox::<DB>::new(Catalog::builder(routes).service::<TaskEvents>()?.build());
     let mut conn = pool.acquire().await?;

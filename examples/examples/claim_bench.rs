@@ -73,10 +73,7 @@ async fn main() -> Result<(), BoxError> {
 async fn run<DB: Backend>(name: &str, pool: Pool<DB>, rows: usize) -> Result<(), BoxError> {
     for claimers in [1usize, 4] {
         let table = format!("bench_{}_outbox", std::process::id());
-        let over = RouteOverride {
-            table: Some(table.clone()),
-            ..RouteOverride::default()
-        };
+        let over = RouteOverride::default().table(table.clone());
         let routes = RouteConfig::new().override_service("task", over)?;
         let catalog = Catalog::builder(routes)
             .service::<contracts::TaskEvents>()?

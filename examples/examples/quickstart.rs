@@ -201,10 +201,7 @@ async fn run<DB: Backend>(
         let table = format!("q{run_id}_{}_outbox", service.replace('-', "_"));
         routes = routes.override_service(
             service,
-            outbox_runtime::route::RouteOverride {
-                table: Some(table),
-                ..Default::default()
-            },
+            outbox_runtime::route::RouteOverride::default().table(table),
         )?;
     }
     let catalog = Catalog::builder(routes)

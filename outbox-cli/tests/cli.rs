@@ -57,10 +57,7 @@ impl Setup {
     /// The same routes, with the contracts' event types, for writing events.
     fn outbox<DB: Backend>(&self) -> Outbox<DB> {
         let tag = &self.tag;
-        let over = |s: &str| RouteOverride {
-            table: Some(format!("c{tag}_{s}_outbox")),
-            ..RouteOverride::default()
-        };
+        let over = |s: &str| RouteOverride::default().table(format!("c{tag}_{s}_outbox"));
         let routes = RouteConfig::new()
             .prefix(&format!("cli-{tag}"))
             .unwrap()

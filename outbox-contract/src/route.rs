@@ -43,8 +43,12 @@ pub struct ServiceRoute {
 
 /// An operator's override of one service's route; unset parts keep the attribute or the
 /// convention.
+///
+/// Built with its setters (`RouteOverride::default().table("billing_outbox")`) or read from
+/// configuration; new parts can be added without breaking either.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct RouteOverride {
     /// Table name: `[a-z_][a-z0-9_]*`, at most 57 characters.
     pub table: Option<String>,
@@ -52,6 +56,26 @@ pub struct RouteOverride {
     pub topic: Option<String>,
     /// Consumer group: not blank, at most 255 characters.
     pub group: Option<String>,
+}
+
+impl RouteOverride {
+    /// Sets the table name.
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = Some(table.into());
+        self
+    }
+
+    /// Sets the Kafka topic.
+    pub fn topic(mut self, topic: impl Into<String>) -> Self {
+        self.topic = Some(topic.into());
+        self
+    }
+
+    /// Sets the consumer group.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
 }
 
 /// Runtime routing configuration: the prefix and per-service overrides.

@@ -122,13 +122,7 @@ fn an_unknown_service_gets_the_convention_and_overrides_win_in_order() {
         ..spec
     };
     let config = RouteConfig::new()
-        .override_service(
-            "foo-bar",
-            RouteOverride {
-                topic: Some("from.config".into()),
-                ..Default::default()
-            },
-        )
+        .override_service("foo-bar", RouteOverride::default().topic("from.config"))
         .unwrap();
     assert_eq!(RouteConfig::new().resolve(&attr).topic, "from.attribute");
     assert_eq!(config.resolve(&attr).topic, "from.config");
@@ -174,13 +168,7 @@ fn the_catalog_refuses_an_event_type_claimed_by_two_services() {
 #[test]
 fn the_catalog_refuses_two_services_on_one_table() {
     let config = RouteConfig::new()
-        .override_service(
-            "task",
-            RouteOverride {
-                table: Some("memory_outbox".into()),
-                ..Default::default()
-            },
-        )
+        .override_service("task", RouteOverride::default().table("memory_outbox"))
         .unwrap();
     let err = Catalog::builder(config)
         .service::<MemoryEvents>()

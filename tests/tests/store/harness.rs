@@ -122,10 +122,8 @@ impl<DB: TestDb> Harness<DB> {
         let (pool, file) = DB::open(&tag).await;
         let mut routes = RouteConfig::new().prefix(&prefix(&tag)).unwrap();
         for service in SERVICES {
-            let over = RouteOverride {
-                table: Some(format!("t{tag}_{}_outbox", service.replace('-', "_"))),
-                ..RouteOverride::default()
-            };
+            let over = RouteOverride::default()
+                .table(format!("t{tag}_{}_outbox", service.replace('-', "_")));
             routes = routes.override_service(service, over).unwrap();
         }
         let catalog = Catalog::builder(routes)
