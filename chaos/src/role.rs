@@ -121,8 +121,10 @@ pub(crate) async fn consumer<DB: ChaosDb>(args: RoleArgs) -> Result<(), BoxError
         effects: names.effects.clone(),
         name: format!("consumer-{}-{}", args.index, std::process::id()),
     };
+    // A consumer role only consumes: the relay roles relay.
     let running = Engine::builder(pool, world::kafka(&args.brokers))
         .outbox(outbox)
+        .without_relay()
         .consumer_with::<ChaosEvents, _>(applier, ConsumerConfig::default().workers(3))
         .start()
         .await?;

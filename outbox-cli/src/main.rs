@@ -582,17 +582,23 @@ async fn relay<DB: Backend>(
     metrics_addr: Option<String>,
     config: &Config,
 ) -> Result<(), BoxError> {
-    let recorder = prometheus::Prometheus::default();
-    metrics::set_global_recorder(recorder.clone()).map_err(|e| format!("metrics: {e}"))?;
-    if let Some(addr) = &metrics_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
-        eprintln!(
-            "outbox: metrics on http://{}/metrics",
-            listener.local_addr()?
-        );
-        tokio::spawn(recorder.serve(listener));
+    let exporter = prometheus::exporter()?;
+    match &metrics_addr {
+        Some(addr) => {
+            let addr: std::net::SocketAddr = addr
+                .parse()
+                .map_err(|e| format!("--metrics-addr `{addr}`: {e}"))?;
+            exporter
+                .with_http_listener(addr)
+                .install()
+                .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+            eprintln!("outbox: metrics on http://{addr}/metrics");
+        }
+        None => {
+            exporter
+                .install_recorder()
+                .map_err(|e| format!("metrics: {e}"))?;
+        }
     }
     let mut kafka = KafkaConfig::new(brokers);
     for (k, v) in &config.kafka {
