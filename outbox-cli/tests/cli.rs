@@ -398,7 +398,7 @@ fn schema_check_passes_a_new_optional_field_and_fails_a_removed_one() {
 /// Reads the metrics endpoint.
 fn scrape(addr: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         .unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
