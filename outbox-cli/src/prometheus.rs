@@ -30,13 +30,25 @@ mod tests {
             latency.record(0.7);
         });
         let text = handle.render();
-        assert!(text.contains("outbox_published_total{service=\"task\"} 3"), "{text}");
-        assert!(text.contains("outbox_backlog{service=\"task\"} 7"), "{text}");
-        assert!(text.contains("# TYPE outbox_latency_seconds histogram"), "{text}");
+        assert!(
+            text.contains("outbox_published_total{service=\"task\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outbox_backlog{service=\"task\"} 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE outbox_latency_seconds histogram"),
+            "{text}"
+        );
         for (le, n) in [("0.01", 0), ("0.025", 1), ("0.5", 1), ("1", 2), ("+Inf", 2)] {
             let line = format!("outbox_latency_seconds_bucket{{service=\"task\",le=\"{le}\"}} {n}");
             assert!(text.contains(&line), "{line} in {text}");
         }
-        assert!(text.contains("outbox_latency_seconds_count{service=\"task\"} 2"), "{text}");
+        assert!(
+            text.contains("outbox_latency_seconds_count{service=\"task\"} 2"),
+            "{text}"
+        );
     }
 }

@@ -16,6 +16,7 @@
 use std::collections::HashSet;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use sqlx::Pool;
@@ -133,10 +134,11 @@ impl ConsumerConfig {
     }
 
     /// At most this many messages already received for a worker's partitions are applied in
-    /// one transaction (100). When any handler in it fails, the transaction rolls back and its
-    /// messages are applied one at a time, so a failure touches only its own message; a
-    /// handler's effects outside the database may then happen twice (they are at least once
-    /// anyway). 1 turns batching off.
+    /// one transaction (100). A handler that fails costs its own message only: the batch runs
+    /// again with a savepoint around each message (and the next few batches keep them), its
+    /// effects are rolled back to its savepoint, the others commit, and it is retried or
+    /// dead-lettered on its own. A handler's effects outside the database may then happen
+    /// twice (they are at least once anyway). 1 turns batching off.
     pub fn batch(mut self, batch: usize) -> Self {
         self.batch = batch.max(1);
         self
@@ -175,6 +177,20 @@ struct Inner<DB: Backend, H, B: Bus> {
     route: ServiceRoute,
     config: ConsumerConfig,
     bus: Arc<B>,
+    /// Batches left to run with a savepoint per message, after one whose handler failed.
+    savepoint_batches: AtomicU32,
+}
+
+/// How many batches after a failing handler run with a savepoint per message.
+const SAVEPOINT_BATCHES: u32 = 8;
+
+/// What became of a batch.
+enum Batch {
+    /// Committed; `failed` lists the messages (index, error) whose handler failed and whose
+    /// effects were rolled back to their savepoint.
+    Applied { failed: Vec<(usize, HandlerError)> },
+    /// A handler failed in a batch without savepoints: nothing of it was applied.
+    RolledBack,
 }
 
 /// What became of one message.
@@ -221,6 +237,7 @@ where
                 route,
                 config,
                 bus,
+                savepoint_batches: AtomicU32::new(0),
             }),
             _s: PhantomData,
         })
@@ -400,7 +417,12 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         Some((env, event))
     }
 
-    /// Applies a run of decoded messages in one transaction, or one at a time when that fails.
+    /// Applies a run of decoded messages in one transaction. A handler that fails costs its
+    /// own message only: with a savepoint around each message, its effects are rolled back to
+    /// it, the others commit, and the failure is recorded after the commit (a retry through the
+    /// outbox, a dead letter). Savepoints cost two statements a message, so a batch runs without
+    /// them until a handler fails: that batch is rolled back and run again with them, and the
+    /// next few batches keep them. A database failure sends the run one message at a time.
     async fn flush<S>(
         self: &Arc<Self>,
         run: Vec<(Received, Decoded<S>)>,
@@ -415,14 +437,46 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         }
         let (msgs, run): (Vec<Received>, Vec<Decoded<S>>) = run.into_iter().unzip();
         if run.len() > 1 {
-            match self.apply_batch::<S>(run).await {
-                Ok(true) => {
-                    for msg in &msgs {
-                        store_offset(receiver, msg);
+            let guarded = self.savepoint_batches.load(Ordering::Relaxed) > 0;
+            let mut outcome = self.apply_batch::<S>(run, guarded).await;
+            if matches!(outcome, Ok(Batch::RolledBack)) {
+                // Again, each message in its savepoint; the events decode as they did.
+                let again: Vec<Decoded<S>> =
+                    msgs.iter().filter_map(|m| self.decoded::<S>(m)).collect();
+                outcome = if again.len() == msgs.len() {
+                    self.apply_batch::<S>(again, true).await
+                } else {
+                    Ok(Batch::RolledBack)
+                };
+            }
+            match outcome {
+                Ok(Batch::Applied { failed }) => {
+                    if failed.is_empty() {
+                        let _ = self.savepoint_batches.fetch_update(
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                            |n| n.checked_sub(1),
+                        );
+                    } else {
+                        self.savepoint_batches
+                            .store(SAVEPOINT_BATCHES, Ordering::Relaxed);
+                    }
+                    let mut failed = failed.into_iter().peekable();
+                    for (i, msg) in msgs.iter().enumerate() {
+                        if unsettled.contains(&(msg.topic.clone(), msg.partition)) {
+                            continue;
+                        }
+                        match failed.next_if(|(at, _)| *at == i) {
+                            None => store_offset(receiver, msg),
+                            Some((_, error)) => {
+                                self.settle_failed::<S>(msg, error, shutdown, unsettled, receiver)
+                                    .await
+                            }
+                        }
                     }
                     return;
                 }
-                Ok(false) => {}
+                Ok(Batch::RolledBack) => {}
                 Err(e) => {
                     tracing::debug!(service = S::SERVICE, error = %e, "batch failed; applying one at a time")
                 }
@@ -431,6 +485,49 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         for msg in &msgs {
             if !unsettled.contains(&(msg.topic.clone(), msg.partition)) {
                 self.settle::<S>(msg, shutdown, unsettled, receiver).await;
+            }
+        }
+    }
+
+    /// A message decoded for a batch.
+    fn decoded<S: OutboxService>(&self, msg: &Received) -> Option<Decoded<S>> {
+        let (env, event) = self.decode::<S>(msg)?;
+        Some(Decoded {
+            env,
+            event,
+            trace: trace_of(msg),
+            tracestate: msg.header(crate::trace::TRACESTATE).map(str::to_owned),
+        })
+    }
+
+    /// Records the failure of a message whose handler failed in a batch (its effects rolled
+    /// back to its savepoint), and stores its offset once that is done. Where nothing in this
+    /// database can schedule a retry (the inbox), or the record fails, it takes the one-message
+    /// path, which retries in place.
+    async fn settle_failed<S>(
+        self: &Arc<Self>,
+        msg: &Received,
+        error: HandlerError,
+        shutdown: &Shutdown,
+        unsettled: &mut HashSet<(String, i32)>,
+        receiver: &B::Receiver,
+    ) where
+        S: OutboxService + Dispatch<H, Context<DB>>,
+    {
+        let Some(env) = msg
+            .payload
+            .as_deref()
+            .and_then(|v| envelope::decode(v).ok())
+        else {
+            return self.settle::<S>(msg, shutdown, unsettled, receiver).await;
+        };
+        match self.failed::<S>(&env, error).await {
+            Ok(Outcome::RetryInPlace) | Err(_) => {
+                self.settle::<S>(msg, shutdown, unsettled, receiver).await
+            }
+            Ok(outcome) => {
+                self.record::<S>(msg, outcome).await;
+                store_offset(receiver, msg);
             }
         }
     }
@@ -452,9 +549,10 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         }
     }
 
-    /// Applies every message of `run` in one transaction. `Ok(false)` (rolled back) when a
-    /// handler failed: the caller then applies them one at a time.
-    async fn apply_batch<S>(&self, run: Vec<Decoded<S>>) -> Result<bool, Error>
+    /// Applies every message of `run` in one transaction. Without savepoints, a handler that
+    /// fails rolls the whole transaction back ([`Batch::RolledBack`]); with them, only its own
+    /// message, which comes back in [`Batch::Applied`]'s `failed` with its index and error.
+    async fn apply_batch<S>(&self, run: Vec<Decoded<S>>, savepoints: bool) -> Result<Batch, Error>
     where
         S: OutboxService + Dispatch<H, Context<DB>>,
     {
@@ -468,35 +566,40 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             }
         }
         let mut applied: Vec<(i64, i64)> = Vec::with_capacity(run.len());
+        let mut failed = Vec::new();
         let mut seen = HashSet::new();
         let mut handled = 0u64;
-        for d in run {
+        for (i, d) in run.into_iter().enumerate() {
             // The same event twice in one batch (published again after a lease ran out).
             if !seen.insert(d.env.event_id.clone()) {
                 continue;
             }
             let mut attempts = 0;
-            match self.config.dedupe {
-                Dedupe::OutboxRow => {
-                    let Some(row) = rows.get(&d.env.event_id) else {
-                        tracing::warn!(service, event_id = %d.env.event_id, "no outbox row for this event; skipping");
-                        continue;
-                    };
-                    if row.is_settled() {
-                        continue;
-                    }
-                    attempts = row.attempts;
-                    applied.push((row.id, row.created_at));
+            let mut row_of = None;
+            if self.config.dedupe == Dedupe::OutboxRow {
+                let Some(row) = rows.get(&d.env.event_id) else {
+                    tracing::warn!(service, event_id = %d.env.event_id, "no outbox row for this event; skipping");
+                    continue;
+                };
+                if row.is_settled() {
+                    continue;
                 }
-                Dedupe::Inbox => {
-                    if !self
-                        .outbox
-                        .record_inbox(&mut tx, &self.route.group, &d.env.event_id)
-                        .await?
-                    {
-                        continue;
-                    }
+                attempts = row.attempts;
+                row_of = Some((row.id, row.created_at));
+            }
+            if savepoints {
+                DB::execute(&mut tx, "SAVEPOINT outbox_message", Vec::new()).await?;
+            }
+            if self.config.dedupe == Dedupe::Inbox
+                && !self
+                    .outbox
+                    .record_inbox(&mut tx, &self.route.group, &d.env.event_id)
+                    .await?
+            {
+                if savepoints {
+                    DB::execute(&mut tx, "RELEASE SAVEPOINT outbox_message", Vec::new()).await?;
                 }
+                continue;
             }
             let mut ctx = Context {
                 tx,
@@ -514,11 +617,26 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 None => tracing::Instrument::instrument(dispatched, span).await,
             };
             tx = ctx.tx;
-            if ran.is_err() {
-                tx.rollback().await?;
-                return Ok(false);
+            match ran {
+                Ok(()) => {
+                    if savepoints {
+                        DB::execute(&mut tx, "RELEASE SAVEPOINT outbox_message", Vec::new())
+                            .await?;
+                    }
+                    applied.extend(row_of);
+                    handled += 1;
+                }
+                Err(e) if savepoints => {
+                    DB::execute(&mut tx, "ROLLBACK TO SAVEPOINT outbox_message", Vec::new())
+                        .await?;
+                    DB::execute(&mut tx, "RELEASE SAVEPOINT outbox_message", Vec::new()).await?;
+                    failed.push((i, e));
+                }
+                Err(_) => {
+                    tx.rollback().await?;
+                    return Ok(Batch::RolledBack);
+                }
             }
-            handled += 1;
         }
         let ids: Vec<i64> = applied.iter().map(|(id, _)| *id).collect();
         self.outbox
@@ -533,7 +651,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         }
         metrics::counter!("outbox_consumed_total", "service" => service.to_owned())
             .increment(handled);
-        Ok(true)
+        Ok(Batch::Applied { failed })
     }
 
     /// Handles one message; false when it was left unsettled (its offset must not be stored).
@@ -601,31 +719,17 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             let handled =
                 tracing::Instrument::instrument(self.apply::<S>(&env, trace), span.clone()).await;
             match handled {
-                Ok(outcome) => {
-                    let labels = [("service", service.to_owned())];
-                    match outcome {
-                        Outcome::Applied => {
-                            metrics::counter!("outbox_consumed_total", &labels).increment(1)
-                        }
-                        Outcome::Retrying => {
-                            metrics::counter!("outbox_retried_total", &labels).increment(1)
-                        }
-                        Outcome::Dead(reason) => {
-                            metrics::counter!("outbox_dead_total", "service" => service.to_owned(), "reason" => reason).increment(1);
-                            self.dead_letter(msg, reason, "").await;
-                        }
-                        Outcome::Skipped => {}
-                        // Nothing in this database can schedule a retry (inbox mode): try again
-                        // here, keeping the offset.
-                        Outcome::RetryInPlace => {
-                            if shutdown.is_triggered() {
-                                return false;
-                            }
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_secs(5));
-                            continue;
-                        }
+                // Nothing in this database can schedule a retry (inbox mode): try again here,
+                // keeping the offset.
+                Ok(Outcome::RetryInPlace) => {
+                    if shutdown.is_triggered() {
+                        return false;
                     }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Ok(outcome) => {
+                    self.record::<S>(msg, outcome).await;
                     return true;
                 }
                 // The database failed: try again, keeping the offset, until it works or the
@@ -722,34 +826,61 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             }
             Err(e) => {
                 drop(ctx);
-                let error = e.to_string();
-                let mut conn = self.pool.acquire().await?;
-                if e.is_permanent() {
-                    self.outbox
-                        .reject(
-                            &mut conn,
-                            service,
-                            &env.event_id,
-                            "handler_rejected",
-                            &error,
-                        )
-                        .await?;
-                    return Ok(Outcome::Dead("handler_rejected"));
-                }
-                tracing::warn!(service, event_id = %env.event_id, %error, "handler failed");
-                if self.config.dedupe == Dedupe::Inbox {
-                    return Ok(Outcome::RetryInPlace);
-                }
-                match self
-                    .outbox
-                    .consume_failed(&mut conn, service, &env.event_id, &error)
-                    .await?
-                {
-                    Transition::Dead => Ok(Outcome::Dead("max_attempts")),
-                    Transition::Retrying { .. } => Ok(Outcome::Retrying),
-                    Transition::Unchanged => Ok(Outcome::Skipped),
-                }
+                self.failed::<S>(env, e).await
             }
+        }
+    }
+
+    /// Records a handler's failure: dead at once when it refused the event for good, else a
+    /// retry through the outbox with backoff (dead when the attempts are used up), or, in the
+    /// inbox, a retry in place.
+    async fn failed<S: OutboxService>(
+        &self,
+        env: &Envelope,
+        e: HandlerError,
+    ) -> Result<Outcome, Error> {
+        let service = S::SERVICE;
+        let error = e.to_string();
+        let mut conn = self.pool.acquire().await?;
+        if e.is_permanent() {
+            self.outbox
+                .reject(
+                    &mut conn,
+                    service,
+                    &env.event_id,
+                    "handler_rejected",
+                    &error,
+                )
+                .await?;
+            return Ok(Outcome::Dead("handler_rejected"));
+        }
+        tracing::warn!(service, event_id = %env.event_id, %error, "handler failed");
+        if self.config.dedupe == Dedupe::Inbox {
+            return Ok(Outcome::RetryInPlace);
+        }
+        match self
+            .outbox
+            .consume_failed(&mut conn, service, &env.event_id, &error)
+            .await?
+        {
+            Transition::Dead => Ok(Outcome::Dead("max_attempts")),
+            Transition::Retrying { .. } => Ok(Outcome::Retrying),
+            Transition::Unchanged => Ok(Outcome::Skipped),
+        }
+    }
+
+    /// Counts a settled message's outcome and dead-letters it when it is dead.
+    async fn record<S: OutboxService>(&self, msg: &Received, outcome: Outcome) {
+        let service = S::SERVICE;
+        let labels = [("service", service.to_owned())];
+        match outcome {
+            Outcome::Applied => metrics::counter!("outbox_consumed_total", &labels).increment(1),
+            Outcome::Retrying => metrics::counter!("outbox_retried_total", &labels).increment(1),
+            Outcome::Dead(reason) => {
+                metrics::counter!("outbox_dead_total", "service" => service.to_owned(), "reason" => reason).increment(1);
+                self.dead_letter(msg, reason, "").await;
+            }
+            Outcome::Skipped | Outcome::RetryInPlace => {}
         }
     }
 

@@ -38,6 +38,8 @@ struct Recorder {
     calls: Mutex<HashMap<u64, u32>>,
     /// `n` whose first call fails with a retryable error.
     fail_once: Option<u64>,
+    /// `n` whose every call fails with a retryable error.
+    always_fail: Vec<u64>,
     /// `n` whose call closes the pool once it is applied (a database going away).
     close_pool_after: Option<(u64, SqlitePool)>,
     /// `n` whose call waits for `gate` (and signals `entered` first).
@@ -62,7 +64,7 @@ impl OrderEventsHandler<Context<Sqlite>> for Arc<Recorder> {
             *c += 1;
             *c
         };
-        if self.fail_once == Some(e.n) && call == 1 {
+        if self.fail_once == Some(e.n) && call == 1 || self.always_fail.contains(&e.n) {
             return Err(HandlerError::retry("the payment service answered 503"));
         }
         if let Some((n, entered, gate)) = &self.hold
@@ -225,7 +227,7 @@ impl World {
 }
 
 #[tokio::test]
-async fn a_batch_applies_together_and_a_failing_handler_sends_it_one_at_a_time() {
+async fn a_batch_applies_together_and_one_whose_handler_fails_runs_again_with_savepoints() {
     let w = World::new(MemoryBus::new().with_partitions(1)).await;
     for n in 0..20 {
         w.enqueue("c1", n, 0).await;
@@ -244,7 +246,8 @@ async fn a_batch_applies_together_and_a_failing_handler_sends_it_one_at_a_time()
     trigger.trigger();
     task.await.unwrap().unwrap();
 
-    // 0..=7 ran in the batch that rolled back at 7, then every message ran on its own.
+    // 0..=7 ran in the batch that rolled back at 7, then every message ran again, each in its
+    // savepoint (7 succeeding the second time).
     for n in 0..20 {
         let expected = if n <= 7 { 2 } else { 1 };
         assert_eq!(recorder.calls(n), expected, "calls of {n}");
@@ -252,6 +255,61 @@ async fn a_batch_applies_together_and_a_failing_handler_sends_it_one_at_a_time()
     // Each effect exactly once: the batch's writes rolled back with it.
     assert_eq!(w.effects().await, (0..20).collect::<Vec<i64>>());
     assert_eq!(w.bus.committed(&w.group, &w.topic), vec![20]);
+}
+
+#[tokio::test]
+async fn a_failing_handler_costs_its_own_message_not_its_batch() {
+    let w = World::new(MemoryBus::new().with_partitions(1)).await;
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        ids.push(w.enqueue("c1", n, 0).await);
+    }
+    w.relay_all().await;
+    let recorder = Arc::new(Recorder {
+        always_fail: vec![3, 13],
+        ..Recorder::default()
+    });
+    let (trigger, shutdown) = Shutdown::new();
+    let consumer = w.consumer(&w.pool, &recorder, ConsumerConfig::default().workers(1));
+    let task = tokio::spawn(consumer.run(shutdown));
+    w.consumed_all().await;
+    // The first failure rolled its batch back once; the batch ran again with savepoints.
+    for n in 0..10 {
+        assert_eq!(
+            recorder.calls(n),
+            if n <= 3 { 2 } else { 1 },
+            "calls of {n}"
+        );
+    }
+    let failed = w.status(ids[3]).await;
+    assert_eq!(
+        (failed.status, failed.last_error.as_deref()),
+        (Status::Pending, Some("the payment service answered 503"))
+    );
+    // The next batch keeps its savepoints: its failing message costs no other message a call.
+    // (Another key: 3, waiting for its retry, holds c1's later rows back.)
+    for n in 10..20 {
+        ids.push(w.enqueue("c2", n, 0).await);
+    }
+    w.relay_all().await;
+    w.consumed_all().await;
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+    for n in 10..20 {
+        assert_eq!(recorder.calls(n), 1, "calls of {n}");
+    }
+    assert_eq!(w.status(ids[13]).await.status, Status::Pending);
+    let expected: Vec<i64> = (0..20).filter(|n| *n != 3 && *n != 13).collect();
+    assert_eq!(
+        w.effects().await,
+        expected,
+        "every effect but the failing ones, once"
+    );
+    for (n, id) in ids.iter().enumerate() {
+        if n != 3 && n != 13 {
+            assert_eq!(w.status(*id).await.status, Status::Consumed, "row of {n}");
+        }
+    }
 }
 
 #[tokio::test]
