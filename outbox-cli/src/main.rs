@@ -67,6 +67,22 @@ enum Command {
     /// Dead letters.
     #[command(subcommand)]
     Dead(Dead),
+    /// Put rows published longer than `--older-than` ago back to pending (their message never
+    /// reached a consumer: retention ran out, a partition nobody reads, a deleted topic).
+    Republish {
+        /// Rows published longer ago than this (`30s`, `15m`, `2h`, `7d`).
+        #[arg(long, value_parser = parse_duration)]
+        older_than: Duration,
+        /// Only this service (else every configured one).
+        #[arg(long)]
+        service: Option<String>,
+        /// Show what would be republished, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// At most this many rows per service.
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
+    },
     /// Run the relay for the services until SIGTERM or Ctrl-C.
     Relay {
         /// Kafka brokers, `host:port,…`.
@@ -287,6 +303,24 @@ async fn with_pool<DB: Backend>(cli: Cli, config: Config, pool: Pool<DB>) -> Res
         Command::Migrate { print } => migrate(&outbox, &pool, print, cli.json).await,
         Command::Status => status(&outbox, &pool, cli.json).await,
         Command::Dead(dead) => dead_letters(&outbox, &pool, &services, dead, cli.json).await,
+        Command::Republish {
+            older_than,
+            service,
+            dry_run,
+            limit,
+        } => {
+            let targets = match service {
+                Some(s) if !services.contains(&s) => {
+                    return Err(format!("service `{s}` is not configured").into());
+                }
+                Some(s) => vec![s],
+                None => services.clone(),
+            };
+            republish(
+                &outbox, &pool, &targets, older_than, dry_run, limit, cli.json,
+            )
+            .await
+        }
         Command::Relay {
             brokers,
             metrics_addr,
@@ -371,6 +405,7 @@ async fn status<DB: Backend>(
                     "table": s.table,
                     "counts": counts,
                     "oldest_due_ms": s.oldest_due_ms,
+                    "oldest_published_ms": s.oldest_published_ms,
                     "dead_by_reason": s.dead_by_reason,
                 })
             })
@@ -379,8 +414,15 @@ async fn status<DB: Backend>(
         return Ok(());
     }
     println!(
-        "{:<18} {:>8} {:>8} {:>10} {:>9} {:>6}  {:>11}  dead reasons",
-        "service", "pending", "sending", "published", "consumed", "dead", "oldest due"
+        "{:<18} {:>8} {:>8} {:>10} {:>9} {:>6}  {:>11}  {:>16}  dead reasons",
+        "service",
+        "pending",
+        "sending",
+        "published",
+        "consumed",
+        "dead",
+        "oldest due",
+        "oldest published"
     );
     for s in &stats {
         let reasons: Vec<String> = s
@@ -389,7 +431,7 @@ async fn status<DB: Backend>(
             .map(|(r, n)| format!("{r}: {n}"))
             .collect();
         let line = format!(
-            "{:<18} {:>8} {:>8} {:>10} {:>9} {:>6}  {:>11}  {}",
+            "{:<18} {:>8} {:>8} {:>10} {:>9} {:>6}  {:>11}  {:>16}  {}",
             s.service,
             s.counts[&Status::Pending],
             s.counts[&Status::Sending],
@@ -397,9 +439,66 @@ async fn status<DB: Backend>(
             s.counts[&Status::Consumed],
             s.counts[&Status::Dead],
             s.oldest_due_ms.map_or("-".to_owned(), age),
+            s.oldest_published_ms.map_or("-".to_owned(), age),
             reasons.join(", ")
         );
         println!("{}", line.trim_end());
+    }
+    Ok(())
+}
+
+async fn republish<DB: Backend>(
+    outbox: &Outbox<DB>,
+    pool: &Pool<DB>,
+    services: &[String],
+    older_than: Duration,
+    dry_run: bool,
+    limit: usize,
+    json: bool,
+) -> Result<(), BoxError> {
+    let mut conn = pool.acquire().await?;
+    let mut out = Vec::new();
+    for service in services {
+        let ids = outbox
+            .stuck_published(&mut conn, service, older_than, limit)
+            .await?;
+        let changed = if dry_run || ids.is_empty() {
+            0
+        } else {
+            outbox
+                .republish(&mut conn, service, older_than, &ids)
+                .await?
+        };
+        out.push((service, ids, changed));
+    }
+    if json {
+        let v: Vec<_> = out
+            .iter()
+            .map(|(s, ids, changed)| {
+                json!({ "service": s, "matched": ids.len(), "ids": ids, "republished": changed, "dry_run": dry_run })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    for (service, ids, changed) in &out {
+        let range = match (ids.first(), ids.last()) {
+            (Some(a), Some(b)) => format!(" (ids {a}..={b})"),
+            _ => String::new(),
+        };
+        if dry_run {
+            println!(
+                "{service}: {} rows published more than {} ago would go back to pending{range}",
+                ids.len(),
+                age(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
+            );
+        } else {
+            println!(
+                "{service}: {changed} of {} rows published more than {} ago back to pending{range}",
+                ids.len(),
+                age(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX))
+            );
+        }
     }
     Ok(())
 }

@@ -241,6 +241,64 @@ async fn lifecycle<DB: Backend>(s: Setup, pool: sqlx::Pool<DB>) {
         (4.into(), 0.into())
     );
 
+    // republish: two task rows published, their messages never consumed.
+    let outbox = s.outbox::<DB>();
+    let mut conn = pool.acquire().await.unwrap();
+    let claimed = outbox
+        .claim(&mut conn, "task", "cli-test", 2, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let claimed: Vec<i64> = claimed.iter().map(|r| r.id).collect();
+    assert_eq!(
+        outbox
+            .mark_published(&mut conn, "task", "cli-test", &claimed)
+            .await
+            .unwrap(),
+        2
+    );
+    drop(conn);
+    let status = s.json(&["status"]);
+    let task = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["service"] == "task")
+        .unwrap();
+    assert!(task["oldest_published_ms"].as_i64().unwrap() >= 0, "{task}");
+    assert!(s.ok(&["status"]).contains("oldest published"));
+    let none = s.json(&["republish", "--older-than", "1d"]);
+    assert!(
+        none.as_array().unwrap().iter().all(|x| x["matched"] == 0),
+        "{none}"
+    );
+    let dry = s.json(&[
+        "republish",
+        "--older-than",
+        "0s",
+        "--service",
+        "task",
+        "--dry-run",
+    ]);
+    assert_eq!(
+        (dry[0]["matched"].clone(), dry[0]["republished"].clone()),
+        (2.into(), 0.into())
+    );
+    let text = s.ok(&["republish", "--older-than", "0s", "--service", "task"]);
+    assert!(
+        text.starts_with("task: 2 of 2 rows published more than 0s ago back to pending"),
+        "{text}"
+    );
+    let status = s.json(&["status"]);
+    let task = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["service"] == "task")
+        .unwrap();
+    assert_eq!(task["counts"]["published"], 0);
+    assert_eq!(task["counts"]["pending"], 4);
+    assert!(task["oldest_published_ms"].is_null());
+
     // discard
     assert_eq!(s.json(&["dead", "discard", "--dry-run"])["would_change"], 1);
     assert_eq!(s.json(&["dead", "discard"])["discarded"], 1);

@@ -316,17 +316,29 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         }
     }
 
-    /// Publishes the `outbox_backlog` gauge: rows of `service` not yet on the broker.
+    /// Publishes the `outbox_backlog` gauge (rows of `service` not yet on the broker) and
+    /// `outbox_oldest_published_seconds` (how long its oldest published row has waited for a
+    /// consumer; 0 when none waits).
     async fn gauge_backlog(&self, service: &str) {
-        let backlog = match self.pool.acquire().await {
-            Ok(mut conn) => self.outbox.backlog(&mut conn, service).await,
-            Err(e) => Err(e.into()),
+        let mut conn = match self.pool.acquire().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::debug!(service, error = %e, "backlog not measured");
+                return;
+            }
         };
-        match backlog {
+        match self.outbox.backlog(&mut conn, service).await {
             Ok(n) => {
                 metrics::gauge!("outbox_backlog", "service" => service.to_owned()).set(n as f64)
             }
             Err(e) => tracing::debug!(service, error = %e, "backlog not measured"),
+        }
+        match self.outbox.oldest_published_age(&mut conn, service).await {
+            Ok(age) => {
+                metrics::gauge!("outbox_oldest_published_seconds", "service" => service.to_owned())
+                    .set(age.unwrap_or(0) as f64 / 1000.0)
+            }
+            Err(e) => tracing::debug!(service, error = %e, "oldest published row not measured"),
         }
     }
 

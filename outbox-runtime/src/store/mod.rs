@@ -444,6 +444,11 @@ pub struct ServiceStats {
     pub oldest_due_ms: Option<i64>,
     /// Dead rows per reason.
     pub dead_by_reason: BTreeMap<String, i64>,
+    /// How long the oldest `published` row has waited for a consumer, in ms; `None` when none
+    /// is published. A row stays published when its message never reaches a consumer
+    /// (retention ran out, a partition nobody reads), and for good where consumers use the
+    /// inbox instead of marking rows.
+    pub oldest_published_ms: Option<i64>,
 }
 
 /// A database the store runs on. Sealed: implemented for `sqlx::Postgres`, `sqlx::MySql` and
@@ -1540,6 +1545,69 @@ impl<DB: Backend> Outbox<DB> {
         Ok(changed)
     }
 
+    /// How long the oldest `published` row of `service` has waited for a consumer (ms).
+    pub async fn oldest_published_age(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+    ) -> Result<Option<i64>, Error> {
+        let table = self.table(service)?;
+        let at = DB::fetch_ints(conn, table.get("oldest_published"), Vec::new())
+            .await?
+            .into_iter()
+            .next()
+            .flatten();
+        Ok(at.map(|t| self.now_ms().saturating_sub(t)))
+    }
+
+    /// Ids of `service`'s rows published longer than `older_than` ago, oldest first, at most
+    /// `limit`.
+    pub async fn stuck_published(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<i64>, Error> {
+        let table = self.table(service)?;
+        let before = self.now_ms() - i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
+        let args = vec![
+            Arg::I64(before),
+            Arg::I64(i64::try_from(limit).unwrap_or(i64::MAX)),
+        ];
+        Ok(DB::fetch_ints(conn, table.get("stuck_published"), args)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    /// Puts `ids` of `service` back to pending, due now, attempts reset, where each is still
+    /// published and was published longer than `older_than` ago (a compare-and-set: a row a
+    /// consumer marked meanwhile is left alone). Returns how many changed.
+    pub async fn republish(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        older_than: Duration,
+        ids: &[i64],
+    ) -> Result<u64, Error> {
+        let table = self.table(service)?;
+        let now = self.now_ms();
+        let before = now - i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
+        let mut changed = 0;
+        for chunk in ids.chunks(1000) {
+            let sql = table.with_ids("republish", 3, chunk.len());
+            let mut args = vec![Arg::I64(now), Arg::I64(now), Arg::I64(before)];
+            args.extend(chunk.iter().map(|&id| Arg::I64(id)));
+            changed += DB::execute(conn, &sql, args).await?;
+        }
+        if changed > 0 {
+            self.inner.wake.notify_waiters();
+        }
+        Ok(changed)
+    }
+
     /// Dead rows of a service with an id above `after`, oldest first.
     pub async fn list_dead(
         &self,
@@ -1592,6 +1660,21 @@ impl<DB: Backend> Outbox<DB> {
         batch: usize,
     ) -> Result<u64, Error> {
         let sql = self.table(service)?.get("purge_consumed");
+        self.purge(conn, sql, older_than, batch).await
+    }
+
+    /// Retention for a service whose consumers use the inbox: their rows are never marked
+    /// consumed and end at `published`; this deletes those published longer than `older_than`
+    /// ago, `batch` per statement. Keep them as long as a republish may be wanted (see
+    /// [`Outbox::republish`]). Returns how many were deleted.
+    pub async fn purge_published(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        older_than: Duration,
+        batch: usize,
+    ) -> Result<u64, Error> {
+        let sql = self.table(service)?.get("purge_published");
         self.purge(conn, sql, older_than, batch).await
     }
 
@@ -1664,12 +1747,18 @@ impl<DB: Backend> Outbox<DB> {
                 .await?
                 .into_iter()
                 .collect();
+            let published = DB::fetch_ints(conn, table.get("oldest_published"), Vec::new())
+                .await?
+                .into_iter()
+                .next()
+                .flatten();
             out.push(ServiceStats {
                 service: table.route.service.clone(),
                 table: table.route.table.clone(),
                 counts,
                 oldest_due_ms: oldest.map(|t| now.saturating_sub(t)),
                 dead_by_reason,
+                oldest_published_ms: published.map(|t| now.saturating_sub(t)),
             });
         }
         Ok(out)

@@ -74,6 +74,7 @@ on_every_backend!(
     replay_reopens_dead_rows_and_discard_deletes_them,
     retention_purges_old_consumed_rows_in_batches_and_keeps_dead_ones,
     stats_count_statuses_oldest_due_and_dead_reasons,
+    rows_stuck_in_published_are_aged_and_republished_by_compare_and_set,
     migrate_is_idempotent,
     four_claimers_on_ten_thousand_rows_claim_each_row_once,
     a_claimer_that_dies_loses_its_rows_when_the_lease_ends,
@@ -1179,6 +1180,97 @@ async fn stats_count_statuses_oldest_due_and_dead_reasons<DB: TestDb>() {
     let memory = stats.iter().find(|s| s.service == "memory").unwrap();
     assert_eq!(memory.oldest_due_ms, None);
     assert_eq!(stats.len(), 6);
+    h.cleanup().await;
+}
+
+// A message that never reached a consumer leaves its row published: its age shows, and
+// `republish` puts such rows back to pending, leaving alone a row a consumer marked meanwhile.
+async fn rows_stuck_in_published_are_aged_and_republished_by_compare_and_set<DB: TestDb>() {
+    let h = Harness::<DB>::new().await;
+    let old_a = put(&h, &urgency(1, 1)).await;
+    let old_b = put(&h, &urgency(2, 2)).await;
+    let marked = put(&h, &urgency(3, 3)).await;
+    assert_eq!(claim(&h, "task", "relay", 10).await.len(), 3);
+    assert_eq!(
+        publish(&h, "task", "relay", &[old_a.id, old_b.id, marked.id]).await,
+        3
+    );
+    h.clock.advance(Duration::from_secs(3600));
+    let recent = put(&h, &urgency(4, 4)).await;
+    assert_eq!(claim(&h, "task", "relay", 10).await.len(), 1);
+    assert_eq!(publish(&h, "task", "relay", &[recent.id]).await, 1);
+    h.clock.advance(Duration::from_secs(60));
+
+    let mut conn = h.pool.acquire().await.unwrap();
+    let stats = h.outbox.stats(&mut conn).await.unwrap();
+    let task = stats.iter().find(|s| s.service == "task").unwrap();
+    assert_eq!(task.oldest_published_ms, Some(3_660_000));
+    let memory = stats.iter().find(|s| s.service == "memory").unwrap();
+    assert_eq!(memory.oldest_published_ms, None);
+    assert_eq!(
+        h.outbox
+            .oldest_published_age(&mut conn, "task")
+            .await
+            .unwrap(),
+        Some(3_660_000)
+    );
+
+    let older_than = Duration::from_secs(30 * 60);
+    let stuck = h
+        .outbox
+        .stuck_published(&mut conn, "task", older_than, 100)
+        .await
+        .unwrap();
+    assert_eq!(stuck, vec![old_a.id, old_b.id, marked.id]);
+    // A consumer marks one of them between the look and the change.
+    h.outbox
+        .consume(&mut conn, "task", &marked.event_id, async |_| {
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .unwrap();
+    let changed = h
+        .outbox
+        .republish(&mut conn, "task", older_than, &stuck)
+        .await
+        .unwrap();
+    assert_eq!(changed, 2);
+    drop(conn);
+    for id in [old_a.id, old_b.id] {
+        let r = row(&h, "task", id).await;
+        assert_eq!(
+            (r.status, r.attempts, r.published_at, r.next_attempt_at),
+            (Status::Pending, 0, None, Some(h.outbox.now_ms()))
+        );
+    }
+    assert_eq!(row(&h, "task", marked.id).await.status, Status::Consumed);
+    assert_eq!(row(&h, "task", recent.id).await.status, Status::Published);
+    // Due at once: the next claim takes them.
+    let again: Vec<i64> = claim(&h, "task", "relay", 10)
+        .await
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(again, vec![old_a.id, old_b.id]);
+
+    // Where consumers use the inbox, rows end at published and retention deletes them, in
+    // batches, published ones only and old ones only.
+    assert_eq!(publish(&h, "task", "relay", &again).await, 2);
+    h.clock.advance(Duration::from_secs(3600));
+    let newest = put(&h, &urgency(5, 5)).await;
+    assert_eq!(claim(&h, "task", "relay", 10).await.len(), 1);
+    assert_eq!(publish(&h, "task", "relay", &[newest.id]).await, 1);
+    let mut conn = h.pool.acquire().await.unwrap();
+    let purged = h
+        .outbox
+        .purge_published(&mut conn, "task", Duration::from_secs(60), 1)
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(purged, 3, "old_a, old_b and recent");
+    assert_eq!(row(&h, "task", newest.id).await.status, Status::Published);
+    assert_eq!(row(&h, "task", marked.id).await.status, Status::Consumed);
+    assert_eq!(h.rows("task").await, 2);
     h.cleanup().await;
 }
 

@@ -90,6 +90,26 @@ SELECT status, COUNT(*) FROM {table} GROUP BY status
 -- now
 SELECT MIN(next_attempt_at) FROM {table} WHERE status = 'pending' AND next_attempt_at <= $1
 
+-- name: oldest_published
+-- A published row's updated_at is when it was published (nothing else changes a published
+-- row), and the status index covers it.
+SELECT MIN(updated_at) FROM {table} WHERE status = 'published'
+
+-- name: stuck_published
+-- Rows published before a time (their message never reached a consumer, or no consumer marks
+-- rows: see `republish`), oldest first.
+-- before, limit
+SELECT id FROM {table} WHERE status = 'published' AND updated_at < $1 ORDER BY id LIMIT $2
+
+-- name: republish
+-- Published rows back to pending, due at once, attempts reset as by `replay`: a compare-and-set
+-- on the status and the age that chose them.
+-- next_attempt_at, updated_at, before, ids...
+UPDATE {table}
+SET status = 'pending', attempts = 0, next_attempt_at = $1, published_at = NULL,
+    lease_owner = NULL, lease_until = NULL, updated_at = $2
+WHERE status = 'published' AND updated_at < $3 AND id IN ({ids})
+
 -- name: dead_by_reason
 SELECT COALESCE(dead_reason, 'unknown'), COUNT(*) FROM {table} WHERE status = 'dead'
 GROUP BY COALESCE(dead_reason, 'unknown')

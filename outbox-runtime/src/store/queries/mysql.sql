@@ -148,6 +148,10 @@ ALTER TABLE {table} MODIFY event_id VARCHAR(255) CHARACTER SET utf8mb4 COLLATE u
 -- consumer_group, event_id, consumed_at
 INSERT IGNORE INTO outbox_inbox (consumer_group, event_id, consumed_at) VALUES (?, ?, ?)
 
+-- name: purge_published
+-- Retention where consumers use the inbox (rows end at published): published before, limit
+DELETE FROM {table} WHERE status = 'published' AND updated_at < ? ORDER BY id LIMIT ?
+
 -- name: purge_consumed
 -- consumed_at before, limit
 DELETE FROM {table} WHERE status = 'consumed' AND consumed_at < ? ORDER BY id LIMIT ?

@@ -179,6 +179,11 @@ ALTER TABLE {table} ALTER COLUMN event_id TYPE VARCHAR(255)
 INSERT INTO outbox_inbox (consumer_group, event_id, consumed_at) VALUES ($1, $2, $3)
 ON CONFLICT DO NOTHING
 
+-- name: purge_published
+-- Retention where consumers use the inbox (rows end at published): published before, limit
+DELETE FROM {table} WHERE id IN (
+    SELECT id FROM {table} WHERE status = 'published' AND updated_at < $1 ORDER BY id LIMIT $2)
+
 -- name: purge_consumed
 -- consumed_at before, limit
 DELETE FROM {table} WHERE id IN (

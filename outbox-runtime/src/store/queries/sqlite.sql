@@ -142,6 +142,11 @@ DELETE FROM {table} WHERE rowid IN (
 INSERT INTO outbox_inbox (consumer_group, event_id, consumed_at) VALUES (?, ?, ?)
 ON CONFLICT DO NOTHING
 
+-- name: purge_published
+-- Retention where consumers use the inbox (rows end at published): published before, limit
+DELETE FROM {table} WHERE id IN (
+    SELECT id FROM {table} WHERE status = 'published' AND updated_at < ? ORDER BY id LIMIT ?)
+
 -- name: purge_consumed
 -- consumed_at before, limit
 DELETE FROM {table} WHERE id IN (
