@@ -29,7 +29,7 @@ use outbox_contract::service::{Dispatch, HandlerError, OutboxService};
 use crate::bus::{Bus, Outgoing, Publish, Receive, Received};
 use crate::error::Error;
 use crate::relay::Shutdown;
-use crate::store::{Backend, Outbox, Transition};
+use crate::store::{Backend, InboxDead, Outbox, Transition};
 use crate::trace::TraceParent;
 
 /// Counts consumers that have their partitions.
@@ -112,6 +112,7 @@ pub struct ConsumerConfig {
     pub(crate) dlq: bool,
     pub(crate) dedupe: Dedupe,
     pub(crate) batch: usize,
+    pub(crate) inbox_attempts: u32,
 }
 
 impl ConsumerConfig {
@@ -124,6 +125,15 @@ impl ConsumerConfig {
     /// Also send dead-lettered messages to `<topic>.dlq` (off).
     pub fn dlq(mut self, dlq: bool) -> Self {
         self.dlq = dlq;
+        self
+    }
+
+    /// With [`Dedupe::Inbox`], how many times a handler that fails with a retryable error is
+    /// run before its event goes dead (`max_attempts`, stored in the consumer's database) and
+    /// the partition moves on (10). There is no outbox row there to schedule a retry, so the
+    /// attempts run in place, with backoff from 100 ms to 5 s.
+    pub fn inbox_attempts(mut self, attempts: u32) -> Self {
+        self.inbox_attempts = attempts.max(1);
         self
     }
 
@@ -152,6 +162,7 @@ impl Default for ConsumerConfig {
             dlq: false,
             dedupe: Dedupe::OutboxRow,
             batch: 100,
+            inbox_attempts: 10,
         }
     }
 }
@@ -189,8 +200,9 @@ enum Batch {
     /// Committed; `failed` lists the messages (index, error) whose handler failed and whose
     /// effects were rolled back to their savepoint.
     Applied { failed: Vec<(usize, HandlerError)> },
-    /// A handler failed in a batch without savepoints: nothing of it was applied.
-    RolledBack,
+    /// A handler failed in a batch without savepoints, at index `at` (the handlers of the
+    /// messages before it ran too): nothing of it was applied.
+    RolledBack { at: usize },
 }
 
 /// What became of one message.
@@ -200,7 +212,9 @@ enum Outcome {
     Skipped,
     Dead(&'static str),
     Retrying,
-    RetryInPlace,
+    /// A retryable failure where nothing in this database can schedule a retry (the inbox):
+    /// the error, to try again in place.
+    RetryInPlace(String),
 }
 
 impl<DB, S, H, B> Consumer<DB, S, H, B>
@@ -439,14 +453,17 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         if run.len() > 1 {
             let guarded = self.savepoint_batches.load(Ordering::Relaxed) > 0;
             let mut outcome = self.apply_batch::<S>(run, guarded).await;
-            if matches!(outcome, Ok(Batch::RolledBack)) {
+            // The messages whose handlers ran in a batch that was rolled back.
+            let mut ran_before = None;
+            if let Ok(Batch::RolledBack { at }) = outcome {
+                ran_before = Some(at);
                 // Again, each message in its savepoint; the events decode as they did.
                 let again: Vec<Decoded<S>> =
                     msgs.iter().filter_map(|m| self.decoded::<S>(m)).collect();
                 outcome = if again.len() == msgs.len() {
                     self.apply_batch::<S>(again, true).await
                 } else {
-                    Ok(Batch::RolledBack)
+                    Ok(Batch::RolledBack { at })
                 };
             }
             match outcome {
@@ -469,14 +486,17 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                         match failed.next_if(|(at, _)| *at == i) {
                             None => store_offset(receiver, msg),
                             Some((_, error)) => {
-                                self.settle_failed::<S>(msg, error, shutdown, unsettled, receiver)
-                                    .await
+                                let runs = 1 + u32::from(ran_before.is_some_and(|at| i <= at));
+                                self.settle_failed::<S>(
+                                    msg, error, runs, shutdown, unsettled, receiver,
+                                )
+                                .await
                             }
                         }
                     }
                     return;
                 }
-                Ok(Batch::RolledBack) => {}
+                Ok(Batch::RolledBack { .. }) => {}
                 Err(e) => {
                     tracing::debug!(service = S::SERVICE, error = %e, "batch failed; applying one at a time")
                 }
@@ -508,6 +528,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         self: &Arc<Self>,
         msg: &Received,
         error: HandlerError,
+        runs: u32,
         shutdown: &Shutdown,
         unsettled: &mut HashSet<(String, i32)>,
         receiver: &B::Receiver,
@@ -521,10 +542,15 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         else {
             return self.settle::<S>(msg, shutdown, unsettled, receiver).await;
         };
-        match self.failed::<S>(&env, error).await {
-            Ok(Outcome::RetryInPlace) | Err(_) => {
-                self.settle::<S>(msg, shutdown, unsettled, receiver).await
+        match self.failed::<S>(msg, &env, error).await {
+            Ok(Outcome::RetryInPlace(_)) => {
+                if self.handle::<S>(msg, shutdown, runs).await {
+                    store_offset(receiver, msg);
+                } else {
+                    unsettled.insert((msg.topic.clone(), msg.partition));
+                }
             }
+            Err(_) => self.settle::<S>(msg, shutdown, unsettled, receiver).await,
             Ok(outcome) => {
                 self.record::<S>(msg, outcome).await;
                 store_offset(receiver, msg);
@@ -542,7 +568,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
     ) where
         S: OutboxService + Dispatch<H, Context<DB>>,
     {
-        if self.handle::<S>(msg, shutdown).await {
+        if self.handle::<S>(msg, shutdown, 0).await {
             store_offset(receiver, msg);
         } else {
             unsettled.insert((msg.topic.clone(), msg.partition));
@@ -634,7 +660,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 }
                 Err(_) => {
                     tx.rollback().await?;
-                    return Ok(Batch::RolledBack);
+                    return Ok(Batch::RolledBack { at: i });
                 }
             }
         }
@@ -654,8 +680,9 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         Ok(Batch::Applied { failed })
     }
 
-    /// Handles one message; false when it was left unsettled (its offset must not be stored).
-    async fn handle<S>(self: &Arc<Self>, msg: &Received, shutdown: &Shutdown) -> bool
+    /// Handles one message, whose handler already ran `runs` times (in a batch); false when
+    /// it was left unsettled (its offset must not be stored).
+    async fn handle<S>(self: &Arc<Self>, msg: &Received, shutdown: &Shutdown, runs: u32) -> bool
     where
         S: OutboxService + Dispatch<H, Context<DB>>,
     {
@@ -671,7 +698,9 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 tracing::warn!(service, error = %e, "dead-lettering a message that is not an envelope");
                 // A message that names its event (a row whose stored fields broke the envelope)
                 // takes its row to dead, not leaves it published for good.
-                if let Some(event_id) = envelope::event_id_of(value) {
+                if let Some(event_id) = envelope::event_id_of(value)
+                    && self.config.dedupe == Dedupe::OutboxRow
+                {
                     let rejected = match self.pool.acquire().await {
                         Ok(mut conn) => self
                             .outbox
@@ -715,13 +744,31 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             msg.header(crate::trace::TRACESTATE),
         );
         let mut delay = Duration::from_millis(100);
+        let mut attempts = runs;
         loop {
             let handled =
-                tracing::Instrument::instrument(self.apply::<S>(&env, trace), span.clone()).await;
+                tracing::Instrument::instrument(self.apply::<S>(msg, &env, trace), span.clone())
+                    .await;
             match handled {
                 // Nothing in this database can schedule a retry (inbox mode): try again here,
-                // keeping the offset.
-                Ok(Outcome::RetryInPlace) => {
+                // keeping the offset, until the attempts are used up; then the event goes dead
+                // in this database and the partition moves on.
+                Ok(Outcome::RetryInPlace(error)) => {
+                    attempts += 1;
+                    if attempts >= self.config.inbox_attempts {
+                        match self
+                            .inbox_dead::<S>(msg, &env, "max_attempts", &error, attempts)
+                            .await
+                        {
+                            Ok(outcome) => {
+                                self.record::<S>(msg, outcome).await;
+                                return true;
+                            }
+                            Err(e) => {
+                                tracing::warn!(service, event_id = %env.event_id, error = %e, "dead letter not stored; retrying")
+                            }
+                        }
+                    }
                     if shutdown.is_triggered() {
                         return false;
                     }
@@ -746,7 +793,12 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         }
     }
 
-    async fn apply<S>(&self, env: &Envelope, trace: Option<TraceParent>) -> Result<Outcome, Error>
+    async fn apply<S>(
+        &self,
+        msg: &Received,
+        env: &Envelope,
+        trace: Option<TraceParent>,
+    ) -> Result<Outcome, Error>
     where
         S: OutboxService + Dispatch<H, Context<DB>>,
     {
@@ -756,6 +808,12 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             Err(rejection) => {
                 let reason = rejection.reason();
                 tracing::warn!(service, event_id = %env.event_id, %rejection, "dead-lettering a rejected event");
+                if self.config.dedupe == Dedupe::Inbox {
+                    // The producer's row is in another database: the dead letter is kept here.
+                    return self
+                        .inbox_dead::<S>(msg, env, reason, &rejection.to_string(), 1)
+                        .await;
+                }
                 let mut conn = self.pool.acquire().await?;
                 self.outbox
                     .reject(
@@ -826,7 +884,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             }
             Err(e) => {
                 drop(ctx);
-                self.failed::<S>(env, e).await
+                self.failed::<S>(msg, env, e).await
             }
         }
     }
@@ -836,11 +894,21 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
     /// inbox, a retry in place.
     async fn failed<S: OutboxService>(
         &self,
+        msg: &Received,
         env: &Envelope,
         e: HandlerError,
     ) -> Result<Outcome, Error> {
         let service = S::SERVICE;
         let error = e.to_string();
+        if self.config.dedupe == Dedupe::Inbox {
+            if e.is_permanent() {
+                return self
+                    .inbox_dead::<S>(msg, env, "handler_rejected", &error, 1)
+                    .await;
+            }
+            tracing::warn!(service, event_id = %env.event_id, %error, "handler failed");
+            return Ok(Outcome::RetryInPlace(error));
+        }
         let mut conn = self.pool.acquire().await?;
         if e.is_permanent() {
             self.outbox
@@ -855,9 +923,6 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             return Ok(Outcome::Dead("handler_rejected"));
         }
         tracing::warn!(service, event_id = %env.event_id, %error, "handler failed");
-        if self.config.dedupe == Dedupe::Inbox {
-            return Ok(Outcome::RetryInPlace);
-        }
         match self
             .outbox
             .consume_failed(&mut conn, service, &env.event_id, &error)
@@ -867,6 +932,44 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             Transition::Retrying { .. } => Ok(Outcome::Retrying),
             Transition::Unchanged => Ok(Outcome::Skipped),
         }
+    }
+
+    /// Keeps a dead letter in the consumer's database (inbox mode), in one transaction with
+    /// the event's inbox record, so that a redelivery of the event is skipped.
+    async fn inbox_dead<S: OutboxService>(
+        &self,
+        msg: &Received,
+        env: &Envelope,
+        reason: &'static str,
+        error: &str,
+        attempts: u32,
+    ) -> Result<Outcome, Error> {
+        let mut tx = DB::begin_pool_write(&self.pool).await?;
+        if !self
+            .outbox
+            .record_inbox(&mut tx, &self.route.group, &env.event_id)
+            .await?
+        {
+            tx.rollback().await?;
+            return Ok(Outcome::Skipped);
+        }
+        let dead = InboxDead {
+            group: self.route.group.clone(),
+            event_id: env.event_id.clone(),
+            event_type: env.event_type.clone(),
+            event_version: i32::try_from(env.version).unwrap_or(i32::MAX),
+            topic: msg.topic.clone(),
+            reason: reason.to_owned(),
+            last_error: error.to_owned(),
+            attempts: i32::try_from(attempts).unwrap_or(i32::MAX),
+            envelope: String::from_utf8_lossy(msg.payload.as_deref().unwrap_or_default())
+                .into_owned(),
+            dead_at: self.outbox.now_ms(),
+        };
+        self.outbox.record_inbox_dead(&mut tx, &dead).await?;
+        tx.commit().await?;
+        tracing::warn!(service = S::SERVICE, event_id = %env.event_id, reason, error, "dead letter kept in the consumer's database");
+        Ok(Outcome::Dead(reason))
     }
 
     /// Counts a settled message's outcome and dead-letters it when it is dead.
@@ -880,7 +983,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 metrics::counter!("outbox_dead_total", "service" => service.to_owned(), "reason" => reason).increment(1);
                 self.dead_letter(msg, reason, "").await;
             }
-            Outcome::Skipped | Outcome::RetryInPlace => {}
+            Outcome::Skipped | Outcome::RetryInPlace(_) => {}
         }
     }
 

@@ -11,7 +11,7 @@ use outbox_runtime::relay::{Relay, Shutdown};
 use outbox_runtime::sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use outbox_runtime::sqlx::{Sqlite, SqlitePool};
 use outbox_runtime::{
-    Catalog, ConsumerConfig, Context, HandlerError, Outbox, OutboxEvent, OutboxService,
+    Catalog, ConsumerConfig, Context, Dedupe, HandlerError, Outbox, OutboxEvent, OutboxService,
     RelayConfig, RouteConfig, Status,
 };
 use serde::{Deserialize, Serialize};
@@ -40,6 +40,8 @@ struct Recorder {
     fail_once: Option<u64>,
     /// `n` whose every call fails with a retryable error.
     always_fail: Vec<u64>,
+    /// `n` whose handler refuses it for good.
+    refuse: Vec<u64>,
     /// `n` whose call closes the pool once it is applied (a database going away).
     close_pool_after: Option<(u64, SqlitePool)>,
     /// `n` whose call waits for `gate` (and signals `entered` first).
@@ -66,6 +68,9 @@ impl OrderEventsHandler<Context<Sqlite>> for Arc<Recorder> {
         };
         if self.fail_once == Some(e.n) && call == 1 || self.always_fail.contains(&e.n) {
             return Err(HandlerError::retry("the payment service answered 503"));
+        }
+        if self.refuse.contains(&e.n) {
+            return Err(HandlerError::permanent("no such customer"));
         }
         if let Some((n, entered, gate)) = &self.hold
             && *n == e.n
@@ -603,4 +608,169 @@ async fn consumers_of_one_group_share_the_partitions_and_apply_each_event_once()
         outbox_runtime::bus::Receive::recv(&other).await.unwrap();
         n += 1;
     }
+}
+
+/// A consumer with a database of its own (the inbox): the producer's rows are elsewhere.
+async fn own_database(w: &World) -> (SqlitePool, TempFile) {
+    let path = std::env::temp_dir().join(format!(
+        "outbox-memory-bus-consumer-{}-{:08x}.db",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    let pool = file_pool(&path).await;
+    let mut conn = pool.acquire().await.unwrap();
+    for sql in w.outbox.migration_sql() {
+        if sql.contains("outbox_inbox") {
+            outbox_runtime::sqlx::query(&sql)
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+        }
+    }
+    outbox_runtime::sqlx::query("CREATE TABLE effects (n INTEGER NOT NULL)")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    drop(conn);
+    (pool, TempFile(path))
+}
+
+#[tokio::test]
+async fn an_inbox_consumer_retries_up_to_its_attempts_and_keeps_dead_letters_in_its_own_database() {
+    let w = World::new(MemoryBus::new().with_partitions(1)).await;
+    let (db, _file) = own_database(&w).await;
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        ids.push(w.enqueue("c1", n, 0).await);
+    }
+    w.relay_all().await;
+    let v9 = r#"{"outbox_id":900,"event_id":"e-900","event_type":"order.placed","event_version":"9","service_name":"orders","payload":{"customer":"c1","n":9,"note":""}}"#;
+    let raw = |value: &str| Outgoing {
+        topic: w.topic.clone(),
+        key: Some("c1".into()),
+        value: value.as_bytes().to_vec(),
+        headers: Vec::new(),
+    };
+    w.bus.send(&raw(v9)).await.unwrap();
+    let recorder = Arc::new(Recorder {
+        always_fail: vec![2],
+        refuse: vec![4],
+        ..Recorder::default()
+    });
+    let config = ConsumerConfig::default()
+        .dedupe(Dedupe::Inbox)
+        .inbox_attempts(3)
+        .dlq(true);
+    let (trigger, shutdown) = Shutdown::new();
+    let task = tokio::spawn(w.consumer(&db, &recorder, config.clone()).run(shutdown));
+    w.consumed_all().await;
+
+    let effects: Vec<i64> = outbox_runtime::sqlx::query_scalar("SELECT n FROM effects ORDER BY n")
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    assert_eq!(effects, vec![0, 1, 3, 5]);
+    assert_eq!(recorder.calls(2), 3, "tried its 3 attempts, then dead");
+    let mut conn = db.acquire().await.unwrap();
+    let dead = w
+        .outbox
+        .list_inbox_dead(&mut conn, &w.group, "", 100)
+        .await
+        .unwrap();
+    drop(conn);
+    let mut reasons: Vec<(String, String, i32)> = dead
+        .iter()
+        .map(|d| (d.reason.clone(), d.last_error.clone(), d.attempts))
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            (
+                "handler_rejected".to_owned(),
+                "no such customer".to_owned(),
+                1
+            ),
+            (
+                "max_attempts".to_owned(),
+                "the payment service answered 503".to_owned(),
+                3
+            ),
+            (
+                "unsupported_version".to_owned(),
+                "unsupported version 9 of `order.placed`: service `orders` accepts version 1"
+                    .to_owned(),
+                1
+            ),
+        ]
+    );
+    let stored = dead.iter().find(|d| d.event_id == "e-900").unwrap();
+    assert_eq!(stored.envelope, v9, "the whole envelope, as it arrived");
+    assert_eq!(stored.topic, w.topic);
+    // Their messages went to the dead-letter topic too, with the reason.
+    assert_eq!(w.bus.messages(&format!("{}.dlq", w.topic)).len(), 3);
+    // The producer's rows are another database's: published, left alone.
+    for id in &ids {
+        assert_eq!(w.status(*id).await.status, Status::Published);
+    }
+
+    // A redelivery of a dead-lettered event is skipped, not applied nor dead-lettered again.
+    w.bus.send(&raw(v9)).await.unwrap();
+    w.consumed_all().await;
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+    assert_eq!(w.bus.messages(&format!("{}.dlq", w.topic)).len(), 3);
+
+    // Replay: take the dead letter back and publish its stored envelope; it is applied once.
+    let event_2 = w.status(ids[2]).await.event_id;
+    let mut conn = db.acquire().await.unwrap();
+    let taken = w
+        .outbox
+        .take_inbox_dead(&mut conn, &w.group, &event_2)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        w.outbox
+            .take_inbox_dead(&mut conn, &w.group, &event_2)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    drop(conn);
+    w.bus.send(&raw(&taken.envelope)).await.unwrap();
+    let healthy = Arc::new(Recorder::default());
+    let (trigger, shutdown) = Shutdown::new();
+    let task = tokio::spawn(w.consumer(&db, &healthy, config).run(shutdown));
+    w.consumed_all().await;
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+    let effects: Vec<i64> = outbox_runtime::sqlx::query_scalar("SELECT n FROM effects ORDER BY n")
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    assert_eq!(effects, vec![0, 1, 2, 3, 5]);
+    let mut conn = db.acquire().await.unwrap();
+    assert_eq!(
+        w.outbox
+            .list_inbox_dead(&mut conn, &w.group, "", 100)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    assert!(
+        w.outbox
+            .discard_inbox_dead(&mut conn, &w.group, "e-900")
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        w.outbox
+            .list_inbox_dead(&mut conn, &w.group, "", 100)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }

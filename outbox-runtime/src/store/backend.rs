@@ -104,6 +104,31 @@ macro_rules! common_methods {
             rows.iter().map(|r| r.try_get(0)).collect()
         }
 
+        async fn fetch_inbox_dead(
+            conn: &mut Self::Connection,
+            sql: &str,
+            args: Vec<$crate::store::Arg>,
+        ) -> Result<Vec<$crate::store::InboxDead>, sqlx::Error> {
+            use sqlx::Row as _;
+            let rows = bind_all!(sqlx::query(sql), args).fetch_all(conn).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok($crate::store::InboxDead {
+                        group: r.try_get(0)?,
+                        event_id: r.try_get(1)?,
+                        event_type: r.try_get(2)?,
+                        event_version: r.try_get(3)?,
+                        topic: r.try_get(4)?,
+                        reason: r.try_get(5)?,
+                        last_error: r.try_get(6)?,
+                        attempts: r.try_get(7)?,
+                        envelope: r.try_get(8)?,
+                        dead_at: r.try_get(9)?,
+                    })
+                })
+                .collect()
+        }
+
         async fn fetch_window(
             conn: &mut Self::Connection,
             sql: &str,

@@ -565,6 +565,14 @@ pub trait Backend: sqlx::Database + private::Sealed {
         )
     }
 
+    /// Runs a query of inbox dead letters.
+    #[doc(hidden)]
+    fn fetch_inbox_dead(
+        conn: &mut Self::Connection,
+        sql: &str,
+        args: Vec<Arg>,
+    ) -> impl Future<Output = Result<Vec<InboxDead>, sqlx::Error>> + Send;
+
     /// Runs a claim's window read (`claim_window`).
     #[doc(hidden)]
     fn fetch_window(
@@ -592,6 +600,32 @@ pub trait Backend: sqlx::Database + private::Sealed {
     ) -> impl Future<Output = Result<Vec<OutboxRow>, sqlx::Error>> + Send {
         claim_rows::<Self>(sql, conn, claim)
     }
+}
+
+/// A message a consumer with its own database did not apply, kept there
+/// (`outbox_inbox_dead`): its event, why, and the whole message as it arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxDead {
+    /// The consumer group.
+    pub group: String,
+    /// The event id.
+    pub event_id: String,
+    /// The event type.
+    pub event_type: String,
+    /// The version.
+    pub event_version: i32,
+    /// The topic it came from.
+    pub topic: String,
+    /// Why: `max_attempts`, `handler_rejected`, `unsupported_version`, `invalid_payload`, ...
+    pub reason: String,
+    /// The last error.
+    pub last_error: String,
+    /// Attempts made.
+    pub attempts: i32,
+    /// The message's value, the envelope, as it arrived.
+    pub envelope: String,
+    /// When it went dead (ms).
+    pub dead_at: i64,
 }
 
 /// One open row as a claim's window read sees it.
@@ -938,6 +972,7 @@ impl<DB: Backend> Outbox<DB> {
             out.extend(queries::ddl(&t.queries));
         }
         out.push(self.inbox_sql("create_inbox").to_owned());
+        out.push(self.inbox_sql("create_inbox_dead").to_owned());
         if let Some(index) = self.inner.inbox.get("create_inbox_at") {
             out.push(index.clone());
         }
@@ -1494,6 +1529,80 @@ impl<DB: Backend> Outbox<DB> {
             Arg::I64(self.now_ms()),
         ];
         Ok(DB::execute(conn, self.inbox_sql("inbox_insert"), args).await? == 1)
+    }
+
+    /// Records `dead` in the consumer's database, inside the caller's transaction (the one that
+    /// also records the event in the inbox, so that a redelivery is skipped).
+    #[doc(hidden)]
+    pub async fn record_inbox_dead(
+        &self,
+        conn: &mut DB::Connection,
+        dead: &InboxDead,
+    ) -> Result<(), Error> {
+        let args = vec![
+            Arg::Str(dead.group.clone()),
+            Arg::Str(dead.event_id.clone()),
+            Arg::Str(dead.event_type.clone()),
+            Arg::I64(i64::from(dead.event_version)),
+            Arg::Str(dead.topic.clone()),
+            Arg::Str(dead.reason.clone()),
+            Arg::Str(self.error_text(&dead.last_error)),
+            Arg::I64(i64::from(dead.attempts)),
+            Arg::Str(dead.envelope.clone()),
+            Arg::I64(dead.dead_at),
+        ];
+        DB::execute(conn, self.inbox_sql("inbox_dead_insert"), args).await?;
+        Ok(())
+    }
+
+    /// The dead letters of consumer group `group` in this (the consumer's) database, by event
+    /// id after `after`, at most `limit`.
+    pub async fn list_inbox_dead(
+        &self,
+        conn: &mut DB::Connection,
+        group: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<InboxDead>, Error> {
+        let args = vec![
+            Arg::Str(group.to_owned()),
+            Arg::Str(after.to_owned()),
+            Arg::I64(i64::try_from(limit).unwrap_or(i64::MAX)),
+        ];
+        Ok(DB::fetch_inbox_dead(conn, self.inbox_sql("inbox_dead_list"), args).await?)
+    }
+
+    /// Deletes a dead letter of `group` for good. True when there was one.
+    pub async fn discard_inbox_dead(
+        &self,
+        conn: &mut DB::Connection,
+        group: &str,
+        event_id: &str,
+    ) -> Result<bool, Error> {
+        let args = vec![Arg::Str(group.to_owned()), Arg::Str(event_id.to_owned())];
+        Ok(DB::execute(conn, self.inbox_sql("inbox_dead_delete"), args).await? == 1)
+    }
+
+    /// Takes a dead letter of `group` back for replay, inside the caller's transaction: deletes
+    /// it and the event's inbox record, so that the stored envelope, published again, is
+    /// applied. Returns the envelope, or `None` when there was no such dead letter.
+    pub async fn take_inbox_dead(
+        &self,
+        conn: &mut DB::Connection,
+        group: &str,
+        event_id: &str,
+    ) -> Result<Option<InboxDead>, Error> {
+        let key = vec![Arg::Str(group.to_owned()), Arg::Str(event_id.to_owned())];
+        let Some(dead) = DB::fetch_inbox_dead(conn, self.inbox_sql("inbox_dead_get"), key.clone())
+            .await?
+            .into_iter()
+            .next()
+        else {
+            return Ok(None);
+        };
+        DB::execute(conn, self.inbox_sql("inbox_dead_delete"), key.clone()).await?;
+        DB::execute(conn, self.inbox_sql("inbox_forget"), key).await?;
+        Ok(Some(dead))
     }
 
     /// The row of `event_id` in `table`, locked until the caller's transaction ends.

@@ -1292,11 +1292,17 @@ async fn migrate_is_idempotent<DB: TestDb>() {
     }
     let inbox = sql
         .iter()
-        .position(|s| s.starts_with("CREATE TABLE IF NOT EXISTS outbox_inbox"))
+        .position(|s| s.starts_with("CREATE TABLE IF NOT EXISTS outbox_inbox ("))
         .expect("the inbox table");
-    // After its table, only the inbox's retention index (MySQL declares it in the table).
+    // After its table, only its dead letters' table and the inbox's retention index (MySQL
+    // declares that in the table).
     assert!(
-        sql[inbox + 1..]
+        sql[inbox + 1].starts_with("CREATE TABLE IF NOT EXISTS outbox_inbox_dead ("),
+        "{:?}",
+        &sql[inbox..]
+    );
+    assert!(
+        sql[inbox + 2..]
             .iter()
             .all(|s| s.starts_with("CREATE INDEX IF NOT EXISTS outbox_inbox_at")),
         "{:?}",

@@ -113,3 +113,30 @@ WHERE status = 'published' AND updated_at < $3 AND id IN ({ids})
 -- name: dead_by_reason
 SELECT COALESCE(dead_reason, 'unknown'), COUNT(*) FROM {table} WHERE status = 'dead'
 GROUP BY COALESCE(dead_reason, 'unknown')
+
+-- name: inbox_dead_insert
+-- consumer_group, event_id, event_type, event_version, topic, reason, last_error, attempts,
+-- envelope, dead_at
+INSERT INTO outbox_inbox_dead (consumer_group, event_id, event_type, event_version, topic,
+    reason, last_error, attempts, envelope, dead_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+
+-- name: inbox_dead_list
+-- consumer_group, after event_id, limit
+SELECT consumer_group, event_id, event_type, event_version, topic, reason, last_error,
+    attempts, envelope, dead_at
+FROM outbox_inbox_dead WHERE consumer_group = $1 AND event_id > $2 ORDER BY event_id LIMIT $3
+
+-- name: inbox_dead_get
+-- consumer_group, event_id
+SELECT consumer_group, event_id, event_type, event_version, topic, reason, last_error,
+    attempts, envelope, dead_at
+FROM outbox_inbox_dead WHERE consumer_group = $1 AND event_id = $2
+
+-- name: inbox_dead_delete
+-- consumer_group, event_id
+DELETE FROM outbox_inbox_dead WHERE consumer_group = $1 AND event_id = $2
+
+-- name: inbox_forget
+-- consumer_group, event_id
+DELETE FROM outbox_inbox WHERE consumer_group = $1 AND event_id = $2

@@ -34,6 +34,23 @@ CREATE TABLE IF NOT EXISTS {table} (
     KEY {table}_st (status, updated_at)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_unicode_ci
 
+-- name: create_inbox_dead
+-- What a consumer with its own database must not (or could not) apply: the whole message as it
+-- arrived, with the reason, kept in that database.
+CREATE TABLE IF NOT EXISTS outbox_inbox_dead (
+    consumer_group VARCHAR(255) NOT NULL,
+    event_id VARCHAR(255) NOT NULL,
+    event_type VARCHAR(255) NOT NULL,
+    event_version INT NOT NULL,
+    topic VARCHAR(255) NOT NULL,
+    reason VARCHAR(64) NOT NULL,
+    last_error TEXT NOT NULL,
+    attempts INT NOT NULL,
+    envelope LONGTEXT NOT NULL,
+    dead_at BIGINT NOT NULL,
+    PRIMARY KEY (consumer_group, event_id)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin
+
 -- name: create_inbox
 CREATE TABLE IF NOT EXISTS outbox_inbox (
     consumer_group VARCHAR(255) NOT NULL,

@@ -48,6 +48,23 @@ CREATE INDEX IF NOT EXISTS {table}_key ON {table} (message_key, id) WHERE status
 -- name: index_status
 CREATE INDEX IF NOT EXISTS {table}_st ON {table} (status, updated_at)
 
+-- name: create_inbox_dead
+-- What a consumer with its own database must not (or could not) apply: the whole message as it
+-- arrived, with the reason, kept in that database.
+CREATE TABLE IF NOT EXISTS outbox_inbox_dead (
+    consumer_group VARCHAR(255) NOT NULL,
+    event_id VARCHAR(255) NOT NULL,
+    event_type VARCHAR(255) NOT NULL,
+    event_version INTEGER NOT NULL,
+    topic VARCHAR(255) NOT NULL,
+    reason VARCHAR(64) NOT NULL,
+    last_error TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    envelope TEXT NOT NULL,
+    dead_at BIGINT NOT NULL,
+    PRIMARY KEY (consumer_group, event_id)
+)
+
 -- name: create_inbox
 CREATE TABLE IF NOT EXISTS outbox_inbox (
     consumer_group VARCHAR(255) NOT NULL,

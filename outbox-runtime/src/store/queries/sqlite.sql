@@ -48,6 +48,23 @@ CREATE INDEX IF NOT EXISTS {table}_key ON {table} (message_key, id) WHERE status
 -- name: index_status
 CREATE INDEX IF NOT EXISTS {table}_st ON {table} (status, updated_at)
 
+-- name: create_inbox_dead
+-- What a consumer with its own database must not (or could not) apply: the whole message as it
+-- arrived, with the reason, kept in that database.
+CREATE TABLE IF NOT EXISTS outbox_inbox_dead (
+    consumer_group TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    event_version INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    last_error TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    envelope TEXT NOT NULL,
+    dead_at INTEGER NOT NULL,
+    PRIMARY KEY (consumer_group, event_id)
+)
+
 -- name: create_inbox
 CREATE TABLE IF NOT EXISTS outbox_inbox (
     consumer_group TEXT NOT NULL,
