@@ -21,11 +21,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use outbox_runtime::bus::KafkaConfig;
+use outbox_runtime::bus::{KafkaBus, KafkaConfig, Outgoing, Publish as _};
 use outbox_runtime::relay::RelayConfig;
 use outbox_runtime::route::RouteOverride;
 use outbox_runtime::sqlx::{self, Pool};
-use outbox_runtime::store::{Backend, OutboxRow};
+use outbox_runtime::store::{Backend, InboxDead, OutboxRow};
 use outbox_runtime::{Catalog, Engine, Outbox, RouteConfig, Status};
 use serde::Deserialize;
 use serde_json::json;
@@ -101,21 +101,29 @@ enum Command {
 enum Dead {
     /// List dead rows matching the filters.
     List(Filter),
-    /// Show one dead row in full.
+    /// Show one dead row (or, with `--group`, one inbox dead letter) in full.
     Show {
         /// The row's service.
+        #[arg(long, required_unless_present = "group")]
+        service: Option<String>,
+        /// An inbox dead letter of this consumer group instead (ID is then its event id).
         #[arg(long)]
-        service: String,
-        /// The row id.
-        id: i64,
+        group: Option<String>,
+        /// The row id (the event id with `--group`).
+        id: String,
     },
-    /// Send matching dead rows back to pending, attempts reset.
+    /// Send matching dead rows back to pending, attempts reset; with `--group`, publish the
+    /// stored envelopes of matching inbox dead letters again (so that the consumer applies
+    /// them) and forget them.
     Replay {
         #[command(flatten)]
         filter: Filter,
         /// Show what would be replayed, change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Kafka brokers, for `--group` (the envelopes are published again).
+        #[arg(long, env = "OUTBOX_BROKERS")]
+        brokers: Option<String>,
     },
     /// Delete matching dead rows for good.
     Discard {
@@ -132,6 +140,10 @@ struct Filter {
     /// Only this service (else every configured one).
     #[arg(long)]
     service: Option<String>,
+    /// The dead letters an inbox consumer of this group kept in this (its own) database,
+    /// instead of dead rows.
+    #[arg(long)]
+    group: Option<String>,
     /// Only this event type.
     #[arg(long)]
     event_type: Option<String>,
@@ -152,6 +164,22 @@ struct Filter {
     limit: usize,
 }
 
+impl Filter {
+    /// No filter at all.
+    fn everything() -> Self {
+        Self {
+            service: None,
+            group: None,
+            event_type: None,
+            reason: None,
+            from_id: None,
+            to_id: None,
+            older_than: None,
+            limit: usize::MAX,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Schema {
     /// Fail when an existing (event type, version) changed incompatibly between two schema
@@ -166,8 +194,8 @@ enum Schema {
     },
 }
 
-/// The config file.
-#[derive(Debug, Default, Deserialize)]
+/// The config file (no `Debug`: it holds the database URL and librdkafka secrets).
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
     database_url: Option<String>,
@@ -302,7 +330,21 @@ async fn with_pool<DB: Backend>(cli: Cli, config: Config, pool: Pool<DB>) -> Res
     match cli.command {
         Command::Migrate { print } => migrate(&outbox, &pool, print, cli.json).await,
         Command::Status => status(&outbox, &pool, cli.json).await,
-        Command::Dead(dead) => dead_letters(&outbox, &pool, &services, dead, cli.json).await,
+        Command::Dead(dead) => {
+            let kafka = |brokers: Option<String>| {
+                brokers.or(config.brokers.clone()).map(|b| {
+                    config
+                        .kafka
+                        .iter()
+                        .fold(KafkaConfig::new(b), |k, (p, v)| k.set(p, v))
+                })
+            };
+            if let Some(group) = dead_group(&dead) {
+                let group = group.to_owned();
+                return inbox_dead_letters(&outbox, &pool, &group, dead, kafka, cli.json).await;
+            }
+            dead_letters(&outbox, &pool, &services, dead, cli.json).await
+        }
         Command::Republish {
             older_than,
             service,
@@ -571,7 +613,11 @@ async fn dead_letters<DB: Backend>(
 ) -> Result<(), BoxError> {
     let mut conn = pool.acquire().await?;
     match cmd {
-        Dead::Show { service, id } => {
+        Dead::Show { service, id, .. } => {
+            let service = service.ok_or("give --service (or --group for an inbox dead letter)")?;
+            let id: i64 = id.parse().map_err(|_| {
+                format!("`{id}` is not a row id (an inbox dead letter needs --group)")
+            })?;
             let row = outbox
                 .get(&mut conn, &service, id)
                 .await?
@@ -587,7 +633,12 @@ async fn dead_letters<DB: Backend>(
             let rows = matching(outbox, &mut conn, services, &f).await?;
             print_rows(&rows, json_out)?;
         }
-        Dead::Replay { filter, dry_run } | Dead::Discard { filter, dry_run } if dry_run => {
+        Dead::Replay {
+            filter, dry_run, ..
+        }
+        | Dead::Discard { filter, dry_run }
+            if dry_run =>
+        {
             let rows = matching(outbox, &mut conn, services, &filter).await?;
             if json_out {
                 println!(
@@ -610,6 +661,180 @@ async fn dead_letters<DB: Backend>(
         Dead::Discard { filter, .. } => {
             let rows = matching(outbox, &mut conn, services, &filter).await?;
             let n = act(outbox, &mut conn, &rows, false).await?;
+            report(json_out, "discarded", n)?;
+        }
+    }
+    Ok(())
+}
+
+/// The consumer group whose inbox dead letters a `dead` command is about, if any.
+fn dead_group(cmd: &Dead) -> Option<&str> {
+    match cmd {
+        Dead::Show { group, .. } => group.as_deref(),
+        Dead::List(f) | Dead::Replay { filter: f, .. } | Dead::Discard { filter: f, .. } => {
+            f.group.as_deref()
+        }
+    }
+}
+
+/// Inbox dead letters of `group` that match `f`, by event id.
+async fn inbox_matching<DB: Backend>(
+    outbox: &Outbox<DB>,
+    conn: &mut DB::Connection,
+    group: &str,
+    f: &Filter,
+) -> Result<Vec<InboxDead>, BoxError> {
+    if f.from_id.is_some() || f.to_id.is_some() {
+        return Err("--from-id and --to-id select rows; inbox dead letters have event ids".into());
+    }
+    let cutoff = f
+        .older_than
+        .map(|d| outbox.now_ms() - i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let mut out = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = outbox.list_inbox_dead(conn, group, &after, 500).await?;
+        let Some(last) = page.last() else { break };
+        after = last.event_id.clone();
+        for d in page {
+            let keep = f.event_type.as_ref().is_none_or(|t| *t == d.event_type)
+                && f.reason.as_ref().is_none_or(|r| {
+                    d.reason.contains(r.as_str()) || d.last_error.contains(r.as_str())
+                })
+                && cutoff.is_none_or(|c| d.dead_at < c);
+            if keep && out.len() < f.limit {
+                out.push(d);
+            }
+        }
+        if out.len() >= f.limit {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn inbox_json(d: &InboxDead) -> serde_json::Value {
+    json!({
+        "group": d.group,
+        "event_id": d.event_id,
+        "event_type": d.event_type,
+        "event_version": d.event_version,
+        "topic": d.topic,
+        "message_key": d.message_key,
+        "reason": d.reason,
+        "last_error": d.last_error,
+        "attempts": d.attempts,
+        "dead_at": d.dead_at,
+    })
+}
+
+fn print_inbox(dead: &[InboxDead], json_out: bool) -> Result<(), BoxError> {
+    if json_out {
+        let v: Vec<_> = dead.iter().map(inbox_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<36}  {:<32} {:>2}  {:<20} last error",
+        "event id", "event type", "v", "reason"
+    );
+    for d in dead {
+        let err: String = d.last_error.chars().take(70).collect();
+        let line = format!(
+            "{:<36}  {:<32} {:>2}  {:<20} {err}",
+            d.event_id, d.event_type, d.event_version, d.reason
+        );
+        println!("{}", line.trim_end());
+    }
+    Ok(())
+}
+
+/// `outbox dead … --group G`: the dead letters an inbox consumer kept in its own database.
+async fn inbox_dead_letters<DB: Backend>(
+    outbox: &Outbox<DB>,
+    pool: &Pool<DB>,
+    group: &str,
+    cmd: Dead,
+    kafka: impl FnOnce(Option<String>) -> Option<KafkaConfig>,
+    json_out: bool,
+) -> Result<(), BoxError> {
+    let mut conn = pool.acquire().await?;
+    match cmd {
+        Dead::Show { id, .. } => {
+            let d = inbox_matching(outbox, &mut conn, group, &Filter::everything())
+                .await?
+                .into_iter()
+                .find(|d| d.event_id == id)
+                .ok_or_else(|| format!("no inbox dead letter {id} in group `{group}`"))?;
+            let mut v = inbox_json(&d);
+            v["envelope"] = serde_json::from_str(&d.envelope).unwrap_or(json!(d.envelope));
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Dead::List(f) => {
+            let dead = inbox_matching(outbox, &mut conn, group, &f).await?;
+            print_inbox(&dead, json_out)?;
+        }
+        Dead::Replay {
+            filter, dry_run, ..
+        }
+        | Dead::Discard { filter, dry_run }
+            if dry_run =>
+        {
+            let dead = inbox_matching(outbox, &mut conn, group, &filter).await?;
+            if json_out {
+                let v: Vec<_> = dead.iter().map(inbox_json).collect();
+                println!(
+                    "{}",
+                    json!({ "dry_run": true, "would_change": dead.len(), "dead_letters": v })
+                );
+            } else {
+                print_inbox(&dead, false)?;
+                println!(
+                    "dry run: {} dead letters would change; nothing was changed",
+                    dead.len()
+                );
+            }
+        }
+        Dead::Replay {
+            filter, brokers, ..
+        } => {
+            let kafka = kafka(brokers).ok_or(
+                "replaying inbox dead letters publishes their envelopes again: give --brokers or set OUTBOX_BROKERS",
+            )?;
+            let bus = KafkaBus::new(kafka)?;
+            let dead = inbox_matching(outbox, &mut conn, group, &filter).await?;
+            drop(conn);
+            let mut n = 0u64;
+            for d in dead {
+                // Forgotten and published together: a failed publish leaves it dead.
+                let mut tx = pool.begin().await?;
+                let Some(taken) = outbox.take_inbox_dead(&mut tx, group, &d.event_id).await? else {
+                    continue;
+                };
+                let record = Outgoing {
+                    topic: taken.topic.clone(),
+                    key: taken.message_key.clone(),
+                    value: taken.envelope.into_bytes(),
+                    headers: Vec::new(),
+                };
+                bus.send(&record).await.map_err(|e| {
+                    format!("publishing {} again failed: {e}; it stays dead", d.event_id)
+                })?;
+                tx.commit().await?;
+                n += 1;
+            }
+            report(json_out, "replayed", n)?;
+        }
+        Dead::Discard { filter, .. } => {
+            let dead = inbox_matching(outbox, &mut conn, group, &filter).await?;
+            let mut n = 0u64;
+            for d in dead {
+                n += u64::from(
+                    outbox
+                        .discard_inbox_dead(&mut conn, group, &d.event_id)
+                        .await?,
+                );
+            }
             report(json_out, "discarded", n)?;
         }
     }

@@ -545,3 +545,104 @@ async fn relay_daemon_publishes_serves_metrics_and_stops_on_sigterm() {
     drop(conn);
     s.drop_tables(&pool).await;
 }
+
+// An inbox consumer's dead letters, in its own database: listed, shown, discarded, and replayed
+// by publishing the stored envelope again (with its key) and forgetting the inbox record.
+#[tokio::test]
+async fn dead_letters_of_an_inbox_consumer_are_listed_shown_discarded_and_replayed() {
+    use outbox_runtime::bus::{KafkaBus, KafkaConfig, Publish as _};
+    use outbox_runtime::store::InboxDead;
+    let s = Setup::new("sqlite");
+    let path = s.url.trim_start_matches("sqlite://").to_owned();
+    s.ok(&["migrate"]);
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(&path))
+        .await
+        .unwrap();
+    let brokers = std::env::var("OUTBOX_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let topic = format!("cli-{}.inbox-replay", s.tag);
+    let bus = KafkaBus::new(KafkaConfig::new(&brokers).partitions(1)).unwrap();
+    bus.ensure_topics(std::slice::from_ref(&topic))
+        .await
+        .unwrap();
+    let group = format!("g-{}", s.tag);
+    let outbox = s.outbox::<Sqlite>();
+    let dead = |event_id: &str, reason: &str| InboxDead {
+        group: group.clone(),
+        event_id: event_id.to_owned(),
+        event_type: "task.urgency.promote.requested".to_owned(),
+        event_version: 1,
+        topic: topic.clone(),
+        reason: reason.to_owned(),
+        last_error: format!("{reason}: sample"),
+        attempts: 1,
+        envelope: format!(r#"{{"outbox_id":1,"event_id":"{event_id}"}}"#),
+        dead_at: 1,
+        message_key: Some("u-7".to_owned()),
+    };
+    let mut conn = pool.acquire().await.unwrap();
+    for d in [dead("e-1", "max_attempts"), dead("e-2", "handler_rejected")] {
+        assert!(
+            outbox
+                .record_inbox(&mut conn, &group, &d.event_id)
+                .await
+                .unwrap()
+        );
+        outbox.record_inbox_dead(&mut conn, &d).await.unwrap();
+    }
+    drop(conn);
+
+    let listed = s.json(&["dead", "list", "--group", &group]);
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    assert_eq!(listed[0]["event_id"], "e-1");
+    let table = s.ok(&["dead", "list", "--group", &group, "--reason", "rejected"]);
+    assert!(table.contains("e-2") && !table.contains("e-1"), "{table}");
+    let shown = s.json(&["dead", "show", "--group", &group, "e-1"]);
+    assert_eq!(shown["envelope"]["event_id"], "e-1");
+    assert_eq!(shown["message_key"], "u-7");
+    let dry = s.json(&[
+        "dead",
+        "discard",
+        "--group",
+        &group,
+        "--reason",
+        "rejected",
+        "--dry-run",
+    ]);
+    assert_eq!(dry["would_change"], 1);
+    assert_eq!(
+        s.json(&["dead", "discard", "--group", &group, "--reason", "rejected"])["discarded"],
+        1
+    );
+
+    assert_eq!(
+        s.json(&["dead", "replay", "--group", &group, "--brokers", &brokers])["replayed"],
+        1
+    );
+    assert!(
+        s.json(&["dead", "list", "--group", &group])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let mut conn = pool.acquire().await.unwrap();
+    assert!(
+        outbox.record_inbox(&mut conn, &group, "e-1").await.unwrap(),
+        "the replayed event's inbox record is forgotten, so it is applied again"
+    );
+    drop(conn);
+    let high = {
+        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        let client: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+        client
+            .fetch_watermarks(&topic, 0, Duration::from_secs(10))
+            .unwrap()
+            .1
+    };
+    assert_eq!(high, 1, "the stored envelope is on its topic again");
+    pool.close().await;
+    let _ = std::fs::remove_file(path);
+}

@@ -965,6 +965,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             envelope: String::from_utf8_lossy(msg.payload.as_deref().unwrap_or_default())
                 .into_owned(),
             dead_at: self.outbox.now_ms(),
+            message_key: msg.key_str(),
         };
         self.outbox.record_inbox_dead(&mut tx, &dead).await?;
         tx.commit().await?;

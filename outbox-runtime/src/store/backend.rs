@@ -124,6 +124,7 @@ macro_rules! common_methods {
                         attempts: r.try_get(7)?,
                         envelope: r.try_get(8)?,
                         dead_at: r.try_get(9)?,
+                        message_key: r.try_get(10)?,
                     })
                 })
                 .collect()

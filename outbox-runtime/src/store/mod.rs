@@ -626,6 +626,8 @@ pub struct InboxDead {
     pub envelope: String,
     /// When it went dead (ms).
     pub dead_at: i64,
+    /// The message's key (a replay publishes with it, to the same partition).
+    pub message_key: Option<String>,
 }
 
 /// One open row as a claim's window read sees it.
@@ -1550,6 +1552,7 @@ impl<DB: Backend> Outbox<DB> {
             Arg::I64(i64::from(dead.attempts)),
             Arg::Str(dead.envelope.clone()),
             Arg::I64(dead.dead_at),
+            Arg::OptStr(dead.message_key.clone()),
         ];
         DB::execute(conn, self.inbox_sql("inbox_dead_insert"), args).await?;
         Ok(())

@@ -67,6 +67,7 @@ on_every_backend!(
     consume_skips_final_rows_and_says_so,
     consume_of_an_unknown_event_id_is_reported_missing,
     consume_inbox_applies_once_per_group,
+    inbox_dead_letters_are_kept_listed_taken_back_and_discarded,
     the_inbox_keeps_long_event_ids_whole_and_refuses_longer_ones,
     inbox_retention_forgets_old_records_in_batches_and_keeps_recent_ones,
     consume_failure_backs_off_then_goes_dead,
@@ -816,6 +817,137 @@ async fn consume_of_an_unknown_event_id_is_reported_missing<DB: TestDb>() {
 
 // The inbox gives the same once-only guarantee to consumers whose database does not hold the
 // outbox row, per consumer group.
+// A consumer with its own database keeps its dead letters there, with the whole envelope;
+// taking one back for replay forgets its inbox record too, so that it is applied again.
+async fn inbox_dead_letters_are_kept_listed_taken_back_and_discarded<DB: TestDb>() {
+    use outbox_runtime::store::InboxDead;
+    let h = Harness::<DB>::new().await;
+    let group = format!("g-{}", h.tag);
+    let envelope = format!(
+        r#"{{"outbox_id":7,"event_id":"x","payload":{{"text":"{}"}}}}"#,
+        "é".repeat(3000)
+    );
+    let dead = |event_id: &str, reason: &str, key: Option<&str>| InboxDead {
+        group: group.clone(),
+        event_id: event_id.to_owned(),
+        event_type: "task.urgency.promote.requested".to_owned(),
+        event_version: 1,
+        topic: "smartflow.task.outbox".to_owned(),
+        reason: reason.to_owned(),
+        last_error: format!("{reason}: sample"),
+        attempts: 3,
+        envelope: envelope.clone(),
+        dead_at: h.outbox.now_ms(),
+        message_key: key.map(str::to_owned),
+    };
+    let (a, b) = (
+        uuid_like(&format!("a{}", h.tag)),
+        uuid_like(&format!("b{}", h.tag)),
+    );
+    let mut tx = h.pool.begin().await.unwrap();
+    for d in [
+        dead(&b, "max_attempts", Some("42")),
+        dead(&a, "handler_rejected", None),
+    ] {
+        assert!(
+            h.outbox
+                .record_inbox(&mut *tx, &group, &d.event_id)
+                .await
+                .unwrap()
+        );
+        h.outbox.record_inbox_dead(&mut *tx, &d).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let mut conn = h.pool.acquire().await.unwrap();
+    let listed = h
+        .outbox
+        .list_inbox_dead(&mut conn, &group, "", 10)
+        .await
+        .unwrap();
+    let mut expected = vec![
+        dead(&a, "handler_rejected", None),
+        dead(&b, "max_attempts", Some("42")),
+    ];
+    expected.sort_by(|x, y| x.event_id.cmp(&y.event_id));
+    assert_eq!(listed.len(), 2);
+    for (got, want) in listed.iter().zip(&expected) {
+        assert_eq!(
+            (
+                &got.event_id,
+                &got.reason,
+                &got.envelope,
+                &got.message_key,
+                got.attempts
+            ),
+            (
+                &want.event_id,
+                &want.reason,
+                &want.envelope,
+                &want.message_key,
+                3
+            )
+        );
+    }
+    // Paging by event id.
+    let after = h
+        .outbox
+        .list_inbox_dead(&mut conn, &group, &listed[0].event_id, 10)
+        .await
+        .unwrap();
+    assert_eq!(after.len(), 1);
+    assert!(
+        h.outbox
+            .list_inbox_dead(&mut conn, "another-group", "", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Taken back: gone, and its inbox record too, so the event can be applied again.
+    let taken = h
+        .outbox
+        .take_inbox_dead(&mut conn, &group, &b)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken.message_key.as_deref(), Some("42"));
+    assert!(
+        h.outbox
+            .take_inbox_dead(&mut conn, &group, &b)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        h.outbox.record_inbox(&mut conn, &group, &b).await.unwrap(),
+        "the record was forgotten"
+    );
+    assert!(
+        !h.outbox.record_inbox(&mut conn, &group, &a).await.unwrap(),
+        "a's record stays"
+    );
+    assert!(
+        h.outbox
+            .discard_inbox_dead(&mut conn, &group, &a)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !h.outbox
+            .discard_inbox_dead(&mut conn, &group, &a)
+            .await
+            .unwrap()
+    );
+    assert!(
+        h.outbox
+            .list_inbox_dead(&mut conn, &group, "", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    drop(conn);
+    h.cleanup().await;
+}
+
 async fn consume_inbox_applies_once_per_group<DB: TestDb>() {
     let h = Harness::<DB>::new().await;
     let event_id = uuid_like(&h.tag);

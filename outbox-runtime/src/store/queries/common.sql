@@ -116,21 +116,21 @@ GROUP BY COALESCE(dead_reason, 'unknown')
 
 -- name: inbox_dead_insert
 -- consumer_group, event_id, event_type, event_version, topic, reason, last_error, attempts,
--- envelope, dead_at
+-- envelope, dead_at, message_key
 INSERT INTO outbox_inbox_dead (consumer_group, event_id, event_type, event_version, topic,
-    reason, last_error, attempts, envelope, dead_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+    reason, last_error, attempts, envelope, dead_at, message_key)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
 
 -- name: inbox_dead_list
 -- consumer_group, after event_id, limit
 SELECT consumer_group, event_id, event_type, event_version, topic, reason, last_error,
-    attempts, envelope, dead_at
+    attempts, envelope, dead_at, message_key
 FROM outbox_inbox_dead WHERE consumer_group = $1 AND event_id > $2 ORDER BY event_id LIMIT $3
 
 -- name: inbox_dead_get
 -- consumer_group, event_id
 SELECT consumer_group, event_id, event_type, event_version, topic, reason, last_error,
-    attempts, envelope, dead_at
+    attempts, envelope, dead_at, message_key
 FROM outbox_inbox_dead WHERE consumer_group = $1 AND event_id = $2
 
 -- name: inbox_dead_delete

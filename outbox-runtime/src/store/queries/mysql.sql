@@ -38,10 +38,11 @@ CREATE TABLE IF NOT EXISTS {table} (
 -- What a consumer with its own database must not (or could not) apply: the whole message as it
 -- arrived, with the reason, kept in that database.
 CREATE TABLE IF NOT EXISTS outbox_inbox_dead (
-    consumer_group VARCHAR(255) NOT NULL,
-    event_id VARCHAR(255) NOT NULL,
+    consumer_group VARCHAR(255) COLLATE utf8mb4_bin NOT NULL,
+    event_id VARCHAR(255) COLLATE utf8mb4_bin NOT NULL,
     event_type VARCHAR(255) NOT NULL,
     event_version INT NOT NULL,
+    message_key VARCHAR(255),
     topic VARCHAR(255) NOT NULL,
     reason VARCHAR(64) NOT NULL,
     last_error TEXT NOT NULL,
@@ -49,7 +50,7 @@ CREATE TABLE IF NOT EXISTS outbox_inbox_dead (
     envelope LONGTEXT NOT NULL,
     dead_at BIGINT NOT NULL,
     PRIMARY KEY (consumer_group, event_id)
-) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_unicode_ci
 
 -- name: create_inbox
 CREATE TABLE IF NOT EXISTS outbox_inbox (
@@ -195,3 +196,16 @@ WHERE id IN ({ids})
 -- name: select_ids
 -- ids...
 SELECT {columns} FROM {table} WHERE id IN ({ids}) ORDER BY id
+
+-- name: inbox_dead_list
+-- The keys compare byte for byte (utf8mb4_bin); read back as text.
+-- consumer_group, after event_id, limit
+SELECT CAST(consumer_group AS CHAR), CAST(event_id AS CHAR), event_type, event_version, topic,
+    reason, last_error, attempts, envelope, dead_at, message_key
+FROM outbox_inbox_dead WHERE consumer_group = ? AND event_id > ? ORDER BY event_id LIMIT ?
+
+-- name: inbox_dead_get
+-- consumer_group, event_id
+SELECT CAST(consumer_group AS CHAR), CAST(event_id AS CHAR), event_type, event_version, topic,
+    reason, last_error, attempts, envelope, dead_at, message_key
+FROM outbox_inbox_dead WHERE consumer_group = ? AND event_id = ?

@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS outbox_inbox_dead (
     event_id VARCHAR(255) NOT NULL,
     event_type VARCHAR(255) NOT NULL,
     event_version INTEGER NOT NULL,
+    message_key VARCHAR(255),
     topic VARCHAR(255) NOT NULL,
     reason VARCHAR(64) NOT NULL,
     last_error TEXT NOT NULL,

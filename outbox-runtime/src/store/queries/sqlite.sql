@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS outbox_inbox_dead (
     event_id TEXT NOT NULL,
     event_type TEXT NOT NULL,
     event_version INTEGER NOT NULL,
+    message_key TEXT,
     topic TEXT NOT NULL,
     reason TEXT NOT NULL,
     last_error TEXT NOT NULL,
