@@ -77,6 +77,34 @@ e2e_on_every_backend!(
     a_failed_publish_holds_its_keys_later_rows_back_until_it_goes,
 );
 
+// A consumer with a database of its own (the inbox), on another server than the producer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn e2e_an_inbox_consumer_in_its_own_database_postgres_to_mysql() {
+    an_inbox_consumer_in_its_own_database_applies_each_event_once::<
+        outbox_runtime::sqlx::Postgres,
+        outbox_runtime::sqlx::MySql,
+    >()
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn e2e_an_inbox_consumer_in_its_own_database_mysql_to_postgres() {
+    an_inbox_consumer_in_its_own_database_applies_each_event_once::<
+        outbox_runtime::sqlx::MySql,
+        outbox_runtime::sqlx::Postgres,
+    >()
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn e2e_an_inbox_consumer_in_its_own_database_sqlite_to_postgres() {
+    an_inbox_consumer_in_its_own_database_applies_each_event_once::<
+        outbox_runtime::sqlx::Sqlite,
+        outbox_runtime::sqlx::Postgres,
+    >()
+    .await;
+}
+
 /// Records every handled event in the effects table, in the handler's transaction. Clones
 /// share their state, so one recorder serves several consumers.
 #[derive(Default, Clone)]
@@ -1246,4 +1274,135 @@ async fn the_memory_bus_partitions_keys_as_librdkafka_does_on_the_broker() {
         partitions.insert(partition);
     }
     assert_eq!(partitions.len(), 5, "the keys spread over every partition");
+}
+
+/// The producer relays from database `P`; the consumer applies in database `C`, which has no
+/// outbox table of the producer's, only the inbox: each event once, a handler that fails twice
+/// retried in place, poison dead in `C` with its envelope, and the producer's rows left
+/// `published`.
+async fn an_inbox_consumer_in_its_own_database_applies_each_event_once<P: TestDb, C: TestDb>() {
+    let w = World::<P>::new().await;
+    let (pool, file) = C::open(&format!("inbox-{}", w.h.tag)).await;
+    let outbox = outbox_runtime::Outbox::<C>::builder(w.h.outbox.catalog().clone()).build();
+    let effects = format!("i{}", w.h.tag);
+    {
+        let mut conn = pool.acquire().await.unwrap();
+        let _turn = harness::MIGRATIONS.lock().await;
+        for sql in outbox.migration_sql() {
+            if sql.contains("outbox_inbox") {
+                C::execute(&mut conn, &sql, Vec::new()).await.unwrap();
+            }
+        }
+        let sql = format!(
+            "CREATE TABLE {effects} (event_id VARCHAR(64) NOT NULL, kind VARCHAR(32) NOT NULL)"
+        );
+        C::execute(&mut conn, &sql, Vec::new()).await.unwrap();
+    }
+    let recorder = Recorder {
+        effects: effects.clone(),
+        ..Recorder::default()
+    };
+    recorder
+        .failures
+        .lock()
+        .unwrap()
+        .insert("pv-3".to_owned(), 2);
+    let producer = Engine::builder(w.h.pool.clone(), KafkaConfig::new(brokers()))
+        .outbox(w.h.outbox.clone())
+        .relay(relay())
+        .start()
+        .await
+        .unwrap();
+    let consumer = Engine::builder(pool.clone(), KafkaConfig::new(brokers()))
+        .outbox(outbox.clone())
+        .without_relay()
+        .consumer_with::<NotificationEvents, _>(
+            recorder,
+            ConsumerConfig::default()
+                .dedupe(outbox_runtime::Dedupe::Inbox)
+                .inbox_attempts(5)
+                .dlq(true),
+        )
+        .start()
+        .await
+        .unwrap();
+    assert!(consumer.ready(Duration::from_secs(60)).await);
+    let rows = w.enqueue_feishu(0..20).await;
+    let route =
+        w.h.outbox
+            .catalog()
+            .service("notification")
+            .unwrap()
+            .clone();
+    let v9 = r#"{"outbox_id":900,"event_id":"inbox-poison","event_type":"notification.feishu.requested","event_version":"9","service_name":"notification","payload":{}}"#;
+    KafkaBus::new(KafkaConfig::new(brokers()))
+        .unwrap()
+        .send(&Outgoing {
+            topic: route.topic.clone(),
+            key: Some("7".into()),
+            value: v9.as_bytes().to_vec(),
+            headers: Vec::new(),
+        })
+        .await
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (applied, dead) = loop {
+        let mut conn = pool.acquire().await.unwrap();
+        let applied = C::fetch_ints(
+            &mut conn,
+            &format!("SELECT COUNT(DISTINCT event_id) FROM {effects}"),
+            Vec::new(),
+        )
+        .await
+        .unwrap()[0]
+            .unwrap();
+        let dead = outbox
+            .list_inbox_dead(&mut conn, &route.group, "", 10)
+            .await
+            .unwrap();
+        if applied >= 20 && !dead.is_empty() {
+            break (applied, dead);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{applied} of 20 applied and {} dead letters in 60 s",
+            dead.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    consumer.shutdown().await.unwrap();
+    producer.shutdown().await.unwrap();
+
+    let mut conn = pool.acquire().await.unwrap();
+    let all = C::fetch_ints(
+        &mut conn,
+        &format!("SELECT COUNT(*) FROM {effects}"),
+        Vec::new(),
+    )
+    .await
+    .unwrap()[0]
+        .unwrap();
+    assert_eq!((all, applied), (20, 20), "each event once");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (
+            dead[0].event_id.as_str(),
+            dead[0].reason.as_str(),
+            dead[0].envelope.as_str()
+        ),
+        ("inbox-poison", "unsupported_version", v9)
+    );
+    C::execute(&mut conn, &format!("DROP TABLE {effects}"), Vec::new())
+        .await
+        .unwrap();
+    drop(conn);
+    pool.close().await;
+    if let Some(file) = file {
+        let _ = std::fs::remove_file(file);
+    }
+    // The producer's rows: published, never marked by a consumer in another database.
+    assert_eq!(rows.len(), 20);
+    assert_eq!(w.count("notification", Status::Published).await, 20);
+    w.cleanup().await;
 }

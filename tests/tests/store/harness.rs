@@ -96,7 +96,7 @@ pub(crate) struct Harness<DB: TestDb> {
 
 /// `CREATE TABLE IF NOT EXISTS` of the shared inbox table races on PostgreSQL when two tests
 /// run it at once, so migrations take turns within this test binary.
-static MIGRATIONS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static MIGRATIONS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl<DB: TestDb> Harness<DB> {
     pub(crate) async fn new() -> Self {
