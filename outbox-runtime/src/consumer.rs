@@ -112,6 +112,7 @@ pub struct ConsumerConfig {
     pub(crate) dlq: bool,
     pub(crate) dedupe: Dedupe,
     pub(crate) batch: usize,
+    pub(crate) batch_time: Duration,
     pub(crate) inbox_attempts: u32,
 }
 
@@ -125,6 +126,15 @@ impl ConsumerConfig {
     /// Also send dead-lettered messages to `<topic>.dlq` (off).
     pub fn dlq(mut self, dlq: bool) -> Self {
         self.dlq = dlq;
+        self
+    }
+
+    /// How long a batch's transaction may hold its locks (1 s): a batch whose handlers take
+    /// longer commits what it applied when the time is up, and the rest of it goes into the
+    /// next batch (a handler already running is not interrupted). Zero makes each message a
+    /// transaction of its own.
+    pub fn batch_time(mut self, bound: Duration) -> Self {
+        self.batch_time = bound;
         self
     }
 
@@ -162,6 +172,7 @@ impl Default for ConsumerConfig {
             dlq: false,
             dedupe: Dedupe::OutboxRow,
             batch: 100,
+            batch_time: Duration::from_secs(1),
             inbox_attempts: 10,
         }
     }
@@ -197,9 +208,13 @@ const SAVEPOINT_BATCHES: u32 = 8;
 
 /// What became of a batch.
 enum Batch {
-    /// Committed; `failed` lists the messages (index, error) whose handler failed and whose
-    /// effects were rolled back to their savepoint.
-    Applied { failed: Vec<(usize, HandlerError)> },
+    /// Committed: the messages before index `upto` (the rest did not fit in the batch's time
+    /// bound); `failed` lists those (index, error) whose handler failed and whose effects were
+    /// rolled back to their savepoint.
+    Applied {
+        failed: Vec<(usize, HandlerError)>,
+        upto: usize,
+    },
     /// A handler failed in a batch without savepoints, at index `at` (the handlers of the
     /// messages before it ran too): nothing of it was applied.
     RolledBack { at: usize },
@@ -446,11 +461,22 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
     ) where
         S: OutboxService + Dispatch<H, Context<DB>>,
     {
-        if run.is_empty() {
-            return;
-        }
-        let (msgs, run): (Vec<Received>, Vec<Decoded<S>>) = run.into_iter().unzip();
-        if run.len() > 1 {
+        let (mut msgs, run): (Vec<Received>, Vec<Decoded<S>>) = run.into_iter().unzip();
+        let mut first = Some(run);
+        // A batch that reached its time bound commits what it applied; the rest is the next
+        // batch.
+        while msgs.len() > 1 {
+            let run = match first.take() {
+                Some(run) => run,
+                None => {
+                    let again: Vec<Decoded<S>> =
+                        msgs.iter().filter_map(|m| self.decoded::<S>(m)).collect();
+                    if again.len() != msgs.len() {
+                        break;
+                    }
+                    again
+                }
+            };
             let guarded = self.savepoint_batches.load(Ordering::Relaxed) > 0;
             let mut outcome = self.apply_batch::<S>(run, guarded).await;
             // The messages whose handlers ran in a batch that was rolled back.
@@ -467,7 +493,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 };
             }
             match outcome {
-                Ok(Batch::Applied { failed }) => {
+                Ok(Batch::Applied { failed, upto }) => {
                     if failed.is_empty() {
                         let _ = self.savepoint_batches.fetch_update(
                             Ordering::Relaxed,
@@ -479,7 +505,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                             .store(SAVEPOINT_BATCHES, Ordering::Relaxed);
                     }
                     let mut failed = failed.into_iter().peekable();
-                    for (i, msg) in msgs.iter().enumerate() {
+                    for (i, msg) in msgs[..upto].iter().enumerate() {
                         if unsettled.contains(&(msg.topic.clone(), msg.partition)) {
                             continue;
                         }
@@ -494,11 +520,15 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                             }
                         }
                     }
-                    return;
+                    msgs.drain(..upto);
+                    if msgs.is_empty() {
+                        return;
+                    }
                 }
-                Ok(Batch::RolledBack { .. }) => {}
+                Ok(Batch::RolledBack { .. }) => break,
                 Err(e) => {
-                    tracing::debug!(service = S::SERVICE, error = %e, "batch failed; applying one at a time")
+                    tracing::debug!(service = S::SERVICE, error = %e, "batch failed; applying one at a time");
+                    break;
                 }
             }
         }
@@ -595,7 +625,15 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         let mut failed = Vec::new();
         let mut seen = HashSet::new();
         let mut handled = 0u64;
+        // The batch's locks are held until it commits: past its time bound, it commits what
+        // it applied, and the rest goes into the next batch.
+        let deadline = tokio::time::Instant::now() + self.config.batch_time;
+        let mut upto = run.len();
         for (i, d) in run.into_iter().enumerate() {
+            if i > 0 && tokio::time::Instant::now() >= deadline {
+                upto = i;
+                break;
+            }
             // The same event twice in one batch (published again after a lease ran out).
             if !seen.insert(d.env.event_id.clone()) {
                 continue;
@@ -677,7 +715,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         }
         metrics::counter!("outbox_consumed_total", "service" => service.to_owned())
             .increment(handled);
-        Ok(Batch::Applied { failed })
+        Ok(Batch::Applied { failed, upto })
     }
 
     /// Handles one message, whose handler already ran `runs` times (in a batch); false when

@@ -318,6 +318,38 @@ async fn a_failing_handler_costs_its_own_message_not_its_batch() {
 }
 
 #[tokio::test]
+async fn a_batch_commits_when_its_time_bound_is_up_and_the_rest_goes_into_the_next() {
+    let w = World::new(MemoryBus::new().with_partitions(1)).await;
+    for n in 0..10 {
+        w.enqueue("c1", n, 0).await;
+    }
+    w.relay_all().await;
+    let recorder = Arc::new(Recorder {
+        fail_once: Some(3),
+        ..Recorder::default()
+    });
+    let (trigger, shutdown) = Shutdown::new();
+    // A zero bound: the batch of 10 commits after each message, so the failure at 3 rolls
+    // back only its own transaction.
+    let config = ConsumerConfig::default()
+        .workers(1)
+        .batch_time(std::time::Duration::ZERO);
+    let task = tokio::spawn(w.consumer(&w.pool, &recorder, config).run(shutdown));
+    w.consumed_all().await;
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+    for n in 0..10 {
+        assert_eq!(
+            recorder.calls(n),
+            if n == 3 { 2 } else { 1 },
+            "calls of {n}"
+        );
+    }
+    assert_eq!(w.effects().await, (0..10).collect::<Vec<i64>>());
+    assert_eq!(w.bus.committed(&w.group, &w.topic), vec![10]);
+}
+
+#[tokio::test]
 async fn a_retryable_handler_error_goes_back_through_the_outbox_and_the_partition_moves_on() {
     let w = World::new(MemoryBus::new().with_partitions(1)).await;
     let mut ids = Vec::new();
