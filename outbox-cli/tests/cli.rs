@@ -103,6 +103,18 @@ impl Setup {
         }
     }
 
+    /// `outbox status --json`'s entry of `service`.
+    fn status_of(&self, service: &str) -> Value {
+        let status = self.json(&["status"]);
+        status
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["service"] == service)
+            .unwrap_or_else(|| panic!("no status of `{service}` in {status}"))
+            .clone()
+    }
+
     fn json(&self, args: &[&str]) -> Value {
         let mut all = args.to_vec();
         all.push("--json");
@@ -175,13 +187,7 @@ async fn lifecycle<DB: Backend>(s: Setup, pool: sqlx::Pool<DB>) {
     let ids = fill(&s, &pool).await;
 
     // status
-    let status = s.json(&["status"]);
-    let task = status
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["service"] == "task")
-        .unwrap();
+    let task = s.status_of("task");
     assert_eq!(task["counts"]["pending"], 2);
     assert_eq!(task["counts"]["dead"], 2);
     assert_eq!(task["dead_by_reason"]["invalid_payload"], 2);
@@ -226,13 +232,7 @@ async fn lifecycle<DB: Backend>(s: Setup, pool: sqlx::Pool<DB>) {
         s.json(&["dead", "replay", "--service", "task"])["replayed"],
         2
     );
-    let status = s.json(&["status"]);
-    let task = status
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["service"] == "task")
-        .unwrap();
+    let task = s.status_of("task");
     assert_eq!(
         (
             task["counts"]["pending"].clone(),
@@ -257,13 +257,7 @@ async fn lifecycle<DB: Backend>(s: Setup, pool: sqlx::Pool<DB>) {
         2
     );
     drop(conn);
-    let status = s.json(&["status"]);
-    let task = status
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["service"] == "task")
-        .unwrap();
+    let task = s.status_of("task");
     assert!(task["oldest_published_ms"].as_i64().unwrap() >= 0, "{task}");
     assert!(s.ok(&["status"]).contains("oldest published"));
     let none = s.json(&["republish", "--older-than", "1d"]);
@@ -288,13 +282,7 @@ async fn lifecycle<DB: Backend>(s: Setup, pool: sqlx::Pool<DB>) {
         text.starts_with("task: 2 of 2 rows published more than 0s ago back to pending"),
         "{text}"
     );
-    let status = s.json(&["status"]);
-    let task = status
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["service"] == "task")
-        .unwrap();
+    let task = s.status_of("task");
     assert_eq!(task["counts"]["published"], 0);
     assert_eq!(task["counts"]["pending"], 4);
     assert!(task["oldest_published_ms"].is_null());
@@ -492,14 +480,7 @@ async fn relay_daemon_publishes_serves_metrics_and_stops_on_sigterm() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let status = s.json(&["status"]);
-        let task = status
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["service"] == "task")
-            .unwrap()
-            .clone();
+        let task = s.status_of("task");
         if task["counts"]["published"] == 3 {
             break;
         }

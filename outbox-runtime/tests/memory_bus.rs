@@ -203,6 +203,21 @@ impl World {
         .unwrap()
     }
 
+    /// Runs a consumer on `pool` until the group has committed past every message of the
+    /// topic, then stops it.
+    async fn consume_everything(
+        &self,
+        pool: &SqlitePool,
+        recorder: &Arc<Recorder>,
+        config: ConsumerConfig,
+    ) {
+        let (trigger, shutdown) = Shutdown::new();
+        let task = tokio::spawn(self.consumer(pool, recorder, config).run(shutdown));
+        self.consumed_all().await;
+        trigger.trigger();
+        task.await.unwrap().unwrap();
+    }
+
     /// Waits until the group has committed past every message of the topic.
     async fn consumed_all(&self) {
         loop {
@@ -242,14 +257,10 @@ async fn a_batch_applies_together_and_one_whose_handler_fails_runs_again_with_sa
         fail_once: Some(7),
         ..Recorder::default()
     });
-    let (trigger, shutdown) = Shutdown::new();
     // On this single-threaded runtime the receiving loop hands the worker every waiting
     // message before the worker runs: one batch of 20.
-    let consumer = w.consumer(&w.pool, &recorder, ConsumerConfig::default().workers(1));
-    let task = tokio::spawn(consumer.run(shutdown));
-    w.consumed_all().await;
-    trigger.trigger();
-    task.await.unwrap().unwrap();
+    w.consume_everything(&w.pool, &recorder, ConsumerConfig::default().workers(1))
+        .await;
 
     // 0..=7 ran in the batch that rolled back at 7, then every message ran again, each in its
     // savepoint (7 succeeding the second time).
@@ -328,16 +339,12 @@ async fn a_batch_commits_when_its_time_bound_is_up_and_the_rest_goes_into_the_ne
         fail_once: Some(3),
         ..Recorder::default()
     });
-    let (trigger, shutdown) = Shutdown::new();
     // A zero bound: the batch of 10 commits after each message, so the failure at 3 rolls
     // back only its own transaction.
     let config = ConsumerConfig::default()
         .workers(1)
         .batch_time(std::time::Duration::ZERO);
-    let task = tokio::spawn(w.consumer(&w.pool, &recorder, config).run(shutdown));
-    w.consumed_all().await;
-    trigger.trigger();
-    task.await.unwrap().unwrap();
+    w.consume_everything(&w.pool, &recorder, config).await;
     for n in 0..10 {
         assert_eq!(
             recorder.calls(n),
@@ -409,12 +416,8 @@ async fn no_offset_is_stored_past_a_message_left_unsettled() {
     assert_eq!(w.effects().await, vec![0, 1, 2, 3]);
 
     // A new consumer (a restart) gets message 4 on and applies the rest, each once.
-    let (trigger, shutdown) = Shutdown::new();
-    let consumer = w.consumer(&w.pool, &recorder, ConsumerConfig::default());
-    let task = tokio::spawn(consumer.run(shutdown));
-    w.consumed_all().await;
-    trigger.trigger();
-    task.await.unwrap().unwrap();
+    w.consume_everything(&w.pool, &recorder, ConsumerConfig::default())
+        .await;
     assert_eq!(w.effects().await, (0..10).collect::<Vec<i64>>());
     w._dir.take();
 }
@@ -440,12 +443,8 @@ async fn poison_is_dead_lettered_with_its_reason_and_the_partition_moves_on() {
     w.relay_all().await;
 
     let recorder = Arc::new(Recorder::default());
-    let (trigger, shutdown) = Shutdown::new();
-    let consumer = w.consumer(&w.pool, &recorder, ConsumerConfig::default().dlq(true));
-    let task = tokio::spawn(consumer.run(shutdown));
-    w.consumed_all().await;
-    trigger.trigger();
-    task.await.unwrap().unwrap();
+    w.consume_everything(&w.pool, &recorder, ConsumerConfig::default().dlq(true))
+        .await;
 
     let reasons: Vec<String> = w
         .bus
@@ -775,11 +774,7 @@ async fn an_inbox_consumer_retries_up_to_its_attempts_and_keeps_dead_letters_in_
     drop(conn);
     w.bus.send(&raw(&taken.envelope)).await.unwrap();
     let healthy = Arc::new(Recorder::default());
-    let (trigger, shutdown) = Shutdown::new();
-    let task = tokio::spawn(w.consumer(&db, &healthy, config).run(shutdown));
-    w.consumed_all().await;
-    trigger.trigger();
-    task.await.unwrap().unwrap();
+    w.consume_everything(&db, &healthy, config).await;
     let effects: Vec<i64> = outbox_runtime::sqlx::query_scalar("SELECT n FROM effects ORDER BY n")
         .fetch_all(&db)
         .await
