@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use outbox_runtime::bus::{KafkaBus, KafkaConfig, Outgoing, Publish as _};
+use outbox_runtime::envelope::VersionFormat;
 use outbox_runtime::relay::RelayConfig;
 use outbox_runtime::route::RouteOverride;
 use outbox_runtime::sqlx::{self, Pool};
@@ -224,6 +225,31 @@ struct RelayFile {
     topic_partitions: Option<i32>,
     /// Replication factor of the topics the relay creates (1 by default).
     topic_replication: Option<i32>,
+    /// Whether the relay creates its topics (true); off, an init job makes them.
+    create_topics: Option<bool>,
+    /// How `event_version` is written: `"number"` (`"1"`, the default) or `"prefixed"`
+    /// (`"v1"`).
+    version_format: Option<Spelling>,
+    /// The spelling per service, for services whose consumers accept only one.
+    #[serde(default)]
+    version_formats: BTreeMap<String, Spelling>,
+}
+
+/// An `event_version` spelling in the config file.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Spelling {
+    Number,
+    Prefixed,
+}
+
+impl From<Spelling> for VersionFormat {
+    fn from(s: Spelling) -> Self {
+        match s {
+            Spelling::Number => VersionFormat::Number,
+            Spelling::Prefixed => VersionFormat::Prefixed,
+        }
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -924,34 +950,7 @@ async fn relay<DB: Backend>(
                 .map_err(|e| format!("metrics: {e}"))?;
         }
     }
-    let mut kafka = KafkaConfig::new(brokers);
-    for (k, v) in &config.kafka {
-        kafka = kafka.set(k, v);
-    }
-    for (key, value) in [
-        ("topic_partitions", config.relay.topic_partitions),
-        ("topic_replication", config.relay.topic_replication),
-    ] {
-        if let Some(n) = value.filter(|n| *n < 1) {
-            return Err(format!("relay.{key} must be at least 1, not {n}").into());
-        }
-    }
-    if let Some(n) = config.relay.topic_partitions {
-        kafka = kafka.partitions(n);
-    }
-    if let Some(n) = config.relay.topic_replication {
-        kafka = kafka.replication(n);
-    }
-    let mut relay = RelayConfig::default();
-    if let Some(batch) = config.relay.batch {
-        relay = relay.batch(batch);
-    }
-    if let Some(secs) = config.relay.lease_secs {
-        relay = relay.lease(Duration::from_secs(secs));
-    }
-    if let Some(ms) = config.relay.poll_ms {
-        relay = relay.poll_interval(Duration::from_millis(ms));
-    }
+    let (kafka, relay) = relay_settings(config, &brokers, &outbox)?;
     let services: Vec<String> = outbox
         .catalog()
         .services()
@@ -974,6 +973,59 @@ async fn relay<DB: Backend>(
         .await?;
     eprintln!("outbox: stopped");
     Ok(())
+}
+
+/// The relay daemon's Kafka and relay settings from the config file.
+fn relay_settings<DB: Backend>(
+    config: &Config,
+    brokers: &str,
+    outbox: &Outbox<DB>,
+) -> Result<(KafkaConfig, RelayConfig), BoxError> {
+    let mut kafka = KafkaConfig::new(brokers);
+    for (k, v) in &config.kafka {
+        kafka = kafka.set(k, v);
+    }
+    let r = &config.relay;
+    for (key, value) in [
+        ("topic_partitions", r.topic_partitions),
+        ("topic_replication", r.topic_replication),
+    ] {
+        if let Some(n) = value.filter(|n| *n < 1) {
+            return Err(format!("relay.{key} must be at least 1, not {n}").into());
+        }
+    }
+    if let Some(n) = r.topic_partitions {
+        kafka = kafka.partitions(n);
+    }
+    if let Some(n) = r.topic_replication {
+        kafka = kafka.replication(n);
+    }
+    if let Some(create) = r.create_topics {
+        kafka = kafka.create_topics(create);
+    }
+    let mut relay = RelayConfig::default();
+    if let Some(batch) = r.batch {
+        relay = relay.batch(batch);
+    }
+    if let Some(secs) = r.lease_secs {
+        relay = relay.lease(Duration::from_secs(secs));
+    }
+    if let Some(ms) = r.poll_ms {
+        relay = relay.poll_interval(Duration::from_millis(ms));
+    }
+    if let Some(spelling) = r.version_format {
+        relay = relay.version_format(spelling.into());
+    }
+    for (service, spelling) in &r.version_formats {
+        if outbox.catalog().service(service).is_none() {
+            return Err(format!(
+                "relay.version_formats names service `{service}`, which is not configured"
+            )
+            .into());
+        }
+        relay = relay.service_version_format(service, (*spelling).into());
+    }
+    Ok((kafka, relay))
 }
 
 /// `url` with its password (in the authority or a `password=` parameter) replaced by `***`, for
@@ -1037,7 +1089,48 @@ fn schema_check(base: &PathBuf, head: &PathBuf, json_out: bool) -> Result<(), Bo
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::*;
+
+    #[test]
+    fn the_config_file_turns_topic_creation_off_and_sets_version_spellings_per_service() {
+        let config: Config = serde_json::from_value(json!({
+            "relay": {
+                "create_topics": false,
+                "version_format": "prefixed",
+                "version_formats": { "notification": "number" }
+            }
+        }))
+        .unwrap();
+        let catalog = Catalog::builder(RouteConfig::new())
+            .service_by_name("notification")
+            .unwrap()
+            .service_by_name("task")
+            .unwrap()
+            .build();
+        let outbox = Outbox::<outbox_runtime::sqlx::Sqlite>::new(catalog);
+        let (kafka, relay) = relay_settings(&config, "b:9092", &outbox).unwrap();
+        assert!(
+            format!("{kafka:?}").contains("create_topics: false"),
+            "{kafka:?}"
+        );
+        assert_eq!(relay.version_format_of("task"), VersionFormat::Prefixed);
+        assert_eq!(
+            relay.version_format_of("notification"),
+            VersionFormat::Number
+        );
+
+        let unknown: Config = serde_json::from_value(json!({
+            "relay": { "version_formats": { "billing": "prefixed" } }
+        }))
+        .unwrap();
+        let err = relay_settings(&unknown, "b:9092", &outbox).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "relay.version_formats names service `billing`, which is not configured"
+        );
+        let bad = serde_json::from_value::<Config>(json!({ "relay": { "version_format": "v" } }));
+        assert!(bad.is_err());
+    }
 
     #[test]
     fn database_urls_lose_their_passwords_in_messages() {

@@ -98,6 +98,7 @@ pub struct RelayConfig {
     pub(crate) lease: Duration,
     pub(crate) poll_interval: Duration,
     pub(crate) version_format: VersionFormat,
+    pub(crate) version_formats: std::collections::BTreeMap<String, VersionFormat>,
 }
 
 impl RelayConfig {
@@ -125,10 +126,30 @@ impl RelayConfig {
         self
     }
 
-    /// How `event_version` is written (a number).
+    /// How `event_version` is written (a number, `"1"`), for every service without a
+    /// spelling of its own.
     pub fn version_format(mut self, format: VersionFormat) -> Self {
         self.version_format = format;
         self
+    }
+
+    /// How `event_version` is written for `service`: the spelling its consumers accept (the
+    /// Go forum and credit handlers took `"v1"` only, notification and the scheduler `"1"`).
+    pub fn service_version_format(
+        mut self,
+        service: impl Into<String>,
+        format: VersionFormat,
+    ) -> Self {
+        self.version_formats.insert(service.into(), format);
+        self
+    }
+
+    /// How `event_version` is written for `service`.
+    pub fn version_format_of(&self, service: &str) -> VersionFormat {
+        self.version_formats
+            .get(service)
+            .copied()
+            .unwrap_or(self.version_format)
     }
 
     /// This relay's name in leases.
@@ -145,6 +166,7 @@ impl Default for RelayConfig {
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             version_format: VersionFormat::Number,
+            version_formats: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -361,6 +383,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         if rows.is_empty() {
             return Ok(0);
         }
+        let version_format = self.config.version_format_of(service);
         let mut sendable: Vec<&OutboxRow> = Vec::with_capacity(rows.len());
         // One span per row, continuing the trace the row was enqueued in, open until its
         // outcome is recorded; on the wire, its context is the consumer's parent.
@@ -370,7 +393,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         for row in &rows {
             // One record per row: building it parses the stored headers.
             let record = row.record();
-            match envelope::encode(record, self.config.version_format) {
+            match envelope::encode(record, version_format) {
                 Ok(value) => {
                     let span = tracing::info_span!(
                         "outbox.publish",

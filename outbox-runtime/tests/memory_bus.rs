@@ -537,6 +537,29 @@ async fn the_relay_keeps_each_keys_order_on_its_partition() {
 }
 
 #[tokio::test]
+async fn a_service_gets_the_event_version_spelling_its_consumers_accept() {
+    use outbox_runtime::envelope::VersionFormat;
+    let w = World::new(MemoryBus::new().with_partitions(1)).await;
+    w.enqueue("c1", 1, 0).await;
+    let spelling = |config: RelayConfig| {
+        assert_eq!(config.version_format_of("orders"), VersionFormat::Prefixed);
+        assert_eq!(config.version_format_of("another"), VersionFormat::Number);
+        Relay::new(
+            w.outbox.clone(),
+            w.pool.clone(),
+            Arc::new(w.bus.clone()),
+            config,
+        )
+    };
+    let relay =
+        spelling(RelayConfig::default().service_version_format("orders", VersionFormat::Prefixed));
+    assert_eq!(relay.relay_once("orders").await.unwrap(), 1);
+    let value: serde_json::Value =
+        serde_json::from_slice(w.bus.messages(&w.topic)[0].payload.as_deref().unwrap()).unwrap();
+    assert_eq!(value["event_version"], "v1");
+}
+
+#[tokio::test]
 async fn a_failed_publish_holds_its_keys_later_rows_back_and_an_oversized_row_goes_dead() {
     let w = World::new(
         MemoryBus::new()
