@@ -165,22 +165,6 @@ struct Filter {
     limit: usize,
 }
 
-impl Filter {
-    /// No filter at all.
-    fn everything() -> Self {
-        Self {
-            service: None,
-            group: None,
-            event_type: None,
-            reason: None,
-            from_id: None,
-            to_id: None,
-            older_than: None,
-            limit: usize::MAX,
-        }
-    }
-}
-
 #[derive(Subcommand)]
 enum Schema {
     /// Fail when an existing (event type, version) changed incompatibly between two schema
@@ -787,10 +771,9 @@ async fn inbox_dead_letters<DB: Backend>(
     let mut conn = pool.acquire().await?;
     match cmd {
         Dead::Show { id, .. } => {
-            let d = inbox_matching(outbox, &mut conn, group, &Filter::everything())
+            let d = outbox
+                .inbox_dead(&mut conn, group, &id)
                 .await?
-                .into_iter()
-                .find(|d| d.event_id == id)
                 .ok_or_else(|| format!("no inbox dead letter {id} in group `{group}`"))?;
             let mut v = inbox_json(&d);
             v["envelope"] = serde_json::from_str(&d.envelope).unwrap_or(json!(d.envelope));

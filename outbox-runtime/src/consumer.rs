@@ -26,7 +26,7 @@ use outbox_contract::envelope::{self, Envelope};
 use outbox_contract::route::ServiceRoute;
 use outbox_contract::service::{Dispatch, HandlerError, OutboxService};
 
-use crate::bus::{Bus, Outgoing, Publish, Receive, Received};
+use crate::bus::{Bus, Outgoing, Receive, Received};
 use crate::error::Error;
 use crate::relay::Shutdown;
 use crate::store::{Backend, InboxDead, Outbox, Transition};
@@ -209,10 +209,10 @@ const SAVEPOINT_BATCHES: u32 = 8;
 /// What became of a batch.
 enum Batch {
     /// Committed: the messages before index `upto` (the rest did not fit in the batch's time
-    /// bound); `failed` lists those (index, error) whose handler failed and whose effects were
+    /// bound); `failed` lists those (index, envelope, error) whose handler failed and whose effects were
     /// rolled back to their savepoint.
     Applied {
-        failed: Vec<(usize, HandlerError)>,
+        failed: Vec<(usize, Envelope, HandlerError)>,
         upto: usize,
     },
     /// A handler failed in a batch without savepoints, at index `at` (the handlers of the
@@ -411,20 +411,8 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             if unsettled.contains(&(msg.topic.clone(), msg.partition)) {
                 continue;
             }
-            match self.decode::<S>(&msg) {
-                Some((env, event)) => {
-                    let trace = trace_of(&msg);
-                    let tracestate = msg.header(crate::trace::TRACESTATE).map(str::to_owned);
-                    run.push((
-                        msg,
-                        Decoded {
-                            env,
-                            event,
-                            trace,
-                            tracestate,
-                        },
-                    ));
-                }
+            match self.decoded::<S>(&msg) {
+                Some(decoded) => run.push((msg, decoded)),
                 None => {
                     self.flush::<S>(std::mem::take(&mut run), shutdown, unsettled, receiver)
                         .await;
@@ -509,12 +497,12 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                         if unsettled.contains(&(msg.topic.clone(), msg.partition)) {
                             continue;
                         }
-                        match failed.next_if(|(at, _)| *at == i) {
+                        match failed.next_if(|(at, _, _)| *at == i) {
                             None => store_offset(receiver, msg),
-                            Some((_, error)) => {
+                            Some((_, env, error)) => {
                                 let runs = 1 + u32::from(ran_before.is_some_and(|at| i <= at));
                                 self.settle_failed::<S>(
-                                    msg, error, runs, shutdown, unsettled, receiver,
+                                    msg, &env, error, runs, shutdown, unsettled, receiver,
                                 )
                                 .await
                             }
@@ -554,9 +542,11 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
     /// back to its savepoint), and stores its offset once that is done. Where nothing in this
     /// database can schedule a retry (the inbox), or the record fails, it takes the one-message
     /// path, which retries in place.
+    #[allow(clippy::too_many_arguments)]
     async fn settle_failed<S>(
         self: &Arc<Self>,
         msg: &Received,
+        env: &Envelope,
         error: HandlerError,
         runs: u32,
         shutdown: &Shutdown,
@@ -565,14 +555,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
     ) where
         S: OutboxService + Dispatch<H, Context<DB>>,
     {
-        let Some(env) = msg
-            .payload
-            .as_deref()
-            .and_then(|v| envelope::decode(v).ok())
-        else {
-            return self.settle::<S>(msg, shutdown, unsettled, receiver).await;
-        };
-        match self.failed::<S>(msg, &env, error).await {
+        match self.failed::<S>(msg, env, error).await {
             Ok(Outcome::RetryInPlace(_)) => {
                 if self.handle::<S>(msg, shutdown, runs).await {
                     store_offset(receiver, msg);
@@ -694,7 +677,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                     DB::execute(&mut tx, "ROLLBACK TO SAVEPOINT outbox_message", Vec::new())
                         .await?;
                     DB::execute(&mut tx, "RELEASE SAVEPOINT outbox_message", Vec::new()).await?;
-                    failed.push((i, e));
+                    failed.push((i, d.env, e));
                 }
                 Err(_) => {
                     tx.rollback().await?;

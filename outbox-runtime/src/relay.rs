@@ -391,8 +391,9 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         let mut outgoing = Vec::with_capacity(rows.len());
         let mut conn = self.pool.acquire().await?;
         for row in &rows {
-            // One record per row: building it parses the stored headers.
-            let record = row.record();
+            // The stored headers, parsed once: the trace context to continue and to send.
+            let (traceparent, tracestate) = row.trace_headers();
+            let record = row.record_traced(traceparent.as_deref());
             match envelope::encode(record, version_format) {
                 Ok(value) => {
                     let span = tracing::info_span!(
@@ -402,7 +403,6 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                         outbox_id = row.id,
                         topic = %row.topic,
                     );
-                    let (traceparent, tracestate) = row.trace_headers();
                     trace::continue_from(&span, traceparent.as_deref(), tracestate.as_deref());
                     let mut headers = envelope::headers(record);
                     match trace::headers_of(&span) {

@@ -271,7 +271,7 @@ impl<DB: Backend> Harness<DB> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
             // Registered before the look, so that a change during it is not missed.
-            let mut changed = self.bus.watch();
+            let mut changed = self.bus.changed();
             let left = self.left().await?;
             if left.is_empty() {
                 return Ok(());

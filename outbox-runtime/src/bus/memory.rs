@@ -236,15 +236,10 @@ impl MemoryBus {
         ends.iter().zip(committed).map(|(e, c)| e - c).sum()
     }
 
-    /// Resolves after the next publish, commit, join or leave (for a test that waits for a
-    /// condition: look, then wait for this, then look again).
-    pub async fn changed(&self) {
-        self.shared.changed.notified().await;
-    }
-
-    /// A future that resolves on the next change, registered now: look at the state after
-    /// this, and no change between the look and the wait is missed.
-    pub(crate) fn watch(&self) -> Pin<Box<Notified<'_>>> {
+    /// Resolves after the next publish, commit, join or leave from the moment of this call,
+    /// even one that happens before it is first awaited: look at the state after calling it,
+    /// then await it, and no change between the look and the wait is missed.
+    pub fn changed(&self) -> Pin<Box<Notified<'_>>> {
         let mut notified = Box::pin(self.shared.changed.notified());
         notified.as_mut().enable();
         notified
@@ -459,7 +454,7 @@ impl MemoryReceiver {
 impl Receive for MemoryReceiver {
     async fn recv(&self) -> Result<Received, Error> {
         loop {
-            let changed = self.bus.watch();
+            let changed = self.bus.changed();
             if let Some(m) = self.poll() {
                 return Ok(m);
             }

@@ -143,24 +143,6 @@ pub trait Bus: Publish {
     fn receiver(&self, group: &str, topics: &[String]) -> Result<Self::Receiver, Error>;
 }
 
-impl<B: Publish> Publish for std::sync::Arc<B> {
-    fn send_all(&self, records: &[Outgoing]) -> impl Future<Output = Vec<Sent>> + Send {
-        (**self).send_all(records)
-    }
-
-    fn ensure_topics(&self, topics: &[String]) -> impl Future<Output = Result<(), Error>> + Send {
-        (**self).ensure_topics(topics)
-    }
-}
-
-impl<B: Bus> Bus for std::sync::Arc<B> {
-    type Receiver = B::Receiver;
-
-    fn receiver(&self, group: &str, topics: &[String]) -> Result<Self::Receiver, Error> {
-        (**self).receiver(group, topics)
-    }
-}
-
 /// Why an error means no retry can deliver the record: the dead-letter reason, or `None` for
 /// an error worth retrying. A record larger than the producer's or the broker's
 /// `message.max.bytes` stays too large however often it is sent.

@@ -164,6 +164,16 @@ impl OutboxRow {
             #[serde(borrow, default)]
             traceparent: Option<&'a str>,
         }
+        // A traceparent is hex and dashes: it borrows unless the stored headers were written
+        // by hand with escapes, and then it is left out.
+        let traceparent = serde_json::from_str::<Headers<'_>>(&self.headers)
+            .ok()
+            .and_then(|h| h.traceparent);
+        self.record_traced(traceparent)
+    }
+
+    /// [`OutboxRow::record`] with a `traceparent` the caller already read from the headers.
+    pub fn record_traced<'a>(&'a self, traceparent: Option<&'a str>) -> Record<'a> {
         Record {
             outbox_id: self.id,
             event_id: &self.event_id,
@@ -173,11 +183,7 @@ impl OutboxRow {
             message_key: self.message_key.as_deref(),
             aggregate_id: self.aggregate_id.as_deref(),
             payload: &self.payload,
-            // A traceparent is hex and dashes: it borrows unless the stored headers were
-            // written by hand with escapes, and then it is left out.
-            traceparent: serde_json::from_str::<Headers<'_>>(&self.headers)
-                .ok()
-                .and_then(|h| h.traceparent),
+            traceparent,
             created_at_ms: self.created_at,
         }
     }
@@ -1575,6 +1581,22 @@ impl<DB: Backend> Outbox<DB> {
         Ok(DB::fetch_inbox_dead(conn, self.inbox_sql("inbox_dead_list"), args).await?)
     }
 
+    /// The dead letter of `event_id` in consumer group `group`, if there is one.
+    pub async fn inbox_dead(
+        &self,
+        conn: &mut DB::Connection,
+        group: &str,
+        event_id: &str,
+    ) -> Result<Option<InboxDead>, Error> {
+        let key = vec![Arg::Str(group.to_owned()), Arg::Str(event_id.to_owned())];
+        Ok(
+            DB::fetch_inbox_dead(conn, self.inbox_sql("inbox_dead_get"), key)
+                .await?
+                .into_iter()
+                .next(),
+        )
+    }
+
     /// Deletes a dead letter of `group` for good. True when there was one.
     pub async fn discard_inbox_dead(
         &self,
@@ -1595,14 +1617,10 @@ impl<DB: Backend> Outbox<DB> {
         group: &str,
         event_id: &str,
     ) -> Result<Option<InboxDead>, Error> {
-        let key = vec![Arg::Str(group.to_owned()), Arg::Str(event_id.to_owned())];
-        let Some(dead) = DB::fetch_inbox_dead(conn, self.inbox_sql("inbox_dead_get"), key.clone())
-            .await?
-            .into_iter()
-            .next()
-        else {
+        let Some(dead) = self.inbox_dead(conn, group, event_id).await? else {
             return Ok(None);
         };
+        let key = vec![Arg::Str(group.to_owned()), Arg::Str(event_id.to_owned())];
         DB::execute(conn, self.inbox_sql("inbox_dead_delete"), key.clone()).await?;
         DB::execute(conn, self.inbox_sql("inbox_forget"), key).await?;
         Ok(Some(dead))
