@@ -12,9 +12,29 @@
 //! then dead.
 //! Partitions are processed in parallel, each in order, so one key's events are applied in
 //! order.
+//!
+//! # Two kinds of handler
+//!
+//! - **In the transaction** ([`Consumer::new`], `Engine::consumer`): the handler gets a
+//!   [`Context`] whose transaction also marks the event done. Its database effects happen
+//!   **exactly once**; batches of messages share one transaction, whose locks are held at most
+//!   [`ConsumerConfig::batch_time`].
+//! - **Outside any transaction** ([`Consumer::calling`], `Engine::call_consumer`), for a handler
+//!   that calls an HTTP or RPC service: the consumer claims the call (a lease in
+//!   `outbox_calls`, committed at once), calls the handler with a [`Call`] and no transaction
+//!   open, then marks the event done. A crash between the claim and the mark leaves the lease;
+//!   the event's redelivery waits for it to run out and calls again. The guarantee is **at
+//!   least once, with a stable idempotency key** ([`Call::idempotency_key`], the event id, the
+//!   same on every attempt): the remote service must treat a second call with the same key as
+//!   the first. A call runs at most its lease ([`ConsumerConfig::call_lease`]); past it, it is
+//!   cancelled and counts as a failed attempt, so two calls of one event do not overlap. Every
+//!   claim counts as an attempt, a crash's too: an event whose calls keep killing the process
+//!   goes dead with `max_attempts` instead of crashing it for ever.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -29,7 +49,7 @@ use outbox_contract::service::{Dispatch, HandlerError, OutboxService};
 use crate::bus::{Bus, Outgoing, Receive, Received};
 use crate::error::Error;
 use crate::relay::Shutdown;
-use crate::store::{Backend, InboxDead, Outbox, Transition};
+use crate::store::{Backend, CallClaim, InboxDead, Outbox, OutboxRow, Transition};
 use crate::trace::TraceParent;
 
 /// Counts consumers that have their partitions.
@@ -78,6 +98,40 @@ impl<DB: Backend> Context<DB> {
     }
 }
 
+/// What a handler that runs outside any transaction gets besides its event (see the
+/// [module documentation](self#two-kinds-of-handler)): no transaction, the key to make its
+/// remote call idempotent with, and its lease.
+#[derive(Debug, Clone)]
+pub struct Call {
+    meta: Meta,
+    attempt: u32,
+    deadline: tokio::time::Instant,
+}
+
+impl Call {
+    /// The message's metadata.
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    /// The key to send with the remote call (an `Idempotency-Key` header, a request id): the
+    /// event id, the same on every attempt of this event.
+    pub fn idempotency_key(&self) -> &str {
+        &self.meta.event_id
+    }
+
+    /// This attempt, 1 for the first. Every claim counts, one that crashed too.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// When the lease ends: the call is cancelled then and counts as a failed attempt. Give the
+    /// remote call a timeout inside it.
+    pub fn deadline(&self) -> tokio::time::Instant {
+        self.deadline
+    }
+}
+
 /// The metadata of a consumed event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meta {
@@ -114,6 +168,7 @@ pub struct ConsumerConfig {
     pub(crate) batch: usize,
     pub(crate) batch_time: Duration,
     pub(crate) inbox_attempts: u32,
+    pub(crate) call_lease: Duration,
 }
 
 impl ConsumerConfig {
@@ -147,6 +202,14 @@ impl ConsumerConfig {
         self
     }
 
+    /// For a handler that runs outside any transaction ([`Consumer::calling`]), how long one
+    /// call may take (30 s): its lease. A call still running then is cancelled and counts as a
+    /// failed attempt; after a crash, the event is called again once its lease has run out.
+    pub fn call_lease(mut self, lease: Duration) -> Self {
+        self.call_lease = lease.max(Duration::from_millis(1));
+        self
+    }
+
     /// Where applied events are recorded ([`Dedupe::OutboxRow`]).
     pub fn dedupe(mut self, dedupe: Dedupe) -> Self {
         self.dedupe = dedupe;
@@ -174,6 +237,7 @@ impl Default for ConsumerConfig {
             batch: 100,
             batch_time: Duration::from_secs(1),
             inbox_attempts: 10,
+            call_lease: Duration::from_secs(30),
         }
     }
 }
@@ -201,6 +265,87 @@ struct Inner<DB: Backend, H, B: Bus> {
     bus: Arc<B>,
     /// Batches left to run with a savepoint per message, after one whose handler failed.
     savepoint_batches: AtomicU32,
+    /// How the handler runs.
+    kind: Kind<DB, H, B>,
+    /// This consumer's name as a lease owner (calls outside a transaction).
+    owner: String,
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Applies one message (its envelope decoded).
+type ApplyFn<DB, H, B> = for<'a> fn(
+    &'a Inner<DB, H, B>,
+    &'a Received,
+    &'a Envelope,
+    Option<TraceParent>,
+    &'a Shutdown,
+) -> BoxFuture<'a, Result<Outcome, Error>>;
+
+/// Applies a worker's batch.
+type BatchFn<DB, H, B> = for<'a> fn(
+    &'a Arc<Inner<DB, H, B>>,
+    Vec<Received>,
+    &'a Shutdown,
+    &'a mut HashSet<(String, i32)>,
+    &'a <B as Bus>::Receiver,
+) -> BoxFuture<'a, ()>;
+
+/// How a consumer runs its handler: in the transaction that marks the event done (in
+/// batches), or outside any transaction (one message at a time). Chosen by the constructor,
+/// which knows the handler's context type.
+struct Kind<DB: Backend, H, B: Bus> {
+    apply: ApplyFn<DB, H, B>,
+    /// `None`: one message at a time.
+    batch: Option<BatchFn<DB, H, B>>,
+}
+
+fn apply_in_tx<'a, DB, S, H, B>(
+    inner: &'a Inner<DB, H, B>,
+    msg: &'a Received,
+    env: &'a Envelope,
+    trace: Option<TraceParent>,
+    _shutdown: &'a Shutdown,
+) -> BoxFuture<'a, Result<Outcome, Error>>
+where
+    DB: Backend,
+    S: OutboxService + Dispatch<H, Context<DB>>,
+    H: Send + Sync + 'static,
+    B: Bus,
+{
+    Box::pin(inner.apply::<S>(msg, env, trace))
+}
+
+fn batch_in_tx<'a, DB, S, H, B>(
+    inner: &'a Arc<Inner<DB, H, B>>,
+    batch: Vec<Received>,
+    shutdown: &'a Shutdown,
+    unsettled: &'a mut HashSet<(String, i32)>,
+    receiver: &'a B::Receiver,
+) -> BoxFuture<'a, ()>
+where
+    DB: Backend,
+    S: OutboxService + Dispatch<H, Context<DB>>,
+    H: Send + Sync + 'static,
+    B: Bus,
+{
+    Box::pin(inner.handle_batch::<S>(batch, shutdown, unsettled, receiver))
+}
+
+fn apply_call<'a, DB, S, H, B>(
+    inner: &'a Inner<DB, H, B>,
+    msg: &'a Received,
+    env: &'a Envelope,
+    trace: Option<TraceParent>,
+    shutdown: &'a Shutdown,
+) -> BoxFuture<'a, Result<Outcome, Error>>
+where
+    DB: Backend,
+    S: OutboxService + Dispatch<H, Call>,
+    H: Send + Sync + 'static,
+    B: Bus,
+{
+    Box::pin(inner.call::<S>(msg, env, trace, shutdown))
 }
 
 /// How many batches after a failing handler run with a savepoint per message.
@@ -230,6 +375,9 @@ enum Outcome {
     /// A retryable failure where nothing in this database can schedule a retry (the inbox):
     /// the error, to try again in place.
     RetryInPlace(String),
+    /// Not now (another consumer holds the event's call, or a failed call waits for its next
+    /// attempt, counted in the database): why, to try again in place after a pause.
+    Wait(String),
 }
 
 impl<DB, S, H, B> Consumer<DB, S, H, B>
@@ -239,7 +387,8 @@ where
     H: Send + Sync + 'static,
     B: Bus,
 {
-    /// A consumer of service `S`; the outbox's catalog gives its topic and group.
+    /// A consumer of service `S` whose handler runs in the transaction that marks each event
+    /// done; the outbox's catalog gives its topic and group.
     ///
     /// Refused when the catalog lists another enum for `S`'s service: this consumer would
     /// dead-letter that enum's events as unknown ([`outbox_contract::Error::ServiceClaimedTwice`]).
@@ -249,6 +398,55 @@ where
         bus: Arc<B>,
         handler: H,
         config: ConsumerConfig,
+    ) -> Result<Self, Error> {
+        let kind = Kind {
+            apply: apply_in_tx::<DB, S, H, B>,
+            batch: Some(batch_in_tx::<DB, S, H, B>),
+        };
+        Self::build(outbox, pool, bus, handler, config, kind)
+    }
+}
+
+impl<DB, S, H, B> Consumer<DB, S, H, B>
+where
+    DB: Backend,
+    S: OutboxService + Dispatch<H, Call>,
+    H: Send + Sync + 'static,
+    B: Bus,
+{
+    /// A consumer of service `S` whose handler runs outside any transaction, for effects
+    /// outside the database (claim, commit, call, mark: see the
+    /// [module documentation](self#two-kinds-of-handler)). The tables it needs come with
+    /// [`Outbox::migrate`].
+    pub fn calling(
+        outbox: Outbox<DB>,
+        pool: Pool<DB>,
+        bus: Arc<B>,
+        handler: H,
+        config: ConsumerConfig,
+    ) -> Result<Self, Error> {
+        let kind = Kind {
+            apply: apply_call::<DB, S, H, B>,
+            batch: None,
+        };
+        Self::build(outbox, pool, bus, handler, config, kind)
+    }
+}
+
+impl<DB, S, H, B> Consumer<DB, S, H, B>
+where
+    DB: Backend,
+    S: OutboxService,
+    H: Send + Sync + 'static,
+    B: Bus,
+{
+    fn build(
+        outbox: Outbox<DB>,
+        pool: Pool<DB>,
+        bus: Arc<B>,
+        handler: H,
+        config: ConsumerConfig,
+        kind: Kind<DB, H, B>,
     ) -> Result<Self, Error> {
         outbox.catalog().check_enum::<S>()?;
         let route = outbox
@@ -267,6 +465,12 @@ where
                 config,
                 bus,
                 savepoint_batches: AtomicU32::new(0),
+                kind,
+                owner: format!(
+                    "consumer-{}-{}",
+                    std::process::id(),
+                    uuid::Uuid::now_v7().simple()
+                ),
             }),
             _s: PhantomData,
         })
@@ -333,14 +537,21 @@ where
                             Err(_) => break,
                         }
                     }
-                    inner
-                        .handle_batch::<S>(
-                            std::mem::take(&mut batch),
-                            &shutdown,
-                            &mut unsettled,
-                            &*receiver,
-                        )
-                        .await;
+                    let batch = std::mem::take(&mut batch);
+                    match inner.kind.batch {
+                        Some(apply) => {
+                            apply(&inner, batch, &shutdown, &mut unsettled, &*receiver).await
+                        }
+                        None => {
+                            for msg in &batch {
+                                if !unsettled.contains(&(msg.topic.clone(), msg.partition)) {
+                                    inner
+                                        .settle::<S>(msg, &shutdown, &mut unsettled, &*receiver)
+                                        .await;
+                                }
+                            }
+                        }
+                    }
                 }
             });
         }
@@ -553,7 +764,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         unsettled: &mut HashSet<(String, i32)>,
         receiver: &B::Receiver,
     ) where
-        S: OutboxService + Dispatch<H, Context<DB>>,
+        S: OutboxService,
     {
         match self.failed::<S>(msg, env, error).await {
             Ok(Outcome::RetryInPlace(_)) => {
@@ -579,7 +790,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         unsettled: &mut HashSet<(String, i32)>,
         receiver: &B::Receiver,
     ) where
-        S: OutboxService + Dispatch<H, Context<DB>>,
+        S: OutboxService,
     {
         if self.handle::<S>(msg, shutdown, 0).await {
             store_offset(receiver, msg);
@@ -705,7 +916,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
     /// it was left unsettled (its offset must not be stored).
     async fn handle<S>(self: &Arc<Self>, msg: &Received, shutdown: &Shutdown, runs: u32) -> bool
     where
-        S: OutboxService + Dispatch<H, Context<DB>>,
+        S: OutboxService,
     {
         let service = S::SERVICE;
         let Some(value) = msg.payload.as_deref() else {
@@ -767,9 +978,11 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         let mut delay = Duration::from_millis(100);
         let mut attempts = runs;
         loop {
-            let handled =
-                tracing::Instrument::instrument(self.apply::<S>(msg, &env, trace), span.clone())
-                    .await;
+            let handled = tracing::Instrument::instrument(
+                (self.kind.apply)(self, msg, &env, trace, shutdown),
+                span.clone(),
+            )
+            .await;
             match handled {
                 // Nothing in this database can schedule a retry (inbox mode): try again here,
                 // keeping the offset, until the attempts are used up; then the event goes dead
@@ -790,6 +1003,14 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                             }
                         }
                     }
+                    if shutdown.is_triggered() {
+                        return false;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Ok(Outcome::Wait(why)) => {
+                    tracing::debug!(service, event_id = %env.event_id, %why, "waiting");
                     if shutdown.is_triggered() {
                         return false;
                     }
@@ -824,29 +1045,9 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         S: OutboxService + Dispatch<H, Context<DB>>,
     {
         let service = S::SERVICE;
-        let event = match S::decode(&env.event_type, env.version, &env.payload) {
+        let event = match self.accept::<S>(msg, env).await? {
             Ok(event) => event,
-            Err(rejection) => {
-                let reason = rejection.reason();
-                tracing::warn!(service, event_id = %env.event_id, %rejection, "dead-lettering a rejected event");
-                if self.config.dedupe == Dedupe::Inbox {
-                    // The producer's row is in another database: the dead letter is kept here.
-                    return self
-                        .inbox_dead::<S>(msg, env, reason, &rejection.to_string(), 1)
-                        .await;
-                }
-                let mut conn = self.pool.acquire().await?;
-                self.outbox
-                    .reject(
-                        &mut conn,
-                        service,
-                        &env.event_id,
-                        reason,
-                        &rejection.to_string(),
-                    )
-                    .await?;
-                return Ok(Outcome::Dead(reason));
-            }
+            Err(dead) => return Ok(dead),
         };
         let mut tx = DB::begin_pool_write(&self.pool).await?;
         let mut attempts = 0;
@@ -908,6 +1109,284 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 self.failed::<S>(msg, env, e).await
             }
         }
+    }
+
+    /// The event of `env`, or the outcome of its rejection: dead with its reason (in the
+    /// consumer's database in inbox mode, else on its outbox row).
+    async fn accept<S: OutboxService>(
+        &self,
+        msg: &Received,
+        env: &Envelope,
+    ) -> Result<Result<S, Outcome>, Error> {
+        let service = S::SERVICE;
+        let rejection = match S::decode(&env.event_type, env.version, &env.payload) {
+            Ok(event) => return Ok(Ok(event)),
+            Err(rejection) => rejection,
+        };
+        let reason = rejection.reason();
+        tracing::warn!(service, event_id = %env.event_id, %rejection, "dead-lettering a rejected event");
+        if self.config.dedupe == Dedupe::Inbox {
+            // The producer's row is in another database: the dead letter is kept here.
+            return Ok(Err(self
+                .inbox_dead::<S>(msg, env, reason, &rejection.to_string(), 1)
+                .await?));
+        }
+        let mut conn = self.pool.acquire().await?;
+        self.outbox
+            .reject(
+                &mut conn,
+                service,
+                &env.event_id,
+                reason,
+                &rejection.to_string(),
+            )
+            .await?;
+        Ok(Err(Outcome::Dead(reason)))
+    }
+
+    /// Applies one message with a handler that runs outside any transaction: claims its call
+    /// (a lease, committed at once), calls the handler with no transaction open, then records
+    /// the outcome. See the [module documentation](self#two-kinds-of-handler).
+    async fn call<S>(
+        &self,
+        msg: &Received,
+        env: &Envelope,
+        trace: Option<TraceParent>,
+        shutdown: &Shutdown,
+    ) -> Result<Outcome, Error>
+    where
+        S: OutboxService + Dispatch<H, Call>,
+    {
+        let service = S::SERVICE;
+        let event = match self.accept::<S>(msg, env).await? {
+            Ok(event) => event,
+            Err(dead) => return Ok(dead),
+        };
+        let group = self.route.group.as_str();
+        let lease = self.config.call_lease;
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let lease_until = self.outbox.now_ms().saturating_add(lease_ms);
+
+        // 1. The claim.
+        let mut tx = DB::begin_pool_write(&self.pool).await?;
+        let (insert, row, cap) = match self.config.dedupe {
+            Dedupe::OutboxRow => {
+                let Some(row) = self
+                    .outbox
+                    .lock_row(&mut tx, service, &env.event_id)
+                    .await?
+                else {
+                    tx.rollback().await?;
+                    tracing::warn!(service, event_id = %env.event_id, "no outbox row for this event; skipping");
+                    return Ok(Outcome::Skipped);
+                };
+                if row.is_settled() {
+                    tx.rollback().await?;
+                    return Ok(Outcome::Skipped);
+                }
+                let cap = u32::try_from(row.max_attempts).unwrap_or(1).max(1);
+                (true, Some(row), cap)
+            }
+            // The inbox record is made with the claim: with a call open it means "claimed",
+            // without one "done" (or dead).
+            Dedupe::Inbox => {
+                let fresh = self
+                    .outbox
+                    .record_inbox(&mut tx, group, &env.event_id)
+                    .await?;
+                (fresh, None, self.config.inbox_attempts)
+            }
+        };
+        let claim = self
+            .outbox
+            .claim_call(
+                &mut tx,
+                group,
+                &env.event_id,
+                &self.owner,
+                lease_until,
+                insert,
+            )
+            .await?;
+        let attempt = match claim {
+            CallClaim::None => {
+                tx.rollback().await?;
+                return Ok(Outcome::Skipped);
+            }
+            CallClaim::Held { owner, until } => {
+                tx.rollback().await?;
+                return Ok(Outcome::Wait(format!(
+                    "its call is held by `{owner}` until {until}"
+                )));
+            }
+            // Claimed more often than it may be tried, and no call ever returned: the process
+            // died in it, again and again.
+            CallClaim::Claimed {
+                attempts,
+                last_error,
+            } if attempts > cap => {
+                let tried = attempts - 1;
+                let error = last_error.unwrap_or_else(|| {
+                    format!("{tried} calls were claimed and none returned (the process stopped in the handler)")
+                });
+                return self
+                    .call_dead::<S>(tx, msg, env, "max_attempts", &error, tried)
+                    .await;
+            }
+            CallClaim::Claimed { attempts, .. } => attempts,
+        };
+        tx.commit().await?;
+
+        // 2. The call: no transaction is open, and it may take at most its lease.
+        let mut call = Call {
+            meta: meta(env, row.as_ref().map_or(0, |r| r.attempts), trace),
+            attempt,
+            deadline: tokio::time::Instant::now() + lease,
+        };
+        let dispatched =
+            tokio::time::timeout(lease, unwound(event.dispatch(&self.handler, &mut call)));
+        let ran = match trace {
+            Some(t) => t.child().scope(dispatched).await,
+            None => dispatched.await,
+        }
+        .unwrap_or_else(|_| {
+            Err(HandlerError::retry(format!(
+                "the handler ran past its lease of {lease:?} and was cancelled"
+            )))
+        });
+
+        // 3. The outcome, recorded until that works (never calling again), or until shutdown:
+        // then the lease runs out and the redelivery calls again.
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self
+                .record_call::<S>(msg, env, row.as_ref(), attempt, cap, &ran)
+                .await
+            {
+                Ok(outcome) => return Ok(outcome),
+                Err(e) => {
+                    tracing::warn!(service, event_id = %env.event_id, error = %e, "the call returned, its outcome is not recorded yet; retrying");
+                    if shutdown.is_triggered() {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Records what a call outside a transaction returned: done; dead when it refused the
+    /// event or its attempts are used up; else, with an outbox row, a retry through the outbox,
+    /// and in the inbox the call given back for its next attempt.
+    async fn record_call<S: OutboxService>(
+        &self,
+        msg: &Received,
+        env: &Envelope,
+        row: Option<&OutboxRow>,
+        attempt: u32,
+        cap: u32,
+        ran: &Result<(), HandlerError>,
+    ) -> Result<Outcome, Error> {
+        let service = S::SERVICE;
+        let group = self.route.group.as_str();
+        let e = match ran {
+            Ok(()) => {
+                let mut tx = DB::begin_pool_write(&self.pool).await?;
+                if let Some(row) = row {
+                    self.outbox.mark_consumed(&mut tx, service, row.id).await?;
+                }
+                self.outbox
+                    .finish_call(&mut tx, group, &env.event_id)
+                    .await?;
+                tx.commit().await?;
+                if let Some(row) = row {
+                    let secs = (self.outbox.now_ms() - row.created_at).max(0) as f64 / 1000.0;
+                    metrics::histogram!("outbox_latency_seconds", "service" => service.to_owned())
+                        .record(secs);
+                }
+                return Ok(Outcome::Applied);
+            }
+            Err(e) => e,
+        };
+        let error = e.to_string();
+        let tx = DB::begin_pool_write(&self.pool).await?;
+        if e.is_permanent() {
+            return self
+                .call_dead::<S>(tx, msg, env, "handler_rejected", &error, attempt)
+                .await;
+        }
+        tracing::warn!(service, event_id = %env.event_id, attempt, %error, "call failed");
+        let mut tx = tx;
+        let now = self.outbox.now_ms();
+        if row.is_some() {
+            // A shared database: back through the outbox, like a failed handler in a
+            // transaction; the republished message takes the call again, one attempt more.
+            let transition = self
+                .outbox
+                .consume_failed(&mut tx, service, &env.event_id, &error)
+                .await?;
+            if transition == Transition::Dead {
+                self.outbox
+                    .finish_call(&mut tx, group, &env.event_id)
+                    .await?;
+            } else {
+                self.outbox
+                    .release_call(&mut tx, group, &env.event_id, &self.owner, now, &error)
+                    .await?;
+            }
+            tx.commit().await?;
+            return Ok(match transition {
+                Transition::Dead => Outcome::Dead("max_attempts"),
+                Transition::Retrying { .. } => Outcome::Retrying,
+                Transition::Unchanged => Outcome::Skipped,
+            });
+        }
+        if attempt >= cap {
+            return self
+                .call_dead::<S>(tx, msg, env, "max_attempts", &error, attempt)
+                .await;
+        }
+        self.outbox
+            .release_call(&mut tx, group, &env.event_id, &self.owner, now, &error)
+            .await?;
+        tx.commit().await?;
+        Ok(Outcome::Wait(error))
+    }
+
+    /// Takes an event whose call is open to dead, in `tx` (which may hold its claim), and
+    /// forgets the call.
+    async fn call_dead<S: OutboxService>(
+        &self,
+        mut tx: sqlx::Transaction<'static, DB>,
+        msg: &Received,
+        env: &Envelope,
+        reason: &'static str,
+        error: &str,
+        attempts: u32,
+    ) -> Result<Outcome, Error> {
+        let service = S::SERVICE;
+        match self.config.dedupe {
+            Dedupe::OutboxRow => {
+                self.outbox
+                    .reject(&mut tx, service, &env.event_id, reason, error)
+                    .await?;
+            }
+            Dedupe::Inbox => {
+                // The claim made the inbox record already.
+                self.outbox
+                    .record_inbox(&mut tx, &self.route.group, &env.event_id)
+                    .await?;
+                let dead = self.inbox_letter(msg, env, reason, error, attempts);
+                self.outbox.record_inbox_dead(&mut tx, &dead).await?;
+            }
+        }
+        self.outbox
+            .finish_call(&mut tx, &self.route.group, &env.event_id)
+            .await?;
+        tx.commit().await?;
+        tracing::warn!(service, event_id = %env.event_id, reason, error, "dead");
+        Ok(Outcome::Dead(reason))
     }
 
     /// Records a handler's failure: dead at once when it refused the event for good, else a
@@ -974,7 +1453,23 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             tx.rollback().await?;
             return Ok(Outcome::Skipped);
         }
-        let dead = InboxDead {
+        let dead = self.inbox_letter(msg, env, reason, error, attempts);
+        self.outbox.record_inbox_dead(&mut tx, &dead).await?;
+        tx.commit().await?;
+        tracing::warn!(service = S::SERVICE, event_id = %env.event_id, reason, error, "dead letter kept in the consumer's database");
+        Ok(Outcome::Dead(reason))
+    }
+
+    /// The dead letter of a message, kept in the consumer's database (inbox mode).
+    fn inbox_letter(
+        &self,
+        msg: &Received,
+        env: &Envelope,
+        reason: &str,
+        error: &str,
+        attempts: u32,
+    ) -> InboxDead {
+        InboxDead {
             group: self.route.group.clone(),
             event_id: env.event_id.clone(),
             event_type: env.event_type.clone(),
@@ -987,11 +1482,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 .into_owned(),
             dead_at: self.outbox.now_ms(),
             message_key: msg.key_str(),
-        };
-        self.outbox.record_inbox_dead(&mut tx, &dead).await?;
-        tx.commit().await?;
-        tracing::warn!(service = S::SERVICE, event_id = %env.event_id, reason, error, "dead letter kept in the consumer's database");
-        Ok(Outcome::Dead(reason))
+        }
     }
 
     /// Counts a settled message's outcome and dead-letters it when it is dead.
@@ -1005,7 +1496,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 metrics::counter!("outbox_dead_total", "service" => service.to_owned(), "reason" => reason).increment(1);
                 self.dead_letter(msg, reason, "").await;
             }
-            Outcome::Skipped | Outcome::RetryInPlace(_) => {}
+            Outcome::Skipped | Outcome::RetryInPlace(_) | Outcome::Wait(_) => {}
         }
     }
 

@@ -24,7 +24,7 @@ use outbox_contract::route::{Catalog, CatalogBuilder, RouteConfig};
 use outbox_contract::service::{Dispatch, OutboxService};
 
 use crate::bus::{Bus, MemoryBus};
-use crate::consumer::{Consumer, ConsumerConfig, Context, Ready};
+use crate::consumer::{Call, Consumer, ConsumerConfig, Context, Ready};
 use crate::error::Error;
 use crate::relay::{Relay, RelayConfig, Shutdown, ShutdownTrigger};
 use crate::store::{Backend, Outbox, StoreConfig};
@@ -196,21 +196,53 @@ impl<DB: Backend, B: Bus> EngineBuilder<DB, B> {
     }
 
     /// [`EngineBuilder::consumer`] with settings.
-    pub fn consumer_with<S, H>(mut self, handler: H, config: ConsumerConfig) -> Self
+    pub fn consumer_with<S, H>(self, handler: H, config: ConsumerConfig) -> Self
     where
         S: OutboxService + Dispatch<H, Context<DB>>,
+        H: Send + Sync + 'static,
+    {
+        self.add_consumer::<S, H>(move |outbox, pool, bus| {
+            Consumer::<DB, S, H, B>::new(outbox, pool, bus, handler, config)
+        })
+    }
+
+    /// Runs a consumer of service `S` whose `handler` runs outside any transaction, for
+    /// effects outside the database (an HTTP or RPC call): each event is claimed (a lease,
+    /// committed), called with [`Call::idempotency_key`], then marked done; at least once, with
+    /// a stable idempotency key. See [`crate::consumer`]. Default settings.
+    pub fn call_consumer<S, H>(self, handler: H) -> Self
+    where
+        S: OutboxService + Dispatch<H, Call>,
+        H: Send + Sync + 'static,
+    {
+        self.call_consumer_with::<S, H>(handler, ConsumerConfig::default())
+    }
+
+    /// [`EngineBuilder::call_consumer`] with settings ([`ConsumerConfig::call_lease`], ...).
+    pub fn call_consumer_with<S, H>(self, handler: H, config: ConsumerConfig) -> Self
+    where
+        S: OutboxService + Dispatch<H, Call>,
+        H: Send + Sync + 'static,
+    {
+        self.add_consumer::<S, H>(move |outbox, pool, bus| {
+            Consumer::<DB, S, H, B>::calling(outbox, pool, bus, handler, config)
+        })
+    }
+
+    fn add_consumer<S, H>(
+        mut self,
+        make: impl FnOnce(Outbox<DB>, Pool<DB>, Arc<B>) -> Result<Consumer<DB, S, H, B>, Error>
+        + Send
+        + 'static,
+    ) -> Self
+    where
+        S: OutboxService,
         H: Send + Sync + 'static,
     {
         self.services
             .push(Box::new(|c: CatalogBuilder| Ok(c.service::<S>()?)));
         self.consumers.push(Box::new(move |outbox, pool, bus| {
-            let consumer = Consumer::<DB, S, H, B>::new(
-                outbox.clone(),
-                pool.clone(),
-                bus.clone(),
-                handler,
-                config,
-            )?;
+            let consumer = make(outbox.clone(), pool.clone(), bus.clone())?;
             Ok(Built {
                 name: format!("consumer of `{}`", S::SERVICE),
                 topics: consumer.topics(),

@@ -43,7 +43,7 @@ pub use bus::KafkaConfig;
 #[cfg(feature = "runtime")]
 pub use bus::MemoryBus;
 #[cfg(feature = "runtime")]
-pub use consumer::{ConsumerConfig, Context, Dedupe};
+pub use consumer::{Call, ConsumerConfig, Context, Dedupe};
 #[cfg(feature = "runtime")]
 pub use engine::{Engine, Running};
 #[cfg(feature = "runtime")]

@@ -48,7 +48,7 @@ use outbox_contract::route::RouteConfig;
 use outbox_contract::service::{Dispatch, OutboxService};
 
 use crate::bus::{MemoryBus, Outgoing, Publish, Received};
-use crate::consumer::{ConsumerConfig, Context};
+use crate::consumer::{Call, ConsumerConfig, Context};
 use crate::engine::{Engine, EngineBuilder, Running};
 use crate::error::Error;
 use crate::relay::RelayConfig;
@@ -162,6 +162,32 @@ impl<DB: Backend> HarnessBuilder<DB> {
         self.engine = self.engine.consumer_with::<S, H>(handler, config);
         self.consumers.push(S::SERVICE);
         self
+    }
+
+    /// Runs a consumer of `S` whose `handler` runs outside any transaction (see
+    /// [`crate::Engine`]'s `call_consumer`), sending what it dead-letters to `<topic>.dlq`.
+    pub fn call_consumer<S, H>(self, handler: H) -> Self
+    where
+        S: OutboxService + Dispatch<H, Call>,
+        H: Send + Sync + 'static,
+    {
+        self.call_consumer_with::<S, H>(handler, ConsumerConfig::default().dlq(true))
+    }
+
+    /// [`HarnessBuilder::call_consumer`] with settings.
+    pub fn call_consumer_with<S, H>(mut self, handler: H, config: ConsumerConfig) -> Self
+    where
+        S: OutboxService + Dispatch<H, Call>,
+        H: Send + Sync + 'static,
+    {
+        self.engine = self.engine.call_consumer_with::<S, H>(handler, config);
+        self.consumers.push(S::SERVICE);
+        self
+    }
+
+    /// The harness's database, to create your own tables in before [`HarnessBuilder::start`].
+    pub fn pool(&self) -> &Pool<DB> {
+        &self.pool
     }
 
     /// Route settings (a prefix, overrides).

@@ -11,8 +11,8 @@ use outbox_runtime::relay::{Relay, Shutdown};
 use outbox_runtime::sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use outbox_runtime::sqlx::{Sqlite, SqlitePool};
 use outbox_runtime::{
-    Catalog, ConsumerConfig, Context, Dedupe, HandlerError, Outbox, OutboxEvent, OutboxService,
-    RelayConfig, RouteConfig, Status,
+    Call, Catalog, ConsumerConfig, Context, Dedupe, HandlerError, Outbox, OutboxEvent,
+    OutboxService, RelayConfig, RouteConfig, Status,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -674,7 +674,7 @@ async fn own_database(w: &World) -> (SqlitePool, TempFile) {
     let pool = file_pool(&path).await;
     let mut conn = pool.acquire().await.unwrap();
     for sql in w.outbox.migration_sql() {
-        if sql.contains("outbox_inbox") {
+        if sql.contains("outbox_inbox") || sql.contains("outbox_calls") {
             outbox_runtime::sqlx::query(&sql)
                 .execute(&mut *conn)
                 .await
@@ -826,4 +826,373 @@ async fn an_inbox_consumer_retries_up_to_its_attempts_and_keeps_dead_letters_in_
             .len(),
         1
     );
+}
+
+/// A remote service, as a handler that runs outside any transaction calls it: every call is
+/// recorded with its idempotency key and attempt; an effect row is written, through the pool
+/// and outside any transaction, for each call that succeeds.
+#[derive(Default)]
+struct Remote {
+    calls: Mutex<Vec<(u64, String, u32)>>,
+    /// `n` whose first attempts (this many) fail with a retryable error.
+    fail_first: HashMap<u64, u32>,
+    /// `n` the service refuses for good.
+    refuse: Vec<u64>,
+    /// `n` whose first attempt never answers.
+    stall_first: Vec<u64>,
+    /// Where the effects go.
+    pool: Option<SqlitePool>,
+}
+
+impl Remote {
+    fn calls_of(&self, n: u64) -> Vec<(String, u32)> {
+        let calls = self.calls.lock().unwrap();
+        calls
+            .iter()
+            .filter(|c| c.0 == n)
+            .map(|c| (c.1.clone(), c.2))
+            .collect()
+    }
+}
+
+impl OrderEventsHandler<Call> for Arc<Remote> {
+    async fn order_placed(&self, call: &mut Call, e: OrderPlaced) -> Result<(), HandlerError> {
+        let attempt = call.attempt();
+        self.calls
+            .lock()
+            .unwrap()
+            .push((e.n, call.idempotency_key().to_owned(), attempt));
+        if self.refuse.contains(&e.n) {
+            return Err(HandlerError::permanent("the service refused it: 422"));
+        }
+        if self.fail_first.get(&e.n).is_some_and(|k| attempt <= *k) {
+            return Err(HandlerError::retry("the service answered 503"));
+        }
+        if attempt == 1 && self.stall_first.contains(&e.n) {
+            std::future::pending::<()>().await;
+        }
+        if let Some(pool) = &self.pool {
+            outbox_runtime::sqlx::query("INSERT INTO effects (n) VALUES (?)")
+                .bind(e.n as i64)
+                .execute(pool)
+                .await
+                .map_err(|e| HandlerError::retry(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+fn call_consumer(
+    w: &World,
+    pool: &SqlitePool,
+    remote: &Arc<Remote>,
+    config: ConsumerConfig,
+) -> Consumer<Sqlite, OrderEvents, Arc<Remote>, MemoryBus> {
+    Consumer::calling(
+        w.outbox.clone(),
+        pool.clone(),
+        Arc::new(w.bus.clone()),
+        remote.clone(),
+        config,
+    )
+    .unwrap()
+}
+
+async fn open_calls(pool: &SqlitePool) -> i64 {
+    outbox_runtime::sqlx::query_scalar("SELECT COUNT(*) FROM outbox_calls")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+async fn effects_in(pool: &SqlitePool) -> Vec<i64> {
+    outbox_runtime::sqlx::query_scalar("SELECT n FROM effects ORDER BY n")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_call_handler_runs_outside_any_transaction_with_the_event_id_as_its_key() {
+    // The harness's database has one connection: a handler that needed it while the consumer
+    // held a transaction would wait for ever. This one writes its effect through it.
+    let builder = outbox_runtime::testing::Harness::builder();
+    let pool = builder.pool().clone();
+    outbox_runtime::sqlx::query("CREATE TABLE effects (n INTEGER NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let remote = Arc::new(Remote {
+        fail_first: HashMap::from([(1, 1)]),
+        refuse: vec![3],
+        pool: Some(pool.clone()),
+        ..Remote::default()
+    });
+    let mut h = builder
+        .call_consumer::<OrderEvents, _>(remote.clone())
+        .start()
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let e = OrderPlaced {
+            customer: format!("c{n}"),
+            n,
+            note: String::new(),
+        };
+        ids.push(h.enqueue(&e).await.unwrap().event_id);
+    }
+    h.run_until_idle().await.unwrap();
+
+    assert_eq!(effects_in(&pool).await, vec![0, 1, 2, 4]);
+    // Every call carries its event's id, the same on the retry of event 1.
+    for n in [0, 2, 4] {
+        assert_eq!(remote.calls_of(n), vec![(ids[n as usize].clone(), 1)]);
+    }
+    let retried = remote.calls_of(1);
+    assert_eq!(retried.len(), 2);
+    assert!(retried.iter().all(|(key, _)| *key == ids[1]));
+    // A shared database: the failure went back through the outbox, and the republished
+    // message's call is the event's second attempt.
+    assert_eq!(retried[1].1, 2);
+    let mut applied: Vec<String> = h
+        .applied("orders")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event_id)
+        .collect();
+    applied.sort();
+    let mut expected = vec![
+        ids[0].clone(),
+        ids[1].clone(),
+        ids[2].clone(),
+        ids[4].clone(),
+    ];
+    expected.sort();
+    assert_eq!(applied, expected);
+    let dead = h.dead("orders").await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].event_id, ids[3]);
+    assert_eq!(dead[0].reason, "handler_rejected");
+    assert_eq!(open_calls(&pool).await, 0, "no call is left open");
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failing_call_in_its_own_database_is_tried_up_to_its_attempts_then_dead() {
+    let w = World::new(MemoryBus::new().with_partitions(1)).await;
+    let (db, _file) = own_database(&w).await;
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        ids.push(w.enqueue("c1", n, 0).await);
+    }
+    w.relay_all().await;
+    let v9 = r#"{"outbox_id":900,"event_id":"e-900","event_type":"order.placed","event_version":"9","service_name":"orders","payload":{"customer":"c1","n":9,"note":""}}"#;
+    w.bus
+        .send(&Outgoing {
+            topic: w.topic.clone(),
+            key: Some("c1".into()),
+            value: v9.as_bytes().to_vec(),
+            headers: Vec::new(),
+        })
+        .await
+        .unwrap();
+    let remote = Arc::new(Remote {
+        fail_first: HashMap::from([(1, 2), (2, u32::MAX)]),
+        refuse: vec![4],
+        pool: Some(db.clone()),
+        ..Remote::default()
+    });
+    let config = ConsumerConfig::default()
+        .dedupe(Dedupe::Inbox)
+        .inbox_attempts(3);
+    let (trigger, shutdown) = Shutdown::new();
+    let task = tokio::spawn(call_consumer(&w, &db, &remote, config).run(shutdown));
+    w.consumed_all().await;
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+
+    assert_eq!(effects_in(&db).await, vec![0, 1, 3, 5]);
+    let attempts = |n: u64| -> Vec<u32> { remote.calls_of(n).into_iter().map(|c| c.1).collect() };
+    assert_eq!(
+        attempts(1),
+        vec![1, 2, 3],
+        "two failures, then it went through"
+    );
+    assert_eq!(attempts(2), vec![1, 2, 3], "its 3 attempts, then dead");
+    assert_eq!(attempts(4), vec![1], "refused: dead at once");
+    assert!(remote.calls_of(9).is_empty(), "poison is never called");
+    let mut conn = db.acquire().await.unwrap();
+    let dead = w
+        .outbox
+        .list_inbox_dead(&mut conn, &w.group, "", 100)
+        .await
+        .unwrap();
+    drop(conn);
+    let mut reasons: Vec<(String, String, i32)> = dead
+        .iter()
+        .map(|d| (d.reason.clone(), d.last_error.clone(), d.attempts))
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            (
+                "handler_rejected".to_owned(),
+                "the service refused it: 422".to_owned(),
+                1
+            ),
+            (
+                "max_attempts".to_owned(),
+                "the service answered 503".to_owned(),
+                3
+            ),
+            (
+                "unsupported_version".to_owned(),
+                "unsupported version 9 of `order.placed`: service `orders` accepts version 1"
+                    .to_owned(),
+                1
+            ),
+        ]
+    );
+    assert_eq!(open_calls(&db).await, 0, "no call is left open");
+    // The producer's rows are another database's: published, left alone.
+    for id in &ids {
+        assert_eq!(w.status(*id).await.status, Status::Published);
+    }
+}
+
+/// Leaves the call of `event_id` open in `db` as a consumer that died in it would: held by
+/// `owner` until `until`, after `attempts` claims.
+async fn open_call(db: &SqlitePool, group: &str, event_id: &str, until: i64, attempts: i64) {
+    outbox_runtime::sqlx::query(
+        "INSERT INTO outbox_calls (consumer_group, event_id, lease_owner, lease_until, attempts) \
+         VALUES (?, ?, 'consumer-that-died', ?, ?)",
+    )
+    .bind(group)
+    .bind(event_id)
+    .bind(until)
+    .bind(attempts)
+    .execute(db)
+    .await
+    .unwrap();
+    outbox_runtime::sqlx::query(
+        "INSERT INTO outbox_inbox (consumer_group, event_id, consumed_at) VALUES (?, ?, 0)",
+    )
+    .bind(group)
+    .bind(event_id)
+    .execute(db)
+    .await
+    .unwrap();
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_call_left_open_by_a_dead_consumer_is_called_again_once_its_lease_has_run_out() {
+    let w = World::new(MemoryBus::new().with_partitions(1)).await;
+    let (db, _file) = own_database(&w).await;
+    let (a, b) = (w.enqueue("c1", 0, 0).await, w.enqueue("c1", 1, 0).await);
+    w.relay_all().await;
+    let (a, b) = (w.status(a).await.event_id, w.status(b).await.event_id);
+    // Event 0: a consumer claimed its call and died in it; its lease runs a while longer.
+    let until = now_ms() + 700;
+    open_call(&db, &w.group, &a, until, 1).await;
+    // Event 1: claimed 3 times already, and every time the process died.
+    open_call(&db, &w.group, &b, now_ms() - 1, 3).await;
+
+    let called_at = Arc::new(Mutex::new(None));
+    struct Timed(Arc<Remote>, Arc<Mutex<Option<i64>>>);
+    impl OrderEventsHandler<Call> for Timed {
+        async fn order_placed(&self, call: &mut Call, e: OrderPlaced) -> Result<(), HandlerError> {
+            self.1.lock().unwrap().get_or_insert(now_ms());
+            self.0.order_placed(call, e).await
+        }
+    }
+    let remote = Arc::new(Remote {
+        pool: Some(db.clone()),
+        ..Remote::default()
+    });
+    let config = ConsumerConfig::default()
+        .dedupe(Dedupe::Inbox)
+        .inbox_attempts(3);
+    let consumer = Consumer::<Sqlite, OrderEvents, _, _>::calling(
+        w.outbox.clone(),
+        db.clone(),
+        Arc::new(w.bus.clone()),
+        Timed(remote.clone(), called_at.clone()),
+        config,
+    )
+    .unwrap();
+    let (trigger, shutdown) = Shutdown::new();
+    let task = tokio::spawn(consumer.run(shutdown));
+    w.consumed_all().await;
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+
+    // Called again, once, as its second attempt, and not before the dead consumer's lease
+    // ended.
+    assert_eq!(remote.calls_of(0), vec![(a.clone(), 2)]);
+    assert!(called_at.lock().unwrap().unwrap() >= until);
+    assert_eq!(effects_in(&db).await, vec![0]);
+    // Event 1 is not called a fourth time: dead, with why.
+    assert!(remote.calls_of(1).is_empty());
+    let mut conn = db.acquire().await.unwrap();
+    let dead = w
+        .outbox
+        .inbox_dead(&mut conn, &w.group, &b)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(dead.reason, "max_attempts");
+    assert_eq!(dead.attempts, 3);
+    assert!(
+        dead.last_error
+            .contains("3 calls were claimed and none returned"),
+        "{}",
+        dead.last_error
+    );
+    drop(conn);
+    assert_eq!(open_calls(&db).await, 0);
+}
+
+#[tokio::test]
+async fn a_call_that_runs_past_its_lease_is_cancelled_and_called_again() {
+    let w = World::new(MemoryBus::new().with_partitions(1)).await;
+    let (db, _file) = own_database(&w).await;
+    for n in 0..3 {
+        w.enqueue("c1", n, 0).await;
+    }
+    w.relay_all().await;
+    let remote = Arc::new(Remote {
+        stall_first: vec![1],
+        pool: Some(db.clone()),
+        ..Remote::default()
+    });
+    let config = ConsumerConfig::default()
+        .dedupe(Dedupe::Inbox)
+        .call_lease(std::time::Duration::from_millis(300));
+    let (trigger, shutdown) = Shutdown::new();
+    let task = tokio::spawn(call_consumer(&w, &db, &remote, config).run(shutdown));
+    w.consumed_all().await;
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+
+    let attempts = |n: u64| -> Vec<u32> { remote.calls_of(n).into_iter().map(|c| c.1).collect() };
+    assert_eq!(attempts(1), vec![1, 2]);
+    assert_eq!(attempts(0), vec![1]);
+    assert_eq!(attempts(2), vec![1]);
+    // In order, each once.
+    let order: Vec<u64> = remote.calls.lock().unwrap().iter().map(|c| c.0).collect();
+    assert_eq!(order, vec![0, 1, 1, 2]);
+    assert_eq!(effects_in(&db).await, vec![0, 1, 2]);
 }

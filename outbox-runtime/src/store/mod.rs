@@ -636,6 +636,21 @@ pub struct InboxDead {
     pub message_key: Option<String>,
 }
 
+/// What [`Outbox::claim_call`] found.
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallClaim {
+    /// The caller holds the call now; `attempts` counts this one.
+    Claimed {
+        attempts: u32,
+        last_error: Option<String>,
+    },
+    /// Another owner holds it until `until` (ms).
+    Held { owner: String, until: i64 },
+    /// No call is open (and none was made).
+    None,
+}
+
 /// One open row as a claim's window read sees it.
 #[doc(hidden)]
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -981,6 +996,7 @@ impl<DB: Backend> Outbox<DB> {
         }
         out.push(self.inbox_sql("create_inbox").to_owned());
         out.push(self.inbox_sql("create_inbox_dead").to_owned());
+        out.push(self.inbox_sql("create_calls").to_owned());
         if let Some(index) = self.inner.inbox.get("create_inbox_at") {
             out.push(index.clone());
         }
@@ -1624,6 +1640,85 @@ impl<DB: Backend> Outbox<DB> {
         DB::execute(conn, self.inbox_sql("inbox_dead_delete"), key.clone()).await?;
         DB::execute(conn, self.inbox_sql("inbox_forget"), key).await?;
         Ok(Some(dead))
+    }
+
+    /// Claims the call of `event_id` for `owner` until `lease_until`, in the caller's
+    /// transaction, for a handler that runs outside any transaction: a new claim when there is
+    /// none (only with `insert`), or the claim of an owner whose lease ran out (one attempt
+    /// more).
+    #[doc(hidden)]
+    pub async fn claim_call(
+        &self,
+        conn: &mut DB::Connection,
+        group: &str,
+        event_id: &str,
+        owner: &str,
+        lease_until: i64,
+        insert: bool,
+    ) -> Result<CallClaim, Error> {
+        inbox_id_fits(event_id)?;
+        let key = || vec![Arg::Str(group.to_owned()), Arg::Str(event_id.to_owned())];
+        if insert {
+            let mut args = key();
+            args.extend([Arg::Str(owner.to_owned()), Arg::I64(lease_until)]);
+            if DB::execute(conn, self.inbox_sql("call_insert"), args).await? == 1 {
+                return Ok(CallClaim::Claimed {
+                    attempts: 1,
+                    last_error: None,
+                });
+            }
+        }
+        let mut args = vec![Arg::Str(owner.to_owned()), Arg::I64(lease_until)];
+        args.extend(key());
+        args.push(Arg::I64(self.now_ms()));
+        if DB::execute(conn, self.inbox_sql("call_take"), args).await? == 1 {
+            let state = DB::fetch_pairs(conn, self.inbox_sql("call_state"), key()).await?;
+            let (error, attempts) = state.into_iter().next().unwrap_or_default();
+            return Ok(CallClaim::Claimed {
+                attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                last_error: Some(error).filter(|e| !e.is_empty()),
+            });
+        }
+        let holder = DB::fetch_pairs(conn, self.inbox_sql("call_holder"), key()).await?;
+        Ok(match holder.into_iter().next() {
+            Some((owner, until)) => CallClaim::Held { owner, until },
+            None => CallClaim::None,
+        })
+    }
+
+    /// Gives a failed call back: it may be claimed again from `again_at`, with `error` as its
+    /// last error. False when `owner` no longer holds it.
+    #[doc(hidden)]
+    pub async fn release_call(
+        &self,
+        conn: &mut DB::Connection,
+        group: &str,
+        event_id: &str,
+        owner: &str,
+        again_at: i64,
+        error: &str,
+    ) -> Result<bool, Error> {
+        let args = vec![
+            Arg::I64(again_at),
+            Arg::Str(self.error_text(error)),
+            Arg::Str(group.to_owned()),
+            Arg::Str(event_id.to_owned()),
+            Arg::Str(owner.to_owned()),
+        ];
+        Ok(DB::execute(conn, self.inbox_sql("call_release"), args).await? == 1)
+    }
+
+    /// Forgets the call of `event_id` (it is done, or dead), in the caller's transaction.
+    #[doc(hidden)]
+    pub async fn finish_call(
+        &self,
+        conn: &mut DB::Connection,
+        group: &str,
+        event_id: &str,
+    ) -> Result<(), Error> {
+        let args = vec![Arg::Str(group.to_owned()), Arg::Str(event_id.to_owned())];
+        DB::execute(conn, self.inbox_sql("call_delete"), args).await?;
+        Ok(())
     }
 
     /// The row of `event_id` in `table`, locked until the caller's transaction ends.

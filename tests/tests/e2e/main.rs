@@ -21,7 +21,7 @@ use contracts::{
 };
 use harness::{Harness, TestDb};
 use outbox_runtime::bus::{KafkaBus, KafkaConfig, Outgoing, Publish};
-use outbox_runtime::consumer::{ConsumerConfig, Context};
+use outbox_runtime::consumer::{Call, ConsumerConfig, Context};
 use outbox_runtime::envelope::{self, VersionFormat};
 use outbox_runtime::relay::RelayConfig;
 use outbox_runtime::store::{Arg, Enqueued, StoreConfig};
@@ -83,7 +83,7 @@ async fn e2e_an_inbox_consumer_in_its_own_database_postgres_to_mysql() {
     an_inbox_consumer_in_its_own_database_applies_each_event_once::<
         outbox_runtime::sqlx::Postgres,
         outbox_runtime::sqlx::MySql,
-    >()
+    >(Kind::InTransaction)
     .await;
 }
 
@@ -92,7 +92,27 @@ async fn e2e_an_inbox_consumer_in_its_own_database_mysql_to_postgres() {
     an_inbox_consumer_in_its_own_database_applies_each_event_once::<
         outbox_runtime::sqlx::MySql,
         outbox_runtime::sqlx::Postgres,
-    >()
+    >(Kind::InTransaction)
+    .await;
+}
+
+// The same with a handler that runs outside any transaction (a remote call): claimed,
+// called, then marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn e2e_a_call_consumer_in_its_own_database_postgres_to_mysql() {
+    an_inbox_consumer_in_its_own_database_applies_each_event_once::<
+        outbox_runtime::sqlx::Postgres,
+        outbox_runtime::sqlx::MySql,
+    >(Kind::Calls)
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn e2e_a_call_consumer_in_its_own_database_mysql_to_postgres() {
+    an_inbox_consumer_in_its_own_database_applies_each_event_once::<
+        outbox_runtime::sqlx::MySql,
+        outbox_runtime::sqlx::Postgres,
+    >(Kind::Calls)
     .await;
 }
 
@@ -101,7 +121,7 @@ async fn e2e_an_inbox_consumer_in_its_own_database_sqlite_to_postgres() {
     an_inbox_consumer_in_its_own_database_applies_each_event_once::<
         outbox_runtime::sqlx::Sqlite,
         outbox_runtime::sqlx::Postgres,
-    >()
+    >(Kind::InTransaction)
     .await;
 }
 
@@ -178,6 +198,56 @@ impl<DB: TestDb> NotificationEventsHandler<Context<DB>> for Recorder {
         _: FeishuRequestedV2,
     ) -> Result<(), HandlerError> {
         self.record(ctx, "feishu-v2").await
+    }
+}
+
+/// The kind of handler a test runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// In the transaction that marks the event done.
+    InTransaction,
+    /// Outside any transaction, as a remote call.
+    Calls,
+}
+
+/// A handler that runs outside any transaction: it records each call's idempotency key in the
+/// effects table through the pool, as a remote service would apply it.
+struct Caller<DB: TestDb> {
+    recorder: Recorder,
+    pool: outbox_runtime::sqlx::Pool<DB>,
+}
+
+impl<DB: TestDb> NotificationEventsHandler<Call> for Caller<DB> {
+    async fn feishu_requested(
+        &self,
+        call: &mut Call,
+        e: FeishuRequested,
+    ) -> Result<(), HandlerError> {
+        if self.recorder.should_fail(&e.preview_id) {
+            return Err(HandlerError::retry("feishu api answered 502"));
+        }
+        let sql = DB::sql(&format!(
+            "INSERT INTO {} (event_id, kind) VALUES ($1, $2)",
+            self.recorder.effects
+        ));
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| HandlerError::retry(e.to_string()))?;
+        let args = vec![
+            Arg::Str(call.idempotency_key().to_owned()),
+            Arg::Str(format!("call-{}", call.attempt())),
+        ];
+        DB::execute(&mut conn, &sql, args).await?;
+        Ok(())
+    }
+    async fn feishu_requested_v2(
+        &self,
+        _: &mut Call,
+        _: FeishuRequestedV2,
+    ) -> Result<(), HandlerError> {
+        Ok(())
     }
 }
 
@@ -1280,7 +1350,9 @@ async fn the_memory_bus_partitions_keys_as_librdkafka_does_on_the_broker() {
 /// outbox table of the producer's, only the inbox: each event once, a handler that fails twice
 /// retried in place, poison dead in `C` with its envelope, and the producer's rows left
 /// `published`.
-async fn an_inbox_consumer_in_its_own_database_applies_each_event_once<P: TestDb, C: TestDb>() {
+async fn an_inbox_consumer_in_its_own_database_applies_each_event_once<P: TestDb, C: TestDb>(
+    kind: Kind,
+) {
     let w = World::<P>::new().await;
     let (pool, file) = C::open(&format!("inbox-{}", w.h.tag)).await;
     let outbox = outbox_runtime::Outbox::<C>::builder(w.h.outbox.catalog().clone()).build();
@@ -1289,7 +1361,7 @@ async fn an_inbox_consumer_in_its_own_database_applies_each_event_once<P: TestDb
         let mut conn = pool.acquire().await.unwrap();
         let _turn = harness::MIGRATIONS.lock().await;
         for sql in outbox.migration_sql() {
-            if sql.contains("outbox_inbox") {
+            if sql.contains("outbox_inbox") || sql.contains("outbox_calls") {
                 C::execute(&mut conn, &sql, Vec::new()).await.unwrap();
             }
         }
@@ -1313,19 +1385,26 @@ async fn an_inbox_consumer_in_its_own_database_applies_each_event_once<P: TestDb
         .start()
         .await
         .unwrap();
+    let config = ConsumerConfig::default()
+        .dedupe(outbox_runtime::Dedupe::Inbox)
+        .inbox_attempts(5)
+        .dlq(true);
     let consumer = Engine::builder(pool.clone(), KafkaConfig::new(brokers()))
         .outbox(outbox.clone())
-        .without_relay()
-        .consumer_with::<NotificationEvents, _>(
-            recorder,
-            ConsumerConfig::default()
-                .dedupe(outbox_runtime::Dedupe::Inbox)
-                .inbox_attempts(5)
-                .dlq(true),
-        )
-        .start()
-        .await
-        .unwrap();
+        .without_relay();
+    let consumer = match kind {
+        Kind::InTransaction => consumer.consumer_with::<NotificationEvents, _>(recorder, config),
+        Kind::Calls => consumer.call_consumer_with::<NotificationEvents, _>(
+            Caller {
+                recorder,
+                pool: pool.clone(),
+            },
+            config,
+        ),
+    }
+    .start()
+    .await
+    .unwrap();
     assert!(consumer.ready(Duration::from_secs(60)).await);
     let rows = w.enqueue_feishu(0..20).await;
     let route =
@@ -1384,6 +1463,20 @@ async fn an_inbox_consumer_in_its_own_database_applies_each_event_once<P: TestDb
     .unwrap()[0]
         .unwrap();
     assert_eq!((all, applied), (20, 20), "each event once");
+    if kind == Kind::Calls {
+        // The event whose call failed twice succeeded on its third attempt; no call is open.
+        let third = C::fetch_ints(
+            &mut conn,
+            &format!("SELECT COUNT(*) FROM {effects} WHERE kind = 'call-3'"),
+            Vec::new(),
+        )
+        .await
+        .unwrap()[0];
+        assert_eq!(third, Some(1));
+        let sql = C::sql("SELECT COUNT(*) FROM outbox_calls WHERE consumer_group = $1");
+        let open = C::fetch_ints(&mut conn, &sql, vec![Arg::Str(route.group.clone())]);
+        assert_eq!(open.await.unwrap()[0], Some(0));
+    }
     assert_eq!(dead.len(), 1);
     assert_eq!(
         (

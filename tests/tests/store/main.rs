@@ -68,6 +68,7 @@ on_every_backend!(
     consume_of_an_unknown_event_id_is_reported_missing,
     consume_inbox_applies_once_per_group,
     inbox_dead_letters_are_kept_listed_taken_back_and_discarded,
+    a_call_is_claimed_once_held_until_its_lease_ends_then_taken_with_one_attempt_more,
     the_inbox_keeps_long_event_ids_whole_and_refuses_longer_ones,
     inbox_retention_forgets_old_records_in_batches_and_keeps_recent_ones,
     consume_failure_backs_off_then_goes_dead,
@@ -811,6 +812,126 @@ async fn consume_of_an_unknown_event_id_is_reported_missing<DB: TestDb>() {
         .await
         .unwrap();
     assert_eq!(out, Consumed::Missing);
+    drop(conn);
+    h.cleanup().await;
+}
+
+// 37 (Pattern B): a handler that runs outside a transaction claims its call first. A claim is
+// one owner's until its lease ends; then another takes it, one attempt more, with the last
+// error; while a claim is open, a second claimer waits for the first's transaction and finds
+// it held.
+async fn a_call_is_claimed_once_held_until_its_lease_ends_then_taken_with_one_attempt_more<
+    DB: TestDb,
+>() {
+    use outbox_runtime::store::CallClaim;
+    let h = Harness::<DB>::new().await;
+    let group = format!("g-{}", h.tag);
+    let id = uuid_like(&format!("c{}", h.tag));
+    let until = T0 + 30_000;
+    let mut tx = h.pool.begin().await.unwrap();
+    let first = h
+        .outbox
+        .claim_call(&mut *tx, &group, &id, "a", until, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        CallClaim::Claimed {
+            attempts: 1,
+            last_error: None
+        }
+    );
+    // A second claimer meanwhile waits for that transaction, then finds the call held.
+    let second = {
+        let (pool, outbox, group, id) =
+            (h.pool.clone(), h.outbox.clone(), group.clone(), id.clone());
+        tokio::spawn(async move {
+            let mut tx = DB::begin_pool_write(&pool).await.unwrap();
+            let claim = outbox
+                .claim_call(&mut *tx, &group, &id, "b", until, true)
+                .await
+                .unwrap();
+            tx.rollback().await.unwrap();
+            claim
+        })
+    };
+    tx.commit().await.unwrap();
+    assert_eq!(
+        second.await.unwrap(),
+        CallClaim::Held {
+            owner: "a".into(),
+            until
+        }
+    );
+    let mut conn = h.pool.acquire().await.unwrap();
+    // Without `insert`, an event with no open call stays without one (done, in the inbox).
+    let other = uuid_like(&format!("d{}", h.tag));
+    assert_eq!(
+        h.outbox
+            .claim_call(&mut conn, &group, &other, "b", until, false)
+            .await
+            .unwrap(),
+        CallClaim::None
+    );
+    // Released by another owner: refused; by its owner: it may be taken from then on.
+    assert!(
+        !h.outbox
+            .release_call(&mut conn, &group, &id, "b", T0, "nope")
+            .await
+            .unwrap()
+    );
+    assert!(
+        h.outbox
+            .release_call(
+                &mut conn,
+                &group,
+                &id,
+                "a",
+                T0 + 5_000,
+                "the service answered 503"
+            )
+            .await
+            .unwrap()
+    );
+    assert!(matches!(
+        h.outbox
+            .claim_call(&mut conn, &group, &id, "b", until, true)
+            .await
+            .unwrap(),
+        CallClaim::Held { .. }
+    ));
+    h.clock.advance(Duration::from_secs(5));
+    assert_eq!(
+        h.outbox
+            .claim_call(&mut conn, &group, &id, "b", until + 5_000, false)
+            .await
+            .unwrap(),
+        CallClaim::Claimed {
+            attempts: 2,
+            last_error: Some("the service answered 503".into())
+        }
+    );
+    // A lease that ran out without a release (the owner died) is taken too.
+    h.clock.advance(Duration::from_secs(60));
+    assert_eq!(
+        h.outbox
+            .claim_call(&mut conn, &group, &id, "c", T0 + 100_000, true)
+            .await
+            .unwrap(),
+        CallClaim::Claimed {
+            attempts: 3,
+            last_error: Some("the service answered 503".into())
+        }
+    );
+    // Done: forgotten, per group.
+    h.outbox.finish_call(&mut conn, &group, &id).await.unwrap();
+    assert_eq!(
+        h.outbox
+            .claim_call(&mut conn, &group, &id, "c", T0 + 100_000, false)
+            .await
+            .unwrap(),
+        CallClaim::None
+    );
     drop(conn);
     h.cleanup().await;
 }

@@ -209,3 +209,45 @@ FROM outbox_inbox_dead WHERE consumer_group = ? AND event_id > ? ORDER BY event_
 SELECT CAST(consumer_group AS CHAR), CAST(event_id AS CHAR), event_type, event_version, topic,
     reason, last_error, attempts, envelope, dead_at, message_key
 FROM outbox_inbox_dead WHERE consumer_group = ? AND event_id = ?
+
+-- name: create_calls
+-- Handlers that run outside a transaction: a claimed call (its lease) per consumer group and
+-- event, from the claim until the event is marked done.
+CREATE TABLE IF NOT EXISTS outbox_calls (
+    consumer_group VARCHAR(255) COLLATE utf8mb4_bin NOT NULL,
+    event_id VARCHAR(255) COLLATE utf8mb4_bin NOT NULL,
+    lease_owner VARCHAR(255) NOT NULL,
+    lease_until BIGINT NOT NULL,
+    attempts INT NOT NULL,
+    last_error TEXT,
+    PRIMARY KEY (consumer_group, event_id)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_unicode_ci
+
+-- name: call_insert
+-- consumer_group, event_id, lease_owner, lease_until
+INSERT IGNORE INTO outbox_calls (consumer_group, event_id, lease_owner, lease_until, attempts)
+VALUES (?, ?, ?, ?, 1)
+
+-- name: call_take
+-- A call whose lease ran out: lease_owner, lease_until, consumer_group, event_id, now
+UPDATE outbox_calls SET lease_owner = ?, lease_until = ?, attempts = attempts + 1
+WHERE consumer_group = ? AND event_id = ? AND lease_until <= ?
+
+-- name: call_state
+-- consumer_group, event_id
+SELECT COALESCE(last_error, ''), attempts FROM outbox_calls
+WHERE consumer_group = ? AND event_id = ?
+
+-- name: call_holder
+-- consumer_group, event_id
+SELECT lease_owner, lease_until FROM outbox_calls WHERE consumer_group = ? AND event_id = ?
+
+-- name: call_release
+-- A failed call, to be taken again from lease_until: lease_until, last_error, consumer_group,
+-- event_id, lease_owner
+UPDATE outbox_calls SET lease_until = ?, last_error = ?
+WHERE consumer_group = ? AND event_id = ? AND lease_owner = ?
+
+-- name: call_delete
+-- consumer_group, event_id
+DELETE FROM outbox_calls WHERE consumer_group = ? AND event_id = ?

@@ -206,3 +206,45 @@ DELETE FROM {table} WHERE id IN (
 -- consumed_at before, limit
 DELETE FROM {table} WHERE id IN (
     SELECT id FROM {table} WHERE status = 'consumed' AND consumed_at < $1 ORDER BY id LIMIT $2)
+
+-- name: create_calls
+-- Handlers that run outside a transaction: a claimed call (its lease) per consumer group and
+-- event, from the claim until the event is marked done.
+CREATE TABLE IF NOT EXISTS outbox_calls (
+    consumer_group VARCHAR(255) NOT NULL,
+    event_id VARCHAR(255) NOT NULL,
+    lease_owner VARCHAR(255) NOT NULL,
+    lease_until BIGINT NOT NULL,
+    attempts INTEGER NOT NULL,
+    last_error TEXT,
+    PRIMARY KEY (consumer_group, event_id)
+)
+
+-- name: call_insert
+-- consumer_group, event_id, lease_owner, lease_until
+INSERT INTO outbox_calls (consumer_group, event_id, lease_owner, lease_until, attempts)
+VALUES ($1, $2, $3, $4, 1) ON CONFLICT DO NOTHING
+
+-- name: call_take
+-- A call whose lease ran out: lease_owner, lease_until, consumer_group, event_id, now
+UPDATE outbox_calls SET lease_owner = $1, lease_until = $2, attempts = attempts + 1
+WHERE consumer_group = $3 AND event_id = $4 AND lease_until <= $5
+
+-- name: call_state
+-- consumer_group, event_id
+SELECT COALESCE(last_error, ''), CAST(attempts AS BIGINT) FROM outbox_calls
+WHERE consumer_group = $1 AND event_id = $2
+
+-- name: call_holder
+-- consumer_group, event_id
+SELECT lease_owner, lease_until FROM outbox_calls WHERE consumer_group = $1 AND event_id = $2
+
+-- name: call_release
+-- A failed call, to be taken again from lease_until: lease_until, last_error, consumer_group,
+-- event_id, lease_owner
+UPDATE outbox_calls SET lease_until = $1, last_error = $2
+WHERE consumer_group = $3 AND event_id = $4 AND lease_owner = $5
+
+-- name: call_delete
+-- consumer_group, event_id
+DELETE FROM outbox_calls WHERE consumer_group = $1 AND event_id = $2

@@ -169,3 +169,45 @@ DELETE FROM {table} WHERE id IN (
 -- consumed_at before, limit
 DELETE FROM {table} WHERE id IN (
     SELECT id FROM {table} WHERE status = 'consumed' AND consumed_at < ? ORDER BY id LIMIT ?)
+
+-- name: create_calls
+-- Handlers that run outside a transaction: a claimed call (its lease) per consumer group and
+-- event, from the claim until the event is marked done.
+CREATE TABLE IF NOT EXISTS outbox_calls (
+    consumer_group VARCHAR(255) NOT NULL,
+    event_id VARCHAR(255) NOT NULL,
+    lease_owner VARCHAR(255) NOT NULL,
+    lease_until BIGINT NOT NULL,
+    attempts INTEGER NOT NULL,
+    last_error TEXT,
+    PRIMARY KEY (consumer_group, event_id)
+)
+
+-- name: call_insert
+-- consumer_group, event_id, lease_owner, lease_until
+INSERT INTO outbox_calls (consumer_group, event_id, lease_owner, lease_until, attempts)
+VALUES (?, ?, ?, ?, 1) ON CONFLICT DO NOTHING
+
+-- name: call_take
+-- A call whose lease ran out: lease_owner, lease_until, consumer_group, event_id, now
+UPDATE outbox_calls SET lease_owner = ?, lease_until = ?, attempts = attempts + 1
+WHERE consumer_group = ? AND event_id = ? AND lease_until <= ?
+
+-- name: call_state
+-- consumer_group, event_id
+SELECT COALESCE(last_error, ''), attempts FROM outbox_calls
+WHERE consumer_group = ? AND event_id = ?
+
+-- name: call_holder
+-- consumer_group, event_id
+SELECT lease_owner, lease_until FROM outbox_calls WHERE consumer_group = ? AND event_id = ?
+
+-- name: call_release
+-- A failed call, to be taken again from lease_until: lease_until, last_error, consumer_group,
+-- event_id, lease_owner
+UPDATE outbox_calls SET lease_until = ?, last_error = ?
+WHERE consumer_group = ? AND event_id = ? AND lease_owner = ?
+
+-- name: call_delete
+-- consumer_group, event_id
+DELETE FROM outbox_calls WHERE consumer_group = ? AND event_id = ?
