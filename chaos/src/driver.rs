@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 use outbox_runtime::Outbox;
 use outbox_runtime::bus::{KafkaBus, Publish as _};
 use outbox_runtime::sqlx::{self, Pool};
+use outbox_runtime::store::Arg;
 
 use crate::BoxError;
 use crate::contract::SERVICE;
-use crate::ledger::{self, Entry, Verdict};
+use crate::ledger::{self, Entry, Side, Verdict};
 use crate::procs::{self, Broker, RoleProc, Spawner};
 use crate::world::{self, BackendKind, ChaosDb, Names};
 use crate::writer::{Mix, Writer};
@@ -22,7 +23,8 @@ use crate::writer::{Mix, Writer};
 /// by the time its replacement joins (see the kill loop).
 const CONSUMER_RESTART: Duration = world::SESSION_TIMEOUT.saturating_add(Duration::from_secs(1));
 
-/// The scenarios of issue 7, in the order they run.
+/// The scenarios of issue 7, then those of issue 14 (the consumers in a database of their
+/// own), in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Scenario {
     RelayKill,
@@ -32,10 +34,15 @@ pub(crate) enum Scenario {
     Poison,
     Race,
     Rollback,
+    InboxConsumerKill,
+    /// The consumers' own database restarted.
+    InboxDbRestart,
+    InboxPoison,
+    InboxRace,
 }
 
 impl Scenario {
-    pub(crate) const ALL: [Scenario; 7] = [
+    pub(crate) const ALL: [Scenario; 11] = [
         Scenario::RelayKill,
         Scenario::ConsumerKill,
         Scenario::BrokerOutage,
@@ -43,6 +50,10 @@ impl Scenario {
         Scenario::Poison,
         Scenario::Race,
         Scenario::Rollback,
+        Scenario::InboxConsumerKill,
+        Scenario::InboxDbRestart,
+        Scenario::InboxPoison,
+        Scenario::InboxRace,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -54,6 +65,26 @@ impl Scenario {
             Scenario::Poison => "poison",
             Scenario::Race => "race",
             Scenario::Rollback => "rollback",
+            Scenario::InboxConsumerKill => "inbox-consumer-kill",
+            Scenario::InboxDbRestart => "inbox-db-restart",
+            Scenario::InboxPoison => "inbox-poison",
+            Scenario::InboxRace => "inbox-race",
+        }
+    }
+
+    /// The consumers run in a database of their own, on the other server (`Dedupe::Inbox`).
+    pub(crate) fn own_db(self) -> bool {
+        self != self.base()
+    }
+
+    /// The fault, whatever the consumers' database.
+    fn base(self) -> Self {
+        match self {
+            Scenario::InboxConsumerKill => Scenario::ConsumerKill,
+            Scenario::InboxDbRestart => Scenario::DbRestart,
+            Scenario::InboxPoison => Scenario::Poison,
+            Scenario::InboxRace => Scenario::Race,
+            other => other,
         }
     }
 
@@ -160,7 +191,7 @@ fn plan(o: &RunOptions, scenario: Scenario) -> Plan {
         fault: Fault::None,
         backlog: false,
     };
-    match scenario {
+    match scenario.base() {
         Scenario::RelayKill => Plan {
             fault: Fault::KillRelay(kills),
             ..base
@@ -197,6 +228,10 @@ fn plan(o: &RunOptions, scenario: Scenario) -> Plan {
             rollback: 0.1,
             ..base
         },
+        Scenario::InboxConsumerKill
+        | Scenario::InboxDbRestart
+        | Scenario::InboxPoison
+        | Scenario::InboxRace => unreachable!("`base` is a scenario of the shared database"),
     }
 }
 
@@ -221,7 +256,12 @@ pub(crate) async fn run(o: RunOptions) -> Result<bool, BoxError> {
             .join(","),
         dir.display()
     );
-    for b in &o.backends {
+    let mut servers: Vec<BackendKind> = o.backends.clone();
+    if o.scenarios.iter().any(|s| s.own_db()) {
+        servers.extend(o.backends.iter().map(|b| b.other()));
+    }
+    servers.dedup();
+    for b in &servers {
         procs::ensure_up(*b)?;
     }
     let mut broker = Broker::start(o.port, &dir)?;
@@ -239,12 +279,24 @@ pub(crate) async fn run(o: RunOptions) -> Result<bool, BoxError> {
                 scenario,
                 seed,
             };
-            let result = match backend {
-                BackendKind::Postgres => scenario_on::<sqlx::Postgres>(&ctx, &mut broker).await,
-                BackendKind::Mysql => scenario_on::<sqlx::MySql>(&ctx, &mut broker).await,
+            let _consumer_server = scenario
+                .own_db()
+                .then(|| procs::ServerGuard(backend.other()));
+            type Pg = sqlx::Postgres;
+            type My = sqlx::MySql;
+            let result = match (backend, scenario.own_db()) {
+                (BackendKind::Postgres, false) => scenario_on::<Pg, Pg>(&ctx, &mut broker).await,
+                (BackendKind::Postgres, true) => scenario_on::<Pg, My>(&ctx, &mut broker).await,
+                (BackendKind::Mysql, false) => scenario_on::<My, My>(&ctx, &mut broker).await,
+                (BackendKind::Mysql, true) => scenario_on::<My, Pg>(&ctx, &mut broker).await,
+            };
+            let consumers = if scenario.own_db() {
+                format!(" consumer_db={}", backend.other().name())
+            } else {
+                String::new()
             };
             let id = format!(
-                "scenario={} backend={} seed={}",
+                "scenario={} backend={}{consumers} seed={}",
                 scenario.name(),
                 backend.name(),
                 o.seed
@@ -326,9 +378,22 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn url(&self) -> &str {
-        match self.backend {
+        self.url_of(self.backend)
+    }
+
+    fn url_of(&self, kind: BackendKind) -> &str {
+        match kind {
             BackendKind::Postgres => &self.options.postgres_url,
             BackendKind::Mysql => &self.options.mysql_url,
+        }
+    }
+
+    /// The consumers' database.
+    fn consumer_backend(&self) -> BackendKind {
+        if self.scenario.own_db() {
+            self.backend.other()
+        } else {
+            self.backend
         }
     }
 }
@@ -336,10 +401,13 @@ impl Ctx<'_> {
 /// A scenario's lines: each run's outcome, whether it passed, and extra figures.
 type Lines = Vec<(Outcome, bool, String)>;
 
-async fn scenario_on<DB: ChaosDb>(ctx: &Ctx<'_>, broker: &mut Broker) -> Result<Lines, BoxError> {
+async fn scenario_on<DB: ChaosDb, C: ChaosDb>(
+    ctx: &Ctx<'_>,
+    broker: &mut Broker,
+) -> Result<Lines, BoxError> {
     let p = plan(ctx.options, ctx.scenario);
-    if ctx.scenario != Scenario::Poison {
-        let outcome = run_once::<DB>(ctx, broker, p, ctx.seed).await?;
+    if ctx.scenario.base() != Scenario::Poison {
+        let outcome = run_once::<DB, C>(ctx, broker, p, ctx.seed).await?;
         let ok = outcome.verdict.ok() && outcome.quiet;
         return Ok(vec![(outcome, ok, String::new())]);
     }
@@ -351,7 +419,7 @@ async fn scenario_on<DB: ChaosDb>(ctx: &Ctx<'_>, broker: &mut Broker) -> Result<
         poison_every: 0,
         ..p
     };
-    let _ = run_once::<DB>(ctx, broker, warm, ctx.seed ^ 1).await?;
+    let _ = run_once::<DB, C>(ctx, broker, warm, ctx.seed ^ 1).await?;
     let rounds = if ctx.options.quick { 1 } else { 2 };
     let mut lines = Vec::new();
     let (mut clean_best, mut poison_best) = (0.0f64, 0.0f64);
@@ -371,7 +439,7 @@ async fn scenario_on<DB: ChaosDb>(ctx: &Ctx<'_>, broker: &mut Broker) -> Result<
                 poison_every: if poisoned { p.poison_every } else { 0 },
                 ..p
             };
-            let o = run_once::<DB>(ctx, broker, plan, ctx.seed).await?;
+            let o = run_once::<DB, C>(ctx, broker, plan, ctx.seed).await?;
             if poisoned {
                 poison_best = poison_best.max(o.throughput);
             } else {
@@ -411,7 +479,7 @@ async fn scenario_on<DB: ChaosDb>(ctx: &Ctx<'_>, broker: &mut Broker) -> Result<
         .collect())
 }
 
-async fn run_once<DB: ChaosDb>(
+async fn run_once<DB: ChaosDb, C: ChaosDb>(
     ctx: &Ctx<'_>,
     broker: &mut Broker,
     p: Plan,
@@ -432,13 +500,27 @@ async fn run_once<DB: ChaosDb>(
     let outbox = Outbox::<DB>::builder(catalog.clone())
         .config(world::store_config(world::HEALTHY_MAX_ATTEMPTS))
         .build();
-    let failing = Outbox::<DB>::builder(catalog)
+    let failing = Outbox::<DB>::builder(catalog.clone())
         .config(world::store_config(world::FAILING_MAX_ATTEMPTS))
         .build();
+    let own_db = ctx.scenario.own_db();
+    // The consumers' database: the producer's, or their own on the other server.
+    let consumer_url = ctx.url_of(ctx.consumer_backend()).to_owned();
+    let consumer_pool = C::pool(&consumer_url, 4).await?;
+    let consumer_outbox = Outbox::<C>::new(catalog);
+    let side = if own_db {
+        Side::Own {
+            pool: &consumer_pool,
+            outbox: &consumer_outbox,
+            group: &group,
+        }
+    } else {
+        Side::Shared(&consumer_pool)
+    };
     {
-        let mut conn = pool.acquire().await?;
-        outbox.migrate(&mut conn).await?;
-        DB::execute(
+        let mut conn = consumer_pool.acquire().await?;
+        consumer_outbox.migrate(&mut conn).await?;
+        C::execute(
             &mut conn,
             &format!(
                 "CREATE TABLE {} (event_id VARCHAR(36) NOT NULL, seq BIGINT NOT NULL, \
@@ -448,6 +530,10 @@ async fn run_once<DB: ChaosDb>(
             Vec::new(),
         )
         .await?;
+    }
+    {
+        let mut conn = pool.acquire().await?;
+        outbox.migrate(&mut conn).await?;
         DB::execute(
             &mut conn,
             &format!(
@@ -474,6 +560,9 @@ async fn run_once<DB: ChaosDb>(
         tag: tag.clone(),
         dir: ctx.dir.clone(),
         idempotent: !matches!(p.fault, Fault::Broker(_)),
+        consumer_backend: ctx.consumer_backend(),
+        consumer_url: consumer_url.clone(),
+        inbox: own_db,
     };
     let spawn_relays = || {
         (0..p.relays)
@@ -572,7 +661,8 @@ async fn run_once<DB: ChaosDb>(
         }
         Fault::Database(down) => {
             tokio::time::sleep_until(start + window.mul_f64(0.3)).await;
-            let kind = ctx.backend;
+            // With their own database, the consumers' side goes down.
+            let kind = ctx.consumer_backend();
             tokio::task::spawn_blocking(move || procs::restart_database(kind, down)).await??;
         }
     }
@@ -580,13 +670,13 @@ async fn run_once<DB: ChaosDb>(
 
     // Quiet: no row open and the effects count still for a while, or the timeout.
     let timeout = Duration::from_secs(if ctx.options.quick { 90 } else { 240 });
-    let quiet = wait_quiet(&pool, &names, timeout, &mut relays, &mut consumers).await;
+    let quiet = wait_quiet(&pool, side, &names, timeout, &mut relays, &mut consumers).await;
     let ledger = std::mem::take(
         &mut *ledger
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
-    let verdict = ledger::verify(&pool, &names, &ledger).await?;
+    let verdict = ledger::verify(&pool, side, &names, &ledger).await?;
     if !quiet || !verdict.ok() {
         let (brokers, group, topic) = (broker.address(), group.clone(), topic_name.clone());
         let positions =
@@ -595,7 +685,7 @@ async fn run_once<DB: ChaosDb>(
                 .unwrap_or_else(|e| e.to_string());
         println!("    kafka: {positions}");
     }
-    let throughput = healthy_throughput::<DB>(&pool, &names, start_ms).await?;
+    let throughput = healthy_throughput::<C>(&consumer_pool, &names, start_ms).await?;
 
     for proc in relays.into_iter().chain(consumers) {
         let _ = proc.stop(Duration::from_secs(15)).await;
@@ -606,6 +696,10 @@ async fn run_once<DB: ChaosDb>(
     }
     if verdict.ok() && quiet && !ctx.options.keep {
         drop_tables(&pool, &names).await?;
+        if own_db {
+            drop_tables(&consumer_pool, &names).await?;
+            forget_group(&consumer_pool, &group).await?;
+        }
     }
     Ok(Outcome {
         verdict,
@@ -695,8 +789,9 @@ async fn wait_ready(
     }
 }
 
-async fn wait_quiet<DB: ChaosDb>(
+async fn wait_quiet<DB: ChaosDb, C: ChaosDb>(
     pool: &Pool<DB>,
+    side: Side<'_, C>,
     names: &Names,
     timeout: Duration,
     relays: &mut [RoleProc],
@@ -714,7 +809,7 @@ async fn wait_quiet<DB: ChaosDb>(
                 println!("    {} {} exited by itself: {status}", p.role, p.index);
             }
         }
-        if let Ok((open, effects)) = ledger::progress(pool, names).await {
+        if let Ok((open, effects)) = ledger::progress(pool, side, names).await {
             if open == 0 && effects == last {
                 still += 1;
                 // Two seconds without a change: a late duplicate would have shown by now.
@@ -750,6 +845,17 @@ async fn healthy_throughput<DB: ChaosDb>(
     let last = one(format!("SELECT MAX(applied_at) FROM {}", names.effects)).await?;
     let secs = (last.unwrap_or(start_ms) - start_ms).max(1) as f64 / 1000.0;
     Ok(count.unwrap_or(0) as f64 / secs)
+}
+
+/// A consumer group's inbox records and dead letters, in its own database.
+async fn forget_group<C: ChaosDb>(pool: &Pool<C>, group: &str) -> Result<(), BoxError> {
+    let mut conn = pool.acquire().await?;
+    for t in ["outbox_inbox", "outbox_inbox_dead", "outbox_calls"] {
+        let sql =
+            C::dialect_sql(&format!("DELETE FROM {t} WHERE consumer_group = $1")).into_owned();
+        C::execute(&mut conn, &sql, vec![Arg::Str(group.to_owned())]).await?;
+    }
+    Ok(())
 }
 
 async fn drop_tables<DB: ChaosDb>(pool: &Pool<DB>, names: &Names) -> Result<(), BoxError> {

@@ -5,9 +5,9 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
-use outbox_runtime::Status;
 use outbox_runtime::sqlx::Pool;
-use outbox_runtime::store::{Backend, OutboxRow};
+use outbox_runtime::store::{Arg, Backend, OutboxRow};
+use outbox_runtime::{Outbox, Status};
 
 use crate::BoxError;
 use crate::world::Names;
@@ -28,6 +28,12 @@ pub(crate) enum Poison {
 }
 
 impl Poison {
+    /// The relay dead-letters it (the consumer never sees it): its row is dead wherever the
+    /// consumer keeps its state.
+    pub(crate) fn relay_side(self) -> bool {
+        self == Poison::MalformedJson
+    }
+
     pub(crate) const ALL: [Poison; 5] = [
         Poison::MalformedJson,
         Poison::UnknownVersion,
@@ -157,34 +163,82 @@ const COLUMNS: &str = "id, event_id, event_type, event_version, service_name, to
     next_attempt_at, lease_owner, lease_until, last_error, dead_reason, published_at, \
     consumed_at, created_at, updated_at";
 
-/// Rows not in a final state, and effects so far: the quiet test.
-pub(crate) async fn progress<DB: Backend>(
+/// Where the consumers keep their state.
+pub(crate) enum Side<'a, C: Backend> {
+    /// In the producer's database: they mark its rows consumed, and the effects are there.
+    Shared(&'a Pool<C>),
+    /// In a database of their own (the inbox, for consumer group `group`): the producer's rows
+    /// end `published`, the effects and dead letters are there.
+    Own {
+        pool: &'a Pool<C>,
+        outbox: &'a Outbox<C>,
+        group: &'a str,
+    },
+}
+
+impl<C: Backend> Clone for Side<'_, C> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<C: Backend> Copy for Side<'_, C> {}
+
+impl<'a, C: Backend> Side<'a, C> {
+    fn pool(&self) -> &'a Pool<C> {
+        match self {
+            Side::Shared(pool) | Side::Own { pool, .. } => pool,
+        }
+    }
+}
+
+fn first(v: Vec<Option<i64>>) -> i64 {
+    v.into_iter().next().flatten().unwrap_or(0)
+}
+
+/// Events not settled yet, and effects so far: the quiet test. An event is settled when its
+/// row is consumed or dead, or, with consumers in their own database, when its published row
+/// has an effect or a dead letter there.
+pub(crate) async fn progress<DB: Backend, C: Backend>(
     pool: &Pool<DB>,
+    side: Side<'_, C>,
     names: &Names,
 ) -> Result<(i64, i64), BoxError> {
     let mut conn = pool.acquire().await?;
-    let open = DB::fetch_ints(
-        &mut conn,
-        &format!(
-            "SELECT COUNT(*) FROM {} WHERE status NOT IN ('consumed', 'dead')",
-            names.table
-        ),
-        Vec::new(),
-    )
-    .await?;
-    let effects = DB::fetch_ints(
-        &mut conn,
-        &format!("SELECT COUNT(*) FROM {}", names.effects),
-        Vec::new(),
-    )
-    .await?;
-    let first = |v: Vec<Option<i64>>| v.into_iter().next().flatten().unwrap_or(0);
-    Ok((first(open), first(effects)))
+    let final_states = match side {
+        Side::Shared(_) => "'consumed', 'dead'",
+        Side::Own { .. } => "'published', 'consumed', 'dead'",
+    };
+    let sql = format!(
+        "SELECT COUNT(*) FROM {} WHERE status NOT IN ({final_states})",
+        names.table
+    );
+    let mut open = first(DB::fetch_ints(&mut conn, &sql, Vec::new()).await?);
+    let published = format!(
+        "SELECT COUNT(*) FROM {} WHERE status = 'published'",
+        names.table
+    );
+    let published = first(DB::fetch_ints(&mut conn, &published, Vec::new()).await?);
+    drop(conn);
+    let mut conn = side.pool().acquire().await?;
+    let effects = format!("SELECT COUNT(*) FROM {}", names.effects);
+    let effects = first(C::fetch_ints(&mut conn, &effects, Vec::new()).await?);
+    if let Side::Own { group, .. } = side {
+        let applied = format!("SELECT COUNT(DISTINCT event_id) FROM {}", names.effects);
+        let applied = first(C::fetch_ints(&mut conn, &applied, Vec::new()).await?);
+        let dead =
+            C::dialect_sql("SELECT COUNT(*) FROM outbox_inbox_dead WHERE consumer_group = $1")
+                .into_owned();
+        let dead = first(C::fetch_ints(&mut conn, &dead, vec![Arg::Str(group.to_owned())]).await?);
+        open += (published - applied - dead).max(0);
+    }
+    Ok((open, effects))
 }
 
 /// Checks the ledger against the tables.
-pub(crate) async fn verify<DB: Backend>(
+pub(crate) async fn verify<DB: Backend, C: Backend>(
     pool: &Pool<DB>,
+    side: Side<'_, C>,
     names: &Names,
     ledger: &[Entry],
 ) -> Result<Verdict, BoxError> {
@@ -198,17 +252,6 @@ pub(crate) async fn verify<DB: Backend>(
     .into_iter()
     .map(|r| (r.event_id.clone(), r))
     .collect();
-    let effects: HashMap<String, i64> = DB::fetch_pairs(
-        &mut conn,
-        &format!(
-            "SELECT event_id, COUNT(*) FROM {} GROUP BY event_id",
-            names.effects
-        ),
-        Vec::new(),
-    )
-    .await?
-    .into_iter()
-    .collect();
     let business: HashSet<i64> = DB::fetch_ints(
         &mut conn,
         &format!("SELECT seq FROM {}", names.business),
@@ -219,6 +262,37 @@ pub(crate) async fn verify<DB: Backend>(
     .flatten()
     .collect();
     drop(conn);
+    let mut conn = side.pool().acquire().await?;
+    let effects: HashMap<String, i64> = C::fetch_pairs(
+        &mut conn,
+        &format!(
+            "SELECT event_id, COUNT(*) FROM {} GROUP BY event_id",
+            names.effects
+        ),
+        Vec::new(),
+    )
+    .await?
+    .into_iter()
+    .collect();
+    // With their own database, the consumers' dead letters: event id to reason.
+    let letters: HashMap<String, String> = match side {
+        Side::Shared(_) => HashMap::new(),
+        Side::Own { outbox, group, .. } => {
+            let mut letters = HashMap::new();
+            let mut after = String::new();
+            loop {
+                let page = outbox
+                    .list_inbox_dead(&mut conn, group, &after, 500)
+                    .await?;
+                let Some(last) = page.last() else { break };
+                after = last.event_id.clone();
+                letters.extend(page.into_iter().map(|d| (d.event_id, d.reason)));
+            }
+            letters
+        }
+    };
+    drop(conn);
+    let own = matches!(side, Side::Own { .. });
 
     let mut v = Verdict::default();
     let mut known: HashSet<&str> = HashSet::new();
@@ -311,17 +385,26 @@ pub(crate) async fn verify<DB: Backend>(
                     v.poison_applied += 1;
                     v.problem(|| format!("poison {p:?} seq {} was applied", e.seq));
                 }
-                let reason_ok = row.is_some_and(|r| {
-                    r.status == Status::Dead && r.dead_reason.as_deref() == Some(p.reason())
-                });
+                let reason_ok = if own && !p.relay_side() {
+                    // Dead in the consumers' database; the producer's row stays published.
+                    row.is_some_and(|r| {
+                        r.status == Status::Published
+                            && letters.get(&r.event_id).map(String::as_str) == Some(p.reason())
+                    })
+                } else {
+                    row.is_some_and(|r| {
+                        r.status == Status::Dead && r.dead_reason.as_deref() == Some(p.reason())
+                    })
+                };
                 if !reason_ok {
                     v.wrong_reason += 1;
                     v.problem(|| {
                         format!(
-                            "poison {p:?} seq {} should be dead with `{}`; row: {}",
+                            "poison {p:?} seq {} should be dead with `{}`; row: {}; dead letter: {:?}",
                             e.seq,
                             p.reason(),
-                            describe(row)
+                            describe(row),
+                            e.event_id.as_deref().and_then(|id| letters.get(id))
                         )
                     });
                 }
@@ -332,13 +415,23 @@ pub(crate) async fn verify<DB: Backend>(
         if row.status == Status::Dead {
             v.dead += 1;
         }
-        if !row.status.is_final() {
+        // With their own database, the consumers never mark the producer's rows: published is
+        // where a delivered row ends.
+        let settled = row.status.is_final() || own && row.status == Status::Published;
+        if !settled {
             v.not_final += 1;
             v.problem(|| format!("not final: {}", describe(Some(row))));
         }
         if !known.contains(id.as_str()) {
             v.strays += 1;
             v.problem(|| format!("a row of no ledger entry: {}", describe(Some(row))));
+        }
+    }
+    v.dead += u64::try_from(letters.len()).unwrap_or(0);
+    for id in letters.keys() {
+        if !known.contains(id.as_str()) {
+            v.strays += 1;
+            v.problem(|| format!("a dead letter of no ledger entry: event {id}"));
         }
     }
     for id in effects.keys() {

@@ -9,7 +9,7 @@
 //! chaos run [--quick] [--backend postgres|mysql|all] [--scenario NAME|all] [--seed N]
 //!           [--events N] [--kills K] [--port P] [--keep]
 //! chaos relay|consumer --backend B --database-url URL --brokers HOSTS --tag TAG --index I
-//!           [--ready-file PATH] [--no-idempotence]     (started by `run`)
+//!           [--ready-file PATH] [--no-idempotence] [--inbox]    (started by `run`)
 //! ```
 //!
 //! The last line of `run` reads `events=N kills=K lost=L duplicate_effects=D dead=X
@@ -39,8 +39,10 @@ const USAGE: &str = "usage:
   chaos run [--quick] [--backend postgres|mysql|all] [--scenario NAME[,NAME...]|all]
             [--seed N] [--events N] [--kills K] [--port P] [--keep]
   chaos relay|consumer --backend B --database-url URL --brokers HOSTS --tag TAG --index I
-            [--ready-file PATH]
-scenarios: relay-kill, consumer-kill, broker-outage, db-restart, poison, race, rollback";
+            [--ready-file PATH] [--no-idempotence] [--inbox]
+scenarios: relay-kill, consumer-kill, broker-outage, db-restart, poison, race, rollback,
+  and with the consumers in a database of their own on the other server (the inbox):
+  inbox-consumer-kill, inbox-db-restart (the consumers' database), inbox-poison, inbox-race";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -160,12 +162,17 @@ fn role_args(args: &[String]) -> Result<(BackendKind, RoleArgs), BoxError> {
         tag: String::new(),
         index: 0,
         idempotent: true,
+        inbox: false,
         ready_file: None,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         if flag == "--no-idempotence" {
             r.idempotent = false;
+            continue;
+        }
+        if flag == "--inbox" {
+            r.inbox = true;
             continue;
         }
         let v = value(flag, &mut it)?;

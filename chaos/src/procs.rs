@@ -30,6 +30,11 @@ pub(crate) struct Spawner {
     pub(crate) tag: String,
     pub(crate) dir: PathBuf,
     pub(crate) idempotent: bool,
+    /// The consumers' database (the relays' one unless they have their own).
+    pub(crate) consumer_backend: BackendKind,
+    pub(crate) consumer_url: String,
+    /// The consumers have a database of their own (`Dedupe::Inbox`).
+    pub(crate) inbox: bool,
 }
 
 impl Spawner {
@@ -41,16 +46,22 @@ impl Spawner {
             .create(true)
             .append(true)
             .open(&log_path)?;
+        let (backend, url) = if role == "consumer" {
+            (self.consumer_backend, &self.consumer_url)
+        } else {
+            (self.backend, &self.url)
+        };
         let child = Command::new(&self.exe)
             .arg(role)
-            .args(["--backend", self.backend.name()])
-            .args(["--database-url", &self.url])
+            .args(["--backend", backend.name()])
+            .args(["--database-url", url])
             .args(["--brokers", &self.brokers])
             .args(["--tag", &self.tag])
             .args(["--index", &index.to_string()])
             .arg("--ready-file")
             .arg(&ready)
             .args((!self.idempotent).then_some("--no-idempotence"))
+            .args((self.inbox && role == "consumer").then_some("--inbox"))
             .stdin(Stdio::piped())
             .stdout(log.try_clone()?)
             .stderr(log)

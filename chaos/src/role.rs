@@ -7,7 +7,7 @@ use std::io::Read as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use outbox_runtime::consumer::{ConsumerConfig, Context};
+use outbox_runtime::consumer::{ConsumerConfig, Context, Dedupe};
 use outbox_runtime::relay::RelayConfig;
 use outbox_runtime::store::{Arg, Backend};
 use outbox_runtime::{Engine, HandlerError, Outbox};
@@ -25,6 +25,9 @@ pub(crate) struct RoleArgs {
     pub(crate) index: usize,
     /// The relay's producer is idempotent (the runtime's default).
     pub(crate) idempotent: bool,
+    /// A consumer in a database of its own: it records applied events in the inbox and keeps
+    /// its dead letters there.
+    pub(crate) inbox: bool,
     /// Created once the process is working (a consumer: once it has partitions).
     pub(crate) ready_file: Option<PathBuf>,
 }
@@ -121,11 +124,18 @@ pub(crate) async fn consumer<DB: ChaosDb>(args: RoleArgs) -> Result<(), BoxError
         effects: names.effects.clone(),
         name: format!("consumer-{}-{}", args.index, std::process::id()),
     };
+    let mut config = ConsumerConfig::default().workers(3);
+    if args.inbox {
+        // As many attempts as the failing events' rows have in the shared database.
+        config = config
+            .dedupe(Dedupe::Inbox)
+            .inbox_attempts(world::FAILING_MAX_ATTEMPTS.unsigned_abs());
+    }
     // A consumer role only consumes: the relay roles relay.
     let running = Engine::builder(pool, world::kafka(&args.brokers))
         .outbox(outbox)
         .without_relay()
-        .consumer_with::<ChaosEvents, _>(applier, ConsumerConfig::default().workers(3))
+        .consumer_with::<ChaosEvents, _>(applier, config)
         .start()
         .await?;
     let mut stop = std::pin::pin!(stop);

@@ -48,6 +48,14 @@ impl BackendKind {
         }
     }
 
+    /// The other server: where a consumer with its own database keeps it.
+    pub(crate) fn other(self) -> Self {
+        match self {
+            Self::Postgres => Self::Mysql,
+            Self::Mysql => Self::Postgres,
+        }
+    }
+
     /// `OUTBOX_TEST_POSTGRES_URL` / `OUTBOX_TEST_MYSQL_URL`, as the test suite reads them.
     pub(crate) fn default_url(self) -> String {
         let (var, default) = match self {

@@ -1196,3 +1196,92 @@ async fn a_call_that_runs_past_its_lease_is_cancelled_and_called_again() {
     assert_eq!(order, vec![0, 1, 1, 2]);
     assert_eq!(effects_in(&db).await, vec![0, 1, 2]);
 }
+
+const T: i64 = 1_800_000_000_000;
+
+/// A clock that says `T` until it is read after being armed: that read still says `T` and
+/// signals the relay's wake-up, as an enqueue in this process would at that moment; every later
+/// read says `T + 20 s`.
+#[derive(Debug, Default)]
+struct WakeOnRead {
+    armed: std::sync::atomic::AtomicBool,
+    read: std::sync::atomic::AtomicBool,
+    wake: std::sync::OnceLock<Arc<Notify>>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct SharedClock(Arc<WakeOnRead>);
+
+impl outbox_runtime::store::Clock for SharedClock {
+    fn now_ms(&self) -> i64 {
+        use std::sync::atomic::Ordering::SeqCst;
+        let c = &self.0;
+        if !c.armed.load(SeqCst) {
+            return T;
+        }
+        if c.read.swap(true, SeqCst) {
+            return T + 20_000;
+        }
+        if let Some(wake) = c.wake.get() {
+            wake.notify_waiters();
+        }
+        T
+    }
+}
+
+// The lost wake-up: an enqueue's signal that comes while the relay's round is looking at the
+// table (here: at the moment its claim reads the clock) must wake the wait that follows, or
+// the relay sleeps its whole poll interval (here an hour) with a due row.
+#[tokio::test]
+async fn an_enqueue_signalled_during_a_relay_round_wakes_the_wait_after_it() {
+    let w = World::new(MemoryBus::new()).await;
+    let clock = SharedClock::default();
+    let outbox = Outbox::<Sqlite>::builder(w.outbox.catalog().clone())
+        .clock(clock.clone())
+        .build();
+    clock.0.wake.set(outbox.wakeups()).unwrap();
+    let mut tx = w.pool.begin().await.unwrap();
+    let e = OrderPlaced {
+        customer: "c1".into(),
+        n: 1,
+        note: String::new(),
+    };
+    let id = outbox.enqueue(&mut *tx, &e).await.unwrap().id;
+    tx.commit().await.unwrap();
+    // Not due when the round looks (T), due once it has looked (T + 20 s).
+    let table = &w.outbox.catalog().service("orders").unwrap().table;
+    outbox_runtime::sqlx::query(&format!(
+        "UPDATE {table} SET next_attempt_at = ? WHERE id = ?"
+    ))
+    .bind(T + 10_000)
+    .bind(id)
+    .execute(&w.pool)
+    .await
+    .unwrap();
+    clock
+        .0
+        .armed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let relay = Relay::new(
+        outbox,
+        w.pool.clone(),
+        Arc::new(w.bus.clone()),
+        RelayConfig::default().poll_interval(std::time::Duration::from_secs(3600)),
+    );
+    let (trigger, shutdown) = Shutdown::new();
+    let task = tokio::spawn(relay.run(shutdown));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let changed = w.bus.changed();
+        if w.bus.messages(&w.topic).len() == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::timeout_at(deadline, changed).await.is_ok(),
+            "the relay slept through a wake-up signalled during its round"
+        );
+    }
+    assert!(clock.0.read.load(std::sync::atomic::Ordering::SeqCst));
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+}
