@@ -12,6 +12,11 @@
 //! - `relay`: a backlog of N published by one relay;
 //! - `e2e`: writers at full speed with a relay and a consumer running: consumed per second and
 //!   enqueue-to-consumed latency;
+//! - `e2e_inbox`: the same with the consumer recording applied events in the inbox
+//!   (`Dedupe::Inbox`, the mode of a consumer with its own database), beside `e2e`'s consumer in
+//!   the shared database: latency is enqueue to the inbox record;
+//! - `e2e_calls`: the same with a handler that runs outside any transaction (claim, commit,
+//!   call, mark);
 //! - `seed_mode`: the same end to end with the Go system's algorithm (one row at a time: select
 //!   due, synchronous produce, update; one consumer transaction per message);
 //! - `relay_backlog`: one relay draining a backlog of `--backlog` rows (1,000,000 by default
@@ -25,7 +30,7 @@ use std::time::{Duration, Instant};
 use contracts::task::TaskUrgencyPromoteRequested;
 use contracts::{TaskEvents, TaskEventsHandler, samples};
 use outbox_runtime::bus::{KafkaBus, KafkaConfig, Outgoing, Publish};
-use outbox_runtime::consumer::Context;
+use outbox_runtime::consumer::{Call, ConsumerConfig, Context, Dedupe};
 use outbox_runtime::envelope::{self, VersionFormat};
 use outbox_runtime::relay::{Relay, RelayConfig, Shutdown};
 use outbox_runtime::route::RouteOverride;
@@ -221,6 +226,16 @@ impl<DB: Backend> TaskEventsHandler<Context<DB>> for Counter {
     async fn task_urgency_promote_requested(
         &self,
         _: &mut Context<DB>,
+        _: TaskUrgencyPromoteRequested,
+    ) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+impl TaskEventsHandler<Call> for Counter {
+    async fn task_urgency_promote_requested(
+        &self,
+        _: &mut Call,
         _: TaskUrgencyPromoteRequested,
     ) -> Result<(), HandlerError> {
         Ok(())
@@ -470,6 +485,71 @@ async fn run<DB: Backend>(
             peak_rss_mb: None,
         });
         table_cost(&pool, &outbox, "e2e", o).await?;
+        drop_table(&pool, &outbox).await?;
+    }
+
+    // e2e_inbox: the consumer of a database of its own records applied events in the inbox.
+    if o.runs("e2e_inbox") {
+        let outbox = fresh(&pool, "i", mock, &bus).await?;
+        let group = outbox
+            .catalog()
+            .service("task")
+            .map(|r| r.group.clone())
+            .ok_or("no route")?;
+        let running = Engine::builder(pool.clone(), bus.clone())
+            .outbox(outbox.clone())
+            .relay(RelayConfig::default().poll_interval(Duration::from_millis(50)))
+            .consumer_with::<TaskEvents, _>(
+                Counter,
+                ConsumerConfig::default().dedupe(Dedupe::Inbox),
+            )
+            .start()
+            .await?;
+        if !running.ready(Duration::from_secs(60)).await {
+            return Err("the consumer did not join its group".into());
+        }
+        let started = Instant::now();
+        write_events(&pool, &outbox, n, o.writers).await?;
+        wait_for_inbox(&pool, &group, n).await?;
+        let secs = started.elapsed().as_secs_f64();
+        running.shutdown().await?;
+        let lat = inbox_latencies(&pool, &outbox, &group).await?;
+        rows.push(Row {
+            scenario: "e2e_inbox",
+            events_per_sec: n as f64 / secs,
+            latencies_ms: lat,
+            peak_rss_mb: None,
+        });
+        drop_table(&pool, &outbox).await?;
+        let mut conn = pool.acquire().await?;
+        let forget = DB::dialect_sql("DELETE FROM outbox_inbox WHERE consumer_group = $1");
+        DB::execute(&mut conn, &forget, vec![Arg::Str(group)]).await?;
+    }
+
+    // e2e_calls: a handler outside any transaction.
+    if o.runs("e2e_calls") {
+        let outbox = fresh(&pool, "c", mock, &bus).await?;
+        let running = Engine::builder(pool.clone(), bus.clone())
+            .outbox(outbox.clone())
+            .relay(RelayConfig::default().poll_interval(Duration::from_millis(50)))
+            .call_consumer::<TaskEvents, _>(Counter)
+            .start()
+            .await?;
+        if !running.ready(Duration::from_secs(60)).await {
+            return Err("the consumer did not join its group".into());
+        }
+        let started = Instant::now();
+        write_events(&pool, &outbox, n, o.writers).await?;
+        wait_for(&pool, &outbox, Status::Consumed, n).await?;
+        let secs = started.elapsed().as_secs_f64();
+        running.shutdown().await?;
+        let lat = latencies(&pool, &outbox).await?;
+        rows.push(Row {
+            scenario: "e2e_calls",
+            events_per_sec: n as f64 / secs,
+            latencies_ms: lat,
+            peak_rss_mb: None,
+        });
         drop_table(&pool, &outbox).await?;
     }
 
@@ -750,6 +830,71 @@ async fn fill<DB: Backend>(
     let mut conn = pool.acquire().await?;
     DB::execute(&mut conn, &analyze, Vec::new()).await?;
     Ok(())
+}
+
+/// Waits until consumer group `group` has `n` inbox records.
+async fn wait_for_inbox<DB: Backend>(
+    pool: &Pool<DB>,
+    group: &str,
+    n: usize,
+) -> Result<(), BoxError> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let sql = DB::dialect_sql("SELECT COUNT(*) FROM outbox_inbox WHERE consumer_group = $1");
+    loop {
+        let mut conn = pool.acquire().await?;
+        let done = DB::fetch_ints(&mut conn, &sql, vec![Arg::Str(group.to_owned())])
+            .await?
+            .first()
+            .copied()
+            .flatten()
+            .unwrap_or(0);
+        if done as usize >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("only {done} of {n} events in the inbox").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Enqueue to inbox record, per event (ms).
+async fn inbox_latencies<DB: Backend>(
+    pool: &Pool<DB>,
+    outbox: &Outbox<DB>,
+    group: &str,
+) -> Result<Vec<f64>, BoxError> {
+    let table = outbox
+        .catalog()
+        .service("task")
+        .map(|r| r.table.clone())
+        .unwrap_or_default();
+    let mut conn = pool.acquire().await?;
+    // MySQL keeps inbox keys in a binary collation: read as text.
+    let id = if DB::NAME == "MySQL" {
+        "CAST(event_id AS CHAR)"
+    } else {
+        "event_id"
+    };
+    let created: std::collections::HashMap<String, i64> = DB::fetch_pairs(
+        &mut conn,
+        &format!("SELECT event_id, created_at FROM {table}"),
+        Vec::new(),
+    )
+    .await?
+    .into_iter()
+    .collect();
+    let sql = DB::dialect_sql(&format!(
+        "SELECT {id}, consumed_at FROM outbox_inbox WHERE consumer_group = $1"
+    ))
+    .into_owned();
+    Ok(
+        DB::fetch_pairs(&mut conn, &sql, vec![Arg::Str(group.to_owned())])
+            .await?
+            .into_iter()
+            .filter_map(|(id, at)| created.get(&id).map(|c| (at - c) as f64))
+            .collect(),
+    )
 }
 
 async fn latencies<DB: Backend>(
