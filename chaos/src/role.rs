@@ -124,7 +124,11 @@ pub(crate) async fn consumer<DB: ChaosDb>(args: RoleArgs) -> Result<(), BoxError
         effects: names.effects.clone(),
         name: format!("consumer-{}-{}", args.index, std::process::id()),
     };
-    let mut config = ConsumerConfig::default().workers(3);
+    // A partition nobody reads (tansu's coordinator after a member's session ran out) is
+    // noticed well inside a scenario's quiet timeout.
+    let mut config = ConsumerConfig::default()
+        .workers(3)
+        .rejoin_after(world::REJOIN_AFTER);
     if args.inbox {
         // As many attempts as the failing events' rows have in the shared database.
         config = config

@@ -141,6 +141,10 @@ pub(crate) fn store_config(max_attempts: i32) -> StoreConfig {
 /// short session keeps that pause to seconds.
 pub(crate) const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
 
+/// How long a consumer lets a partition with messages wait at one offset before it leaves its
+/// group and joins again (the runtime's default is 2 minutes).
+pub(crate) const REJOIN_AFTER: Duration = Duration::from_secs(20);
+
 /// The Kafka settings of every client (see [`SESSION_TIMEOUT`]).
 ///
 /// `CHAOS_KAFKA_DEBUG` sets librdkafka's `debug` property (`cgrp`, `consumer,cgrp`, ...) in every

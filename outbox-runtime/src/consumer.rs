@@ -46,7 +46,7 @@ use outbox_contract::envelope::{self, Envelope};
 use outbox_contract::route::ServiceRoute;
 use outbox_contract::service::{Dispatch, HandlerError, OutboxService};
 
-use crate::bus::{Bus, Outgoing, Receive, Received};
+use crate::bus::{Bus, Outgoing, Position, Receive, Received};
 use crate::error::Error;
 use crate::relay::Shutdown;
 use crate::store::{Backend, CallClaim, InboxDead, Outbox, OutboxRow, Transition};
@@ -169,6 +169,7 @@ pub struct ConsumerConfig {
     pub(crate) batch_time: Duration,
     pub(crate) inbox_attempts: u32,
     pub(crate) call_lease: Duration,
+    pub(crate) rejoin_after: Duration,
 }
 
 impl ConsumerConfig {
@@ -210,6 +211,17 @@ impl ConsumerConfig {
         self
     }
 
+    /// When a partition of the consumer's topics has messages to read and its group's
+    /// committed offset has not moved for this long (2 min), the consumer leaves its group and
+    /// joins it again, once per such offset: a group coordinator that gave a member's
+    /// partitions to nobody (tansu 0.6 keeps a formed group when a member's session runs out)
+    /// is made to rebalance. A row left `published` is the symptom in the database. Each rejoin
+    /// is logged and counted in `outbox_consumer_rejoins_total`.
+    pub fn rejoin_after(mut self, after: Duration) -> Self {
+        self.rejoin_after = after.max(Duration::from_secs(1));
+        self
+    }
+
     /// Where applied events are recorded ([`Dedupe::OutboxRow`]).
     pub fn dedupe(mut self, dedupe: Dedupe) -> Self {
         self.dedupe = dedupe;
@@ -238,6 +250,7 @@ impl Default for ConsumerConfig {
             batch_time: Duration::from_secs(1),
             inbox_attempts: 10,
             call_lease: Duration::from_secs(30),
+            rejoin_after: Duration::from_secs(120),
         }
     }
 }
@@ -556,11 +569,39 @@ where
             });
         }
         let mut failed = None;
+        // A look at the group's positions, a few times per `rejoin_after`.
+        let mut watch = tokio::time::interval(self.inner.config.rejoin_after / 4);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stalls = Stalls::default();
         loop {
             tokio::select! {
                 // Once asked to stop, take no new message, even one that is already there.
                 biased;
                 _ = shutdown.wait() => break,
+                _ = watch.tick() => {
+                    let service = &self.inner.route.service;
+                    match receiver.positions().await {
+                        Ok(positions) => {
+                            let stuck = stalls.look(positions, self.inner.config.rejoin_after);
+                            if let Some(p) = stuck {
+                                tracing::warn!(
+                                    service = %service,
+                                    topic = %p.topic,
+                                    partition = p.partition,
+                                    committed = p.committed,
+                                    end = p.end,
+                                    "a partition has messages and its group's offset has not moved: leaving the group and joining again"
+                                );
+                                metrics::counter!("outbox_consumer_rejoins_total", "service" => service.clone())
+                                    .increment(1);
+                                if let Err(e) = receiver.rejoin().await {
+                                    tracing::warn!(service = %service, error = %e, "rejoin failed");
+                                }
+                            }
+                        }
+                        Err(e) => tracing::debug!(service = %service, error = %e, "group positions not read"),
+                    }
+                }
                 msg = receiver.recv() => match msg {
                     Ok(m) => {
                         let worker = usize::try_from(m.partition).unwrap_or(0) % workers;
@@ -1550,6 +1591,41 @@ where
     .await
 }
 
+/// Partitions whose group offset has not moved while they had messages to read: the watch that
+/// makes a consumer rejoin its group.
+#[derive(Debug, Default)]
+struct Stalls {
+    /// Per partition: the committed offset seen, since when, and whether a rejoin was made for
+    /// it already.
+    seen: std::collections::HashMap<(String, i32), (i64, tokio::time::Instant, bool)>,
+}
+
+impl Stalls {
+    /// Takes the group's positions in; returns a partition stuck at one offset with messages
+    /// behind it for `after`, once per such offset.
+    fn look(&mut self, positions: Vec<Position>, after: Duration) -> Option<Position> {
+        let now = tokio::time::Instant::now();
+        let mut stuck = None;
+        let mut keep = HashSet::new();
+        for p in positions {
+            let key = (p.topic.clone(), p.partition);
+            if p.end <= p.committed {
+                continue;
+            }
+            keep.insert(key.clone());
+            let entry = self.seen.entry(key).or_insert((p.committed, now, false));
+            if entry.0 != p.committed {
+                *entry = (p.committed, now, false);
+            } else if !entry.2 && now.duration_since(entry.1) >= after {
+                entry.2 = true;
+                stuck.get_or_insert(p);
+            }
+        }
+        self.seen.retain(|k, _| keep.contains(k));
+        stuck
+    }
+}
+
 /// A message of a batch, decoded.
 struct Decoded<S> {
     env: Envelope,
@@ -1608,6 +1684,34 @@ mod tests {
             caught.unwrap_err().to_string(),
             "the handler panicked: a non-string payload"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_stuck_at_one_offset_is_reported_once_per_offset() {
+        let after = Duration::from_secs(10);
+        let at = |committed, end| Position {
+            topic: "t".into(),
+            partition: 1,
+            committed,
+            end,
+        };
+        let mut stalls = Stalls::default();
+        assert_eq!(stalls.look(vec![at(5, 10)], after), None);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(stalls.look(vec![at(5, 10)], after), None);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(stalls.look(vec![at(5, 10)], after), Some(at(5, 10)));
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(stalls.look(vec![at(5, 11)], after), None, "once per offset");
+        // It moved: a new wait.
+        assert_eq!(stalls.look(vec![at(6, 11)], after), None);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(stalls.look(vec![at(6, 11)], after), Some(at(6, 11)));
+        // Caught up: forgotten; a lag that comes back later waits from then.
+        assert_eq!(stalls.look(vec![at(11, 11)], after), None);
+        assert_eq!(stalls.look(vec![at(11, 12)], after), None);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(stalls.look(vec![at(11, 12)], after), None);
     }
 
     #[tokio::test]

@@ -1285,3 +1285,49 @@ async fn an_enqueue_signalled_during_a_relay_round_wakes_the_wait_after_it() {
     trigger.trigger();
     task.await.unwrap().unwrap();
 }
+
+/// Waits until `group` has rejoined `n` times, at most 10 s.
+async fn rejoined(bus: &MemoryBus, group: &str, n: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let changed = bus.changed();
+        let done = bus.rejoins(group);
+        if done >= n {
+            return done;
+        }
+        assert!(
+            tokio::time::timeout_at(deadline, changed).await.is_ok(),
+            "{done} rejoins of {n} in 10 s"
+        );
+    }
+}
+
+// A partition with messages whose group offset does not move (here: a member that joined and
+// never reads, as a member whose session a coordinator kept) makes the consumer leave its group
+// and join again; once that member is gone, the consumer reads its partitions too.
+#[tokio::test]
+async fn a_consumer_rejoins_its_group_when_a_partition_with_messages_is_read_by_nobody() {
+    let w = World::new(MemoryBus::new().with_partitions(4)).await;
+    let zombie = w
+        .bus
+        .receiver(&w.group, std::slice::from_ref(&w.topic))
+        .unwrap();
+    for n in 0..12 {
+        w.enqueue(&format!("c{n}"), n, 0).await;
+    }
+    w.relay_all().await;
+    let recorder = Arc::new(Recorder::default());
+    let config = ConsumerConfig::default().rejoin_after(std::time::Duration::from_secs(1));
+    let (trigger, shutdown) = Shutdown::new();
+    let task = tokio::spawn(w.consumer(&w.pool, &recorder, config).run(shutdown));
+    assert!(rejoined(&w.bus, &w.group, 1).await >= 1);
+    assert!(
+        w.bus.lag(&w.group, &w.topic) > 0,
+        "the other member's partitions wait"
+    );
+    drop(zombie);
+    w.consumed_all().await;
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+    assert_eq!(w.effects().await, (0..12).collect::<Vec<i64>>());
+}

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use tokio::sync::Notify;
 use tokio::sync::futures::Notified;
 
-use crate::bus::{Bus, Outgoing, Publish, Receive, Received, Sent};
+use crate::bus::{Bus, Outgoing, Position, Publish, Receive, Received, Sent};
 use crate::error::Error;
 
 /// The partition of `key` among `partitions`: Kafka's default rule (the Java client's, and
@@ -66,6 +66,8 @@ struct Group {
     generation: u64,
     /// The next offset to read, per (topic, partition).
     committed: HashMap<(String, i32), i64>,
+    /// Members that left and joined again.
+    rejoins: u64,
 }
 
 #[derive(Debug, Default)]
@@ -211,6 +213,15 @@ impl MemoryBus {
             .get(topic)
             .map(|ps| ps.iter().map(|p| p.len() as i64).collect())
             .unwrap_or_default()
+    }
+
+    /// How many times members of `group` left it and joined again ([`Receive::rejoin`]).
+    pub fn rejoins(&self, group: &str) -> u64 {
+        self.shared
+            .lock()
+            .groups
+            .get(group)
+            .map_or(0, |g| g.rejoins)
     }
 
     /// The committed offset (the next to read) of `group` on each partition of `topic`.
@@ -487,6 +498,53 @@ impl Receive for MemoryReceiver {
 
     async fn commit(&self) -> Result<(), Error> {
         // Stored offsets are committed as they are stored.
+        Ok(())
+    }
+
+    async fn positions(&self) -> Result<Vec<Position>, Error> {
+        let state = self.bus.shared.lock();
+        let topics = state
+            .groups
+            .get(&self.group)
+            .and_then(|g| g.members.get(&self.id))
+            .cloned()
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for topic in topics {
+            for (p, log) in state.topics.get(&topic).into_iter().flatten().enumerate() {
+                let partition = p as i32;
+                let committed = state
+                    .groups
+                    .get(&self.group)
+                    .and_then(|g| g.committed.get(&(topic.clone(), partition)))
+                    .copied()
+                    .unwrap_or(0);
+                out.push(Position {
+                    topic: topic.clone(),
+                    partition,
+                    committed,
+                    end: log.len() as i64,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn rejoin(&self) -> Result<(), Error> {
+        {
+            let mut state = self.bus.shared.lock();
+            if let Some(g) = state.groups.get_mut(&self.group) {
+                g.rejoins += 1;
+                g.generation += 1;
+            }
+            // As a new member: every partition starts again at its committed offset.
+            self.local
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .positions
+                .clear();
+        }
+        self.bus.shared.changed.notify_waiters();
         Ok(())
     }
 }

@@ -131,6 +131,27 @@ pub trait Receive: Send + Sync + 'static {
 
     /// Commits the stored offsets now (a consumer does it before it stops).
     fn commit(&self) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Leaves the group and joins it again (after committing what is stored), so that the
+    /// group rebalances: the way out of a coordinator that left some partitions to nobody.
+    fn rejoin(&self) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// The group's committed offset and the log's end on every partition of this member's
+    /// topics, its own and the other members'.
+    fn positions(&self) -> impl Future<Output = Result<Vec<Position>, Error>> + Send;
+}
+
+/// Where a consumer group is on one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The group's next offset to read (the log's start when it committed none).
+    pub committed: i64,
+    /// The log's end: the next offset to be written.
+    pub end: i64,
 }
 
 /// A bus: publishing, and members of consumer groups.

@@ -2,17 +2,20 @@
 //! each message is settled and committed by librdkafka every 500 ms.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
 
 use super::KafkaConfig;
-use crate::bus::{Receive, Received};
+use crate::bus::{Position, Receive, Received};
 use crate::error::Error;
 
 /// A member of a Kafka consumer group. See [`Receive`].
 pub struct KafkaReceiver {
     consumer: Arc<StreamConsumer>,
+    topics: Vec<String>,
 }
 
 impl std::fmt::Debug for KafkaReceiver {
@@ -35,10 +38,11 @@ impl KafkaReceiver {
                 ("fetch.wait.max.ms", "100"),
             ])
             .create()?;
-        let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics)?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&names)?;
         Ok(Self {
             consumer: Arc::new(consumer),
+            topics: topics.to_vec(),
         })
     }
 }
@@ -78,6 +82,59 @@ impl Receive for KafkaReceiver {
         tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
             .await
             .map_err(|e| Error::Task(e.to_string()))??;
+        Ok(())
+    }
+
+    async fn positions(&self) -> Result<Vec<Position>, Error> {
+        // Metadata, committed offsets and watermarks wait for the broker: off the tokio
+        // workers.
+        let (consumer, topics) = (self.consumer.clone(), self.topics.clone());
+        tokio::task::spawn_blocking(move || {
+            let timeout = Duration::from_secs(5);
+            let mut list = TopicPartitionList::new();
+            for topic in &topics {
+                let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+                for t in metadata.topics() {
+                    for p in t.partitions() {
+                        list.add_partition(topic, p.id());
+                    }
+                }
+            }
+            let committed = consumer.committed_offsets(list, timeout)?;
+            let mut out = Vec::new();
+            for e in committed.elements() {
+                let (low, end) = consumer.fetch_watermarks(e.topic(), e.partition(), timeout)?;
+                let committed = match e.offset() {
+                    Offset::Offset(at) => at,
+                    _ => low,
+                };
+                out.push(Position {
+                    topic: e.topic().to_owned(),
+                    partition: e.partition(),
+                    committed,
+                    end,
+                });
+            }
+            Ok::<_, Error>(out)
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))?
+    }
+
+    async fn rejoin(&self) -> Result<(), Error> {
+        // Unsubscribing leaves the group (librdkafka sends LeaveGroup); subscribing again joins
+        // it as a new member, and the coordinator forms a new generation for every member.
+        let (consumer, topics) = (self.consumer.clone(), self.topics.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(error = %e, "offset commit before leaving the group");
+            }
+            consumer.unsubscribe();
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            consumer.subscribe(&names)
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))??;
         Ok(())
     }
 }
