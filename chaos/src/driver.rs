@@ -158,6 +158,7 @@ struct Totals {
     events: u64,
     kills: u64,
     lost: u64,
+    stalled: u64,
     duplicate_effects: u64,
     dead: u64,
     expected_dead: u64,
@@ -322,6 +323,7 @@ pub(crate) async fn run(o: RunOptions) -> Result<bool, BoxError> {
                         totals.events += v.events;
                         totals.kills += u64::from(outcome.kills);
                         totals.lost += v.lost;
+                        totals.stalled += v.stalled;
                         totals.duplicate_effects += v.duplicate_effects;
                         totals.dead += v.dead;
                         totals.expected_dead += v.expected_dead;
@@ -356,10 +358,11 @@ pub(crate) async fn run(o: RunOptions) -> Result<bool, BoxError> {
         }
     );
     println!(
-        "events={} kills={} lost={} duplicate_effects={} dead={} expected_dead={}",
+        "events={} kills={} lost={} broker_stalled={} duplicate_effects={} dead={} expected_dead={}",
         totals.events,
         totals.kills,
         totals.lost,
+        totals.stalled,
         totals.duplicate_effects,
         totals.dead,
         totals.expected_dead
@@ -676,7 +679,21 @@ async fn run_once<DB: ChaosDb, C: ChaosDb>(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
-    let verdict = ledger::verify(&pool, side, &names, &ledger).await?;
+    let mut verdict = ledger::verify(&pool, side, &names, &ledger).await?;
+    if !verdict.unread_keys.is_empty() {
+        // Published and never applied: where its partition's group offset is behind the log's
+        // end, the consumers stopped reading it (the broker's stall); at the end, they read past
+        // it (a loss of ours).
+        let (brokers, group, topic) = (broker.address(), group.clone(), topic_name.clone());
+        let lags = tokio::task::spawn_blocking(move || kafka_lags(&brokers, &group, &topic)).await;
+        if let Ok(Ok(lags)) = lags {
+            let n = i32::try_from(lags.len()).unwrap_or(0);
+            verdict.blame_stalls(|key| {
+                let p = outbox_runtime::bus::partition_for(key.as_bytes(), n);
+                lags.get(&p).is_some_and(|(committed, end)| committed < end)
+            });
+        }
+    }
     if !quiet || !verdict.ok() {
         let (brokers, group, topic) = (broker.address(), group.clone(), topic_name.clone());
         let positions =
@@ -709,6 +726,40 @@ async fn run_once<DB: ChaosDb, C: ChaosDb>(
         quiet,
         tag,
     })
+}
+
+/// Per partition, the group's committed offset (the log's start when none) and the log's end.
+fn kafka_lags(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+) -> Result<std::collections::BTreeMap<i32, (i64, i64)>, BoxError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::util::Timeout;
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let timeout = Timeout::After(Duration::from_secs(5));
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            tpl.add_partition(topic, p.id());
+        }
+    }
+    let committed = consumer.committed_offsets(tpl, timeout)?;
+    let mut out = std::collections::BTreeMap::new();
+    for e in committed.elements() {
+        let (low, end) = consumer.fetch_watermarks(topic, e.partition(), timeout)?;
+        let at = match e.offset() {
+            rdkafka::Offset::Offset(at) => at,
+            _ => low,
+        };
+        out.insert(e.partition(), (at, end));
+    }
+    Ok(out)
 }
 
 /// Per partition, the group's committed offset against the log's end: a committed offset at

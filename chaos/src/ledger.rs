@@ -88,8 +88,14 @@ pub(crate) struct Verdict {
     pub(crate) rolled_back: u64,
     pub(crate) failed: u64,
     pub(crate) in_doubt: u64,
-    /// Committed healthy events with no effect (or no row).
+    /// Committed healthy events with no effect (or no row), the broker's stalls aside.
     pub(crate) lost: u64,
+    /// Of the events with no effect, those published to a partition the group's consumers
+    /// stopped reading (its committed offset behind the log's end when the run ended): the
+    /// broker's stall, not a loss of ours (see [`Verdict::blame_stalls`]).
+    pub(crate) stalled: u64,
+    /// The message keys of the events with no effect whose row is published.
+    pub(crate) unread_keys: Vec<String>,
     /// Effects beyond the first, summed over events.
     pub(crate) duplicate_effects: u64,
     /// Dead rows.
@@ -113,8 +119,17 @@ pub(crate) struct Verdict {
 }
 
 impl Verdict {
+    /// Moves the lost events published to a partition whose group offset is behind the log's
+    /// end (`behind(key)`) from `lost` to `stalled`.
+    pub(crate) fn blame_stalls(&mut self, behind: impl Fn(&str) -> bool) {
+        let stalled = self.unread_keys.iter().filter(|k| behind(k)).count() as u64;
+        self.stalled += stalled;
+        self.lost -= stalled.min(self.lost);
+    }
+
     pub(crate) fn ok(&self) -> bool {
-        self.lost == 0
+        self.stalled == 0
+            && self.lost == 0
             && self.duplicate_effects == 0
             && self.dead == self.expected_dead
             && self.wrong_reason == 0
@@ -136,11 +151,12 @@ impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "events={} lost={} duplicate_effects={} dead={} expected_dead={} rolled_back={} \
+            "events={} lost={} broker_stalled={} duplicate_effects={} dead={} expected_dead={} rolled_back={} \
              failed={} in_doubt={} wrong_reason={} poison_applied={} uncommitted_visible={} \
              atomicity={} strays={} not_final={}",
             self.events,
             self.lost,
+            self.stalled,
             self.duplicate_effects,
             self.dead,
             self.expected_dead,
@@ -358,6 +374,10 @@ pub(crate) async fn verify<DB: Backend, C: Backend>(
             None => {
                 if applied == 0 {
                     v.lost += 1;
+                    if let Some(r) = row.filter(|r| r.status == Status::Published) {
+                        v.unread_keys
+                            .push(r.message_key.clone().unwrap_or_default());
+                    }
                     v.problem(|| {
                         format!(
                             "lost: seq {} event {:?} has no effect; row: {}",

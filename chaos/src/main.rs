@@ -12,8 +12,8 @@
 //!           [--ready-file PATH] [--no-idempotence] [--inbox]    (started by `run`)
 //! ```
 //!
-//! The last line of `run` reads `events=N kills=K lost=L duplicate_effects=D dead=X
-//! expected_dead=Y`; the exit status is 1 when any scenario failed.
+//! The last line of `run` reads `events=N kills=K lost=L broker_stalled=S duplicate_effects=D
+//! dead=X expected_dead=Y`; the exit status is 1 when any scenario failed.
 
 mod contract;
 mod driver;
