@@ -316,6 +316,93 @@ async fn table_cost<DB: Backend>(
     Ok(())
 }
 
+/// The consumer of an end-to-end scenario.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// In the transaction that marks the producer's row consumed.
+    Shared,
+    /// Recording applied events in the inbox (`Dedupe::Inbox`), as a consumer with its own
+    /// database does.
+    Inbox,
+    /// Outside any transaction: claim, commit, call, mark.
+    Calls,
+}
+
+impl Kind {
+    fn scenario(self) -> &'static str {
+        match self {
+            Kind::Shared => "e2e",
+            Kind::Inbox => "e2e_inbox",
+            Kind::Calls => "e2e_calls",
+        }
+    }
+}
+
+/// Writers at full speed with a relay and a consumer of `kind` running: applied per second, and
+/// enqueue-to-applied latency.
+async fn end_to_end<DB: Backend>(
+    pool: &Pool<DB>,
+    bus: &Arc<KafkaBus>,
+    mock: Option<&Mock>,
+    o: &Options,
+    n: usize,
+    kind: Kind,
+) -> Result<Row, BoxError> {
+    let tag = match kind {
+        Kind::Shared => "e",
+        Kind::Inbox => "i",
+        Kind::Calls => "c",
+    };
+    let outbox = fresh(pool, tag, mock, bus).await?;
+    let group = outbox
+        .catalog()
+        .service("task")
+        .map(|r| r.group.clone())
+        .ok_or("no route")?;
+    let engine = Engine::builder(pool.clone(), bus.clone())
+        .outbox(outbox.clone())
+        .relay(RelayConfig::default().poll_interval(Duration::from_millis(50)));
+    let engine = match kind {
+        Kind::Shared => engine.consumer::<TaskEvents, _>(Counter),
+        Kind::Inbox => engine.consumer_with::<TaskEvents, _>(
+            Counter,
+            ConsumerConfig::default().dedupe(Dedupe::Inbox),
+        ),
+        Kind::Calls => engine.call_consumer::<TaskEvents, _>(Counter),
+    };
+    let running = engine.start().await?;
+    if !running.ready(Duration::from_secs(60)).await {
+        return Err("the consumer did not join its group".into());
+    }
+    let started = Instant::now();
+    write_events(pool, &outbox, n, o.writers).await?;
+    match kind {
+        Kind::Inbox => wait_for_inbox(pool, &group, n).await?,
+        _ => wait_for(pool, &outbox, Status::Consumed, n).await?,
+    }
+    let secs = started.elapsed().as_secs_f64();
+    running.shutdown().await?;
+    let latencies_ms = match kind {
+        Kind::Inbox => inbox_latencies(pool, &outbox, &group).await?,
+        _ => latencies(pool, &outbox).await?,
+    };
+    if let Kind::Shared = kind {
+        table_cost(pool, &outbox, "e2e", o).await?;
+    }
+    drop_table(pool, &outbox).await?;
+    if let Kind::Inbox = kind {
+        let mut conn = pool.acquire().await?;
+        let forget = DB::dialect_sql("DELETE FROM outbox_inbox WHERE consumer_group = $1");
+        DB::execute(&mut conn, &forget, vec![Arg::Str(group)]).await?;
+    }
+    Ok(Row {
+        scenario: kind.scenario(),
+        events_per_sec: n as f64 / secs,
+        latencies_ms,
+        peak_rss_mb: None,
+    })
+}
+
 fn event(n: u64) -> TaskUrgencyPromoteRequested {
     let mut e = samples::urgency(n);
     e.user_id = 1 + n % 1000;
@@ -460,97 +547,11 @@ async fn run<DB: Backend>(
         drop_table(&pool, &outbox).await?;
     }
 
-    // e2e
-    if o.runs("e2e") {
-        let outbox = fresh(&pool, "e", mock, &bus).await?;
-        let running = Engine::builder(pool.clone(), bus.clone())
-            .outbox(outbox.clone())
-            .relay(RelayConfig::default().poll_interval(Duration::from_millis(50)))
-            .consumer::<TaskEvents, _>(Counter)
-            .start()
-            .await?;
-        if !running.ready(Duration::from_secs(60)).await {
-            return Err("the consumer did not join its group".into());
+    // e2e, then the same with the other kinds of consumer.
+    for kind in [Kind::Shared, Kind::Inbox, Kind::Calls] {
+        if o.runs(kind.scenario()) {
+            rows.push(end_to_end(&pool, &bus, mock, o, n, kind).await?);
         }
-        let started = Instant::now();
-        write_events(&pool, &outbox, n, o.writers).await?;
-        wait_for(&pool, &outbox, Status::Consumed, n).await?;
-        let secs = started.elapsed().as_secs_f64();
-        running.shutdown().await?;
-        let lat = latencies(&pool, &outbox).await?;
-        rows.push(Row {
-            scenario: "e2e",
-            events_per_sec: n as f64 / secs,
-            latencies_ms: lat,
-            peak_rss_mb: None,
-        });
-        table_cost(&pool, &outbox, "e2e", o).await?;
-        drop_table(&pool, &outbox).await?;
-    }
-
-    // e2e_inbox: the consumer of a database of its own records applied events in the inbox.
-    if o.runs("e2e_inbox") {
-        let outbox = fresh(&pool, "i", mock, &bus).await?;
-        let group = outbox
-            .catalog()
-            .service("task")
-            .map(|r| r.group.clone())
-            .ok_or("no route")?;
-        let running = Engine::builder(pool.clone(), bus.clone())
-            .outbox(outbox.clone())
-            .relay(RelayConfig::default().poll_interval(Duration::from_millis(50)))
-            .consumer_with::<TaskEvents, _>(
-                Counter,
-                ConsumerConfig::default().dedupe(Dedupe::Inbox),
-            )
-            .start()
-            .await?;
-        if !running.ready(Duration::from_secs(60)).await {
-            return Err("the consumer did not join its group".into());
-        }
-        let started = Instant::now();
-        write_events(&pool, &outbox, n, o.writers).await?;
-        wait_for_inbox(&pool, &group, n).await?;
-        let secs = started.elapsed().as_secs_f64();
-        running.shutdown().await?;
-        let lat = inbox_latencies(&pool, &outbox, &group).await?;
-        rows.push(Row {
-            scenario: "e2e_inbox",
-            events_per_sec: n as f64 / secs,
-            latencies_ms: lat,
-            peak_rss_mb: None,
-        });
-        drop_table(&pool, &outbox).await?;
-        let mut conn = pool.acquire().await?;
-        let forget = DB::dialect_sql("DELETE FROM outbox_inbox WHERE consumer_group = $1");
-        DB::execute(&mut conn, &forget, vec![Arg::Str(group)]).await?;
-    }
-
-    // e2e_calls: a handler outside any transaction.
-    if o.runs("e2e_calls") {
-        let outbox = fresh(&pool, "c", mock, &bus).await?;
-        let running = Engine::builder(pool.clone(), bus.clone())
-            .outbox(outbox.clone())
-            .relay(RelayConfig::default().poll_interval(Duration::from_millis(50)))
-            .call_consumer::<TaskEvents, _>(Counter)
-            .start()
-            .await?;
-        if !running.ready(Duration::from_secs(60)).await {
-            return Err("the consumer did not join its group".into());
-        }
-        let started = Instant::now();
-        write_events(&pool, &outbox, n, o.writers).await?;
-        wait_for(&pool, &outbox, Status::Consumed, n).await?;
-        let secs = started.elapsed().as_secs_f64();
-        running.shutdown().await?;
-        let lat = latencies(&pool, &outbox).await?;
-        rows.push(Row {
-            scenario: "e2e_calls",
-            events_per_sec: n as f64 / secs,
-            latencies_ms: lat,
-            peak_rss_mb: None,
-        });
-        drop_table(&pool, &outbox).await?;
     }
 
     // seed_mode: the Go algorithm.

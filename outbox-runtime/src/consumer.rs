@@ -7,11 +7,12 @@
 //!
 //! A message the service must not process (not an envelope, unknown event type, unsupported
 //! version, undecodable or invalid payload) goes dead with its reason, and to `<topic>.dlq` when
-//! configured; its offset is committed and the partition moves on. A handler error, or a handler
-//! panic, sends the event back through the outbox with backoff (the relay publishes it again),
-//! then dead.
-//! Partitions are processed in parallel, each in order, so one key's events are applied in
-//! order.
+//! configured; its offset is committed and the partition moves on. So does a message of the
+//! service whose event has no row in its table (relayed by another system, or its row deleted):
+//! it is dead-lettered in the consumer's database (`no_outbox_row`), never skipped silently. A
+//! handler error, or a handler panic, sends the event back through the outbox with backoff (the
+//! relay publishes it again), then dead. Partitions are processed in parallel, each in order, so
+//! one key's events are applied in order.
 //!
 //! # Two kinds of handler
 //!
@@ -213,10 +214,11 @@ impl ConsumerConfig {
 
     /// When a partition of the consumer's topics has messages to read and its group's
     /// committed offset has not moved for this long (2 min), the consumer leaves its group and
-    /// joins it again, once per such offset: a group coordinator that gave a member's
-    /// partitions to nobody (tansu 0.6 keeps a formed group when a member's session runs out)
-    /// is made to rebalance. A row left `published` is the symptom in the database. Each rejoin
-    /// is logged and counted in `outbox_consumer_rejoins_total`.
+    /// joins it again with a new client, on a new connection, once per such offset: a group
+    /// coordinator that gave a member's partitions to nobody (tansu 0.6 keeps a formed group
+    /// when a member's session runs out), or that stopped answering a member's connection, is
+    /// made to form a new generation. A row left `published` is the symptom in the database.
+    /// Each rejoin is logged and counted in `outbox_consumer_rejoins_total`.
     pub fn rejoin_after(mut self, after: Duration) -> Self {
         self.rejoin_after = after.max(Duration::from_secs(1));
         self
@@ -372,6 +374,8 @@ enum Batch {
     Applied {
         failed: Vec<(usize, Envelope, HandlerError)>,
         upto: usize,
+        /// Indexes of messages whose event has no row: settled on their own.
+        orphans: Vec<usize>,
     },
     /// A handler failed in a batch without savepoints, at index `at` (the handlers of the
     /// messages before it ran too): nothing of it was applied.
@@ -733,7 +737,11 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 };
             }
             match outcome {
-                Ok(Batch::Applied { failed, upto }) => {
+                Ok(Batch::Applied {
+                    failed,
+                    upto,
+                    orphans,
+                }) => {
                     if failed.is_empty() {
                         let _ = self.savepoint_batches.fetch_update(
                             Ordering::Relaxed,
@@ -747,6 +755,10 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                     let mut failed = failed.into_iter().peekable();
                     for (i, msg) in msgs[..upto].iter().enumerate() {
                         if unsettled.contains(&(msg.topic.clone(), msg.partition)) {
+                            continue;
+                        }
+                        if orphans.contains(&i) {
+                            self.settle::<S>(msg, shutdown, unsettled, receiver).await;
                             continue;
                         }
                         match failed.next_if(|(at, _, _)| *at == i) {
@@ -858,6 +870,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         }
         let mut applied: Vec<(i64, i64)> = Vec::with_capacity(run.len());
         let mut failed = Vec::new();
+        let mut orphans = Vec::new();
         let mut seen = HashSet::new();
         let mut handled = 0u64;
         // The batch's locks are held until it commits: past its time bound, it commits what
@@ -877,7 +890,8 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             let mut row_of = None;
             if self.config.dedupe == Dedupe::OutboxRow {
                 let Some(row) = rows.get(&d.env.event_id) else {
-                    tracing::warn!(service, event_id = %d.env.event_id, "no outbox row for this event; skipping");
+                    // Dead-lettered on its own after the batch.
+                    orphans.push(i);
                     continue;
                 };
                 if row.is_settled() {
@@ -950,7 +964,11 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         }
         metrics::counter!("outbox_consumed_total", "service" => service.to_owned())
             .increment(handled);
-        Ok(Batch::Applied { failed, upto })
+        Ok(Batch::Applied {
+            failed,
+            upto,
+            orphans,
+        })
     }
 
     /// Handles one message, whose handler already ran `runs` times (in a batch); false when
@@ -1095,21 +1113,11 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         let mut locked: Option<(i64, i64)> = None;
         match self.config.dedupe {
             Dedupe::OutboxRow => {
-                let Some(row) = self
-                    .outbox
-                    .lock_row(&mut tx, service, &env.event_id)
-                    .await?
-                else {
-                    tx.rollback().await?;
-                    tracing::warn!(service, event_id = %env.event_id, "no outbox row for this event; skipping");
-                    return Ok(Outcome::Skipped);
+                let row;
+                (tx, row) = match self.open_row::<S>(tx, msg, env).await? {
+                    Ok(open) => open,
+                    Err(settled) => return Ok(settled),
                 };
-                // Settled, not final: a row dead only because its lease ran out on the last
-                // attempt may have been published, and this is its message.
-                if row.is_settled() {
-                    tx.rollback().await?;
-                    return Ok(Outcome::Skipped);
-                }
                 attempts = row.attempts;
                 locked = Some((row.id, row.created_at));
             }
@@ -1185,6 +1193,52 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         Ok(Err(Outcome::Dead(reason)))
     }
 
+    /// The event's row, locked in `tx`, when it is still to be applied; else what became of
+    /// the message (`tx` rolled back): skipped when the row is settled (a row dead only because
+    /// its lease ran out on the last attempt may have been published, and this is its message:
+    /// it is applied), dead-lettered when there is none.
+    async fn open_row<S: OutboxService>(
+        &self,
+        mut tx: sqlx::Transaction<'static, DB>,
+        msg: &Received,
+        env: &Envelope,
+    ) -> Result<Result<(sqlx::Transaction<'static, DB>, OutboxRow), Outcome>, Error> {
+        match self
+            .outbox
+            .lock_row(&mut tx, S::SERVICE, &env.event_id)
+            .await?
+        {
+            Some(row) if !row.is_settled() => Ok(Ok((tx, row))),
+            Some(_) => {
+                tx.rollback().await?;
+                Ok(Err(Outcome::Skipped))
+            }
+            None => {
+                tx.rollback().await?;
+                Ok(Err(self.orphan::<S>(msg, env).await?))
+            }
+        }
+    }
+
+    /// A message of this service whose event has no row in its table (relayed by another
+    /// system, or its row deleted): never skipped silently, it is dead-lettered in this database
+    /// (`outbox_inbox_dead`, reason `no_outbox_row`) and counted, and the partition moves on.
+    async fn orphan<S: OutboxService>(
+        &self,
+        msg: &Received,
+        env: &Envelope,
+    ) -> Result<Outcome, Error> {
+        let table = self
+            .outbox
+            .catalog()
+            .service(S::SERVICE)
+            .map(|r| r.table.clone())
+            .unwrap_or_default();
+        let error = format!("no row of event `{}` in `{table}`", env.event_id);
+        self.inbox_dead::<S>(msg, env, "no_outbox_row", &error, 1)
+            .await
+    }
+
     /// Applies one message with a handler that runs outside any transaction: claims its call
     /// (a lease, committed at once), calls the handler with no transaction open, then records
     /// the outcome. See the [module documentation](self#two-kinds-of-handler).
@@ -1212,19 +1266,11 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         let mut tx = DB::begin_pool_write(&self.pool).await?;
         let (insert, row, cap) = match self.config.dedupe {
             Dedupe::OutboxRow => {
-                let Some(row) = self
-                    .outbox
-                    .lock_row(&mut tx, service, &env.event_id)
-                    .await?
-                else {
-                    tx.rollback().await?;
-                    tracing::warn!(service, event_id = %env.event_id, "no outbox row for this event; skipping");
-                    return Ok(Outcome::Skipped);
+                let row;
+                (tx, row) = match self.open_row::<S>(tx, msg, env).await? {
+                    Ok(open) => open,
+                    Err(settled) => return Ok(settled),
                 };
-                if row.is_settled() {
-                    tx.rollback().await?;
-                    return Ok(Outcome::Skipped);
-                }
                 let cap = u32::try_from(row.max_attempts).unwrap_or(1).max(1);
                 (true, Some(row), cap)
             }

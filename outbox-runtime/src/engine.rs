@@ -254,8 +254,8 @@ impl<DB: Backend, B: Bus> EngineBuilder<DB, B> {
         self
     }
 
-    /// Checks everything, connects the bus, migrates when asked, makes the topics, and starts
-    /// the relay and the consumers.
+    /// Checks everything, connects the bus, migrates when asked, starts the relay, makes (or,
+    /// with topic creation off, checks) the topics meanwhile, and starts the consumers.
     ///
     /// A broker that cannot make the topics in time does not stop the start: the failure is
     /// logged, the relay retries its publishes with backoff, and consumers wait for their
@@ -293,6 +293,15 @@ impl<DB: Backend, B: Bus> EngineBuilder<DB, B> {
         if self.migrate {
             let mut conn = self.pool.acquire().await?;
             outbox.migrate(&mut conn).await?;
+        } else if self.relay.is_some() {
+            // A relay on a table of another layout would fail every query: refuse to start. A
+            // database that cannot be reached now is the relay's to retry.
+            match self.pool.acquire().await {
+                Ok(mut conn) => outbox.check_tables(&mut conn).await?,
+                Err(e) => {
+                    tracing::warn!(error = %e, "tables not checked: the database is unreachable")
+                }
+            }
         }
         let mut topics: Vec<String> = outbox
             .catalog()
@@ -302,16 +311,19 @@ impl<DB: Backend, B: Bus> EngineBuilder<DB, B> {
             .collect();
         topics.sort();
         topics.dedup();
-        if let Err(e) = bus.ensure_topics(&topics).await {
-            tracing::warn!(error = %e, "topics are not ready; starting anyway");
-        }
         let (trigger, shutdown) = Shutdown::new();
         let mut tasks = tokio::task::JoinSet::new();
         let mut names = HashMap::new();
+        // The relay publishes while the topics are being made or checked (a publish to a topic
+        // not there yet fails and is retried with backoff, as the Go system's last version
+        // does); the consumers join once the topics are there, or the check gave up.
         if let Some(config) = self.relay {
             let relay = Relay::new(outbox.clone(), self.pool.clone(), bus.clone(), config);
             let id = tasks.spawn(relay.run(shutdown.clone())).id();
             names.insert(id, "relay".to_owned());
+        }
+        if let Err(e) = bus.ensure_topics(&topics).await {
+            tracing::warn!(error = %e, "topics are not ready; starting anyway");
         }
         let ready = Arc::new(Ready::default());
         let expected = consumers.len();

@@ -28,6 +28,23 @@ pub enum Error {
         /// The service.
         service: String,
     },
+    /// A service's table exists with another layout than this version's outbox table (the Go
+    /// system's table, say): migrating would leave it as it is and every relay query would
+    /// fail. Nothing was changed.
+    #[error(
+        "table `{table}` of service `{service}` is not an outbox table of this version: {}",
+        mismatch(missing, foreign)
+    )]
+    TableMismatch {
+        /// The service.
+        service: String,
+        /// The table.
+        table: String,
+        /// Columns the outbox reads and writes that the table does not have.
+        missing: Vec<String>,
+        /// Columns the table requires (NOT NULL, no default) that the outbox does not write.
+        foreign: Vec<String>,
+    },
     /// An event whose (event type, version) this outbox's catalog routes to another service
     /// than the one the event declares: storing it in either table would be wrong.
     #[error(
@@ -131,4 +148,18 @@ pub enum Error {
     /// A task of the runtime panicked or was cancelled.
     #[error("runtime task failed: {0}")]
     Task(String),
+}
+
+fn mismatch(missing: &[String], foreign: &[String]) -> String {
+    let mut parts = Vec::new();
+    if !missing.is_empty() {
+        parts.push(format!("it has no column {}", missing.join(", ")));
+    }
+    if !foreign.is_empty() {
+        parts.push(format!(
+            "it requires {}, which the outbox does not write",
+            foreign.join(", ")
+        ));
+    }
+    parts.join("; ")
 }

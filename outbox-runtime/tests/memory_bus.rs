@@ -664,6 +664,29 @@ async fn consumers_of_one_group_share_the_partitions_and_apply_each_event_once()
     }
 }
 
+/// The dead letters of the world's group in `db`, and their (reason, last error, attempts),
+/// sorted.
+async fn inbox_dead_letters(
+    w: &World,
+    db: &SqlitePool,
+) -> (
+    Vec<outbox_runtime::store::InboxDead>,
+    Vec<(String, String, i32)>,
+) {
+    let mut conn = db.acquire().await.unwrap();
+    let dead = w
+        .outbox
+        .list_inbox_dead(&mut conn, &w.group, "", 100)
+        .await
+        .unwrap();
+    let mut reasons: Vec<(String, String, i32)> = dead
+        .iter()
+        .map(|d| (d.reason.clone(), d.last_error.clone(), d.attempts))
+        .collect();
+    reasons.sort();
+    (dead, reasons)
+}
+
 /// A consumer with a database of its own (the inbox): the producer's rows are elsewhere.
 async fn own_database(w: &World) -> (SqlitePool, TempFile) {
     let path = std::env::temp_dir().join(format!(
@@ -725,18 +748,7 @@ async fn an_inbox_consumer_retries_up_to_its_attempts_and_keeps_dead_letters_in_
         .unwrap();
     assert_eq!(effects, vec![0, 1, 3, 5]);
     assert_eq!(recorder.calls(2), 3, "tried its 3 attempts, then dead");
-    let mut conn = db.acquire().await.unwrap();
-    let dead = w
-        .outbox
-        .list_inbox_dead(&mut conn, &w.group, "", 100)
-        .await
-        .unwrap();
-    drop(conn);
-    let mut reasons: Vec<(String, String, i32)> = dead
-        .iter()
-        .map(|d| (d.reason.clone(), d.last_error.clone(), d.attempts))
-        .collect();
-    reasons.sort();
+    let (dead, reasons) = inbox_dead_letters(&w, &db).await;
     assert_eq!(
         reasons,
         [
@@ -1023,18 +1035,7 @@ async fn a_failing_call_in_its_own_database_is_tried_up_to_its_attempts_then_dea
     assert_eq!(attempts(2), vec![1, 2, 3], "its 3 attempts, then dead");
     assert_eq!(attempts(4), vec![1], "refused: dead at once");
     assert!(remote.calls_of(9).is_empty(), "poison is never called");
-    let mut conn = db.acquire().await.unwrap();
-    let dead = w
-        .outbox
-        .list_inbox_dead(&mut conn, &w.group, "", 100)
-        .await
-        .unwrap();
-    drop(conn);
-    let mut reasons: Vec<(String, String, i32)> = dead
-        .iter()
-        .map(|d| (d.reason.clone(), d.last_error.clone(), d.attempts))
-        .collect();
-    reasons.sort();
+    let (_, reasons) = inbox_dead_letters(&w, &db).await;
     assert_eq!(
         reasons,
         [
@@ -1330,4 +1331,53 @@ async fn a_consumer_rejoins_its_group_when_a_partition_with_messages_is_read_by_
     trigger.trigger();
     task.await.unwrap().unwrap();
     assert_eq!(w.effects().await, (0..12).collect::<Vec<i64>>());
+}
+
+// A message of the service whose event has no row in its table (a Go relay's, a row deleted)
+// is never skipped silently: dead-lettered in the consumer's database with a reason, counted,
+// sent to the dead-letter topic, and the rest of its batch is applied.
+#[tokio::test]
+async fn a_message_whose_event_has_no_row_is_dead_lettered_not_skipped() {
+    let w = World::new(MemoryBus::new().with_partitions(1)).await;
+    for n in 0..3 {
+        w.enqueue("c1", n, 0).await;
+    }
+    w.relay_all().await;
+    let foreign = r#"{"outbox_id":42,"event_id":"42","event_type":"order.placed","event_version":"1","service_name":"orders","payload":{"customer":"c1","n":42,"note":""}}"#;
+    w.bus
+        .send(&Outgoing {
+            topic: w.topic.clone(),
+            key: Some("c1".into()),
+            value: foreign.as_bytes().to_vec(),
+            headers: Vec::new(),
+        })
+        .await
+        .unwrap();
+    for n in 3..5 {
+        w.enqueue("c1", n, 0).await;
+    }
+    w.relay_all().await;
+    let recorder = Arc::new(Recorder::default());
+    w.consume_everything(&w.pool, &recorder, ConsumerConfig::default().dlq(true))
+        .await;
+    assert_eq!(w.effects().await, vec![0, 1, 2, 3, 4]);
+    assert_eq!(recorder.calls(42), 0);
+    let mut conn = w.pool.acquire().await.unwrap();
+    let dead = w
+        .outbox
+        .inbox_dead(&mut conn, &w.group, "42")
+        .await
+        .unwrap()
+        .expect("a dead letter");
+    assert_eq!(dead.reason, "no_outbox_row");
+    assert_eq!(dead.envelope, foreign);
+    assert!(
+        dead.last_error.contains("no row of event `42`"),
+        "{}",
+        dead.last_error
+    );
+    drop(conn);
+    let dlq = w.bus.messages(&format!("{}.dlq", w.topic));
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].header("x-outbox-dead-reason"), Some("no_outbox_row"));
 }

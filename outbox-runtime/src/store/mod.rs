@@ -1003,9 +1003,47 @@ impl<DB: Backend> Outbox<DB> {
         out
     }
 
+    /// Refuses a service table that exists with another layout than this version's
+    /// ([`Error::TableMismatch`], naming the columns that differ): a column the outbox reads or
+    /// writes that it lacks, or one it requires that the outbox does not write (a Go outbox
+    /// table's `biz_type`, say). A table that does not exist passes.
+    pub async fn check_tables(&self, conn: &mut DB::Connection) -> Result<(), Error> {
+        for (service, t) in &self.inner.tables {
+            let columns = DB::fetch_pairs(conn, t.get("table_columns"), Vec::new()).await?;
+            if columns.is_empty() {
+                continue;
+            }
+            let has: HashSet<String> = columns.iter().map(|(c, _)| c.to_lowercase()).collect();
+            let missing: Vec<String> = COLUMNS
+                .iter()
+                .filter(|c| !has.contains(**c))
+                .map(|c| (*c).to_owned())
+                .collect();
+            let mut foreign: Vec<String> = columns
+                .into_iter()
+                .filter(|(c, required)| {
+                    *required == 1 && !COLUMNS.contains(&c.to_lowercase().as_str())
+                })
+                .map(|(c, _)| c)
+                .collect();
+            foreign.sort();
+            if !missing.is_empty() || !foreign.is_empty() {
+                return Err(Error::TableMismatch {
+                    service: service.clone(),
+                    table: t.route.table.clone(),
+                    missing,
+                    foreign,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Creates every table and index that does not exist yet, and brings an inbox table made
     /// by an older version up to date (event ids of 255 characters, the retention index).
+    /// An existing service table of another layout is refused first ([`Outbox::check_tables`]).
     pub async fn migrate(&self, conn: &mut DB::Connection) -> Result<(), Error> {
+        self.check_tables(conn).await?;
         for sql in self.migration_sql() {
             DB::execute(conn, &sql, Vec::new()).await?;
         }

@@ -14,7 +14,10 @@ use crate::error::Error;
 
 /// A member of a Kafka consumer group. See [`Receive`].
 pub struct KafkaReceiver {
-    consumer: Arc<StreamConsumer>,
+    /// The current client: [`Receive::rejoin`] replaces it.
+    consumer: std::sync::RwLock<Arc<StreamConsumer>>,
+    config: KafkaConfig,
+    group: String,
     topics: Vec<String>,
 }
 
@@ -26,6 +29,21 @@ impl std::fmt::Debug for KafkaReceiver {
 
 impl KafkaReceiver {
     pub(super) fn new(config: &KafkaConfig, group: &str, topics: &[String]) -> Result<Self, Error> {
+        let consumer = Self::client(config, group, topics)?;
+        Ok(Self {
+            consumer: std::sync::RwLock::new(Arc::new(consumer)),
+            config: config.clone(),
+            group: group.to_owned(),
+            topics: topics.to_vec(),
+        })
+    }
+
+    /// A new client in `group`, subscribed to `topics`.
+    fn client(
+        config: &KafkaConfig,
+        group: &str,
+        topics: &[String],
+    ) -> Result<StreamConsumer, Error> {
         let consumer: StreamConsumer = config
             .client(&[
                 ("group.id", group),
@@ -40,16 +58,21 @@ impl KafkaReceiver {
             .create()?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&names)?;
-        Ok(Self {
-            consumer: Arc::new(consumer),
-            topics: topics.to_vec(),
-        })
+        Ok(consumer)
+    }
+
+    fn current(&self) -> Arc<StreamConsumer> {
+        self.consumer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
 impl Receive for KafkaReceiver {
     async fn recv(&self) -> Result<Received, Error> {
-        let m = self.consumer.recv().await?;
+        let consumer = self.current();
+        let m = consumer.recv().await?;
         let headers = m
             .headers()
             .map(|h| {
@@ -69,16 +92,16 @@ impl Receive for KafkaReceiver {
     }
 
     fn store_offset(&self, topic: &str, partition: i32, offset: i64) -> Result<(), Error> {
-        Ok(self.consumer.store_offset(topic, partition, offset)?)
+        Ok(self.current().store_offset(topic, partition, offset)?)
     }
 
     fn assigned(&self) -> usize {
-        self.consumer.assignment().map_or(0, |a| a.count())
+        self.current().assignment().map_or(0, |a| a.count())
     }
 
     async fn commit(&self) -> Result<(), Error> {
         // A synchronous commit waits for the coordinator: off the tokio workers.
-        let consumer = self.consumer.clone();
+        let consumer = self.current();
         tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
             .await
             .map_err(|e| Error::Task(e.to_string()))??;
@@ -88,7 +111,7 @@ impl Receive for KafkaReceiver {
     async fn positions(&self) -> Result<Vec<Position>, Error> {
         // Metadata, committed offsets and watermarks wait for the broker: off the tokio
         // workers.
-        let (consumer, topics) = (self.consumer.clone(), self.topics.clone());
+        let (consumer, topics) = (self.current(), self.topics.clone());
         tokio::task::spawn_blocking(move || {
             let timeout = Duration::from_secs(5);
             let mut list = TopicPartitionList::new();
@@ -122,19 +145,30 @@ impl Receive for KafkaReceiver {
     }
 
     async fn rejoin(&self) -> Result<(), Error> {
-        // Unsubscribing leaves the group (librdkafka sends LeaveGroup); subscribing again joins
-        // it as a new member, and the coordinator forms a new generation for every member.
-        let (consumer, topics) = (self.consumer.clone(), self.topics.clone());
+        // A new client, on a new connection: a coordinator that stopped answering one
+        // connection (tansu 0.6 holds a follower's SyncGroup while the leader it waits for is
+        // dead, and the heartbeats queued behind it time out) is not asked again on it. The new
+        // member's join makes the coordinator drop members whose session ran out and form a
+        // new generation. Offsets stored since the last automatic commit (500 ms) are
+        // delivered again and skipped as done.
+        let fresh = Arc::new(Self::client(&self.config, &self.group, &self.topics)?);
+        let old = std::mem::replace(
+            &mut *self
+                .consumer
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            fresh,
+        );
+        // Closing leaves the group and may wait for the coordinator: off the tokio workers,
+        // and not waited for. A receive still holding the old client lets go of it first, so
+        // that the close runs here.
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                tracing::debug!(error = %e, "offset commit before leaving the group");
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
             }
-            consumer.unsubscribe();
-            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-            consumer.subscribe(&names)
-        })
-        .await
-        .map_err(|e| Error::Task(e.to_string()))??;
+            drop(old);
+        });
         Ok(())
     }
 }

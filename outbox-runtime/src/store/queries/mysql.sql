@@ -251,3 +251,12 @@ WHERE consumer_group = ? AND event_id = ? AND lease_owner = ?
 -- name: call_delete
 -- consumer_group, event_id
 DELETE FROM outbox_calls WHERE consumer_group = ? AND event_id = ?
+
+-- name: table_columns
+-- An existing table's columns, each with 1 when an insert must give it a value (NOT NULL, no
+-- default): `migrate` and the relay refuse a table that does not fit.
+SELECT CAST(column_name AS CHAR),
+    CASE WHEN is_nullable = 'NO' AND column_default IS NULL AND extra NOT LIKE '%auto_increment%'
+        THEN 1 ELSE 0 END
+FROM information_schema.columns
+WHERE table_schema = DATABASE() AND table_name = '{table}'

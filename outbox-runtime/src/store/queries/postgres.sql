@@ -248,3 +248,12 @@ WHERE consumer_group = $3 AND event_id = $4 AND lease_owner = $5
 -- name: call_delete
 -- consumer_group, event_id
 DELETE FROM outbox_calls WHERE consumer_group = $1 AND event_id = $2
+
+-- name: table_columns
+-- An existing table's columns, each with 1 when an insert must give it a value (NOT NULL, no
+-- default): `migrate` and the relay refuse a table that does not fit.
+SELECT CAST(column_name AS TEXT),
+    CAST(CASE WHEN is_nullable = 'NO' AND column_default IS NULL AND is_identity = 'NO'
+        THEN 1 ELSE 0 END AS BIGINT)
+FROM information_schema.columns
+WHERE table_schema = current_schema() AND table_name = '{table}'

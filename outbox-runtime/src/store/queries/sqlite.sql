@@ -211,3 +211,9 @@ WHERE consumer_group = ? AND event_id = ? AND lease_owner = ?
 -- name: call_delete
 -- consumer_group, event_id
 DELETE FROM outbox_calls WHERE consumer_group = ? AND event_id = ?
+
+-- name: table_columns
+-- An existing table's columns, each with 1 when an insert must give it a value (NOT NULL, no
+-- default): `migrate` and the relay refuse a table that does not fit.
+SELECT name, CASE WHEN "notnull" = 1 AND dflt_value IS NULL AND pk = 0 THEN 1 ELSE 0 END
+FROM pragma_table_info('{table}')
