@@ -272,6 +272,11 @@ pub(crate) async fn run(o: RunOptions) -> Result<bool, BoxError> {
         let _servers = procs::ServerGuard(backend);
         for &scenario in &o.scenarios {
             let seed = seed_for(o.seed, backend, scenario);
+            if let Err(e) = broker.storage(scenario == Scenario::BrokerOutage) {
+                println!("scenario={} broker error: {e} FAIL", scenario.name());
+                totals.failed.push(scenario.name().to_owned());
+                continue;
+            }
             let ctx = Ctx {
                 options: &o,
                 exe: exe.clone(),
