@@ -1,6 +1,6 @@
 //! The processes and servers the driver controls: relay and consumer children (killed with
-//! SIGKILL), its own tansu broker (in memory, or on durable SQLite storage), and the database servers it
-//! restarts. Every guard here puts things back when dropped, failed scenario or not.
+//! SIGKILL), its own tansu broker (in memory, or on durable SQLite storage), and the database
+//! servers it restarts. Every guard here puts things back when dropped, failed scenario or not.
 
 use std::fs::OpenOptions;
 use std::net::TcpStream;
