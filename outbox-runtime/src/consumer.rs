@@ -232,7 +232,7 @@ impl ConsumerConfig {
 
     /// At most this many messages already received for a worker's partitions are applied in
     /// one transaction (100). A handler that fails costs its own message only: the batch runs
-    /// again with a savepoint around each message (and the next few batches keep them), its
+    /// again with a savepoint around each message (and the next batch keeps them), its
     /// effects are rolled back to its savepoint, the others commit, and it is retried or
     /// dead-lettered on its own. A handler's effects outside the database may then happen
     /// twice (they are at least once anyway). 1 turns batching off.
@@ -364,7 +364,7 @@ where
 }
 
 /// How many batches after a failing handler run with a savepoint per message.
-const SAVEPOINT_BATCHES: u32 = 8;
+const SAVEPOINT_BATCHES: u32 = 1;
 
 /// What became of a batch.
 enum Batch {
@@ -695,7 +695,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
     /// it, the others commit, and the failure is recorded after the commit (a retry through the
     /// outbox, a dead letter). Savepoints cost two statements a message, so a batch runs without
     /// them until a handler fails: that batch is rolled back and run again with them, and the
-    /// next few batches keep them. A database failure sends the run one message at a time.
+    /// next batch keeps them. A database failure sends the run one message at a time.
     async fn flush<S>(
         self: &Arc<Self>,
         run: Vec<(Received, Decoded<S>)>,
