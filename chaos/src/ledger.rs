@@ -230,11 +230,18 @@ pub(crate) async fn progress<DB: Backend, C: Backend>(
         names.table
     );
     let mut open = first(DB::fetch_ints(&mut conn, &sql, Vec::new()).await?);
-    let published = format!(
-        "SELECT COUNT(*) FROM {} WHERE status = 'published'",
-        names.table
-    );
-    let published = first(DB::fetch_ints(&mut conn, &published, Vec::new()).await?);
+    // With their own database, a published row is open until it has an effect or a dead
+    // letter there.
+    let published = match side {
+        Side::Shared(_) => 0,
+        Side::Own { .. } => {
+            let sql = format!(
+                "SELECT COUNT(*) FROM {} WHERE status = 'published'",
+                names.table
+            );
+            first(DB::fetch_ints(&mut conn, &sql, Vec::new()).await?)
+        }
+    };
     drop(conn);
     let mut conn = side.pool().acquire().await?;
     let effects = format!("SELECT COUNT(*) FROM {}", names.effects);

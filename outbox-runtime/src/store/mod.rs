@@ -1814,24 +1814,13 @@ impl<DB: Backend> Outbox<DB> {
         conn: &mut DB::Connection,
         service: &str,
     ) -> Result<Option<i64>, Error> {
-        let at = self.oldest_published_at(conn, service).await?;
-        Ok(at.map(|t| self.now_ms().saturating_sub(t)))
-    }
-
-    /// When the oldest `published` row of `service` was published (ms).
-    pub async fn oldest_published_at(
-        &self,
-        conn: &mut DB::Connection,
-        service: &str,
-    ) -> Result<Option<i64>, Error> {
         let table = self.table(service)?;
-        Ok(
-            DB::fetch_ints(conn, table.get("oldest_published"), Vec::new())
-                .await?
-                .into_iter()
-                .next()
-                .flatten(),
-        )
+        let at = DB::fetch_ints(conn, table.get("oldest_published"), Vec::new())
+            .await?
+            .into_iter()
+            .next()
+            .flatten();
+        Ok(at.map(|t| self.now_ms().saturating_sub(t)))
     }
 
     /// Ids of `service`'s rows published longer than `older_than` ago, oldest first, at most
