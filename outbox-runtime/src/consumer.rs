@@ -37,7 +37,6 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use sqlx::Pool;
@@ -231,11 +230,11 @@ impl ConsumerConfig {
     }
 
     /// At most this many messages already received for a worker's partitions are applied in
-    /// one transaction (100). A handler that fails costs its own message only: the batch runs
-    /// again with a savepoint around each message (and the next batch keeps them), its
-    /// effects are rolled back to its savepoint, the others commit, and it is retried or
-    /// dead-lettered on its own. A handler's effects outside the database may then happen
-    /// twice (they are at least once anyway). 1 turns batching off.
+    /// one transaction (100). A handler that fails costs its own message only: the batch rolls
+    /// back, the messages before it are applied again together, its failure is recorded (it
+    /// is retried or dead-lettered on its own, and applied alone when it comes back), and the
+    /// messages after it are the next batch. A handler's effects outside the database may then
+    /// happen twice (they are at least once anyway). 1 turns batching off.
     pub fn batch(mut self, batch: usize) -> Self {
         self.batch = batch.max(1);
         self
@@ -278,8 +277,8 @@ struct Inner<DB: Backend, H, B: Bus> {
     route: ServiceRoute,
     config: ConsumerConfig,
     bus: Arc<B>,
-    /// Batches left to run with a savepoint per message, after one whose handler failed.
-    savepoint_batches: AtomicU32,
+    /// Events whose handler failed in a batch: applied on their own when they come back.
+    suspects: Suspects,
     /// How the handler runs.
     kind: Kind<DB, H, B>,
     /// This consumer's name as a lease owner (calls outside a transaction).
@@ -363,23 +362,52 @@ where
     Box::pin(inner.call::<S>(msg, env, trace, shutdown))
 }
 
-/// How many batches after a failing handler run with a savepoint per message.
-const SAVEPOINT_BATCHES: u32 = 1;
-
 /// What became of a batch.
 enum Batch {
     /// Committed: the messages before index `upto` (the rest did not fit in the batch's time
-    /// bound); `failed` lists those (index, envelope, error) whose handler failed and whose effects were
-    /// rolled back to their savepoint.
+    /// bound).
     Applied {
-        failed: Vec<(usize, Envelope, HandlerError)>,
         upto: usize,
         /// Indexes of messages whose event has no row: settled on their own.
         orphans: Vec<usize>,
     },
-    /// A handler failed in a batch without savepoints, at index `at` (the handlers of the
-    /// messages before it ran too): nothing of it was applied.
-    RolledBack { at: usize },
+    /// The handler of the message at index `at` (of event `event_id`) failed, and the
+    /// handlers of the messages before it ran too: nothing of the batch was applied.
+    RolledBack { at: usize, event_id: String },
+}
+
+/// Events whose handler failed in a batch of this consumer, so that a batch does not roll
+/// back for them again: when one comes back (a retry through the outbox, a redelivery) it is
+/// applied on its own. The most recent [`Suspects::CAPACITY`] are kept.
+#[derive(Debug, Default)]
+struct Suspects(std::sync::Mutex<(HashSet<String>, std::collections::VecDeque<String>)>);
+
+impl Suspects {
+    const CAPACITY: usize = 4096;
+
+    fn add(&self, event_id: &str) {
+        let mut guard = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (set, order) = &mut *guard;
+        if set.insert(event_id.to_owned()) {
+            order.push_back(event_id.to_owned());
+            if order.len() > Self::CAPACITY
+                && let Some(oldest) = order.pop_front()
+            {
+                set.remove(&oldest);
+            }
+        }
+    }
+
+    fn contains(&self, event_id: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .contains(event_id)
+    }
 }
 
 /// What became of one message.
@@ -481,7 +509,7 @@ where
                 route,
                 config,
                 bus,
-                savepoint_batches: AtomicU32::new(0),
+                suspects: Suspects::default(),
                 kind,
                 owner: format!(
                     "consumer-{}-{}",
@@ -561,11 +589,9 @@ where
                         }
                         None => {
                             for msg in &batch {
-                                if !unsettled.contains(&(msg.topic.clone(), msg.partition)) {
-                                    inner
-                                        .settle::<S>(msg, &shutdown, &mut unsettled, &*receiver)
-                                        .await;
-                                }
+                                inner
+                                    .settle::<S>(msg, 0, &shutdown, &mut unsettled, &*receiver)
+                                    .await;
                             }
                         }
                     }
@@ -668,11 +694,14 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 continue;
             }
             match self.decoded::<S>(&msg) {
-                Some(decoded) => run.push((msg, decoded)),
-                None => {
+                Some(decoded) if !self.suspects.contains(&decoded.env.event_id) => {
+                    run.push((msg, decoded));
+                }
+                _ => {
                     self.flush::<S>(std::mem::take(&mut run), shutdown, unsettled, receiver)
                         .await;
-                    self.settle::<S>(&msg, shutdown, unsettled, receiver).await;
+                    self.settle::<S>(&msg, 0, shutdown, unsettled, receiver)
+                        .await;
                 }
             }
         }
@@ -691,11 +720,14 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
     }
 
     /// Applies a run of decoded messages in one transaction. A handler that fails costs its
-    /// own message only: with a savepoint around each message, its effects are rolled back to
-    /// it, the others commit, and the failure is recorded after the commit (a retry through the
-    /// outbox, a dead letter). Savepoints cost two statements a message, so a batch runs without
-    /// them until a handler fails: that batch is rolled back and run again with them, and the
-    /// next batch keeps them. A database failure sends the run one message at a time.
+    /// own message, not its batch, and the batch pays no statement for the chance: the
+    /// transaction rolls back, the messages before the failing one are applied again together,
+    /// the failing one runs on its own (where its failure is recorded: a retry through the
+    /// outbox, a dead letter), and the messages after it are the next batch. So a failure
+    /// costs the handlers before it one more run, where a savepoint per message would cost
+    /// every message two statements. An event that failed here is applied on its own when it
+    /// comes back ([`Suspects`]). A database failure sends the rest of the run one message at
+    /// a time.
     async fn flush<S>(
         self: &Arc<Self>,
         run: Vec<(Received, Decoded<S>)>,
@@ -705,89 +737,76 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
     ) where
         S: OutboxService + Dispatch<H, Context<DB>>,
     {
-        let (mut msgs, run): (Vec<Received>, Vec<Decoded<S>>) = run.into_iter().unzip();
-        let mut first = Some(run);
-        // A batch that reached its time bound commits what it applied; the rest is the next
-        // batch.
-        while msgs.len() > 1 {
+        let (mut msgs, first): (Vec<Received>, Vec<Decoded<S>>) = run.into_iter().unzip();
+        let mut first = Some(first);
+        // The index in `msgs` of the message whose handler failed in a batch that rolled back:
+        // it runs on its own once the messages before it are applied.
+        let mut failed: Option<usize> = None;
+        loop {
+            let end = failed.unwrap_or(msgs.len());
+            // One message is applied on its own, without the batch's bookkeeping.
+            if end == msgs.len() && end == 1 {
+                break;
+            }
+            if end == 0 {
+                if failed.take().is_none() {
+                    return;
+                }
+                let msg = msgs.remove(0);
+                self.settle::<S>(&msg, 1, shutdown, unsettled, receiver)
+                    .await;
+                continue;
+            }
             let run = match first.take() {
                 Some(run) => run,
+                // Again: the events decode as they did.
                 None => {
-                    let again: Vec<Decoded<S>> =
-                        msgs.iter().filter_map(|m| self.decoded::<S>(m)).collect();
-                    if again.len() != msgs.len() {
+                    let again: Vec<Decoded<S>> = msgs[..end]
+                        .iter()
+                        .filter_map(|m| self.decoded::<S>(m))
+                        .collect();
+                    if again.len() != end {
                         break;
                     }
                     again
                 }
             };
-            let guarded = self.savepoint_batches.load(Ordering::Relaxed) > 0;
-            let mut outcome = self.apply_batch::<S>(run, guarded).await;
-            // The messages whose handlers ran in a batch that was rolled back.
-            let mut ran_before = None;
-            if let Ok(Batch::RolledBack { at }) = outcome {
-                ran_before = Some(at);
-                // Again, each message in its savepoint; the events decode as they did.
-                let again: Vec<Decoded<S>> =
-                    msgs.iter().filter_map(|m| self.decoded::<S>(m)).collect();
-                outcome = if again.len() == msgs.len() {
-                    self.apply_batch::<S>(again, true).await
-                } else {
-                    Ok(Batch::RolledBack { at })
-                };
-            }
-            match outcome {
-                Ok(Batch::Applied {
-                    failed,
-                    upto,
-                    orphans,
-                }) => {
-                    if failed.is_empty() {
-                        let _ = self.savepoint_batches.fetch_update(
-                            Ordering::Relaxed,
-                            Ordering::Relaxed,
-                            |n| n.checked_sub(1),
-                        );
-                    } else {
-                        self.savepoint_batches
-                            .store(SAVEPOINT_BATCHES, Ordering::Relaxed);
-                    }
-                    let mut failed = failed.into_iter().peekable();
+            match self.apply_batch::<S>(run).await {
+                // A batch that reached its time bound commits what it applied; the rest is
+                // the next batch.
+                Ok(Batch::Applied { upto, orphans }) => {
                     for (i, msg) in msgs[..upto].iter().enumerate() {
                         if unsettled.contains(&(msg.topic.clone(), msg.partition)) {
                             continue;
                         }
                         if orphans.contains(&i) {
-                            self.settle::<S>(msg, shutdown, unsettled, receiver).await;
-                            continue;
-                        }
-                        match failed.next_if(|(at, _, _)| *at == i) {
-                            None => store_offset(receiver, msg),
-                            Some((_, env, error)) => {
-                                let runs = 1 + u32::from(ran_before.is_some_and(|at| i <= at));
-                                self.settle_failed::<S>(
-                                    msg, &env, error, runs, shutdown, unsettled, receiver,
-                                )
-                                .await
-                            }
+                            self.settle::<S>(msg, 0, shutdown, unsettled, receiver)
+                                .await;
+                        } else {
+                            store_offset(receiver, msg);
                         }
                     }
                     msgs.drain(..upto);
-                    if msgs.is_empty() {
-                        return;
+                    if let Some(at) = failed.as_mut() {
+                        *at -= upto;
                     }
                 }
-                Ok(Batch::RolledBack { .. }) => break,
+                // A second failure, among handlers that ran before: one at a time from here.
+                Ok(Batch::RolledBack { .. }) if failed.is_some() => break,
+                Ok(Batch::RolledBack { at, event_id }) => {
+                    self.suspects.add(&event_id);
+                    failed = Some(at);
+                }
                 Err(e) => {
                     tracing::debug!(service = S::SERVICE, error = %e, "batch failed; applying one at a time");
                     break;
                 }
             }
         }
-        for msg in &msgs {
-            if !unsettled.contains(&(msg.topic.clone(), msg.partition)) {
-                self.settle::<S>(msg, shutdown, unsettled, receiver).await;
-            }
+        for (i, msg) in msgs.iter().enumerate() {
+            let runs = u32::from(failed == Some(i));
+            self.settle::<S>(msg, runs, shutdown, unsettled, receiver)
+                .await;
         }
     }
 
@@ -802,16 +821,12 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         })
     }
 
-    /// Records the failure of a message whose handler failed in a batch (its effects rolled
-    /// back to its savepoint), and stores its offset once that is done. Where nothing in this
-    /// database can schedule a retry (the inbox), or the record fails, it takes the one-message
-    /// path, which retries in place.
-    #[allow(clippy::too_many_arguments)]
-    async fn settle_failed<S>(
+    /// One message on its own, whose handler already ran `runs` times (in a batch that rolled
+    /// back); stores its offset once it is settled. Nothing, when its partition has a message
+    /// left unsettled before it.
+    async fn settle<S>(
         self: &Arc<Self>,
         msg: &Received,
-        env: &Envelope,
-        error: HandlerError,
         runs: u32,
         shutdown: &Shutdown,
         unsettled: &mut HashSet<(String, i32)>,
@@ -819,43 +834,19 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
     ) where
         S: OutboxService,
     {
-        match self.failed::<S>(msg, env, error).await {
-            Ok(Outcome::RetryInPlace(_)) => {
-                if self.handle::<S>(msg, shutdown, runs).await {
-                    store_offset(receiver, msg);
-                } else {
-                    unsettled.insert((msg.topic.clone(), msg.partition));
-                }
-            }
-            Err(_) => self.settle::<S>(msg, shutdown, unsettled, receiver).await,
-            Ok(outcome) => {
-                self.record::<S>(msg, outcome).await;
-                store_offset(receiver, msg);
-            }
+        if unsettled.contains(&(msg.topic.clone(), msg.partition)) {
+            return;
         }
-    }
-
-    /// One message on its own; stores its offset once it is settled.
-    async fn settle<S>(
-        self: &Arc<Self>,
-        msg: &Received,
-        shutdown: &Shutdown,
-        unsettled: &mut HashSet<(String, i32)>,
-        receiver: &B::Receiver,
-    ) where
-        S: OutboxService,
-    {
-        if self.handle::<S>(msg, shutdown, 0).await {
+        if self.handle::<S>(msg, shutdown, runs).await {
             store_offset(receiver, msg);
         } else {
             unsettled.insert((msg.topic.clone(), msg.partition));
         }
     }
 
-    /// Applies every message of `run` in one transaction. Without savepoints, a handler that
-    /// fails rolls the whole transaction back ([`Batch::RolledBack`]); with them, only its own
-    /// message, which comes back in [`Batch::Applied`]'s `failed` with its index and error.
-    async fn apply_batch<S>(&self, run: Vec<Decoded<S>>, savepoints: bool) -> Result<Batch, Error>
+    /// Applies every message of `run` in one transaction. A handler that fails rolls the whole
+    /// transaction back ([`Batch::RolledBack`]).
+    async fn apply_batch<S>(&self, run: Vec<Decoded<S>>) -> Result<Batch, Error>
     where
         S: OutboxService + Dispatch<H, Context<DB>>,
     {
@@ -869,7 +860,6 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             }
         }
         let mut applied: Vec<(i64, i64)> = Vec::with_capacity(run.len());
-        let mut failed = Vec::new();
         let mut orphans = Vec::new();
         let mut seen = HashSet::new();
         let mut handled = 0u64;
@@ -900,18 +890,12 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 attempts = row.attempts;
                 row_of = Some((row.id, row.created_at));
             }
-            if savepoints {
-                DB::execute(&mut tx, "SAVEPOINT outbox_message", Vec::new()).await?;
-            }
             if self.config.dedupe == Dedupe::Inbox
                 && !self
                     .outbox
                     .record_inbox(&mut tx, &self.route.group, &d.env.event_id)
                     .await?
             {
-                if savepoints {
-                    DB::execute(&mut tx, "RELEASE SAVEPOINT outbox_message", Vec::new()).await?;
-                }
                 continue;
             }
             let mut ctx = Context {
@@ -932,22 +916,15 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             tx = ctx.tx;
             match ran {
                 Ok(()) => {
-                    if savepoints {
-                        DB::execute(&mut tx, "RELEASE SAVEPOINT outbox_message", Vec::new())
-                            .await?;
-                    }
                     applied.extend(row_of);
                     handled += 1;
                 }
-                Err(e) if savepoints => {
-                    DB::execute(&mut tx, "ROLLBACK TO SAVEPOINT outbox_message", Vec::new())
-                        .await?;
-                    DB::execute(&mut tx, "RELEASE SAVEPOINT outbox_message", Vec::new()).await?;
-                    failed.push((i, d.env, e));
-                }
                 Err(_) => {
                     tx.rollback().await?;
-                    return Ok(Batch::RolledBack { at: i });
+                    return Ok(Batch::RolledBack {
+                        at: i,
+                        event_id: d.env.event_id,
+                    });
                 }
             }
         }
@@ -964,11 +941,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         }
         metrics::counter!("outbox_consumed_total", "service" => service.to_owned())
             .increment(handled);
-        Ok(Batch::Applied {
-            failed,
-            upto,
-            orphans,
-        })
+        Ok(Batch::Applied { upto, orphans })
     }
 
     /// Handles one message, whose handler already ran `runs` times (in a batch); false when
@@ -1717,6 +1690,22 @@ fn trace_of(msg: &Received) -> Option<TraceParent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn suspects_keep_the_most_recent_ones_up_to_their_capacity() {
+        let s = Suspects::default();
+        for i in 0..=Suspects::CAPACITY {
+            s.add(&format!("e{i}"));
+        }
+        // Adding one again does not make it newer, nor take a place.
+        s.add("e1");
+        assert!(!s.contains("e0"), "the oldest went when one more came");
+        assert!(s.contains("e1"));
+        assert!(s.contains(&format!("e{}", Suspects::CAPACITY)));
+        s.add("another");
+        assert!(!s.contains("e1"));
+        assert!(s.contains("e2"));
+    }
 
     #[tokio::test]
     async fn a_handler_panic_becomes_a_retryable_error_with_its_message() {

@@ -247,7 +247,7 @@ impl World {
 }
 
 #[tokio::test]
-async fn a_batch_applies_together_and_one_whose_handler_fails_runs_again_with_savepoints() {
+async fn a_batch_applies_together_and_one_whose_handler_fails_runs_alone_after_those_before_it() {
     let w = World::new(MemoryBus::new().with_partitions(1)).await;
     for n in 0..20 {
         w.enqueue("c1", n, 0).await;
@@ -262,8 +262,8 @@ async fn a_batch_applies_together_and_one_whose_handler_fails_runs_again_with_sa
     w.consume_everything(&w.pool, &recorder, ConsumerConfig::default().workers(1))
         .await;
 
-    // 0..=7 ran in the batch that rolled back at 7, then every message ran again, each in its
-    // savepoint (7 succeeding the second time).
+    // 0..=7 ran in the batch that rolled back at 7; then 0..=6 ran again together, 7 on its
+    // own (succeeding the second time), and 8.. as the next batch, once each.
     for n in 0..20 {
         let expected = if n <= 7 { 2 } else { 1 };
         assert_eq!(recorder.calls(n), expected, "calls of {n}");
@@ -289,7 +289,8 @@ async fn a_failing_handler_costs_its_own_message_not_its_batch() {
     let consumer = w.consumer(&w.pool, &recorder, ConsumerConfig::default().workers(1));
     let task = tokio::spawn(consumer.run(shutdown));
     w.consumed_all().await;
-    // The first failure rolled its batch back once; the batch ran again with savepoints.
+    // The failure rolled its batch back once: the messages before it ran again, it ran on its
+    // own (failing again, its retry scheduled), the messages after it once.
     for n in 0..10 {
         assert_eq!(
             recorder.calls(n),
@@ -302,8 +303,8 @@ async fn a_failing_handler_costs_its_own_message_not_its_batch() {
         (failed.status, failed.last_error.as_deref()),
         (Status::Pending, Some("the payment service answered 503"))
     );
-    // The next batch keeps its savepoints: its failing message costs no other message a call.
-    // (Another key: 3, waiting for its retry, holds c1's later rows back.)
+    // The same in the next batch: its failing message costs the messages before it one run,
+    // those after it none. (Another key: 3, waiting for its retry, holds c1's later rows back.)
     for n in 10..20 {
         ids.push(w.enqueue("c2", n, 0).await);
     }
@@ -312,7 +313,8 @@ async fn a_failing_handler_costs_its_own_message_not_its_batch() {
     trigger.trigger();
     task.await.unwrap().unwrap();
     for n in 10..20 {
-        assert_eq!(recorder.calls(n), 1, "calls of {n}");
+        let expected = if n <= 13 { 2 } else { 1 };
+        assert_eq!(recorder.calls(n), expected, "calls of {n}");
     }
     assert_eq!(w.status(ids[13]).await.status, Status::Pending);
     let expected: Vec<i64> = (0..20).filter(|n| *n != 3 && *n != 13).collect();
@@ -326,6 +328,69 @@ async fn a_failing_handler_costs_its_own_message_not_its_batch() {
             assert_eq!(w.status(*id).await.status, Status::Consumed, "row of {n}");
         }
     }
+}
+
+#[tokio::test]
+async fn an_event_whose_handler_failed_in_a_batch_runs_alone_when_it_comes_back() {
+    let w = World::new(MemoryBus::new().with_partitions(1)).await;
+    for n in 0..5 {
+        w.enqueue("c1", n, 0).await;
+    }
+    w.relay_all().await;
+    let recorder = Arc::new(Recorder {
+        always_fail: vec![3],
+        ..Recorder::default()
+    });
+    let (trigger, shutdown) = Shutdown::new();
+    let consumer = w.consumer(&w.pool, &recorder, ConsumerConfig::default().workers(1));
+    let task = tokio::spawn(consumer.run(shutdown));
+    w.consumed_all().await;
+    assert_eq!(recorder.calls(3), 2, "in the batch, then on its own");
+    let again = w
+        .bus
+        .messages(&w.topic)
+        .into_iter()
+        .find(|m| m.offset == 3)
+        .unwrap();
+
+    // Event 3 comes back (a redelivery) in the middle of another key's messages, all in one
+    // batch: relayed to a bus of their own first, then put on the consumer's all at once.
+    let aside = MemoryBus::new().with_partitions(1);
+    aside.ensure_topics(std::slice::from_ref(&w.topic)).await.unwrap();
+    for n in 10..20 {
+        w.enqueue("c2", n, 0).await;
+    }
+    let relay = Relay::new(
+        w.outbox.clone(),
+        w.pool.clone(),
+        Arc::new(aside.clone()),
+        RelayConfig::default(),
+    );
+    while relay.relay_once("orders").await.unwrap() > 0 {}
+    let outgoing = |m: &outbox_runtime::bus::Received| Outgoing {
+        topic: w.topic.clone(),
+        key: m.key.clone().map(|k| String::from_utf8(k).unwrap()),
+        value: m.payload.clone().unwrap(),
+        headers: Vec::new(),
+    };
+    let c2 = aside.messages(&w.topic);
+    let mut records: Vec<Outgoing> = c2[..5].iter().map(outgoing).collect();
+    records.push(outgoing(&again));
+    records.extend(c2[5..].iter().map(outgoing));
+    w.bus.send_all(&records).await;
+    w.consumed_all().await;
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+
+    // 3 ran on its own: the batch around it did not roll back for it.
+    assert_eq!(recorder.calls(3), 3);
+    for n in 10..20 {
+        assert_eq!(recorder.calls(n), 1, "calls of {n}");
+    }
+    let expected: Vec<i64> = (0..20)
+        .filter(|n| *n != 3 && !(5..10).contains(n))
+        .collect();
+    assert_eq!(w.effects().await, expected);
 }
 
 #[tokio::test]
