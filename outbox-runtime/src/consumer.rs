@@ -11,8 +11,11 @@
 //! service whose event has no row in its table (relayed by another system, or its row deleted):
 //! it is dead-lettered in the consumer's database (`no_outbox_row`), never skipped silently. A
 //! handler error, or a handler panic, sends the event back through the outbox with backoff (the
-//! relay publishes it again), then dead. Partitions are processed in parallel, each in order, so
-//! one key's events are applied in order.
+//! relay publishes it again), then dead; in a consumer with its own database
+//! ([`Dedupe::Inbox`]) the message is kept there (`outbox_inbox_retry`) and tried again with
+//! backoff by the consumer, then dead there. Either way its partition moves on meanwhile.
+//! Partitions are processed in parallel, each in order, so one key's events are applied in
+//! order (an event that is retried comes after the later events of its key).
 //!
 //! # Two kinds of handler
 //!
@@ -49,7 +52,7 @@ use outbox_contract::service::{Dispatch, HandlerError, OutboxService};
 use crate::bus::{Bus, Outgoing, Position, Receive, Received};
 use crate::error::Error;
 use crate::relay::Shutdown;
-use crate::store::{Backend, CallClaim, InboxDead, Outbox, OutboxRow, Transition};
+use crate::store::{Backend, CallClaim, InboxDead, InboxRetry, Outbox, OutboxRow, Transition};
 use crate::trace::TraceParent;
 
 /// Counts consumers that have their partitions.
@@ -194,10 +197,13 @@ impl ConsumerConfig {
         self
     }
 
-    /// With [`Dedupe::Inbox`], how many times a handler that fails with a retryable error is
-    /// run before its event goes dead (`max_attempts`, stored in the consumer's database) and
-    /// the partition moves on (10). There is no outbox row there to schedule a retry, so the
-    /// attempts run in place, with backoff from 100 ms to 5 s.
+    /// With [`Dedupe::Inbox`], how many attempts of a handler that fails with a retryable
+    /// error fail before its event goes dead (`max_attempts`, stored in the consumer's
+    /// database) (10). There is no outbox row there to schedule a retry: the message is kept in
+    /// the consumer's database (`outbox_inbox_retry`) and the consumer tries it again after
+    /// the store's backoff ([`StoreConfig`](crate::store::StoreConfig)), while its partition
+    /// moves on. (A handler outside any transaction keeps its attempts in its call instead,
+    /// and tries them in place.)
     pub fn inbox_attempts(mut self, attempts: u32) -> Self {
         self.inbox_attempts = attempts.max(1);
         self
@@ -362,6 +368,9 @@ where
     Box::pin(inner.call::<S>(msg, env, trace, shutdown))
 }
 
+/// How long a consumer may try a kept retry (inbox mode) before another may take it.
+const RETRY_LEASE: Duration = Duration::from_secs(60);
+
 /// What became of a batch.
 enum Batch {
     /// Committed: the messages before index `upto` (the rest did not fit in the batch's time
@@ -417,9 +426,6 @@ enum Outcome {
     Skipped,
     Dead(&'static str),
     Retrying,
-    /// A retryable failure where nothing in this database can schedule a retry (the inbox):
-    /// the error, to try again in place.
-    RetryInPlace(String),
     /// Not now (another consumer holds the event's call, or a failed call waits for its next
     /// attempt, counted in the database): why, to try again in place after a pause.
     Wait(String),
@@ -590,13 +596,23 @@ where
                         None => {
                             for msg in &batch {
                                 inner
-                                    .settle::<S>(msg, 0, &shutdown, &mut unsettled, &*receiver)
+                                    .settle::<S>(msg, &shutdown, &mut unsettled, &*receiver)
                                     .await;
                             }
                         }
                     }
                 }
             });
+        }
+        // Retries kept in the consumer's database (inbox mode, handlers in a transaction: a
+        // call keeps its retries in its lease).
+        let (stop_retries, retries_stop) = Shutdown::new();
+        if self.inner.config.dedupe == Dedupe::Inbox && self.inner.kind.batch.is_some() {
+            tasks.spawn(
+                self.inner
+                    .clone()
+                    .retry_kept::<S>(shutdown.clone(), retries_stop),
+            );
         }
         let mut failed = None;
         // A look at the group's positions, a few times per `rejoin_after`.
@@ -660,6 +676,7 @@ where
             }
         }
         drop(senders);
+        drop(stop_retries);
         while let Some(done) = tasks.join_next().await {
             if let Err(e) = done {
                 failed.get_or_insert(Error::Task(format!(
@@ -700,8 +717,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 _ => {
                     self.flush::<S>(std::mem::take(&mut run), shutdown, unsettled, receiver)
                         .await;
-                    self.settle::<S>(&msg, 0, shutdown, unsettled, receiver)
-                        .await;
+                    self.settle::<S>(&msg, shutdown, unsettled, receiver).await;
                 }
             }
         }
@@ -753,8 +769,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                     return;
                 }
                 let msg = msgs.remove(0);
-                self.settle::<S>(&msg, 1, shutdown, unsettled, receiver)
-                    .await;
+                self.settle::<S>(&msg, shutdown, unsettled, receiver).await;
                 continue;
             }
             let run = match first.take() {
@@ -780,8 +795,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                             continue;
                         }
                         if orphans.contains(&i) {
-                            self.settle::<S>(msg, 0, shutdown, unsettled, receiver)
-                                .await;
+                            self.settle::<S>(msg, shutdown, unsettled, receiver).await;
                         } else {
                             store_offset(receiver, msg);
                         }
@@ -803,10 +817,8 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 }
             }
         }
-        for (i, msg) in msgs.iter().enumerate() {
-            let runs = u32::from(failed == Some(i));
-            self.settle::<S>(msg, runs, shutdown, unsettled, receiver)
-                .await;
+        for msg in &msgs {
+            self.settle::<S>(msg, shutdown, unsettled, receiver).await;
         }
     }
 
@@ -821,13 +833,11 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         })
     }
 
-    /// One message on its own, whose handler already ran `runs` times (in a batch that rolled
-    /// back); stores its offset once it is settled. Nothing, when its partition has a message
-    /// left unsettled before it.
+    /// One message on its own; stores its offset once it is settled. Nothing, when its
+    /// partition has a message left unsettled before it.
     async fn settle<S>(
         self: &Arc<Self>,
         msg: &Received,
-        runs: u32,
         shutdown: &Shutdown,
         unsettled: &mut HashSet<(String, i32)>,
         receiver: &B::Receiver,
@@ -837,7 +847,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         if unsettled.contains(&(msg.topic.clone(), msg.partition)) {
             return;
         }
-        if self.handle::<S>(msg, shutdown, runs).await {
+        if self.handle::<S>(msg, shutdown).await {
             store_offset(receiver, msg);
         } else {
             unsettled.insert((msg.topic.clone(), msg.partition));
@@ -944,9 +954,8 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         Ok(Batch::Applied { upto, orphans })
     }
 
-    /// Handles one message, whose handler already ran `runs` times (in a batch); false when
-    /// it was left unsettled (its offset must not be stored).
-    async fn handle<S>(self: &Arc<Self>, msg: &Received, shutdown: &Shutdown, runs: u32) -> bool
+    /// Handles one message; false when it was left unsettled (its offset must not be stored).
+    async fn handle<S>(self: &Arc<Self>, msg: &Received, shutdown: &Shutdown) -> bool
     where
         S: OutboxService,
     {
@@ -1008,7 +1017,6 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             msg.header(crate::trace::TRACESTATE),
         );
         let mut delay = Duration::from_millis(100);
-        let mut attempts = runs;
         loop {
             let handled = tracing::Instrument::instrument(
                 (self.kind.apply)(self, msg, &env, trace, shutdown),
@@ -1016,31 +1024,6 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             )
             .await;
             match handled {
-                // Nothing in this database can schedule a retry (inbox mode): try again here,
-                // keeping the offset, until the attempts are used up; then the event goes dead
-                // in this database and the partition moves on.
-                Ok(Outcome::RetryInPlace(error)) => {
-                    attempts += 1;
-                    if attempts >= self.config.inbox_attempts {
-                        match self
-                            .inbox_dead::<S>(msg, &env, "max_attempts", &error, attempts)
-                            .await
-                        {
-                            Ok(outcome) => {
-                                self.record::<S>(msg, outcome).await;
-                                return true;
-                            }
-                            Err(e) => {
-                                tracing::warn!(service, event_id = %env.event_id, error = %e, "dead letter not stored; retrying")
-                            }
-                        }
-                    }
-                    if shutdown.is_triggered() {
-                        return false;
-                    }
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
                 Ok(Outcome::Wait(why)) => {
                     tracing::debug!(service, event_id = %env.event_id, %why, "waiting");
                     if shutdown.is_triggered() {
@@ -1451,7 +1434,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
 
     /// Records a handler's failure: dead at once when it refused the event for good, else a
     /// retry through the outbox with backoff (dead when the attempts are used up), or, in the
-    /// inbox, a retry in place.
+    /// inbox, a retry kept in the consumer's database ([`Inner::park`]).
     async fn failed<S: OutboxService>(
         &self,
         msg: &Received,
@@ -1467,7 +1450,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                     .await;
             }
             tracing::warn!(service, event_id = %env.event_id, %error, "handler failed");
-            return Ok(Outcome::RetryInPlace(error));
+            return self.park::<S>(msg, env, &error).await;
         }
         let mut conn = self.pool.acquire().await?;
         if e.is_permanent() {
@@ -1492,6 +1475,188 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             Transition::Retrying { .. } => Ok(Outcome::Retrying),
             Transition::Unchanged => Ok(Outcome::Skipped),
         }
+    }
+
+    /// Keeps a message whose handler failed (inbox mode) in the consumer's database, to be tried
+    /// again after a backoff while its partition moves on ([`Inner::retry_kept`]); dead with
+    /// `max_attempts` once [`ConsumerConfig::inbox_attempts`] attempts have failed (the dead
+    /// letter, the inbox record and the retry forgotten, in one transaction).
+    async fn park<S: OutboxService>(
+        &self,
+        msg: &Received,
+        env: &Envelope,
+        error: &str,
+    ) -> Result<Outcome, Error> {
+        let group = self.route.group.as_str();
+        let mut tx = DB::begin_pool_write(&self.pool).await?;
+        let kept = self
+            .outbox
+            .inbox_retry(&mut tx, group, &env.event_id)
+            .await?;
+        let attempts = kept.as_ref().map_or(0, |k| k.attempts).saturating_add(1);
+        if u32::try_from(attempts).unwrap_or(u32::MAX) >= self.config.inbox_attempts {
+            if kept.is_some() {
+                self.outbox
+                    .forget_inbox_retry(&mut tx, group, &env.event_id)
+                    .await?;
+            }
+            if !self
+                .outbox
+                .record_inbox(&mut tx, group, &env.event_id)
+                .await?
+            {
+                // A redelivery of it was applied meanwhile.
+                tx.commit().await?;
+                return Ok(Outcome::Skipped);
+            }
+            let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+            let dead = self.inbox_letter(msg, env, "max_attempts", error, attempts);
+            self.outbox.record_inbox_dead(&mut tx, &dead).await?;
+            tx.commit().await?;
+            tracing::warn!(service = S::SERVICE, event_id = %env.event_id, error, "dead letter kept in the consumer's database");
+            return Ok(Outcome::Dead("max_attempts"));
+        }
+        let backoff = self.outbox.config().backoff(attempts);
+        let retry = InboxRetry {
+            group: group.to_owned(),
+            event_id: env.event_id.clone(),
+            topic: msg.topic.clone(),
+            message_key: msg.key_str(),
+            envelope: String::from_utf8_lossy(msg.payload.as_deref().unwrap_or_default())
+                .into_owned(),
+            traceparent: msg.header(crate::trace::TRACEPARENT).map(str::to_owned),
+            attempts,
+            next_attempt_at: self
+                .outbox
+                .now_ms()
+                .saturating_add(i64::try_from(backoff.as_millis()).unwrap_or(i64::MAX)),
+            last_error: error.to_owned(),
+        };
+        self.outbox
+            .park_inbox_retry(&mut tx, &retry, kept.is_some())
+            .await?;
+        tx.commit().await?;
+        Ok(Outcome::Retrying)
+    }
+
+    /// Tries the messages this consumer's group kept for another attempt (inbox mode) as they
+    /// come due, until `shutdown` or `stop`. Each is taken under a lease first
+    /// ([`RETRY_LEASE`]), so that several consumers of the group never try one at once, and a
+    /// consumer that dies while trying one leaves it due again after the lease.
+    async fn retry_kept<S: OutboxService>(
+        self: Arc<Self>,
+        mut shutdown: Shutdown,
+        mut stop: Shutdown,
+    ) {
+        loop {
+            let next = match self.retry_due::<S>(&shutdown).await {
+                // Until the next one is due; at most a second, for one another consumer keeps.
+                Ok(()) => match self.pool.acquire().await {
+                    Ok(mut conn) => self
+                        .outbox
+                        .next_inbox_retry_at(&mut conn, &self.route.group)
+                        .await
+                        .ok()
+                        .flatten(),
+                    Err(_) => None,
+                },
+                // A second from now.
+                Err(e) => {
+                    tracing::warn!(service = S::SERVICE, error = %e, "kept retries not read; trying again");
+                    None
+                }
+            };
+            let wait = next.map_or(1000, |at| (at - self.outbox.now_ms()).clamp(0, 1000));
+            let wait = Duration::from_millis(u64::try_from(wait).unwrap_or(1000));
+            tokio::select! {
+                biased;
+                _ = shutdown.wait() => return,
+                _ = stop.wait() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Tries every kept retry of this group that is due now.
+    async fn retry_due<S: OutboxService>(&self, shutdown: &Shutdown) -> Result<(), Error> {
+        let group = self.route.group.as_str();
+        let due = {
+            let mut conn = self.pool.acquire().await?;
+            self.outbox.due_inbox_retries(&mut conn, group, 32).await?
+        };
+        for retry in due {
+            if shutdown.is_triggered() {
+                break;
+            }
+            let taken = {
+                let mut conn = self.pool.acquire().await?;
+                self.outbox
+                    .take_inbox_retry(&mut conn, &retry, RETRY_LEASE)
+                    .await?
+            };
+            if !taken {
+                continue;
+            }
+            let mut headers = Vec::new();
+            if let Some(t) = &retry.traceparent {
+                headers.push((
+                    crate::trace::TRACEPARENT.to_owned(),
+                    Some(t.clone().into_bytes()),
+                ));
+            }
+            let msg = Received {
+                topic: retry.topic.clone(),
+                partition: -1,
+                offset: -1,
+                key: retry.message_key.clone().map(String::into_bytes),
+                payload: Some(retry.envelope.clone().into_bytes()),
+                headers,
+            };
+            let outcome = match envelope::decode(retry.envelope.as_bytes()) {
+                Ok(env) => {
+                    let trace = trace_of(&msg);
+                    let span = consume_span(S::SERVICE, &env, trace);
+                    let applied = (self.kind.apply)(self, &msg, &env, trace, shutdown);
+                    tracing::Instrument::instrument(applied, span).await
+                }
+                // It was an envelope when it was kept.
+                Err(e) => {
+                    let mut conn = self.pool.acquire().await?;
+                    let dead = InboxDead {
+                        group: group.to_owned(),
+                        event_id: retry.event_id.clone(),
+                        event_type: String::new(),
+                        event_version: 0,
+                        topic: retry.topic.clone(),
+                        reason: "undecodable_envelope".to_owned(),
+                        last_error: e.to_string(),
+                        attempts: retry.attempts,
+                        envelope: retry.envelope.clone(),
+                        dead_at: self.outbox.now_ms(),
+                        message_key: retry.message_key.clone(),
+                    };
+                    self.outbox.record_inbox_dead(&mut conn, &dead).await?;
+                    Ok(Outcome::Dead("undecodable_envelope"))
+                }
+            };
+            match outcome {
+                // Kept again, one attempt more.
+                Ok(Outcome::Retrying) => {}
+                Ok(outcome) => {
+                    let mut conn = self.pool.acquire().await?;
+                    self.outbox
+                        .forget_inbox_retry(&mut conn, group, &retry.event_id)
+                        .await?;
+                    drop(conn);
+                    self.record::<S>(&msg, outcome).await;
+                }
+                // Tried again once its lease is over.
+                Err(e) => {
+                    tracing::warn!(service = S::SERVICE, event_id = %retry.event_id, error = %e, "kept retry failed; trying again after its lease");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Keeps a dead letter in the consumer's database (inbox mode), in one transaction with
@@ -1556,7 +1721,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 metrics::counter!("outbox_dead_total", "service" => service.to_owned(), "reason" => reason).increment(1);
                 self.dead_letter(msg, reason, "").await;
             }
-            Outcome::Skipped | Outcome::RetryInPlace(_) | Outcome::Wait(_) => {}
+            Outcome::Skipped | Outcome::Wait(_) => {}
         }
     }
 

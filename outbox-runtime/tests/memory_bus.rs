@@ -10,6 +10,7 @@ use outbox_runtime::consumer::Consumer;
 use outbox_runtime::relay::{Relay, Shutdown};
 use outbox_runtime::sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use outbox_runtime::sqlx::{Sqlite, SqlitePool};
+use outbox_runtime::store::{ManualClock, StoreConfig};
 use outbox_runtime::{
     Call, Catalog, ConsumerConfig, Context, Dedupe, HandlerError, Outbox, OutboxEvent,
     OutboxService, RelayConfig, RouteConfig, Status,
@@ -356,7 +357,10 @@ async fn an_event_whose_handler_failed_in_a_batch_runs_alone_when_it_comes_back(
     // Event 3 comes back (a redelivery) in the middle of another key's messages, all in one
     // batch: relayed to a bus of their own first, then put on the consumer's all at once.
     let aside = MemoryBus::new().with_partitions(1);
-    aside.ensure_topics(std::slice::from_ref(&w.topic)).await.unwrap();
+    aside
+        .ensure_topics(std::slice::from_ref(&w.topic))
+        .await
+        .unwrap();
     for n in 10..20 {
         w.enqueue("c2", n, 0).await;
     }
@@ -777,6 +781,36 @@ async fn own_database(w: &World) -> (SqlitePool, TempFile) {
     (pool, TempFile(path))
 }
 
+/// The number of dead letters of `w`'s group in `db` and the attempts of the retry kept for
+/// `event_id` there (0 when none is kept), once they are `want`: what a consumer's retries do
+/// happens in the background.
+async fn kept_and_dead(w: &World, db: &SqlitePool, event_id: &str, want: (usize, i32)) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut conn = db.acquire().await.unwrap();
+        let dead = w
+            .outbox
+            .list_inbox_dead(&mut conn, &w.group, "", 100)
+            .await
+            .unwrap()
+            .len();
+        let kept = w
+            .outbox
+            .inbox_retry(&mut conn, &w.group, event_id)
+            .await
+            .unwrap()
+            .map_or(0, |r| r.attempts);
+        if (dead, kept) == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{dead} dead letters and a retry with {kept} attempts, not {want:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test]
 async fn an_inbox_consumer_retries_up_to_its_attempts_and_keeps_dead_letters_in_its_own_database() {
     let w = World::new(MemoryBus::new().with_partitions(1)).await;
@@ -803,16 +837,46 @@ async fn an_inbox_consumer_retries_up_to_its_attempts_and_keeps_dead_letters_in_
         .dedupe(Dedupe::Inbox)
         .inbox_attempts(3)
         .dlq(true);
+    // The consumer's store keeps its retries on a clock the test moves.
+    let clock = ManualClock::at(1_000_000);
+    let own = Outbox::<Sqlite>::builder(w.outbox.catalog().clone())
+        .config(
+            StoreConfig::default()
+                .backoff_base(std::time::Duration::from_millis(100))
+                .jitter(false),
+        )
+        .clock(clock.clone())
+        .build();
+    let consumer = Consumer::<Sqlite, OrderEvents, _, _>::new(
+        own,
+        db.clone(),
+        Arc::new(w.bus.clone()),
+        recorder.clone(),
+        config.clone(),
+    )
+    .unwrap();
     let (trigger, shutdown) = Shutdown::new();
-    let task = tokio::spawn(w.consumer(&db, &recorder, config.clone()).run(shutdown));
+    let task = tokio::spawn(consumer.run(shutdown));
+    // The partition moved on: every offset is committed while 2 is kept for its retry (it ran
+    // in its batch, then on its own).
     w.consumed_all().await;
-
-    let effects: Vec<i64> = outbox_runtime::sqlx::query_scalar("SELECT n FROM effects ORDER BY n")
-        .fetch_all(&db)
-        .await
-        .unwrap();
-    assert_eq!(effects, vec![0, 1, 3, 5]);
-    assert_eq!(recorder.calls(2), 3, "tried its 3 attempts, then dead");
+    let event_2 = w.status(ids[2]).await.event_id;
+    kept_and_dead(&w, &db, &event_2, (2, 1)).await;
+    assert_eq!(recorder.calls(2), 2);
+    let effects = || async {
+        outbox_runtime::sqlx::query_scalar::<_, i64>("SELECT n FROM effects ORDER BY n")
+            .fetch_all(&db)
+            .await
+            .unwrap()
+    };
+    assert_eq!(effects().await, vec![0, 1, 3, 5]);
+    // Due after its backoff: 100 ms, then 200 ms.
+    clock.advance(std::time::Duration::from_millis(100));
+    kept_and_dead(&w, &db, &event_2, (2, 2)).await;
+    clock.advance(std::time::Duration::from_millis(200));
+    kept_and_dead(&w, &db, &event_2, (3, 0)).await;
+    assert_eq!(recorder.calls(2), 4, "its 3 attempts, then dead");
+    assert_eq!(effects().await, vec![0, 1, 3, 5]);
     let (dead, reasons) = inbox_dead_letters(&w, &db).await;
     assert_eq!(
         reasons,
@@ -856,7 +920,6 @@ async fn an_inbox_consumer_retries_up_to_its_attempts_and_keeps_dead_letters_in_
     assert_eq!(w.bus.messages(&format!("{}.dlq", w.topic)).len(), 3);
 
     // Replay: take the dead letter back and publish its stored envelope; it is applied once.
-    let event_2 = w.status(ids[2]).await.event_id;
     let mut conn = db.acquire().await.unwrap();
     let taken = w
         .outbox

@@ -130,6 +130,30 @@ macro_rules! common_methods {
                 .collect()
         }
 
+        async fn fetch_inbox_retries(
+            conn: &mut Self::Connection,
+            sql: &str,
+            args: Vec<$crate::store::Arg>,
+        ) -> Result<Vec<$crate::store::InboxRetry>, sqlx::Error> {
+            use sqlx::Row as _;
+            let rows = bind_all!(sqlx::query(sql), args).fetch_all(conn).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok($crate::store::InboxRetry {
+                        group: r.try_get(0)?,
+                        event_id: r.try_get(1)?,
+                        topic: r.try_get(2)?,
+                        message_key: r.try_get(3)?,
+                        envelope: r.try_get(4)?,
+                        traceparent: r.try_get(5)?,
+                        attempts: r.try_get(6)?,
+                        next_attempt_at: r.try_get(7)?,
+                        last_error: r.try_get(8)?,
+                    })
+                })
+                .collect()
+        }
+
         async fn fetch_window(
             conn: &mut Self::Connection,
             sql: &str,

@@ -579,6 +579,14 @@ pub trait Backend: sqlx::Database + private::Sealed {
         args: Vec<Arg>,
     ) -> impl Future<Output = Result<Vec<InboxDead>, sqlx::Error>> + Send;
 
+    /// Runs a query of inbox retries.
+    #[doc(hidden)]
+    fn fetch_inbox_retries(
+        conn: &mut Self::Connection,
+        sql: &str,
+        args: Vec<Arg>,
+    ) -> impl Future<Output = Result<Vec<InboxRetry>, sqlx::Error>> + Send;
+
     /// Runs a claim's window read (`claim_window`).
     #[doc(hidden)]
     fn fetch_window(
@@ -634,6 +642,30 @@ pub struct InboxDead {
     pub dead_at: i64,
     /// The message's key (a replay publishes with it, to the same partition).
     pub message_key: Option<String>,
+}
+
+/// A message a consumer with its own database failed to apply, kept there
+/// (`outbox_inbox_retry`) to be tried again when due, so that its partition moves on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxRetry {
+    /// The consumer group.
+    pub group: String,
+    /// The event id.
+    pub event_id: String,
+    /// The topic it came from.
+    pub topic: String,
+    /// The message's key.
+    pub message_key: Option<String>,
+    /// The message's value, the envelope, as it arrived.
+    pub envelope: String,
+    /// The message's `traceparent` header.
+    pub traceparent: Option<String>,
+    /// Attempts that failed so far.
+    pub attempts: i32,
+    /// When it is due (ms); while one consumer tries it, the end of that consumer's lease.
+    pub next_attempt_at: i64,
+    /// The last error.
+    pub last_error: String,
 }
 
 /// What [`Outbox::claim_call`] found.
@@ -997,8 +1029,11 @@ impl<DB: Backend> Outbox<DB> {
         out.push(self.inbox_sql("create_inbox").to_owned());
         out.push(self.inbox_sql("create_inbox_dead").to_owned());
         out.push(self.inbox_sql("create_calls").to_owned());
-        if let Some(index) = self.inner.inbox.get("create_inbox_at") {
-            out.push(index.clone());
+        out.push(self.inbox_sql("create_inbox_retry").to_owned());
+        for index in ["create_inbox_at", "create_inbox_retry_due"] {
+            if let Some(index) = self.inner.inbox.get(index) {
+                out.push(index.clone());
+            }
         }
         out
     }
@@ -1678,6 +1713,121 @@ impl<DB: Backend> Outbox<DB> {
         DB::execute(conn, self.inbox_sql("inbox_dead_delete"), key.clone()).await?;
         DB::execute(conn, self.inbox_sql("inbox_forget"), key).await?;
         Ok(Some(dead))
+    }
+
+    /// The retry of `event_id` kept for consumer group `group`, if there is one.
+    pub async fn inbox_retry(
+        &self,
+        conn: &mut DB::Connection,
+        group: &str,
+        event_id: &str,
+    ) -> Result<Option<InboxRetry>, Error> {
+        let key = vec![Arg::Str(group.to_owned()), Arg::Str(event_id.to_owned())];
+        let kept = DB::fetch_inbox_retries(conn, self.inbox_sql("inbox_retry_get"), key).await?;
+        Ok(kept.into_iter().next())
+    }
+
+    /// Keeps a message whose handler failed, to be tried again at `retry.next_attempt_at`, in
+    /// the caller's transaction: a new retry (`kept` false, as [`Outbox::inbox_retry`] found),
+    /// or the kept one with its attempts, next time and last error set to `retry`'s.
+    #[doc(hidden)]
+    pub async fn park_inbox_retry(
+        &self,
+        conn: &mut DB::Connection,
+        retry: &InboxRetry,
+        kept: bool,
+    ) -> Result<(), Error> {
+        inbox_id_fits(&retry.event_id)?;
+        let error = self.error_text(&retry.last_error);
+        let args = if kept {
+            vec![
+                Arg::I64(i64::from(retry.attempts)),
+                Arg::I64(retry.next_attempt_at),
+                Arg::Str(error),
+                Arg::Str(retry.group.clone()),
+                Arg::Str(retry.event_id.clone()),
+            ]
+        } else {
+            vec![
+                Arg::Str(retry.group.clone()),
+                Arg::Str(retry.event_id.clone()),
+                Arg::Str(retry.topic.clone()),
+                Arg::OptStr(retry.message_key.clone()),
+                Arg::Str(retry.envelope.clone()),
+                Arg::OptStr(retry.traceparent.clone()),
+                Arg::I64(i64::from(retry.attempts)),
+                Arg::I64(retry.next_attempt_at),
+                Arg::Str(error),
+            ]
+        };
+        let sql = if kept {
+            "inbox_retry_again"
+        } else {
+            "inbox_retry_insert"
+        };
+        DB::execute(conn, self.inbox_sql(sql), args).await?;
+        Ok(())
+    }
+
+    /// The retries of `group` due by now, soonest first, at most `limit`.
+    pub async fn due_inbox_retries(
+        &self,
+        conn: &mut DB::Connection,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<InboxRetry>, Error> {
+        let args = vec![
+            Arg::Str(group.to_owned()),
+            Arg::I64(self.now_ms()),
+            Arg::I64(i64::try_from(limit).unwrap_or(i64::MAX)),
+        ];
+        Ok(DB::fetch_inbox_retries(conn, self.inbox_sql("inbox_retry_due"), args).await?)
+    }
+
+    /// Takes a due retry (as [`Outbox::due_inbox_retries`] read it) for `lease`: false when
+    /// another consumer took it first. A taker that stops leaves it due again after the lease.
+    #[doc(hidden)]
+    pub async fn take_inbox_retry(
+        &self,
+        conn: &mut DB::Connection,
+        retry: &InboxRetry,
+        lease: Duration,
+    ) -> Result<bool, Error> {
+        let args = vec![
+            Arg::I64(self.now_ms().saturating_add(duration_ms(lease))),
+            Arg::Str(retry.group.clone()),
+            Arg::Str(retry.event_id.clone()),
+            Arg::I64(retry.next_attempt_at),
+        ];
+        Ok(DB::execute(conn, self.inbox_sql("inbox_retry_take"), args).await? == 1)
+    }
+
+    /// When the next retry of `group` is due (ms), if it has any.
+    pub async fn next_inbox_retry_at(
+        &self,
+        conn: &mut DB::Connection,
+        group: &str,
+    ) -> Result<Option<i64>, Error> {
+        let next = DB::fetch_ints(
+            conn,
+            self.inbox_sql("inbox_retry_next"),
+            vec![Arg::Str(group.to_owned())],
+        )
+        .await?;
+        Ok(next.into_iter().next().flatten())
+    }
+
+    /// Forgets the retry of `event_id` in `group` (applied, dead, or found done). True when
+    /// there was one.
+    #[doc(hidden)]
+    pub async fn forget_inbox_retry(
+        &self,
+        conn: &mut DB::Connection,
+        group: &str,
+        event_id: &str,
+    ) -> Result<bool, Error> {
+        let args = vec![Arg::Str(group.to_owned()), Arg::Str(event_id.to_owned())];
+        Ok(DB::execute(conn, self.inbox_sql("inbox_retry_delete"), args).await? == 1)
     }
 
     /// Claims the call of `event_id` for `owner` until `lease_until`, in the caller's

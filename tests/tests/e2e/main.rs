@@ -1348,7 +1348,7 @@ async fn the_memory_bus_partitions_keys_as_librdkafka_does_on_the_broker() {
 
 /// The producer relays from database `P`; the consumer applies in database `C`, which has no
 /// outbox table of the producer's, only the inbox: each event once, a handler that fails twice
-/// retried in place, poison dead in `C` with its envelope, and the producer's rows left
+/// kept in `C` and retried, poison dead in `C` with its envelope, and the producer's rows left
 /// `published`.
 async fn an_inbox_consumer_in_its_own_database_applies_each_event_once<P: TestDb, C: TestDb>(
     kind: Kind,

@@ -68,6 +68,7 @@ on_every_backend!(
     consume_of_an_unknown_event_id_is_reported_missing,
     consume_inbox_applies_once_per_group,
     inbox_dead_letters_are_kept_listed_taken_back_and_discarded,
+    kept_retries_come_due_at_their_time_are_taken_once_and_forgotten,
     a_call_is_claimed_once_held_until_its_lease_ends_then_taken_with_one_attempt_more,
     the_inbox_keeps_long_event_ids_whole_and_refuses_longer_ones,
     inbox_retention_forgets_old_records_in_batches_and_keeps_recent_ones,
@@ -1070,6 +1071,172 @@ async fn inbox_dead_letters_are_kept_listed_taken_back_and_discarded<DB: TestDb>
     h.cleanup().await;
 }
 
+// A consumer with its own database keeps a message whose handler failed there, with the whole
+// envelope, until it is due again; one consumer takes it at a time (under a lease), and it is
+// forgotten once applied or dead.
+async fn kept_retries_come_due_at_their_time_are_taken_once_and_forgotten<DB: TestDb>() {
+    use outbox_runtime::store::InboxRetry;
+    let h = Harness::<DB>::new().await;
+    let group = format!("g-{}", h.tag);
+    let now = h.outbox.now_ms();
+    let envelope = format!(
+        r#"{{"outbox_id":7,"event_id":"x","payload":{{"text":"{}"}}}}"#,
+        "é".repeat(3000)
+    );
+    let retry = |event_id: &str, attempts: i32, at: i64| InboxRetry {
+        group: group.clone(),
+        event_id: event_id.to_owned(),
+        topic: "smartflow.task.outbox".to_owned(),
+        message_key: Some("42".to_owned()),
+        envelope: envelope.clone(),
+        traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned()),
+        attempts,
+        next_attempt_at: at,
+        last_error: format!("attempt {attempts} failed"),
+    };
+    let (a, b) = (
+        uuid_like(&format!("a{}", h.tag)),
+        uuid_like(&format!("b{}", h.tag)),
+    );
+    let mut conn = h.pool.acquire().await.unwrap();
+    assert_eq!(
+        h.outbox.inbox_retry(&mut conn, &group, &a).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        h.outbox
+            .next_inbox_retry_at(&mut conn, &group)
+            .await
+            .unwrap(),
+        None
+    );
+    let mut tx = h.pool.begin().await.unwrap();
+    h.outbox
+        .park_inbox_retry(&mut *tx, &retry(&a, 1, now + 1000), false)
+        .await
+        .unwrap();
+    h.outbox
+        .park_inbox_retry(&mut *tx, &retry(&b, 1, now + 500), false)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    // Kept whole, and due at its time, not before.
+    assert_eq!(
+        h.outbox.inbox_retry(&mut conn, &group, &a).await.unwrap(),
+        Some(retry(&a, 1, now + 1000))
+    );
+    assert_eq!(
+        h.outbox
+            .next_inbox_retry_at(&mut conn, &group)
+            .await
+            .unwrap(),
+        Some(now + 500)
+    );
+    assert!(
+        h.outbox
+            .due_inbox_retries(&mut conn, &group, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    h.clock.advance(Duration::from_millis(1000));
+    let due = h
+        .outbox
+        .due_inbox_retries(&mut conn, &group, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        due.iter().map(|r| r.event_id.as_str()).collect::<Vec<_>>(),
+        [b.as_str(), a.as_str()],
+        "soonest first"
+    );
+    assert!(
+        h.outbox
+            .due_inbox_retries(&mut conn, "another-group", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        h.outbox
+            .due_inbox_retries(&mut conn, &group, 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // Taken once: a second taker with the same read loses, and the lease hides it until it
+    // ends.
+    assert!(
+        h.outbox
+            .take_inbox_retry(&mut conn, &due[0], LEASE)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !h.outbox
+            .take_inbox_retry(&mut conn, &due[0], LEASE)
+            .await
+            .unwrap()
+    );
+    let due_now = h
+        .outbox
+        .due_inbox_retries(&mut conn, &group, 10)
+        .await
+        .unwrap();
+    assert_eq!(due_now.len(), 1);
+    assert_eq!(due_now[0].event_id, a);
+    h.clock.advance(LEASE);
+    let again = h
+        .outbox
+        .due_inbox_retries(&mut conn, &group, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.len(),
+        2,
+        "a taker that stopped leaves it due after the lease"
+    );
+    // Failed again: one attempt more, a new time and error.
+    let later = h.outbox.now_ms() + 4000;
+    h.outbox
+        .park_inbox_retry(&mut conn, &retry(&b, 2, later), true)
+        .await
+        .unwrap();
+    assert_eq!(
+        h.outbox.inbox_retry(&mut conn, &group, &b).await.unwrap(),
+        Some(retry(&b, 2, later))
+    );
+    // Forgotten once applied.
+    assert!(
+        h.outbox
+            .forget_inbox_retry(&mut conn, &group, &b)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !h.outbox
+            .forget_inbox_retry(&mut conn, &group, &b)
+            .await
+            .unwrap()
+    );
+    assert!(
+        h.outbox
+            .forget_inbox_retry(&mut conn, &group, &a)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        h.outbox
+            .next_inbox_retry_at(&mut conn, &group)
+            .await
+            .unwrap(),
+        None
+    );
+    drop(conn);
+    h.cleanup().await;
+}
+
 async fn consume_inbox_applies_once_per_group<DB: TestDb>() {
     let h = Harness::<DB>::new().await;
     let event_id = uuid_like(&h.tag);
@@ -1549,7 +1716,8 @@ async fn migrate_is_idempotent<DB: TestDb>() {
         .position(|s| s.starts_with("CREATE TABLE IF NOT EXISTS outbox_inbox ("))
         .expect("the inbox table");
     // After its table, only its dead letters' table, the open calls' table (handlers outside
-    // a transaction) and the inbox's retention index (MySQL declares that in the table).
+    // a transaction), the kept retries' table, and the indexes of the inbox's retention and the
+    // retries' due times (MySQL declares those in the tables).
     assert!(
         sql[inbox + 1].starts_with("CREATE TABLE IF NOT EXISTS outbox_inbox_dead ("),
         "{:?}",
@@ -1561,9 +1729,15 @@ async fn migrate_is_idempotent<DB: TestDb>() {
         &sql[inbox..]
     );
     assert!(
-        sql[inbox + 3..]
-            .iter()
-            .all(|s| s.starts_with("CREATE INDEX IF NOT EXISTS outbox_inbox_at")),
+        sql[inbox + 3].starts_with("CREATE TABLE IF NOT EXISTS outbox_inbox_retry ("),
+        "{:?}",
+        &sql[inbox..]
+    );
+    assert!(
+        sql[inbox + 4..].iter().all(|s| {
+            s.starts_with("CREATE INDEX IF NOT EXISTS outbox_inbox_at")
+                || s.starts_with("CREATE INDEX IF NOT EXISTS outbox_inbox_retry_due")
+        }),
         "{:?}",
         &sql[inbox..]
     );

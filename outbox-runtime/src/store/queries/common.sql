@@ -140,3 +140,44 @@ DELETE FROM outbox_inbox_dead WHERE consumer_group = $1 AND event_id = $2
 -- name: inbox_forget
 -- consumer_group, event_id
 DELETE FROM outbox_inbox WHERE consumer_group = $1 AND event_id = $2
+
+-- name: inbox_retry_again
+-- A kept message of an inbox consumer that failed again.
+-- attempts, next_attempt_at, last_error, consumer_group, event_id
+UPDATE outbox_inbox_retry SET attempts = $1, next_attempt_at = $2, last_error = $3
+WHERE consumer_group = $4 AND event_id = $5
+
+-- name: inbox_retry_insert
+-- consumer_group, event_id, topic, message_key, envelope, traceparent, attempts,
+-- next_attempt_at, last_error
+INSERT INTO outbox_inbox_retry (consumer_group, event_id, topic, message_key, envelope,
+    traceparent, attempts, next_attempt_at, last_error)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+
+-- name: inbox_retry_get
+-- consumer_group, event_id
+SELECT consumer_group, event_id, topic, message_key, envelope, traceparent, attempts,
+    next_attempt_at, last_error
+FROM outbox_inbox_retry WHERE consumer_group = $1 AND event_id = $2
+
+-- name: inbox_retry_due
+-- consumer_group, now, limit
+SELECT consumer_group, event_id, topic, message_key, envelope, traceparent, attempts,
+    next_attempt_at, last_error
+FROM outbox_inbox_retry WHERE consumer_group = $1 AND next_attempt_at <= $2
+ORDER BY next_attempt_at LIMIT $3
+
+-- name: inbox_retry_take
+-- A due retry, leased to whoever takes it first: a compare-and-set on the time it was read
+-- with.
+-- lease end, consumer_group, event_id, next_attempt_at as read
+UPDATE outbox_inbox_retry SET next_attempt_at = $1
+WHERE consumer_group = $2 AND event_id = $3 AND next_attempt_at = $4
+
+-- name: inbox_retry_next
+-- consumer_group
+SELECT MIN(next_attempt_at) FROM outbox_inbox_retry WHERE consumer_group = $1
+
+-- name: inbox_retry_delete
+-- consumer_group, event_id
+DELETE FROM outbox_inbox_retry WHERE consumer_group = $1 AND event_id = $2

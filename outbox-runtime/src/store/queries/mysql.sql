@@ -52,6 +52,23 @@ CREATE TABLE IF NOT EXISTS outbox_inbox_dead (
     PRIMARY KEY (consumer_group, event_id)
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_unicode_ci
 
+-- name: create_inbox_retry
+-- Messages an inbox consumer failed to apply, to try again when due: the whole message as it
+-- arrived, so that its partition moves on meanwhile.
+CREATE TABLE IF NOT EXISTS outbox_inbox_retry (
+    consumer_group VARCHAR(255) COLLATE utf8mb4_bin NOT NULL,
+    event_id VARCHAR(255) COLLATE utf8mb4_bin NOT NULL,
+    topic VARCHAR(255) NOT NULL,
+    message_key VARCHAR(255),
+    envelope LONGTEXT NOT NULL,
+    traceparent VARCHAR(255),
+    attempts INT NOT NULL,
+    next_attempt_at BIGINT NOT NULL,
+    last_error TEXT NOT NULL,
+    PRIMARY KEY (consumer_group, event_id),
+    KEY outbox_inbox_retry_due (consumer_group, next_attempt_at)
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_unicode_ci
+
 -- name: create_inbox
 CREATE TABLE IF NOT EXISTS outbox_inbox (
     consumer_group VARCHAR(255) NOT NULL,
@@ -203,6 +220,20 @@ SELECT {columns} FROM {table} WHERE id IN ({ids}) ORDER BY id
 SELECT CAST(consumer_group AS CHAR), CAST(event_id AS CHAR), event_type, event_version, topic,
     reason, last_error, attempts, envelope, dead_at, message_key
 FROM outbox_inbox_dead WHERE consumer_group = ? AND event_id > ? ORDER BY event_id LIMIT ?
+
+-- name: inbox_retry_get
+-- The keys compare byte for byte (utf8mb4_bin); read back as text.
+-- consumer_group, event_id
+SELECT CAST(consumer_group AS CHAR), CAST(event_id AS CHAR), topic, message_key, envelope,
+    traceparent, attempts, next_attempt_at, last_error
+FROM outbox_inbox_retry WHERE consumer_group = ? AND event_id = ?
+
+-- name: inbox_retry_due
+-- consumer_group, now, limit
+SELECT CAST(consumer_group AS CHAR), CAST(event_id AS CHAR), topic, message_key, envelope,
+    traceparent, attempts, next_attempt_at, last_error
+FROM outbox_inbox_retry WHERE consumer_group = ? AND next_attempt_at <= ?
+ORDER BY next_attempt_at LIMIT ?
 
 -- name: inbox_dead_get
 -- consumer_group, event_id

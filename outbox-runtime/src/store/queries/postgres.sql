@@ -66,6 +66,25 @@ CREATE TABLE IF NOT EXISTS outbox_inbox_dead (
     PRIMARY KEY (consumer_group, event_id)
 )
 
+-- name: create_inbox_retry
+-- Messages an inbox consumer failed to apply, to try again when due: the whole message as it
+-- arrived, so that its partition moves on meanwhile.
+CREATE TABLE IF NOT EXISTS outbox_inbox_retry (
+    consumer_group VARCHAR(255) NOT NULL,
+    event_id VARCHAR(255) NOT NULL,
+    topic VARCHAR(255) NOT NULL,
+    message_key VARCHAR(255),
+    envelope TEXT NOT NULL,
+    traceparent VARCHAR(255),
+    attempts INTEGER NOT NULL,
+    next_attempt_at BIGINT NOT NULL,
+    last_error TEXT NOT NULL,
+    PRIMARY KEY (consumer_group, event_id)
+)
+
+-- name: create_inbox_retry_due
+CREATE INDEX IF NOT EXISTS outbox_inbox_retry_due ON outbox_inbox_retry (consumer_group, next_attempt_at)
+
 -- name: create_inbox
 CREATE TABLE IF NOT EXISTS outbox_inbox (
     consumer_group VARCHAR(255) NOT NULL,
