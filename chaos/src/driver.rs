@@ -913,7 +913,8 @@ async fn healthy_throughput<DB: ChaosDb>(
     Ok(count.unwrap_or(0) as f64 / secs)
 }
 
-/// A consumer group's inbox records and dead letters, in its own database.
+/// A consumer group's inbox records, dead letters, kept retries and calls, in its own
+/// database.
 async fn forget_group<C: ChaosDb>(pool: &Pool<C>, group: &str) -> Result<(), BoxError> {
     let mut conn = pool.acquire().await?;
     for t in [
@@ -925,6 +926,9 @@ async fn forget_group<C: ChaosDb>(pool: &Pool<C>, group: &str) -> Result<(), Box
         let sql =
             C::dialect_sql(&format!("DELETE FROM {t} WHERE consumer_group = $1")).into_owned();
         C::execute(&mut conn, &sql, vec![Arg::Str(group.to_owned())]).await?;
+        if let Some(reclaim) = C::reclaim(t) {
+            C::execute(&mut conn, &reclaim, Vec::new()).await?;
+        }
     }
     Ok(())
 }

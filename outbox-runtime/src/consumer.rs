@@ -47,7 +47,7 @@ use tokio::sync::mpsc;
 
 use outbox_contract::envelope::{self, Envelope};
 use outbox_contract::route::ServiceRoute;
-use outbox_contract::service::{Dispatch, HandlerError, OutboxService};
+use outbox_contract::service::{Dispatch, HandlerError, OutboxService, Rejection};
 
 use crate::bus::{Bus, Outgoing, Position, Receive, Received};
 use crate::error::Error;
@@ -368,6 +368,10 @@ where
     Box::pin(inner.call::<S>(msg, env, trace, shutdown))
 }
 
+/// After this many handler failures in one batch the rest of it goes one message at a time:
+/// each failure costs a run of the handlers before it.
+const MAX_BATCH_FAILURES: usize = 4;
+
 /// How long a consumer may try a kept retry (inbox mode) before another may take it.
 const RETRY_LEASE: Duration = Duration::from_secs(60);
 
@@ -379,10 +383,16 @@ enum Batch {
         upto: usize,
         /// Indexes of messages whose event has no row: settled on their own.
         orphans: Vec<usize>,
+        /// Indexes of messages whose event went dead, rejected, with the reason.
+        rejected: Vec<(usize, &'static str)>,
     },
-    /// The handler of the message at index `at` (of event `event_id`) failed, and the
-    /// handlers of the messages before it ran too: nothing of the batch was applied.
-    RolledBack { at: usize, event_id: String },
+    /// The handler of the message at index `at` failed with `error`, and the handlers of the
+    /// messages before it ran too: nothing of the batch was applied.
+    RolledBack {
+        at: usize,
+        env: Envelope,
+        error: HandlerError,
+    },
 }
 
 /// Events whose handler failed in a batch of this consumer, so that a batch does not roll
@@ -724,26 +734,26 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         self.flush::<S>(run, shutdown, unsettled, receiver).await;
     }
 
-    /// The envelope and event of a message this service applies; `None` for anything that
-    /// takes the one-at-a-time path (not an envelope, another service's, rejected).
-    fn decode<S: OutboxService>(&self, msg: &Received) -> Option<(Envelope, S)> {
+    /// The envelope and event (or the event's rejection) of a message of this service; `None`
+    /// for anything that takes the one-at-a-time path (not an envelope, another service's).
+    fn decode<S: OutboxService>(&self, msg: &Received) -> Option<(Envelope, Result<S, Rejection>)> {
         let env = envelope::decode(msg.payload.as_deref()?).ok()?;
         if env.service.as_deref().is_some_and(|o| o != S::SERVICE) {
             return None;
         }
-        let event = S::decode(&env.event_type, env.version, &env.payload).ok()?;
+        let event = S::decode(&env.event_type, env.version, &env.payload);
         Some((env, event))
     }
 
     /// Applies a run of decoded messages in one transaction. A handler that fails costs its
     /// own message, not its batch, and the batch pays no statement for the chance: the
-    /// transaction rolls back, the messages before the failing one are applied again together,
-    /// the failing one runs on its own (where its failure is recorded: a retry through the
-    /// outbox, a dead letter), and the messages after it are the next batch. So a failure
-    /// costs the handlers before it one more run, where a savepoint per message would cost
-    /// every message two statements. An event that failed here is applied on its own when it
-    /// comes back ([`Suspects`]). A database failure sends the rest of the run one message at
-    /// a time.
+    /// transaction rolls back, the batch runs again without that message, and its failure is
+    /// recorded after the batch committed (a retry through the outbox, a retry kept in the
+    /// consumer's database, a dead letter), before the offsets after it are stored. So a
+    /// failure costs the handlers before it one more run, where a savepoint per message would
+    /// cost every message two statements. An event that failed here is applied on its own
+    /// when it comes back ([`Suspects`]). After [`MAX_BATCH_FAILURES`] failures in one batch,
+    /// or a database failure, the rest of the run goes one message at a time.
     async fn flush<S>(
         self: &Arc<Self>,
         run: Vec<(Received, Decoded<S>)>,
@@ -755,61 +765,67 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
     {
         let (mut msgs, first): (Vec<Received>, Vec<Decoded<S>>) = run.into_iter().unzip();
         let mut first = Some(first);
-        // The index in `msgs` of the message whose handler failed in a batch that rolled back:
-        // it runs on its own once the messages before it are applied.
-        let mut failed: Option<usize> = None;
-        loop {
-            let end = failed.unwrap_or(msgs.len());
-            // One message is applied on its own, without the batch's bookkeeping.
-            if end == msgs.len() && end == 1 {
-                break;
-            }
-            if end == 0 {
-                if failed.take().is_none() {
-                    return;
-                }
-                let msg = msgs.remove(0);
-                self.settle::<S>(&msg, shutdown, unsettled, receiver).await;
-                continue;
-            }
+        // Messages whose handler failed in a batch that rolled back, by index in `msgs`, in
+        // order: left out of the batch, their failure recorded at their place.
+        let mut failed: Vec<(usize, Envelope, HandlerError)> = Vec::new();
+        // One message is applied on its own, without the batch's bookkeeping.
+        while msgs.len() > 1 || !failed.is_empty() {
             let run = match first.take() {
                 Some(run) => run,
                 // Again: the events decode as they did.
                 None => {
-                    let again: Vec<Decoded<S>> = msgs[..end]
-                        .iter()
-                        .filter_map(|m| self.decoded::<S>(m))
-                        .collect();
-                    if again.len() != end {
+                    let again: Vec<Decoded<S>> =
+                        msgs.iter().filter_map(|m| self.decoded::<S>(m)).collect();
+                    if again.len() != msgs.len() {
                         break;
                     }
                     again
                 }
             };
-            match self.apply_batch::<S>(run).await {
+            let skip: Vec<usize> = failed.iter().map(|(at, ..)| *at).collect();
+            if skip.len() == msgs.len() {
+                break;
+            }
+            match self.apply_batch::<S>(&msgs, run, &skip).await {
                 // A batch that reached its time bound commits what it applied; the rest is
                 // the next batch.
-                Ok(Batch::Applied { upto, orphans }) => {
+                Ok(Batch::Applied {
+                    upto,
+                    orphans,
+                    rejected,
+                }) => {
+                    for (i, reason) in rejected {
+                        self.record::<S>(&msgs[i], Outcome::Dead(reason)).await;
+                    }
+                    let later = failed.iter().position(|(at, ..)| *at >= upto);
+                    let mut rest = later.map_or_else(Vec::new, |k| failed.split_off(k));
+                    let mut failures = failed.drain(..).peekable();
                     for (i, msg) in msgs[..upto].iter().enumerate() {
-                        if unsettled.contains(&(msg.topic.clone(), msg.partition)) {
-                            continue;
-                        }
-                        if orphans.contains(&i) {
+                        if let Some((_, env, error)) = failures.next_if(|(at, ..)| *at == i) {
+                            self.settle_failed::<S>(
+                                msg, &env, error, shutdown, unsettled, receiver,
+                            )
+                            .await;
+                        } else if orphans.contains(&i) {
                             self.settle::<S>(msg, shutdown, unsettled, receiver).await;
-                        } else {
+                        } else if !unsettled.contains(&(msg.topic.clone(), msg.partition)) {
                             store_offset(receiver, msg);
                         }
                     }
+                    drop(failures);
                     msgs.drain(..upto);
-                    if let Some(at) = failed.as_mut() {
+                    for (at, ..) in &mut rest {
                         *at -= upto;
                     }
+                    failed = rest;
                 }
-                // A second failure, among handlers that ran before: one at a time from here.
-                Ok(Batch::RolledBack { .. }) if failed.is_some() => break,
-                Ok(Batch::RolledBack { at, event_id }) => {
-                    self.suspects.add(&event_id);
-                    failed = Some(at);
+                Ok(Batch::RolledBack { at, env, error }) => {
+                    self.suspects.add(&env.event_id);
+                    let place = failed.partition_point(|(f, ..)| *f < at);
+                    failed.insert(place, (at, env, error));
+                    if failed.len() >= MAX_BATCH_FAILURES {
+                        break;
+                    }
                 }
                 Err(e) => {
                     tracing::debug!(service = S::SERVICE, error = %e, "batch failed; applying one at a time");
@@ -817,8 +833,45 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 }
             }
         }
-        for msg in &msgs {
-            self.settle::<S>(msg, shutdown, unsettled, receiver).await;
+        let mut failures = failed.into_iter().peekable();
+        for (i, msg) in msgs.iter().enumerate() {
+            match failures.next_if(|(at, ..)| *at == i) {
+                Some((_, env, error)) => {
+                    self.settle_failed::<S>(msg, &env, error, shutdown, unsettled, receiver)
+                        .await;
+                }
+                None => self.settle::<S>(msg, shutdown, unsettled, receiver).await,
+            }
+        }
+    }
+
+    /// Records the failure of a message whose handler failed in a batch that rolled back, and
+    /// stores its offset once that is done; when the record fails, the message takes the
+    /// one-message path (its handler runs again). Nothing, when its partition has a message
+    /// left unsettled before it.
+    async fn settle_failed<S>(
+        self: &Arc<Self>,
+        msg: &Received,
+        env: &Envelope,
+        error: HandlerError,
+        shutdown: &Shutdown,
+        unsettled: &mut HashSet<(String, i32)>,
+        receiver: &B::Receiver,
+    ) where
+        S: OutboxService,
+    {
+        if unsettled.contains(&(msg.topic.clone(), msg.partition)) {
+            return;
+        }
+        match self.failed::<S>(msg, env, error).await {
+            Ok(outcome) => {
+                self.record::<S>(msg, outcome).await;
+                store_offset(receiver, msg);
+            }
+            Err(e) => {
+                tracing::debug!(service = S::SERVICE, event_id = %env.event_id, error = %e, "failure not recorded; applying on its own");
+                self.settle::<S>(msg, shutdown, unsettled, receiver).await;
+            }
         }
     }
 
@@ -854,9 +907,16 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         }
     }
 
-    /// Applies every message of `run` in one transaction. A handler that fails rolls the whole
-    /// transaction back ([`Batch::RolledBack`]).
-    async fn apply_batch<S>(&self, run: Vec<Decoded<S>>) -> Result<Batch, Error>
+    /// Applies every message of `run` (decoded from `msgs`) but those at the indexes `skip` in
+    /// one transaction. An event the
+    /// service must not process goes dead in that transaction too, with its reason. A handler
+    /// that fails rolls the whole transaction back ([`Batch::RolledBack`]).
+    async fn apply_batch<S>(
+        &self,
+        msgs: &[Received],
+        run: Vec<Decoded<S>>,
+        skip: &[usize],
+    ) -> Result<Batch, Error>
     where
         S: OutboxService + Dispatch<H, Context<DB>>,
     {
@@ -871,6 +931,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         }
         let mut applied: Vec<(i64, i64)> = Vec::with_capacity(run.len());
         let mut orphans = Vec::new();
+        let mut rejected = Vec::new();
         let mut seen = HashSet::new();
         let mut handled = 0u64;
         // The batch's locks are held until it commits: past its time bound, it commits what
@@ -883,7 +944,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 break;
             }
             // The same event twice in one batch (published again after a lease ran out).
-            if !seen.insert(d.env.event_id.clone()) {
+            if skip.contains(&i) || !seen.insert(d.env.event_id.clone()) {
                 continue;
             }
             let mut attempts = 0;
@@ -900,6 +961,35 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 attempts = row.attempts;
                 row_of = Some((row.id, row.created_at));
             }
+            let event = match d.event {
+                Ok(event) => event,
+                Err(rejection) => {
+                    let reason = rejection.reason();
+                    let error = rejection.to_string();
+                    tracing::warn!(service, event_id = %d.env.event_id, %rejection, "dead-lettering a rejected event");
+                    match row_of {
+                        Some((id, _)) => {
+                            self.outbox
+                                .dead_locked(&mut tx, service, id, reason, &error)
+                                .await?;
+                        }
+                        // In the inbox: recorded with its dead letter, unless it was already.
+                        None => {
+                            if !self
+                                .outbox
+                                .record_inbox(&mut tx, &self.route.group, &d.env.event_id)
+                                .await?
+                            {
+                                continue;
+                            }
+                            let letter = self.inbox_letter(&msgs[i], &d.env, reason, &error, 1);
+                            self.outbox.record_inbox_dead(&mut tx, &letter).await?;
+                        }
+                    }
+                    rejected.push((i, reason));
+                    continue;
+                }
+            };
             if self.config.dedupe == Dedupe::Inbox
                 && !self
                     .outbox
@@ -918,7 +1008,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 d.trace.map(|t| t.to_string()).as_deref(),
                 d.tracestate.as_deref(),
             );
-            let dispatched = unwound(d.event.dispatch(&self.handler, &mut ctx));
+            let dispatched = unwound(event.dispatch(&self.handler, &mut ctx));
             let ran = match d.trace {
                 Some(t) => tracing::Instrument::instrument(t.child().scope(dispatched), span).await,
                 None => tracing::Instrument::instrument(dispatched, span).await,
@@ -929,11 +1019,12 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                     applied.extend(row_of);
                     handled += 1;
                 }
-                Err(_) => {
+                Err(error) => {
                     tx.rollback().await?;
                     return Ok(Batch::RolledBack {
                         at: i,
-                        event_id: d.env.event_id,
+                        env: d.env,
+                        error,
                     });
                 }
             }
@@ -951,7 +1042,11 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         }
         metrics::counter!("outbox_consumed_total", "service" => service.to_owned())
             .increment(handled);
-        Ok(Batch::Applied { upto, orphans })
+        Ok(Batch::Applied {
+            upto,
+            orphans,
+            rejected,
+        })
     }
 
     /// Handles one message; false when it was left unsettled (its offset must not be stored).
@@ -1813,7 +1908,8 @@ impl Stalls {
 /// A message of a batch, decoded.
 struct Decoded<S> {
     env: Envelope,
-    event: S,
+    /// The event, or why the service must not process it.
+    event: Result<S, Rejection>,
     trace: Option<TraceParent>,
     tracestate: Option<String>,
 }

@@ -248,10 +248,11 @@ impl World {
 }
 
 #[tokio::test]
-async fn a_batch_applies_together_and_one_whose_handler_fails_runs_alone_after_those_before_it() {
+async fn a_batch_applies_together_and_one_whose_handler_fails_is_left_out_of_it() {
     let w = World::new(MemoryBus::new().with_partitions(1)).await;
+    let mut ids = Vec::new();
     for n in 0..20 {
-        w.enqueue("c1", n, 0).await;
+        ids.push(w.enqueue("c1", n, 0).await);
     }
     w.relay_all().await;
     let recorder = Arc::new(Recorder {
@@ -263,15 +264,21 @@ async fn a_batch_applies_together_and_one_whose_handler_fails_runs_alone_after_t
     w.consume_everything(&w.pool, &recorder, ConsumerConfig::default().workers(1))
         .await;
 
-    // 0..=7 ran in the batch that rolled back at 7; then 0..=6 ran again together, 7 on its
-    // own (succeeding the second time), and 8.. as the next batch, once each.
+    // 0..=7 ran in the batch that rolled back at 7; then the batch ran again without 7 (0..=6
+    // a second time, 8.. once), and 7's failure went back through the outbox.
     for n in 0..20 {
-        let expected = if n <= 7 { 2 } else { 1 };
+        let expected = if n < 7 { 2 } else { 1 };
         assert_eq!(recorder.calls(n), expected, "calls of {n}");
     }
     // Each effect exactly once: the batch's writes rolled back with it.
-    assert_eq!(w.effects().await, (0..20).collect::<Vec<i64>>());
+    let expected: Vec<i64> = (0..20).filter(|n| *n != 7).collect();
+    assert_eq!(w.effects().await, expected);
     assert_eq!(w.bus.committed(&w.group, &w.topic), vec![20]);
+    let failed = w.status(ids[7]).await;
+    assert_eq!(
+        (failed.status, failed.last_error.as_deref()),
+        (Status::Pending, Some("the payment service answered 503"))
+    );
 }
 
 #[tokio::test]
@@ -290,14 +297,10 @@ async fn a_failing_handler_costs_its_own_message_not_its_batch() {
     let consumer = w.consumer(&w.pool, &recorder, ConsumerConfig::default().workers(1));
     let task = tokio::spawn(consumer.run(shutdown));
     w.consumed_all().await;
-    // The failure rolled its batch back once: the messages before it ran again, it ran on its
-    // own (failing again, its retry scheduled), the messages after it once.
+    // The failure rolled its batch back once: the messages before it ran again, the messages
+    // after it once, and its retry was scheduled.
     for n in 0..10 {
-        assert_eq!(
-            recorder.calls(n),
-            if n <= 3 { 2 } else { 1 },
-            "calls of {n}"
-        );
+        assert_eq!(recorder.calls(n), if n < 3 { 2 } else { 1 }, "calls of {n}");
     }
     let failed = w.status(ids[3]).await;
     assert_eq!(
@@ -314,7 +317,7 @@ async fn a_failing_handler_costs_its_own_message_not_its_batch() {
     trigger.trigger();
     task.await.unwrap().unwrap();
     for n in 10..20 {
-        let expected = if n <= 13 { 2 } else { 1 };
+        let expected = if n < 13 { 2 } else { 1 };
         assert_eq!(recorder.calls(n), expected, "calls of {n}");
     }
     assert_eq!(w.status(ids[13]).await.status, Status::Pending);
@@ -328,6 +331,31 @@ async fn a_failing_handler_costs_its_own_message_not_its_batch() {
         if n != 3 && n != 13 {
             assert_eq!(w.status(*id).await.status, Status::Consumed, "row of {n}");
         }
+    }
+}
+
+#[tokio::test]
+async fn after_four_failures_in_one_batch_the_rest_goes_one_message_at_a_time() {
+    let w = World::new(MemoryBus::new().with_partitions(1)).await;
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        ids.push(w.enqueue("c1", n, 0).await);
+    }
+    w.relay_all().await;
+    let recorder = Arc::new(Recorder {
+        always_fail: vec![1, 3, 5, 7, 9],
+        ..Recorder::default()
+    });
+    w.consume_everything(&w.pool, &recorder, ConsumerConfig::default().workers(1))
+        .await;
+    // The batch rolled back at 1, 3, 5 and 7 in turn, each time without the failures before;
+    // then each message went on its own: the four failures recorded as they were, 9 run (and
+    // failing) alone, the rest applied.
+    let calls: Vec<u32> = (0..10).map(|n| recorder.calls(n)).collect();
+    assert_eq!(calls, [5, 1, 4, 1, 3, 1, 2, 1, 1, 1]);
+    assert_eq!(w.effects().await, vec![0, 2, 4, 6, 8]);
+    for n in [1, 3, 5, 7, 9] {
+        assert_eq!(w.status(ids[n]).await.status, Status::Pending, "row of {n}");
     }
 }
 
@@ -346,7 +374,7 @@ async fn an_event_whose_handler_failed_in_a_batch_runs_alone_when_it_comes_back(
     let consumer = w.consumer(&w.pool, &recorder, ConsumerConfig::default().workers(1));
     let task = tokio::spawn(consumer.run(shutdown));
     w.consumed_all().await;
-    assert_eq!(recorder.calls(3), 2, "in the batch, then on its own");
+    assert_eq!(recorder.calls(3), 1);
     let again = w
         .bus
         .messages(&w.topic)
@@ -387,7 +415,7 @@ async fn an_event_whose_handler_failed_in_a_batch_runs_alone_when_it_comes_back(
     task.await.unwrap().unwrap();
 
     // 3 ran on its own: the batch around it did not roll back for it.
-    assert_eq!(recorder.calls(3), 3);
+    assert_eq!(recorder.calls(3), 2);
     for n in 10..20 {
         assert_eq!(recorder.calls(n), 1, "calls of {n}");
     }
@@ -409,19 +437,16 @@ async fn a_batch_commits_when_its_time_bound_is_up_and_the_rest_goes_into_the_ne
         ..Recorder::default()
     });
     // A zero bound: the batch of 10 commits after each message, so the failure at 3 rolls
-    // back only its own transaction.
+    // back only its own transaction, and no handler runs twice.
     let config = ConsumerConfig::default()
         .workers(1)
         .batch_time(std::time::Duration::ZERO);
     w.consume_everything(&w.pool, &recorder, config).await;
     for n in 0..10 {
-        assert_eq!(
-            recorder.calls(n),
-            if n == 3 { 2 } else { 1 },
-            "calls of {n}"
-        );
+        assert_eq!(recorder.calls(n), 1, "calls of {n}");
     }
-    assert_eq!(w.effects().await, (0..10).collect::<Vec<i64>>());
+    let expected: Vec<i64> = (0..10).filter(|n| *n != 3).collect();
+    assert_eq!(w.effects().await, expected);
     assert_eq!(w.bus.committed(&w.group, &w.topic), vec![10]);
 }
 
@@ -857,12 +882,11 @@ async fn an_inbox_consumer_retries_up_to_its_attempts_and_keeps_dead_letters_in_
     .unwrap();
     let (trigger, shutdown) = Shutdown::new();
     let task = tokio::spawn(consumer.run(shutdown));
-    // The partition moved on: every offset is committed while 2 is kept for its retry (it ran
-    // in its batch, then on its own).
+    // The partition moved on: every offset is committed while 2 is kept for its retry.
     w.consumed_all().await;
     let event_2 = w.status(ids[2]).await.event_id;
     kept_and_dead(&w, &db, &event_2, (2, 1)).await;
-    assert_eq!(recorder.calls(2), 2);
+    assert_eq!(recorder.calls(2), 1);
     let effects = || async {
         outbox_runtime::sqlx::query_scalar::<_, i64>("SELECT n FROM effects ORDER BY n")
             .fetch_all(&db)
@@ -875,7 +899,7 @@ async fn an_inbox_consumer_retries_up_to_its_attempts_and_keeps_dead_letters_in_
     kept_and_dead(&w, &db, &event_2, (2, 2)).await;
     clock.advance(std::time::Duration::from_millis(200));
     kept_and_dead(&w, &db, &event_2, (3, 0)).await;
-    assert_eq!(recorder.calls(2), 4, "its 3 attempts, then dead");
+    assert_eq!(recorder.calls(2), 3, "its 3 attempts, then dead");
     assert_eq!(effects().await, vec![0, 1, 3, 5]);
     let (dead, reasons) = inbox_dead_letters(&w, &db).await;
     assert_eq!(

@@ -1508,6 +1508,27 @@ impl<DB: Backend> Outbox<DB> {
         Ok(changed)
     }
 
+    /// Takes a row the caller's transaction holds locked (a consumer's batch), still open, to
+    /// dead with `reason`: a compare-and-set on the open statuses. True when it changed.
+    #[doc(hidden)]
+    pub async fn dead_locked(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        id: i64,
+        reason: &str,
+        error: &str,
+    ) -> Result<bool, Error> {
+        let table = self.table(service)?;
+        let args = vec![
+            Arg::Str(reason.to_owned()),
+            Arg::Str(self.error_text(error)),
+            Arg::I64(self.now_ms()),
+            Arg::I64(id),
+        ];
+        Ok(DB::execute(conn, table.get("dead_open"), args).await? == 1)
+    }
+
     /// Locks the row of `event_id` in the caller's transaction, for a consumer; `None` when
     /// missing.
     #[doc(hidden)]
