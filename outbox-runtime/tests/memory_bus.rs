@@ -1077,6 +1077,38 @@ async fn effects_in(pool: &SqlitePool) -> Vec<i64> {
 }
 
 #[tokio::test]
+async fn the_harness_waits_for_the_retries_an_inbox_consumer_keeps() {
+    let builder = outbox_runtime::testing::Harness::builder();
+    let pool = builder.pool().clone();
+    outbox_runtime::sqlx::query("CREATE TABLE effects (n INTEGER NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let recorder = Arc::new(Recorder {
+        fail_once: Some(1),
+        ..Recorder::default()
+    });
+    let config = ConsumerConfig::default().dedupe(Dedupe::Inbox);
+    let mut h = builder
+        .consumer_with::<OrderEvents, _>(recorder.clone(), config)
+        .start()
+        .await
+        .unwrap();
+    for n in 0..3 {
+        let e = OrderPlaced {
+            customer: "c1".to_owned(),
+            n,
+            note: String::new(),
+        };
+        h.enqueue(&e).await.unwrap();
+    }
+    // Every offset is committed while 1 is kept for its retry; idle only once it is applied.
+    h.run_until_idle().await.unwrap();
+    assert_eq!(effects_in(&pool).await, vec![0, 1, 2]);
+    assert_eq!(recorder.calls(1), 2);
+}
+
+#[tokio::test]
 async fn a_call_handler_runs_outside_any_transaction_with_the_event_id_as_its_key() {
     // The harness's database has one connection: a handler that needed it while the consumer
     // held a transaction would wait for ever. This one writes its effect through it.
