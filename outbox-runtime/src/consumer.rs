@@ -237,10 +237,10 @@ impl ConsumerConfig {
 
     /// At most this many messages already received for a worker's partitions are applied in
     /// one transaction (100). A handler that fails costs its own message only: the batch rolls
-    /// back, the messages before it are applied again together, its failure is recorded (it
-    /// is retried or dead-lettered on its own, and applied alone when it comes back), and the
-    /// messages after it are the next batch. A handler's effects outside the database may then
-    /// happen twice (they are at least once anyway). 1 turns batching off.
+    /// back and runs again without it, and its failure is recorded after that commit (it is
+    /// retried or dead-lettered on its own, and applied alone when it comes back). The handlers
+    /// before it run twice, so a handler's effects outside the database may happen twice (they
+    /// are at least once anyway). 1 turns batching off.
     pub fn batch(mut self, batch: usize) -> Self {
         self.batch = batch.max(1);
         self
@@ -908,9 +908,9 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
     }
 
     /// Applies every message of `run` (decoded from `msgs`) but those at the indexes `skip` in
-    /// one transaction. An event the
-    /// service must not process goes dead in that transaction too, with its reason. A handler
-    /// that fails rolls the whole transaction back ([`Batch::RolledBack`]).
+    /// one transaction. An event the service must not process goes dead in that transaction
+    /// too, with its reason. A handler that fails rolls the whole transaction back
+    /// ([`Batch::RolledBack`]).
     async fn apply_batch<S>(
         &self,
         msgs: &[Received],
@@ -924,7 +924,12 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         let mut tx = DB::begin_pool_write(&self.pool).await?;
         let mut rows = std::collections::HashMap::new();
         if self.config.dedupe == Dedupe::OutboxRow {
-            let ids: Vec<&str> = run.iter().map(|d| d.env.event_id.as_str()).collect();
+            let ids: Vec<&str> = run
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !skip.contains(i))
+                .map(|(_, d)| d.env.event_id.as_str())
+                .collect();
             for row in self.outbox.lock_rows(&mut tx, service, &ids).await? {
                 rows.insert(row.event_id.clone(), row);
             }
@@ -976,14 +981,11 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                         // In the inbox: recorded with its dead letter, unless it was already.
                         None => {
                             if !self
-                                .outbox
-                                .record_inbox(&mut tx, &self.route.group, &d.env.event_id)
+                                .keep_dead::<S>(&mut tx, &msgs[i], &d.env, reason, &error, 1)
                                 .await?
                             {
                                 continue;
                             }
-                            let letter = self.inbox_letter(&msgs[i], &d.env, reason, &error, 1);
-                            self.outbox.record_inbox_dead(&mut tx, &letter).await?;
                         }
                     }
                     rejected.push((i, reason));
@@ -1595,21 +1597,17 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                     .forget_inbox_retry(&mut tx, group, &env.event_id)
                     .await?;
             }
-            if !self
-                .outbox
-                .record_inbox(&mut tx, group, &env.event_id)
-                .await?
-            {
-                // A redelivery of it was applied meanwhile.
-                tx.commit().await?;
-                return Ok(Outcome::Skipped);
-            }
             let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-            let dead = self.inbox_letter(msg, env, "max_attempts", error, attempts);
-            self.outbox.record_inbox_dead(&mut tx, &dead).await?;
+            let dead = self
+                .keep_dead::<S>(&mut tx, msg, env, "max_attempts", error, attempts)
+                .await?;
             tx.commit().await?;
-            tracing::warn!(service = S::SERVICE, event_id = %env.event_id, error, "dead letter kept in the consumer's database");
-            return Ok(Outcome::Dead("max_attempts"));
+            // Not dead: a redelivery of it was applied meanwhile.
+            return Ok(if dead {
+                Outcome::Dead("max_attempts")
+            } else {
+                Outcome::Skipped
+            });
         }
         let backoff = self.outbox.config().backoff(attempts);
         let retry = InboxRetry {
@@ -1766,18 +1764,38 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
     ) -> Result<Outcome, Error> {
         let mut tx = DB::begin_pool_write(&self.pool).await?;
         if !self
-            .outbox
-            .record_inbox(&mut tx, &self.route.group, &env.event_id)
+            .keep_dead::<S>(&mut tx, msg, env, reason, error, attempts)
             .await?
         {
             tx.rollback().await?;
             return Ok(Outcome::Skipped);
         }
-        let dead = self.inbox_letter(msg, env, reason, error, attempts);
-        self.outbox.record_inbox_dead(&mut tx, &dead).await?;
         tx.commit().await?;
-        tracing::warn!(service = S::SERVICE, event_id = %env.event_id, reason, error, "dead letter kept in the consumer's database");
         Ok(Outcome::Dead(reason))
+    }
+
+    /// Records the event of `msg` in the inbox with its dead letter, in `tx`; false (nothing
+    /// written) when the inbox has it already (applied, or dead before).
+    async fn keep_dead<S: OutboxService>(
+        &self,
+        tx: &mut DB::Connection,
+        msg: &Received,
+        env: &Envelope,
+        reason: &str,
+        error: &str,
+        attempts: u32,
+    ) -> Result<bool, Error> {
+        if !self
+            .outbox
+            .record_inbox(tx, &self.route.group, &env.event_id)
+            .await?
+        {
+            return Ok(false);
+        }
+        let dead = self.inbox_letter(msg, env, reason, error, attempts);
+        self.outbox.record_inbox_dead(tx, &dead).await?;
+        tracing::warn!(service = S::SERVICE, event_id = %env.event_id, reason, error, "dead letter kept in the consumer's database");
+        Ok(true)
     }
 
     /// The dead letter of a message, kept in the consumer's database (inbox mode).

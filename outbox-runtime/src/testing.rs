@@ -364,26 +364,20 @@ impl<DB: Backend> Harness<DB> {
             }
             // Messages a consumer with `Dedupe::Inbox` keeps for another attempt.
             let mut conn = self.pool.acquire().await?;
-            let group = Arg::Str(route.group.clone());
             if self.skip_backoff {
                 let sql = DB::dialect_sql(
                     "UPDATE outbox_inbox_retry SET next_attempt_at = $1 \
                      WHERE consumer_group = $2 AND next_attempt_at > $3",
                 );
-                let args = vec![Arg::I64(now), group.clone(), Arg::I64(now)];
+                let args = vec![Arg::I64(now), Arg::Str(route.group.clone()), Arg::I64(now)];
                 DB::execute(&mut conn, &sql, args).await?;
             }
-            let sql = DB::dialect_sql(
-                "SELECT COUNT(*) FROM outbox_inbox_retry WHERE consumer_group = $1",
-            );
-            let kept = DB::fetch_ints(&mut conn, &sql, vec![group])
-                .await?
-                .first()
-                .copied()
-                .flatten()
-                .unwrap_or(0);
-            if kept > 0 {
-                left.push(format!("{kept} retries of `{}` kept", route.group));
+            let kept = self
+                .outbox()
+                .next_inbox_retry_at(&mut conn, &route.group)
+                .await?;
+            if kept.is_some() {
+                left.push(format!("retries kept by `{}`", route.group));
             }
         }
         Ok(left)

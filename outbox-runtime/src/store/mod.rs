@@ -1497,13 +1497,9 @@ impl<DB: Backend> Outbox<DB> {
             tx.rollback().await?;
             return Ok(false);
         }
-        let args = vec![
-            Arg::Str(reason.to_owned()),
-            Arg::Str(self.error_text(error)),
-            Arg::I64(self.now_ms()),
-            Arg::I64(lock.id),
-        ];
-        let changed = DB::execute(&mut tx, table.get("dead_open"), args).await? == 1;
+        let changed = self
+            .dead_locked(&mut tx, service, lock.id, reason, error)
+            .await?;
         tx.commit().await?;
         Ok(changed)
     }
