@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use outbox_runtime::bus::{Bus as _, MemoryBus, Outgoing, Publish as _, partition_for};
+use outbox_runtime::bus::{Bus, MemoryBus, Outgoing, Publish, Sent, partition_for};
 use outbox_runtime::consumer::Consumer;
 use outbox_runtime::relay::{Relay, Shutdown};
 use outbox_runtime::sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
@@ -1564,4 +1564,54 @@ async fn a_message_whose_event_has_no_row_is_dead_lettered_not_skipped() {
     let dlq = w.bus.messages(&format!("{}.dlq", w.topic));
     assert_eq!(dlq.len(), 1);
     assert_eq!(dlq[0].header("x-outbox-dead-reason"), Some("no_outbox_row"));
+}
+
+/// A bus that publishes (to a memory bus) but cannot make a group member: every consumer fails
+/// as it starts.
+struct NoMembers(MemoryBus);
+
+impl Publish for NoMembers {
+    async fn send_all(&self, records: &[Outgoing]) -> Vec<Sent> {
+        self.0.send_all(records).await
+    }
+
+    async fn ensure_topics(&self, topics: &[String]) -> Result<(), outbox_runtime::Error> {
+        self.0.ensure_topics(topics).await
+    }
+}
+
+impl Bus for NoMembers {
+    type Receiver = <MemoryBus as Bus>::Receiver;
+
+    fn receiver(&self, group: &str, _: &[String]) -> Result<Self::Receiver, outbox_runtime::Error> {
+        Err(outbox_runtime::Error::Bus(format!(
+            "no member of `{group}` can be made"
+        )))
+    }
+}
+
+#[tokio::test]
+async fn a_task_that_fails_reaches_the_caller_through_running_and_run() {
+    let w = World::new(MemoryBus::new()).await;
+    let engine = || {
+        outbox_runtime::Engine::builder(w.pool.clone(), Arc::new(NoMembers(w.bus.clone())))
+            .outbox(w.outbox.clone())
+            .consumer::<OrderEvents, _>(Arc::new(Recorder::default()))
+    };
+    // The relay goes on; the consumer's failure is what `wait` resolves with.
+    let mut running = engine().start().await.unwrap();
+    let failed = running.wait().await.unwrap_err().to_string();
+    assert!(
+        failed.contains(&format!("no member of `{}` can be made", w.group)),
+        "{failed}"
+    );
+    // The failure was taken by `wait`; the relay stops cleanly.
+    running.shutdown().await.unwrap();
+    // `run` ends at the first failure with it, without waiting for its signal.
+    let failed = engine()
+        .run(std::future::pending::<()>())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(failed.contains("no member"), "{failed}");
 }
