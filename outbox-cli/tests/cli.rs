@@ -527,6 +527,71 @@ async fn relay_daemon_publishes_serves_metrics_and_stops_on_sigterm() {
     s.drop_tables(&pool).await;
 }
 
+// A relay that dies while it runs ends the daemon with an error, not a process that waits for
+// SIGTERM and relays nothing: here its table is dropped under it.
+#[tokio::test]
+async fn relay_daemon_exits_non_zero_when_its_relay_dies_while_it_runs() {
+    let s = Setup::new("sqlite");
+    let path = s.url.trim_start_matches("sqlite://").to_owned();
+    s.ok(&["migrate"]);
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(&path))
+        .await
+        .unwrap();
+    let outbox = s.outbox::<Sqlite>();
+    let mut conn = pool.acquire().await.unwrap();
+    outbox
+        .enqueue(&mut *conn, &samples::urgency(1))
+        .await
+        .unwrap();
+    let brokers = std::env::var("OUTBOX_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["relay", "--brokers", &brokers])
+        .env("OUTBOX_CONFIG", &s.config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Running: it published the row.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while s.status_of("task")["counts"]["published"] != 1 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the daemon stopped before it published"
+        );
+        assert!(Instant::now() < deadline, "the daemon did not publish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let table = format!("c{}_task_outbox", s.tag);
+    let sql = format!("DROP TABLE {table}");
+    Sqlite::execute(&mut conn, &sql, Vec::new()).await.unwrap();
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        if Instant::now() >= deadline + Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("the daemon kept running after its relay lost its table");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!exit.success(), "the daemon exited 0: {stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "table `{table}` of service `task` is not there; run `outbox migrate`"
+        )),
+        "{stderr}"
+    );
+    drop(conn);
+    std::fs::remove_file(&path).unwrap();
+}
+
 // An inbox consumer's dead letters, in its own database: listed, shown, discarded, and replayed
 // by publishing the stored envelope again (with its key) and forgetting the inbox record.
 #[tokio::test]

@@ -237,10 +237,11 @@ impl ConsumerConfig {
 
     /// At most this many messages already received for a worker's partitions are applied in
     /// one transaction (100). A handler that fails costs its own message only: the batch rolls
-    /// back and runs again without it, and its failure is recorded after that commit (it is
-    /// retried or dead-lettered on its own, and applied alone when it comes back). The handlers
-    /// before it run twice, so a handler's effects outside the database may happen twice (they
-    /// are at least once anyway). 1 turns batching off.
+    /// back (to its last savepoint, which batches take every ten handlers for a minute after a
+    /// failure) and goes on without it, and its failure is recorded after that commit (it is
+    /// retried or dead-lettered on its own, and applied alone when it comes back). Handlers
+    /// before it in the batch may run twice, so a handler's effects outside the database may
+    /// happen twice (they are at least once anyway). 1 turns batching off.
     pub fn batch(mut self, batch: usize) -> Self {
         self.batch = batch.max(1);
         self
@@ -285,6 +286,8 @@ struct Inner<DB: Backend, H, B: Bus> {
     bus: Arc<B>,
     /// Events whose handler failed in a batch: applied on their own when they come back.
     suspects: Suspects,
+    /// Until when batches take savepoints: for a while after a handler failed in one.
+    savepoints_until: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// How the handler runs.
     kind: Kind<DB, H, B>,
     /// This consumer's name as a lease owner (calls outside a transaction).
@@ -368,9 +371,17 @@ where
     Box::pin(inner.call::<S>(msg, env, trace, shutdown))
 }
 
-/// After this many handler failures in one batch the rest of it goes one message at a time:
-/// each failure costs a run of the handlers before it.
-const MAX_BATCH_FAILURES: usize = 4;
+/// While handlers fail, a batch takes a savepoint before every this many handlers, and after
+/// each failure, so that a failure costs fewer than this many handlers another run.
+const SAVEPOINT_EVERY: usize = 10;
+
+/// How long after a handler failed in a batch the batches take savepoints. A consumer whose
+/// handlers do not fail pays no statement for them.
+const SAVEPOINTS_FOR: Duration = Duration::from_secs(60);
+
+/// The savepoint of a batch (the same name each time: a new one replaces the last).
+const SAVEPOINT: &str = "SAVEPOINT outbox_batch";
+const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT outbox_batch";
 
 /// How long a consumer may try a kept retry (inbox mode) before another may take it.
 const RETRY_LEASE: Duration = Duration::from_secs(60);
@@ -385,6 +396,9 @@ enum Batch {
         orphans: Vec<usize>,
         /// Indexes of messages whose event went dead, rejected, with the reason.
         rejected: Vec<(usize, &'static str)>,
+        /// Messages whose handler failed, rolled back to a savepoint and left out, in order
+        /// (some may lie past `upto`).
+        failed: Vec<(usize, Envelope, HandlerError)>,
     },
     /// The handler of the message at index `at` failed with `error`, and the handlers of the
     /// messages before it ran too: nothing of the batch was applied.
@@ -526,6 +540,7 @@ where
                 config,
                 bus,
                 suspects: Suspects::default(),
+                savepoints_until: std::sync::Mutex::new(None),
                 kind,
                 owner: format!(
                     "consumer-{}-{}",
@@ -746,14 +761,17 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
     }
 
     /// Applies a run of decoded messages in one transaction. A handler that fails costs its
-    /// own message, not its batch, and the batch pays no statement for the chance: the
-    /// transaction rolls back, the batch runs again without that message, and its failure is
-    /// recorded after the batch committed (a retry through the outbox, a retry kept in the
-    /// consumer's database, a dead letter), before the offsets after it are stored. So a
-    /// failure costs the handlers before it one more run, where a savepoint per message would
-    /// cost every message two statements. An event that failed here is applied on its own
-    /// when it comes back ([`Suspects`]). After [`MAX_BATCH_FAILURES`] failures in one batch,
-    /// or a database failure, the rest of the run goes one message at a time.
+    /// own message, not its batch: its failure is recorded after the batch committed without
+    /// it (a retry through the outbox, a retry kept in the consumer's database, a dead
+    /// letter), before the offsets after it are stored. While no handler fails, the batch
+    /// pays no statement for the chance: a failure rolls the transaction back and the batch
+    /// runs again without that message, so it costs the handlers before it one more run
+    /// (where a savepoint per message would cost every message two statements). From then
+    /// on, for [`SAVEPOINTS_FOR`], batches take a savepoint every [`SAVEPOINT_EVERY`]
+    /// handlers and after each failure, and a failure rolls back to the last one: a stream
+    /// where some handlers always fail keeps its batches. An event that failed here is
+    /// applied on its own when it comes back ([`Suspects`]). After a database failure the
+    /// rest of the run goes one message at a time.
     async fn flush<S>(
         self: &Arc<Self>,
         run: Vec<(Received, Decoded<S>)>,
@@ -793,7 +811,12 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                     upto,
                     orphans,
                     rejected,
+                    failed: more,
                 }) => {
+                    for (at, env, error) in more {
+                        let place = failed.partition_point(|(f, ..)| *f < at);
+                        failed.insert(place, (at, env, error));
+                    }
                     for (i, reason) in rejected {
                         self.record::<S>(&msgs[i], Outcome::Dead(reason)).await;
                     }
@@ -820,12 +843,8 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                     failed = rest;
                 }
                 Ok(Batch::RolledBack { at, env, error }) => {
-                    self.suspects.add(&env.event_id);
                     let place = failed.partition_point(|(f, ..)| *f < at);
                     failed.insert(place, (at, env, error));
-                    if failed.len() >= MAX_BATCH_FAILURES {
-                        break;
-                    }
                 }
                 Err(e) => {
                     tracing::debug!(service = S::SERVICE, error = %e, "batch failed; applying one at a time");
@@ -909,8 +928,9 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
 
     /// Applies every message of `run` (decoded from `msgs`) but those at the indexes `skip` in
     /// one transaction. An event the service must not process goes dead in that transaction
-    /// too, with its reason. A handler that fails rolls the whole transaction back
-    /// ([`Batch::RolledBack`]).
+    /// too, with its reason. A handler that fails rolls the transaction back to the batch's
+    /// last savepoint and the batch goes on without that message; with no savepoint (no
+    /// handler failed lately), the whole transaction ([`Batch::RolledBack`]).
     async fn apply_batch<S>(
         &self,
         msgs: &[Received],
@@ -921,6 +941,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         S: OutboxService + Dispatch<H, Context<DB>>,
     {
         let service = S::SERVICE;
+        let guarded = self.savepoints();
         let mut tx = DB::begin_pool_write(&self.pool).await?;
         let mut rows = std::collections::HashMap::new();
         if self.config.dedupe == Dedupe::OutboxRow {
@@ -934,30 +955,57 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 rows.insert(row.event_id.clone(), row);
             }
         }
-        let mut applied: Vec<(i64, i64)> = Vec::with_capacity(run.len());
-        let mut orphans = Vec::new();
-        let mut rejected = Vec::new();
-        let mut seen = HashSet::new();
-        let mut handled = 0u64;
+        let mut run: Vec<Option<Decoded<S>>> = run.into_iter().map(Some).collect();
+        let mut skip = skip.to_vec();
+        let mut failed = Vec::new();
+        let mut done = Done::default();
+        // Where the last savepoint was taken, and what was done before it.
+        let mut mark: Option<(usize, Done)> = None;
+        let mut since_mark = 0;
+        // After a failure, a new savepoint once past it: the handlers before it run again
+        // once, not once per later failure.
+        let mut failed_at: Option<usize> = None;
         // The batch's locks are held until it commits: past its time bound, it commits what
         // it applied, and the rest goes into the next batch.
         let deadline = tokio::time::Instant::now() + self.config.batch_time;
         let mut upto = run.len();
-        for (i, d) in run.into_iter().enumerate() {
+        let mut i = 0;
+        while i < run.len() {
             if i > 0 && tokio::time::Instant::now() >= deadline {
                 upto = i;
                 break;
             }
+            let at = i;
+            i += 1;
             // The same event twice in one batch (published again after a lease ran out).
-            if skip.contains(&i) || !seen.insert(d.env.event_id.clone()) {
+            if skip.contains(&at) {
                 continue;
+            }
+            let Some(d) = run[at].take() else {
+                continue;
+            };
+            if !done.seen.insert(d.env.event_id.clone()) {
+                continue;
+            }
+            if guarded
+                && (mark.is_none()
+                    || since_mark >= SAVEPOINT_EVERY
+                    || failed_at.is_some_and(|f| at > f))
+            {
+                DB::execute_text(&mut tx, SAVEPOINT).await?;
+                failed_at = None;
+                // `seen` is the one part that already holds this message.
+                let mut before = done.clone();
+                before.seen.remove(&d.env.event_id);
+                mark = Some((at, before));
+                since_mark = 0;
             }
             let mut attempts = 0;
             let mut row_of = None;
             if self.config.dedupe == Dedupe::OutboxRow {
                 let Some(row) = rows.get(&d.env.event_id) else {
                     // Dead-lettered on its own after the batch.
-                    orphans.push(i);
+                    done.orphans.push(at);
                     continue;
                 };
                 if row.is_settled() {
@@ -981,14 +1029,14 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                         // In the inbox: recorded with its dead letter, unless it was already.
                         None => {
                             if !self
-                                .keep_dead::<S>(&mut tx, &msgs[i], &d.env, reason, &error, 1)
+                                .keep_dead::<S>(&mut tx, &msgs[at], &d.env, reason, &error, 1)
                                 .await?
                             {
                                 continue;
                             }
                         }
                     }
-                    rejected.push((i, reason));
+                    done.rejected.push((at, reason));
                     continue;
                 }
             };
@@ -1018,20 +1066,39 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             tx = ctx.tx;
             match ran {
                 Ok(()) => {
-                    applied.extend(row_of);
-                    handled += 1;
+                    done.applied.extend(row_of);
+                    done.handled += 1;
+                    since_mark += 1;
                 }
                 Err(error) => {
-                    tx.rollback().await?;
-                    return Ok(Batch::RolledBack {
-                        at: i,
-                        env: d.env,
-                        error,
-                    });
+                    self.suspects.add(&d.env.event_id);
+                    self.failing();
+                    let Some((from, before)) = &mark else {
+                        tx.rollback().await?;
+                        return Ok(Batch::RolledBack {
+                            at,
+                            env: d.env,
+                            error,
+                        });
+                    };
+                    // Back to the savepoint (which stays), and on from there without this
+                    // message: the ones between run again.
+                    DB::execute_text(&mut tx, ROLLBACK_TO_SAVEPOINT).await?;
+                    for j in *from..at {
+                        if run[j].is_none() {
+                            run[j] = self.decoded::<S>(&msgs[j]);
+                        }
+                    }
+                    done = before.clone();
+                    since_mark = 0;
+                    failed_at = Some(at);
+                    skip.push(at);
+                    failed.push((at, d.env, error));
+                    i = *from;
                 }
             }
         }
-        let ids: Vec<i64> = applied.iter().map(|(id, _)| *id).collect();
+        let ids: Vec<i64> = done.applied.iter().map(|(id, _)| *id).collect();
         self.outbox
             .mark_many_consumed(&mut tx, service, &ids)
             .await?;
@@ -1039,16 +1106,35 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         let now = self.outbox.now_ms();
         let latency =
             metrics::histogram!("outbox_latency_seconds", "service" => service.to_owned());
-        for (_, created) in &applied {
+        for (_, created) in &done.applied {
             latency.record((now - created).max(0) as f64 / 1000.0);
         }
         metrics::counter!("outbox_consumed_total", "service" => service.to_owned())
-            .increment(handled);
+            .increment(done.handled);
+        failed.sort_by_key(|(at, ..)| *at);
         Ok(Batch::Applied {
             upto,
-            orphans,
-            rejected,
+            orphans: done.orphans,
+            rejected: done.rejected,
+            failed,
         })
+    }
+
+    /// Whether batches take savepoints now: a handler failed in one lately.
+    fn savepoints(&self) -> bool {
+        self.savepoints_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|until| tokio::time::Instant::now() < until)
+    }
+
+    /// A handler failed in a batch: the batches take savepoints for a while.
+    fn failing(&self) {
+        *self
+            .savepoints_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(tokio::time::Instant::now() + SAVEPOINTS_FOR);
     }
 
     /// Handles one message; false when it was left unsettled (its offset must not be stored).
@@ -1921,6 +2007,18 @@ impl Stalls {
         self.seen.retain(|k, _| keep.contains(k));
         stuck
     }
+}
+
+/// What a batch has done so far, to be committed (or undone to a savepoint).
+#[derive(Debug, Clone, Default)]
+struct Done {
+    /// The rows to mark consumed: id and creation time.
+    applied: Vec<(i64, i64)>,
+    orphans: Vec<usize>,
+    rejected: Vec<(usize, &'static str)>,
+    /// Event ids met so far.
+    seen: HashSet<String>,
+    handled: u64,
 }
 
 /// A message of a batch, decoded.

@@ -45,6 +45,15 @@ pub enum Error {
         /// Columns the table requires (NOT NULL, no default) that the outbox does not write.
         foreign: Vec<String>,
     },
+    /// A service's table is not in the database (dropped, or never migrated): its relay
+    /// stops rather than fail every round unseen.
+    #[error("table `{table}` of service `{service}` is not there; run `outbox migrate`")]
+    TableMissing {
+        /// The service.
+        service: String,
+        /// The table.
+        table: String,
+    },
     /// An event whose (event type, version) this outbox's catalog routes to another service
     /// than the one the event declares: storing it in either table would be wrong.
     #[error(

@@ -215,12 +215,15 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         }
         let mut failed = None;
         while let Some(done) = tasks.join_next().await {
-            if let Err(e) = done {
-                tracing::error!(error = %e, "a relay loop panicked");
-                failed.get_or_insert(Error::Task(format!("a relay loop panicked: {e}")));
-                // The others stop too: a relay that relays only some services hides the rest.
-                tasks.abort_all();
-            }
+            let error = match done {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e,
+                Err(e) => Error::Task(format!("a relay loop panicked: {e}")),
+            };
+            tracing::error!(error = %error, "a relay loop stopped");
+            failed.get_or_insert(error);
+            // The others stop too: a relay that relays only some services hides the rest.
+            tasks.abort_all();
         }
         if let Some(l) = listener {
             l.abort();
@@ -228,7 +231,9 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         failed.map_or(Ok(()), Err)
     }
 
-    async fn run_service(&self, service: &str, mut shutdown: Shutdown) {
+    /// Relays `service` until `shutdown`; stops with an error only when its table is gone or
+    /// is not an outbox table (a database that fails is tried again).
+    async fn run_service(&self, service: &str, mut shutdown: Shutdown) -> Result<(), Error> {
         let wake = self.outbox.wakeups();
         // After a wake-up that found nothing (the writer had not committed yet), look again
         // shortly before falling back to the poll interval.
@@ -256,6 +261,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::warn!(service, error = %e, "relay round failed");
+                    self.check_table(service).await?;
                     0
                 }
             };
@@ -299,6 +305,20 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         }
         if resting {
             self.stop_resting(&mut rest_conn, service).await;
+        }
+        Ok(())
+    }
+
+    /// After a failed round: an error when the service's table is missing or not an outbox
+    /// table, nothing when the database could not tell (it is down: the next round tries
+    /// again).
+    async fn check_table(&self, service: &str) -> Result<(), Error> {
+        let Ok(mut conn) = self.pool.acquire().await else {
+            return Ok(());
+        };
+        match self.outbox.check_table(&mut conn, service).await {
+            Err(e @ (Error::TableMissing { .. } | Error::TableMismatch { .. })) => Err(e),
+            _ => Ok(()),
         }
     }
 

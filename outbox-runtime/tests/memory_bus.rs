@@ -335,27 +335,48 @@ async fn a_failing_handler_costs_its_own_message_not_its_batch() {
 }
 
 #[tokio::test]
-async fn after_four_failures_in_one_batch_the_rest_goes_one_message_at_a_time() {
+async fn after_a_failure_batches_take_savepoints_and_a_failure_reruns_only_the_handlers_since_the_last()
+ {
     let w = World::new(MemoryBus::new().with_partitions(1)).await;
     let mut ids = Vec::new();
-    for n in 0..10 {
+    for n in 0..30 {
         ids.push(w.enqueue("c1", n, 0).await);
     }
     w.relay_all().await;
+    let failing: Vec<u64> = vec![1, 3, 5, 7, 9, 24];
     let recorder = Arc::new(Recorder {
-        always_fail: vec![1, 3, 5, 7, 9],
+        always_fail: failing.clone(),
         ..Recorder::default()
     });
     w.consume_everything(&w.pool, &recorder, ConsumerConfig::default().workers(1))
         .await;
-    // The batch rolled back at 1, 3, 5 and 7 in turn, each time without the failures before;
-    // then each message went on its own: the four failures recorded as they were, 9 run (and
-    // failing) alone, the rest applied.
-    let calls: Vec<u32> = (0..10).map(|n| recorder.calls(n)).collect();
-    assert_eq!(calls, [5, 1, 4, 1, 3, 1, 2, 1, 1, 1]);
-    assert_eq!(w.effects().await, vec![0, 2, 4, 6, 8]);
-    for n in [1, 3, 5, 7, 9] {
-        assert_eq!(w.status(ids[n]).await.status, Status::Pending, "row of {n}");
+    // The first failure (1) rolled the whole batch back: 0 ran twice. From then on the batch
+    // took savepoints: at 0, after each failure (4, 6, 8, 10), and ten handlers after the
+    // last (20): each failure ran again only the handlers since the savepoint before it
+    // (0 and 2 for 3; 4 for 5; 6 for 7; 8 for 9; 20 to 23 for 24).
+    let calls: Vec<u32> = (0..30).map(|n| recorder.calls(n)).collect();
+    let mut expected = vec![1u32; 30];
+    for n in [0, 2, 4, 6, 8, 20, 21, 22, 23] {
+        expected[n] += 1;
+    }
+    expected[0] += 1;
+    assert_eq!(calls, expected);
+    let applied: Vec<i64> = (0..30i64)
+        .filter(|n| !failing.contains(&n.unsigned_abs()))
+        .collect();
+    assert_eq!(w.effects().await, applied);
+    for (n, id) in ids.iter().enumerate() {
+        let row = w.status(*id).await;
+        if failing.contains(&(n as u64)) {
+            // Each failure recorded on its own row: one attempt, back to pending.
+            assert_eq!(
+                (row.status, row.attempts),
+                (Status::Pending, 1),
+                "row of {n}"
+            );
+        } else {
+            assert_eq!(row.status, Status::Consumed, "row of {n}");
+        }
     }
 }
 

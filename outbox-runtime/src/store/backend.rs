@@ -69,6 +69,14 @@ macro_rules! common_methods {
             Ok(done.rows_affected())
         }
 
+        async fn execute_text(
+            conn: &mut Self::Connection,
+            sql: &'static str,
+        ) -> Result<(), sqlx::Error> {
+            sqlx::Executor::execute(conn, sql).await?;
+            Ok(())
+        }
+
         async fn fetch_rows(
             conn: &mut Self::Connection,
             sql: &str,

@@ -486,6 +486,14 @@ pub trait Backend: sqlx::Database + private::Sealed {
         args: Vec<Arg>,
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send;
 
+    /// Runs a statement that takes no arguments as plain text, unprepared: `SAVEPOINT` and
+    /// `ROLLBACK TO SAVEPOINT`, which MySQL does not prepare.
+    #[doc(hidden)]
+    fn execute_text(
+        conn: &mut Self::Connection,
+        sql: &'static str,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
     /// Runs a query returning outbox rows.
     #[doc(hidden)]
     fn fetch_rows(
@@ -1043,33 +1051,45 @@ impl<DB: Backend> Outbox<DB> {
     /// writes that it lacks, or one it requires that the outbox does not write (a Go outbox
     /// table's `biz_type`, say). A table that does not exist passes.
     pub async fn check_tables(&self, conn: &mut DB::Connection) -> Result<(), Error> {
-        for (service, t) in &self.inner.tables {
-            let columns = DB::fetch_pairs(conn, t.get("table_columns"), Vec::new()).await?;
-            if columns.is_empty() {
-                continue;
+        for service in self.inner.tables.keys() {
+            match self.check_table(conn, service).await {
+                Err(Error::TableMissing { .. }) | Ok(()) => {}
+                Err(e) => return Err(e),
             }
-            let has: HashSet<String> = columns.iter().map(|(c, _)| c.to_lowercase()).collect();
-            let missing: Vec<String> = COLUMNS
-                .iter()
-                .filter(|c| !has.contains(**c))
-                .map(|c| (*c).to_owned())
-                .collect();
-            let mut foreign: Vec<String> = columns
-                .into_iter()
-                .filter(|(c, required)| {
-                    *required == 1 && !COLUMNS.contains(&c.to_lowercase().as_str())
-                })
-                .map(|(c, _)| c)
-                .collect();
-            foreign.sort();
-            if !missing.is_empty() || !foreign.is_empty() {
-                return Err(Error::TableMismatch {
-                    service: service.clone(),
-                    table: t.route.table.clone(),
-                    missing,
-                    foreign,
-                });
-            }
+        }
+        Ok(())
+    }
+
+    /// Checks that `service`'s table is there ([`Error::TableMissing`]) with this version's
+    /// layout ([`Error::TableMismatch`]).
+    pub async fn check_table(&self, conn: &mut DB::Connection, service: &str) -> Result<(), Error> {
+        let t = self.table(service)?;
+        let columns = DB::fetch_pairs(conn, t.get("table_columns"), Vec::new()).await?;
+        if columns.is_empty() {
+            return Err(Error::TableMissing {
+                service: service.to_owned(),
+                table: t.route.table.clone(),
+            });
+        }
+        let has: HashSet<String> = columns.iter().map(|(c, _)| c.to_lowercase()).collect();
+        let missing: Vec<String> = COLUMNS
+            .iter()
+            .filter(|c| !has.contains(**c))
+            .map(|c| (*c).to_owned())
+            .collect();
+        let mut foreign: Vec<String> = columns
+            .into_iter()
+            .filter(|(c, required)| *required == 1 && !COLUMNS.contains(&c.to_lowercase().as_str()))
+            .map(|(c, _)| c)
+            .collect();
+        foreign.sort();
+        if !missing.is_empty() || !foreign.is_empty() {
+            return Err(Error::TableMismatch {
+                service: service.to_owned(),
+                table: t.route.table.clone(),
+                missing,
+                foreign,
+            });
         }
         Ok(())
     }

@@ -71,6 +71,7 @@ e2e_on_every_backend!(
     a_handler_can_write_another_services_event_in_its_transaction,
     messages_that_are_not_this_services_leave_its_rows_alone,
     a_failing_handler_in_a_batch_leaves_the_rest_of_it_applied_once,
+    a_handler_whose_statement_fails_costs_only_its_own_message,
     a_backlog_of_one_key_drains_without_waiting_for_the_poll,
     a_panicking_handler_is_retried_and_its_partition_goes_on,
     an_oversized_event_goes_dead_and_its_keys_later_rows_follow_in_order,
@@ -134,6 +135,9 @@ struct Recorder {
     failures: Arc<Mutex<HashMap<String, u32>>>,
     /// Preview ids whose handler panics this many more times.
     panics: Arc<Mutex<HashMap<String, u32>>>,
+    /// Preview ids whose handler runs a statement that fails in the database this many more
+    /// times.
+    sql_errors: Arc<Mutex<HashMap<String, u32>>>,
     /// Trace id seen by the handler, per event id.
     traces: Arc<Mutex<HashMap<String, Option<String>>>>,
 }
@@ -189,6 +193,10 @@ impl<DB: TestDb> NotificationEventsHandler<Context<DB>> for Recorder {
         }
         if Self::take_one(&self.panics, &e.preview_id) {
             panic!("feishu client bug on {}", e.preview_id);
+        }
+        if Self::take_one(&self.sql_errors, &e.preview_id) {
+            let sql = format!("SELECT no_such_column FROM {}", self.effects);
+            DB::execute(ctx.tx(), &sql, Vec::new()).await?;
         }
         self.record(ctx, "feishu").await
     }
@@ -914,6 +922,54 @@ async fn a_failing_handler_in_a_batch_leaves_the_rest_of_it_applied_once<DB: Tes
                 .unwrap();
         assert_eq!(row.status, Status::Consumed);
         if i != 17 {
+            assert_eq!(row.attempts, 1, "event {i} was published again");
+        }
+    }
+    drop(conn);
+    w.cleanup().await;
+}
+
+// A handler whose statement fails in the database (on PostgreSQL that aborts the whole
+// transaction) costs its own message: a batch rolls back to its last savepoint (after the first
+// failure) or runs again without it, and every other event of the batch is applied once. Every
+// fourth event fails, so most batches meet several failures.
+async fn a_handler_whose_statement_fails_costs_only_its_own_message<DB: TestDb>() {
+    let w = World::<DB>::new().await;
+    let recorder = w.recorder();
+    let failing: Vec<usize> = (0..60).filter(|n| n % 4 == 1).collect();
+    for n in &failing {
+        recorder
+            .sql_errors
+            .lock()
+            .unwrap()
+            .insert(format!("pv-{n}"), 1);
+    }
+    let rows = w.enqueue_feishu(0..60).await;
+    let running = w.start(recorder.clone(), relay()).await;
+    w.settle(60).await;
+    running.shutdown().await.unwrap();
+    assert!(
+        recorder
+            .sql_errors
+            .lock()
+            .unwrap()
+            .values()
+            .all(|n| *n == 0),
+        "every failing statement ran"
+    );
+    assert_eq!(w.effects().await, (60, 60));
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    for (i, e) in rows.iter().enumerate() {
+        let row =
+            w.h.outbox
+                .get(&mut conn, "notification", e.id)
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(row.status, Status::Consumed, "event {i}");
+        if failing.contains(&i) {
+            assert!(row.attempts > 1, "event {i} failed once and was retried");
+        } else {
             assert_eq!(row.attempts, 1, "event {i} was published again");
         }
     }
