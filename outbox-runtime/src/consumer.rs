@@ -752,6 +752,9 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
     /// The envelope and event (or the event's rejection) of a message of this service; `None`
     /// for anything that takes the one-at-a-time path (not an envelope, another service's).
     fn decode<S: OutboxService>(&self, msg: &Received) -> Option<(Envelope, Result<S, Rejection>)> {
+        if from_go(msg) {
+            return None;
+        }
         let env = envelope::decode(msg.payload.as_deref()?).ok()?;
         if env.service.as_deref().is_some_and(|o| o != S::SERVICE) {
             return None;
@@ -1192,6 +1195,11 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             tracing::debug!(service, event_type = %env.event_type, "skipping another service's event");
             return true;
         }
+        let env = if from_go(msg) {
+            self.go_envelope(env)
+        } else {
+            env
+        };
         let trace = trace_of(msg);
         let span = consume_span(service, &env, trace);
         crate::trace::continue_from(
@@ -1243,6 +1251,9 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         S: OutboxService + Dispatch<H, Context<DB>>,
     {
         let service = S::SERVICE;
+        if self.go_bound::<S>(msg, env).await? {
+            return self.apply_go::<S>(msg, env, trace).await;
+        }
         let event = match self.accept::<S>(msg, env).await? {
             Ok(event) => event,
             Err(dead) => return Ok(dead),
@@ -1299,6 +1310,126 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         }
     }
 
+    /// A message the Go relay published, with the Go default event id (its decimal row id,
+    /// which rows of other Go tables share) made unique: `go:<table>:<id>`. An event id the Go
+    /// producer gave is kept: the Go handlers' idempotency records hold it.
+    fn go_envelope(&self, mut env: Envelope) -> Envelope {
+        if env.event_id == env.outbox_id.to_string() {
+            let table = self.outbox.go_route(&self.route.service).map_or_else(
+                || crate::store::GoRoute::convention(&self.route.service),
+                |r| r.table.clone(),
+            );
+            env.event_id = format!("go:{table}:{}", env.outbox_id);
+        }
+        env
+    }
+
+    /// Whether a message is applied against its Go row: the service has a Go route, the
+    /// message came from the Go relay, and no row of this outbox has its event id.
+    async fn go_bound<S: OutboxService>(
+        &self,
+        msg: &Received,
+        env: &Envelope,
+    ) -> Result<bool, Error> {
+        if self.config.dedupe != Dedupe::OutboxRow
+            || !from_go(msg)
+            || self.outbox.go_route(S::SERVICE).is_none()
+        {
+            return Ok(false);
+        }
+        let mut conn = self.pool.acquire().await?;
+        Ok(self
+            .outbox
+            .get_by_event_id(&mut conn, S::SERVICE, &env.event_id)
+            .await?
+            .is_none())
+    }
+
+    /// Applies a message the Go relay published against its row in the service's Go table, by
+    /// the Go rules (spec §3, §5.4), in one transaction: the row locked, skipped when consumed
+    /// or dead, the handler run, the row marked consumed. A handler failure puts the row back to
+    /// pending with the Go backoff (dead at its `max_retry`), for the Go relay to publish again;
+    /// an event the service must not process, or a handler's refusal, marks it dead with the
+    /// reason; a message whose row is not there is dead-lettered here (`no_go_row`).
+    async fn apply_go<S>(
+        &self,
+        msg: &Received,
+        env: &Envelope,
+        trace: Option<TraceParent>,
+    ) -> Result<Outcome, Error>
+    where
+        S: OutboxService + Dispatch<H, Context<DB>>,
+    {
+        let service = S::SERVICE;
+        let id = env.outbox_id;
+        let mut tx = DB::begin_pool_write(&self.pool).await?;
+        let Some((status, retries)) = self.outbox.go_lock(&mut tx, service, id).await? else {
+            tx.rollback().await?;
+            let table = self
+                .outbox
+                .go_route(service)
+                .map(|r| r.table.clone())
+                .unwrap_or_default();
+            let error = format!("no row {id} in the Go table `{table}`");
+            return self.inbox_dead::<S>(msg, env, "no_go_row", &error, 1).await;
+        };
+        if status != "pending" && status != "published" {
+            tx.rollback().await?;
+            return Ok(Outcome::Skipped);
+        }
+        let event = match S::decode(&env.event_type, env.version, &env.payload) {
+            Ok(event) => event,
+            Err(rejection) => {
+                let reason = rejection.reason();
+                tracing::warn!(service, event_id = %env.event_id, %rejection, "Go row dead: rejected event");
+                self.outbox
+                    .go_dead(&mut tx, service, id, &format!("{reason}: {rejection}"))
+                    .await?;
+                tx.commit().await?;
+                return Ok(Outcome::Dead(reason));
+            }
+        };
+        let attempts = i32::try_from(retries).unwrap_or(i32::MAX);
+        let mut ctx = Context {
+            tx,
+            meta: meta(env, attempts, trace),
+        };
+        let dispatched = unwound(event.dispatch(&self.handler, &mut ctx));
+        let ran = match trace {
+            Some(t) => t.child().scope(dispatched).await,
+            None => dispatched.await,
+        };
+        let error = match ran {
+            Ok(()) => {
+                let Context { mut tx, .. } = ctx;
+                self.outbox.go_consumed(&mut tx, service, id).await?;
+                tx.commit().await?;
+                return Ok(Outcome::Applied);
+            }
+            Err(e) => e,
+        };
+        drop(ctx);
+        let mut conn = self.pool.acquire().await?;
+        if error.is_permanent() {
+            let reason = format!("handler_rejected: {error}");
+            self.outbox.go_dead(&mut conn, service, id, &reason).await?;
+            return Ok(Outcome::Dead("handler_rejected"));
+        }
+        tracing::warn!(service, event_id = %env.event_id, %error, "handler failed; the Go row waits for the Go relay");
+        let reason = format!("consume failed: {error}");
+        Ok(
+            match self
+                .outbox
+                .go_retry(&mut conn, service, id, &reason)
+                .await?
+            {
+                crate::store::GoRetry::Pending => Outcome::Retrying,
+                crate::store::GoRetry::Dead => Outcome::Dead("max_attempts"),
+                crate::store::GoRetry::Settled => Outcome::Skipped,
+            },
+        )
+    }
+
     /// The event of `env`, or the outcome of its rejection: dead with its reason (in the
     /// consumer's database in inbox mode, else on its outbox row).
     async fn accept<S: OutboxService>(
@@ -1320,7 +1451,8 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 .await?));
         }
         let mut conn = self.pool.acquire().await?;
-        self.outbox
+        let changed = self
+            .outbox
             .reject(
                 &mut conn,
                 service,
@@ -1329,6 +1461,21 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 &rejection.to_string(),
             )
             .await?;
+        if !changed
+            && self
+                .outbox
+                .get_by_event_id(&mut conn, service, &env.event_id)
+                .await?
+                .is_none()
+        {
+            // No row to take dead (relayed by another system, or deleted): never dropped
+            // silently, the dead letter is kept here.
+            drop(conn);
+            let error = format!("{rejection}; no row of the event in this service's table");
+            return Ok(Err(self
+                .inbox_dead::<S>(msg, env, reason, &error, 1)
+                .await?));
+        }
         Ok(Err(Outcome::Dead(reason)))
     }
 
@@ -1373,7 +1520,14 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             .service(S::SERVICE)
             .map(|r| r.table.clone())
             .unwrap_or_default();
-        let error = format!("no row of event `{}` in `{table}`", env.event_id);
+        let mut error = format!("no row of event `{}` in `{table}`", env.event_id);
+        if from_go(msg) && self.outbox.go_route(S::SERVICE).is_none() {
+            error.push_str(&format!(
+                "; the Go relay published it (outbox_id {}): declare service `{}`'s Go route to apply it against its Go row",
+                env.outbox_id,
+                S::SERVICE
+            ));
+        }
         self.inbox_dead::<S>(msg, env, "no_outbox_row", &error, 1)
             .await
     }
@@ -2028,6 +2182,12 @@ struct Decoded<S> {
     event: Result<S, Rejection>,
     trace: Option<TraceParent>,
     tracestate: Option<String>,
+}
+
+/// Whether the Go system's relay published a message: it carries none of the CloudEvents
+/// headers this relay writes (the Go relay writes no header).
+fn from_go(msg: &Received) -> bool {
+    msg.header("ce_specversion").is_none()
 }
 
 fn store_offset<R: Receive>(receiver: &R, msg: &Received) {

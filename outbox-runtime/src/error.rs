@@ -45,6 +45,20 @@ pub enum Error {
         /// Columns the table requires (NOT NULL, no default) that the outbox does not write.
         foreign: Vec<String>,
     },
+    /// A Go operation on a service with no Go route ([`crate::store::GoRoute`]).
+    #[error(
+        "service `{service}` has no Go route; declare its Go table with `OutboxBuilder::go_route` (or `go_routes` in the CLI's config)"
+    )]
+    NoGoRoute {
+        /// The service.
+        service: String,
+    },
+    /// A Go route on a database the Go system did not run on.
+    #[error("Go routes need MySQL or MariaDB, where the Go system's tables are; this is {backend}")]
+    GoUnsupported {
+        /// The database.
+        backend: &'static str,
+    },
     /// A service's table is not in the database (dropped, or never migrated): its relay
     /// stops rather than fail every round unseen.
     #[error("table `{table}` of service `{service}` is not there; run `outbox migrate`")]

@@ -420,11 +420,22 @@ async fn an_event_whose_handler_failed_in_a_batch_runs_alone_when_it_comes_back(
         RelayConfig::default(),
     );
     while relay.relay_once("orders").await.unwrap() > 0 {}
+    // With the relay's headers, so that the consumer sees the messages its relay wrote.
     let outgoing = |m: &outbox_runtime::bus::Received| Outgoing {
         topic: w.topic.clone(),
         key: m.key.clone().map(|k| String::from_utf8(k).unwrap()),
         value: m.payload.clone().unwrap(),
-        headers: Vec::new(),
+        headers: [
+            "traceparent",
+            "ce_specversion",
+            "ce_id",
+            "ce_type",
+            "ce_source",
+            "ce_time",
+        ]
+        .into_iter()
+        .filter_map(|h| Some((h, m.header(h)?.to_owned())))
+        .collect(),
     };
     let c2 = aside.messages(&w.topic);
     let mut records: Vec<Outgoing> = c2[..5].iter().map(outgoing).collect();
@@ -1570,14 +1581,16 @@ async fn a_message_whose_event_has_no_row_is_dead_lettered_not_skipped() {
     let mut conn = w.pool.acquire().await.unwrap();
     let dead = w
         .outbox
-        .inbox_dead(&mut conn, &w.group, "42")
+        .inbox_dead(&mut conn, &w.group, "go:orders_outbox_messages:42")
         .await
         .unwrap()
-        .expect("a dead letter");
+        .expect("a dead letter, under an id that Go rows of other tables do not share");
     assert_eq!(dead.reason, "no_outbox_row");
     assert_eq!(dead.envelope, foreign);
     assert!(
-        dead.last_error.contains("no row of event `42`"),
+        dead.last_error.contains(
+            "the Go relay published it (outbox_id 42): declare service `orders`'s Go route"
+        ),
         "{}",
         dead.last_error
     );

@@ -18,6 +18,7 @@
 
 #[macro_use]
 mod backend;
+mod go;
 mod queries;
 
 #[cfg(feature = "mysql")]
@@ -41,6 +42,7 @@ use outbox_contract::{Listed, OutboxEvent};
 
 use crate::error::Error;
 
+pub use go::{GoRetry, GoRoute};
 pub use queries::Arg;
 
 /// Where a row is in its life.
@@ -931,6 +933,8 @@ struct Inner {
     clock: Arc<dyn Clock>,
     tables: BTreeMap<String, TableSql>,
     inbox: HashMap<&'static str, String>,
+    /// Services still served by the Go system: their Go tables.
+    go: BTreeMap<String, go::GoTable>,
 }
 
 /// Builds an [`Outbox`].
@@ -939,6 +943,7 @@ pub struct OutboxBuilder<DB: Backend> {
     catalog: Catalog,
     config: StoreConfig,
     clock: Arc<dyn Clock>,
+    go: BTreeMap<String, GoRoute>,
     _db: PhantomData<fn() -> DB>,
 }
 
@@ -959,6 +964,21 @@ impl<DB: Backend> OutboxBuilder<DB> {
         self
     }
 
+    /// Declares `service` still served by the Go system, its table in the Go schema: its
+    /// events are written there as Go rows ([`Outbox::enqueue`]), and a consumer of it applies
+    /// the messages the Go relay publishes against those rows. Refused for a service the
+    /// catalog does not have, or a table name that is not `[a-z_][a-z0-9_]*`.
+    pub fn go_route(mut self, service: &str, route: GoRoute) -> Result<Self, Error> {
+        if self.catalog.service(service).is_none() {
+            return Err(Error::UnknownService {
+                service: service.to_owned(),
+            });
+        }
+        go::check_table(&route.table)?;
+        self.go.insert(service.to_owned(), route);
+        Ok(self)
+    }
+
     /// The outbox.
     pub fn build(self) -> Outbox<DB> {
         let tables = self
@@ -967,6 +987,16 @@ impl<DB: Backend> OutboxBuilder<DB> {
             .map(|r| (r.service.clone(), TableSql::new::<DB>(r.clone())))
             .collect();
         let inbox = queries::for_table(DB::QUERIES, "outbox_inbox", DB::NUMBERED);
+        let go = self
+            .go
+            .into_iter()
+            .filter_map(|(service, route)| {
+                let mut at = self.catalog.service(&service)?.clone();
+                at.table.clone_from(&route.table);
+                let sql = TableSql::new::<DB>(at);
+                Some((service, go::GoTable { route, sql }))
+            })
+            .collect();
         Outbox {
             inner: Arc::new(Inner {
                 wake: Arc::new(tokio::sync::Notify::new()),
@@ -975,6 +1005,7 @@ impl<DB: Backend> OutboxBuilder<DB> {
                 clock: self.clock,
                 tables,
                 inbox,
+                go,
             }),
             _db: PhantomData,
         }
@@ -993,6 +1024,7 @@ impl<DB: Backend> Outbox<DB> {
             catalog,
             config: StoreConfig::default(),
             clock: Arc::new(SystemClock),
+            go: BTreeMap::new(),
             _db: PhantomData,
         }
     }
@@ -1211,6 +1243,15 @@ impl<DB: Backend> Outbox<DB> {
     }
 
     async fn insert(&self, conn: &mut DB::Connection, p: Prepared) -> Result<Enqueued, Error> {
+        if self.inner.go.contains_key(p.service) {
+            let (event_id, service) = (p.event_id.clone(), p.service.to_owned());
+            let id = self.insert_go(conn, p).await?;
+            return Ok(Enqueued {
+                id,
+                event_id,
+                service,
+            });
+        }
         let table = self.table(p.service)?;
         let now = self.now_ms();
         let args = vec![

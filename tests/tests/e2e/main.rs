@@ -8,6 +8,8 @@
 #[path = "../store/harness.rs"]
 mod harness;
 
+mod go;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -291,3 +291,38 @@ SELECT CAST(column_name AS CHAR),
         THEN 1 ELSE 0 END
 FROM information_schema.columns
 WHERE table_schema = DATABASE() AND table_name = '{table}'
+
+-- The Go system's tables (spec §1): only MySQL has these queries. {table} is the Go table.
+
+-- name: go_insert
+-- A Go row (`CreateMessage`): biz_type, service_name, topic, message_key, payload (the shell),
+-- max_retry; due at once.
+INSERT INTO {table} (biz_type, service_name, topic, message_key, payload, status, retry_count,
+    max_retry, next_retry_at, created_at, updated_at)
+VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, NOW(), NOW(), NOW())
+
+-- name: go_lock
+SELECT CAST(status AS CHAR), CAST(retry_count AS SIGNED) FROM {table} WHERE id = ? FOR UPDATE
+
+-- name: go_status
+SELECT CAST(status AS CHAR), CAST(retry_count AS SIGNED) FROM {table} WHERE id = ?
+
+-- name: go_consumed
+UPDATE {table} SET status = 'consumed', consumed_at = NOW(), last_error = NULL,
+    next_retry_at = NULL, updated_at = NOW()
+WHERE id = ? AND status NOT IN ('consumed', 'dead', 'moved')
+
+-- name: go_dead
+UPDATE {table} SET status = 'dead', last_error = ?, next_retry_at = NULL, updated_at = NOW()
+WHERE id = ? AND status NOT IN ('consumed', 'dead', 'moved')
+
+-- name: go_retry
+-- `MarkFailedForRetry`: n = retry_count + 1; dead at max_retry, else pending after min(n, 10)²
+-- seconds. MySQL assigns left to right, so retry_count is raised last.
+UPDATE {table} SET
+    status = CASE WHEN retry_count + 1 >= max_retry THEN 'dead' ELSE 'pending' END,
+    next_retry_at = CASE WHEN retry_count + 1 >= max_retry THEN NULL
+        ELSE DATE_ADD(NOW(), INTERVAL LEAST(retry_count + 1, 10) * LEAST(retry_count + 1, 10) SECOND)
+    END,
+    last_error = ?, updated_at = NOW(), retry_count = retry_count + 1
+WHERE id = ? AND status NOT IN ('consumed', 'dead', 'moved')
