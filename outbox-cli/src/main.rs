@@ -26,7 +26,7 @@ use outbox_runtime::envelope::VersionFormat;
 use outbox_runtime::relay::RelayConfig;
 use outbox_runtime::route::RouteOverride;
 use outbox_runtime::sqlx::{self, Pool};
-use outbox_runtime::store::{Backend, InboxDead, OutboxRow};
+use outbox_runtime::store::{Backend, GoRoute, InboxDead, OutboxRow};
 use outbox_runtime::{Catalog, Engine, Outbox, RouteConfig, Status};
 use serde::Deserialize;
 use serde_json::json;
@@ -82,6 +82,23 @@ enum Command {
         dry_run: bool,
         /// At most this many rows per service.
         #[arg(long, default_value_t = 10_000)]
+        limit: usize,
+    },
+    /// Move the pending rows of a Go outbox table (the Go system's schema) into this outbox,
+    /// each exactly once; stop the Go relay of that table first.
+    ImportGo {
+        /// The Go table (`notification_outbox_messages`).
+        #[arg(long)]
+        table: String,
+        /// The service whose table takes the rows (else the one whose `go_routes` entry names
+        /// the table, or whose Go table it is by the Go naming convention).
+        #[arg(long)]
+        service: Option<String>,
+        /// Show what would move and what would be refused, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 1_000_000)]
         limit: usize,
     },
     /// Run the relay for the services until SIGTERM or Ctrl-C.
@@ -197,6 +214,19 @@ struct Config {
     kafka: BTreeMap<String, String>,
     #[serde(default)]
     relay: RelayFile,
+    /// Services still served by the Go system: their Go tables.
+    #[serde(default)]
+    go_routes: BTreeMap<String, GoRouteFile>,
+}
+
+/// A service's Go route in the config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GoRouteFile {
+    /// The Go table.
+    table: String,
+    /// How its Go handlers spell `event_version` (`"number"`, the default, or `"prefixed"`).
+    version_format: Option<Spelling>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -336,7 +366,17 @@ async fn with_pool<DB: Backend>(cli: Cli, config: Config, pool: Pool<DB>) -> Res
     for s in &services {
         catalog = catalog.service_by_name(s)?;
     }
-    let outbox = Outbox::<DB>::new(catalog.build());
+    let mut outbox = Outbox::<DB>::builder(catalog.build());
+    for (service, go) in &config.go_routes {
+        let mut route = GoRoute::new(&go.table);
+        if let Some(spelling) = go.version_format {
+            route = route.version(spelling.into());
+        }
+        outbox = outbox
+            .go_route(service, route)
+            .map_err(|e| format!("go_routes.{service}: {e}"))?;
+    }
+    let outbox = outbox.build();
     match cli.command {
         Command::Migrate { print } => migrate(&outbox, &pool, print, cli.json).await,
         Command::Status => status(&outbox, &pool, cli.json).await,
@@ -372,6 +412,30 @@ async fn with_pool<DB: Backend>(cli: Cli, config: Config, pool: Pool<DB>) -> Res
                 &outbox, &pool, &targets, older_than, dry_run, limit, cli.json,
             )
             .await
+        }
+        Command::ImportGo {
+            table,
+            service,
+            dry_run,
+            limit,
+        } => {
+            let service = match service {
+                Some(s) if !services.contains(&s) => {
+                    return Err(format!("service `{s}` is not configured").into());
+                }
+                Some(s) => s,
+                None => services
+                    .iter()
+                    .find(|s| outbox.go_route(s).is_some_and(|r| r.table == table))
+                    .or_else(|| services.iter().find(|s| GoRoute::convention(s) == table))
+                    .cloned()
+                    .ok_or_else(|| {
+                        format!(
+                            "no configured service has Go table `{table}`: give --service, or name it in go_routes"
+                        )
+                    })?,
+            };
+            import_go(&outbox, &pool, &service, &table, dry_run, limit, cli.json).await
         }
         Command::Relay {
             brokers,
@@ -552,6 +616,67 @@ async fn republish<DB: Backend>(
             );
         }
     }
+    Ok(())
+}
+
+async fn import_go<DB: Backend>(
+    outbox: &Outbox<DB>,
+    pool: &Pool<DB>,
+    service: &str,
+    table: &str,
+    dry_run: bool,
+    limit: usize,
+    json: bool,
+) -> Result<(), BoxError> {
+    let mut conn = pool.acquire().await?;
+    outbox.check_table(&mut conn, service).await?;
+    let done = outbox
+        .import_go(&mut conn, service, table, dry_run, limit)
+        .await?;
+    if json {
+        let mut v = serde_json::to_value(&done)?;
+        v["dry_run"] = json!(dry_run);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let ours = &outbox
+        .catalog()
+        .service(service)
+        .ok_or("unknown service")?
+        .table;
+    println!(
+        "import-go: `{table}` -> `{ours}` (service {service}){}",
+        if dry_run {
+            ", dry run: nothing changes"
+        } else {
+            ""
+        }
+    );
+    for m in &done.moved {
+        println!(
+            "  {} go#{} as event {} ({} v{})",
+            if dry_run { "would move" } else { "moved" },
+            m.go_id,
+            m.event_id,
+            m.event_type,
+            m.version
+        );
+    }
+    for r in &done.refused {
+        println!("  refused go#{}: {}", r.go_id, r.reason);
+    }
+    let left: Vec<String> = done.left.iter().map(|(s, n)| format!("{s} {n}")).collect();
+    println!(
+        "{} {}, refused {}; `{table}` now holds: {}",
+        if dry_run { "would move" } else { "moved" },
+        done.moved.len(),
+        done.refused.len(),
+        if left.is_empty() {
+            "nothing".to_owned()
+        } else {
+            left.join(", ")
+        }
+    );
     Ok(())
 }
 

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use contracts::samples;
 use outbox_runtime::route::RouteOverride;
 use outbox_runtime::sqlx::{self, Postgres, Sqlite};
-use outbox_runtime::store::Backend;
+use outbox_runtime::store::{Backend, GoRoute};
 use outbox_runtime::{Catalog, Outbox, RouteConfig};
 use serde_json::Value;
 
 const PG: &str = "postgres://postgres@127.0.0.1:5432/test";
+const MARIADB: &str = "mysql://root@127.0.0.1:3306/test";
 
 struct Setup {
     tag: String,
@@ -590,6 +591,233 @@ async fn relay_daemon_exits_non_zero_when_its_relay_dies_while_it_runs() {
     );
     drop(conn);
     std::fs::remove_file(&path).unwrap();
+}
+
+/// A Go outbox table as GORM's AutoMigrate makes it on MySQL (spec §1.1).
+fn go_ddl(table: &str) -> String {
+    format!(
+        "CREATE TABLE {table} (id BIGINT NOT NULL AUTO_INCREMENT, biz_type VARCHAR(64) NOT NULL, \
+         service_name VARCHAR(64) NOT NULL DEFAULT '', topic VARCHAR(128) NOT NULL, \
+         message_key VARCHAR(128) NOT NULL, payload LONGTEXT NOT NULL, status VARCHAR(32) NOT NULL, \
+         retry_count INT NOT NULL DEFAULT 0, max_retry INT NOT NULL DEFAULT 20, \
+         next_retry_at DATETIME NULL, last_error TEXT NULL, published_at DATETIME NULL, \
+         consumed_at DATETIME NULL, created_at DATETIME NULL, updated_at DATETIME NULL, \
+         PRIMARY KEY (id), KEY idx_outbox_status_next (status, next_retry_at, biz_type), \
+         KEY idx_outbox_service_name (service_name))"
+    )
+}
+
+/// Waits for a child, at most 120 s.
+fn wait_child(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            return exit;
+        }
+        assert!(Instant::now() < deadline, "the command did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// A Go backlog taken over: `import-go --dry-run` shows what would move and what is refused and
+// changes nothing; the import, killed with -9 midway and run again, moves every due row exactly
+// once (each batch's rows taken in the Go table and inserted here in one transaction), keeping
+// the Go producer's event ids and making the Go defaults unique.
+#[tokio::test]
+async fn import_go_moves_a_go_backlog_exactly_once_across_a_kill() {
+    let s = Setup::new(MARIADB);
+    let go = format!("g{}_notification_outbox_messages", s.tag);
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&s.config).unwrap()).unwrap();
+    config["go_routes"] = serde_json::json!({ "notification": { "table": go } });
+    std::fs::write(&s.config, config.to_string()).unwrap();
+    s.ok(&["migrate"]);
+    let pool = sqlx::mysql::MySqlPoolOptions::new()
+        .connect(&s.url)
+        .await
+        .expect("MariaDB is unreachable");
+    sqlx::query(&go_ddl(&go)).execute(&pool).await.unwrap();
+    // 6,000 pending rows, as the Go `CreateMessage` writes them: every third with an event id
+    // of its producer, the rest with the Go default (none); plus three the Go relay would
+    // refuse, a published row and a consumed one.
+    let n = 6000;
+    let payload = serde_json::to_string(&samples::feishu(1)).unwrap();
+    for chunk in (0..n).collect::<Vec<u32>>().chunks(500) {
+        let values: Vec<String> = chunk
+            .iter()
+            .map(|i| {
+                let id = if i % 3 == 0 { format!("\"event_id\":\"evt-{i}\",") } else { String::new() };
+                format!(
+                    "('notification.feishu.requested', 'notification', 't', '{k}', \
+                     '{{{id}\"event_type\":\"notification.feishu.requested\",\"event_version\":\"1\",\"payload\":{payload}}}', \
+                     'pending', 0, 20, NOW(), NOW(), NOW())",
+                    k = i % 97
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO {go} (biz_type, service_name, topic, message_key, payload, status, \
+             retry_count, max_retry, next_retry_at, created_at, updated_at) VALUES {}",
+            values.join(", ")
+        );
+        sqlx::query(&sql).execute(&pool).await.unwrap();
+    }
+    for (payload, status) in [
+        ("not json", "pending"),
+        (r#"{"event_type":"","payload":{}}"#, "pending"),
+        (
+            r#"{"event_type":"notification.feishu.requested"}"#,
+            "pending",
+        ),
+        (
+            r#"{"event_type":"notification.feishu.requested","payload":{}}"#,
+            "published",
+        ),
+        (
+            r#"{"event_type":"notification.feishu.requested","payload":{}}"#,
+            "consumed",
+        ),
+    ] {
+        let sql = format!(
+            "INSERT INTO {go} (biz_type, service_name, topic, message_key, payload, status, \
+             created_at, updated_at) VALUES ('notification.feishu.requested', '', 't', '', ?, ?, NOW(), NOW())"
+        );
+        sqlx::query(&sql)
+            .bind(payload)
+            .bind(status)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let ours = format!("c{}_notification_outbox", s.tag);
+    let count = |sql: String| {
+        let pool = pool.clone();
+        async move {
+            let (n,): (i64,) = sqlx::query_as(&sql).fetch_one(&pool).await.unwrap();
+            n
+        }
+    };
+
+    let dry = s.ok(&["import-go", "--table", &go, "--dry-run"]);
+    assert!(
+        dry.contains("would move go#1 as event evt-0 (notification.feishu.requested v1)"),
+        "{dry}"
+    );
+    assert!(
+        dry.contains(&format!(
+            "would move go#2 as event {} ",
+            GoRoute::event_id(&go, 2, None)
+        )),
+        "{dry}"
+    );
+    assert!(
+        dry.contains(&format!("refused go#{}: the shell is not JSON", n + 1)),
+        "{dry}"
+    );
+    assert!(
+        dry.contains(&format!("refused go#{}: event type is empty", n + 2)),
+        "{dry}"
+    );
+    assert!(
+        dry.contains(&format!("refused go#{}: payload is empty", n + 3)),
+        "{dry}"
+    );
+    assert!(
+        dry.contains(&format!(
+            "would move {n}, refused 3; `{go}` now holds: consumed 1, pending {}, published 1",
+            n + 3
+        )),
+        "{dry}"
+    );
+    assert_eq!(
+        count(format!("SELECT COUNT(*) FROM {ours}")).await,
+        0,
+        "a dry run moved rows"
+    );
+
+    // Killed once its first batches are in.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["import-go", "--table", &go])
+        .env("OUTBOX_CONFIG", &s.config)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(format!("SELECT COUNT(*) FROM {ours}")).await == 0 {
+        assert!(Instant::now() < deadline, "the import moved nothing");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().unwrap();
+    let exit = wait_child(&mut child);
+    assert!(!exit.success(), "killed, it cannot have finished cleanly");
+    let inserted = count(format!("SELECT COUNT(*) FROM {ours}")).await;
+    let moved = count(format!("SELECT COUNT(*) FROM {go} WHERE status = 'moved'")).await;
+    assert_eq!(
+        inserted, moved,
+        "a row inserted here and not taken there, or the reverse"
+    );
+    assert!(
+        inserted < i64::from(n),
+        "the kill landed after the import: {inserted} rows"
+    );
+
+    let done = s.ok(&["import-go", "--table", &go]);
+    assert!(
+        done.contains(&format!("moved {}, refused 3", i64::from(n) - inserted)),
+        "{done}"
+    );
+    assert_eq!(
+        count(format!("SELECT COUNT(*) FROM {ours}")).await,
+        i64::from(n)
+    );
+    assert_eq!(
+        count(format!("SELECT COUNT(DISTINCT event_id) FROM {ours}")).await,
+        i64::from(n)
+    );
+    assert_eq!(
+        count(format!("SELECT COUNT(*) FROM {go} WHERE status = 'moved'")).await,
+        i64::from(n)
+    );
+    assert_eq!(
+        count(format!(
+            "SELECT COUNT(*) FROM {go} WHERE status = 'pending'"
+        ))
+        .await,
+        3
+    );
+    // Each Go row is the event it became: its producer's id, or one derived from table and id.
+    let ours_rows: std::collections::HashMap<String, (String, String, i64)> = sqlx::query_as(
+        &format!("SELECT event_id, message_key, status, event_version FROM {ours}"),
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(e, k, s, v): (String, String, String, i64)| (e, (k, s, v)))
+    .collect();
+    let go_rows: Vec<(i64, String, String)> = sqlx::query_as(&format!(
+        "SELECT id, payload, message_key FROM {go} WHERE status = 'moved'"
+    ))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    for (id, payload, key) in go_rows {
+        let shell: Value = serde_json::from_str(&payload).unwrap();
+        let event_id = GoRoute::event_id(&go, id, shell["event_id"].as_str());
+        assert_eq!(
+            ours_rows.get(&event_id),
+            Some(&(key, "pending".to_owned(), 1)),
+            "Go row {id}"
+        );
+    }
+    // Run again: nothing left to move.
+    let again = s.ok(&["import-go", "--table", &go]);
+    assert!(again.contains("moved 0, refused 3"), "{again}");
+    sqlx::query(&format!("DROP TABLE {go}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    s.drop_tables(&pool).await;
 }
 
 // An inbox consumer's dead letters, in its own database: listed, shown, discarded, and replayed

@@ -173,9 +173,19 @@ pub struct ConsumerConfig {
     pub(crate) inbox_attempts: u32,
     pub(crate) call_lease: Duration,
     pub(crate) rejoin_after: Duration,
+    pub(crate) allow_foreign_members: bool,
 }
 
 impl ConsumerConfig {
+    /// Whether the consumer joins a group that has members of another system (the Go
+    /// consumers of the same group name, say) (false). A consumer beside them would take part
+    /// of their partitions, and each side would mishandle the other's messages: by default it
+    /// describes the group first and refuses to start ([`Error::ForeignMembers`]).
+    pub fn allow_foreign_members(mut self, allow: bool) -> Self {
+        self.allow_foreign_members = allow;
+        self
+    }
+
     /// Partitions handled at once (4).
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = workers.max(1);
@@ -259,6 +269,7 @@ impl Default for ConsumerConfig {
             inbox_attempts: 10,
             call_lease: Duration::from_secs(30),
             rejoin_after: Duration::from_secs(120),
+            allow_foreign_members: false,
         }
     }
 }
@@ -572,10 +583,27 @@ where
         mut shutdown: Shutdown,
         ready: Option<Arc<Ready>>,
     ) -> Result<(), Error> {
-        let receiver = Arc::new(self.inner.bus.receiver(
-            &self.inner.route.group,
-            std::slice::from_ref(&self.inner.route.topic),
-        )?);
+        let group = &self.inner.route.group;
+        if !self.inner.config.allow_foreign_members {
+            match self.inner.bus.foreign_members(group).await {
+                Ok(members) if !members.is_empty() => {
+                    return Err(Error::ForeignMembers {
+                        group: group.clone(),
+                        members,
+                    });
+                }
+                Ok(_) => {}
+                // A broker that cannot describe groups does not stop the consumer.
+                Err(e) => {
+                    tracing::warn!(%group, error = %e, "could not describe the group; joining it")
+                }
+            }
+        }
+        let receiver = Arc::new(
+            self.inner
+                .bus
+                .receiver(group, std::slice::from_ref(&self.inner.route.topic))?,
+        );
         if let Some(ready) = ready {
             let (receiver, shutdown) = (receiver.clone(), shutdown.clone());
             tokio::spawn(async move {
@@ -1310,17 +1338,16 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         }
     }
 
-    /// A message the Go relay published, with the Go default event id (its decimal row id,
-    /// which rows of other Go tables share) made unique: `go:<table>:<id>`. An event id the Go
-    /// producer gave is kept: the Go handlers' idempotency records hold it.
+    /// A message the Go relay published, with its event id as every part of this outbox
+    /// knows the Go row ([`crate::store::GoRoute::event_id`]): the Go default (the decimal row
+    /// id, which rows of other Go tables share) becomes one derived from the table and id; an
+    /// id the Go producer gave is kept, as the Go handlers' idempotency records hold it.
     fn go_envelope(&self, mut env: Envelope) -> Envelope {
-        if env.event_id == env.outbox_id.to_string() {
-            let table = self.outbox.go_route(&self.route.service).map_or_else(
-                || crate::store::GoRoute::convention(&self.route.service),
-                |r| r.table.clone(),
-            );
-            env.event_id = format!("go:{table}:{}", env.outbox_id);
-        }
+        let table = self.outbox.go_route(&self.route.service).map_or_else(
+            || crate::store::GoRoute::convention(&self.route.service),
+            |r| r.table.clone(),
+        );
+        env.event_id = crate::store::GoRoute::event_id(&table, env.outbox_id, Some(&env.event_id));
         env
     }
 

@@ -59,6 +59,18 @@ pub enum Error {
         /// The database.
         backend: &'static str,
     },
+    /// A consumer group with members of another system (the Go consumers of the same group
+    /// name): joining would take part of their partitions.
+    #[error(
+        "consumer group `{group}` has members that are not outbox consumers ({}); a consumer beside them would take part of their partitions: stop them first, or allow it with `ConsumerConfig::allow_foreign_members`",
+        members.join(", ")
+    )]
+    ForeignMembers {
+        /// The group.
+        group: String,
+        /// The foreign members, as `client id@host`.
+        members: Vec<String>,
+    },
     /// A service's table is not in the database (dropped, or never migrated): its relay
     /// stops rather than fail every round unseen.
     #[error("table `{table}` of service `{service}` is not there; run `outbox migrate`")]

@@ -10,7 +10,7 @@ use outbox_runtime::consumer::Consumer;
 use outbox_runtime::relay::{Relay, Shutdown};
 use outbox_runtime::sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use outbox_runtime::sqlx::{Sqlite, SqlitePool};
-use outbox_runtime::store::{ManualClock, StoreConfig};
+use outbox_runtime::store::{GoRoute, ManualClock, StoreConfig};
 use outbox_runtime::{
     Call, Catalog, ConsumerConfig, Context, Dedupe, HandlerError, Outbox, OutboxEvent,
     OutboxService, RelayConfig, RouteConfig, Status,
@@ -1581,7 +1581,11 @@ async fn a_message_whose_event_has_no_row_is_dead_lettered_not_skipped() {
     let mut conn = w.pool.acquire().await.unwrap();
     let dead = w
         .outbox
-        .inbox_dead(&mut conn, &w.group, "go:orders_outbox_messages:42")
+        .inbox_dead(
+            &mut conn,
+            &w.group,
+            &GoRoute::event_id("orders_outbox_messages", 42, None),
+        )
         .await
         .unwrap()
         .expect("a dead letter, under an id that Go rows of other tables do not share");
@@ -1648,4 +1652,35 @@ async fn a_task_that_fails_reaches_the_caller_through_running_and_run() {
         .unwrap_err()
         .to_string();
     assert!(failed.contains("no member"), "{failed}");
+}
+
+// A consumer refuses a group that has a member of another system (a Go consumer of the same
+// group name): it would take part of that member's partitions. Told to, it joins and consumes.
+// (Against Kafka the members come from the group's description; tansu 0.6 lists no groups, so
+// this is where the refusal is tested.)
+#[tokio::test]
+async fn a_consumer_refuses_a_group_with_a_member_of_another_system() {
+    let w = World::new(MemoryBus::new().with_partitions(1)).await;
+    w.enqueue("c1", 1, 0).await;
+    w.relay_all().await;
+    w.bus.join_foreign(&w.group, "kafka-go@10.0.0.7");
+    let recorder = Arc::new(Recorder::default());
+    let (_trigger, shutdown) = Shutdown::new();
+    let refused = w
+        .consumer(&w.pool, &recorder, ConsumerConfig::default())
+        .run(shutdown)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains(&format!(
+            "consumer group `{}` has members that are not outbox consumers (kafka-go@10.0.0.7)",
+            w.group
+        )),
+        "{refused}"
+    );
+    assert_eq!(recorder.calls(1), 0);
+    let allowed = ConsumerConfig::default().allow_foreign_members(true);
+    w.consume_everything(&w.pool, &recorder, allowed).await;
+    assert_eq!(w.effects().await, vec![1]);
 }

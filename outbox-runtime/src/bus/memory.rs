@@ -68,6 +68,8 @@ struct Group {
     committed: HashMap<(String, i32), i64>,
     /// Members that left and joined again.
     rejoins: u64,
+    /// Members of another system ([`MemoryBus::join_foreign`]): named, reading nothing here.
+    foreign: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, Default)]
@@ -215,6 +217,14 @@ impl MemoryBus {
             .unwrap_or_default()
     }
 
+    /// Puts a member of another system (`client id@host`, say a Go consumer) in `group`, as
+    /// [`Bus::foreign_members`] reports it; it reads nothing.
+    pub fn join_foreign(&self, group: &str, member: &str) {
+        let mut state = self.shared.lock();
+        let g = state.groups.entry(group.to_owned()).or_default();
+        g.foreign.insert(member.to_owned());
+    }
+
     /// How many times members of `group` left it and joined again ([`Receive::rejoin`]).
     pub fn rejoins(&self, group: &str) -> u64 {
         self.shared
@@ -352,6 +362,15 @@ impl Publish for MemoryBus {
 
 impl Bus for MemoryBus {
     type Receiver = MemoryReceiver;
+
+    async fn foreign_members(&self, group: &str) -> Result<Vec<String>, Error> {
+        let state = self.shared.lock();
+        Ok(state
+            .groups
+            .get(group)
+            .map(|g| g.foreign.iter().cloned().collect())
+            .unwrap_or_default())
+    }
 
     fn receiver(&self, group: &str, topics: &[String]) -> Result<MemoryReceiver, Error> {
         let id = {

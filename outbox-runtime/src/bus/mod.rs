@@ -162,6 +162,16 @@ pub trait Bus: Publish {
     /// A new member of `group`, reading `topics` from the group's committed offsets (from the
     /// start where the group has none).
     fn receiver(&self, group: &str, topics: &[String]) -> Result<Self::Receiver, Error>;
+
+    /// The members of `group` now that are not consumers of this framework (the Go system's,
+    /// another tool's), each as `client id@host`; empty where the bus cannot tell.
+    fn foreign_members(
+        &self,
+        group: &str,
+    ) -> impl Future<Output = Result<Vec<String>, Error>> + Send {
+        let _ = group;
+        async { Ok(Vec::new()) }
+    }
 }
 
 /// Why an error means no retry can deliver the record: the dead-letter reason, or `None` for

@@ -102,6 +102,25 @@ macro_rules! common_methods {
                 .collect()
         }
 
+        async fn fetch_go_due(
+            conn: &mut Self::Connection,
+            sql: &str,
+            args: Vec<$crate::store::Arg>,
+        ) -> Result<Vec<$crate::store::GoDue>, sqlx::Error> {
+            use sqlx::Row as _;
+            let rows = bind_all!(sqlx::query(sql), args).fetch_all(conn).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok($crate::store::GoDue {
+                        id: r.try_get(0)?,
+                        service_name: r.try_get(1)?,
+                        message_key: r.try_get(2)?,
+                        payload: r.try_get(3)?,
+                    })
+                })
+                .collect()
+        }
+
         async fn fetch_ints(
             conn: &mut Self::Connection,
             sql: &str,

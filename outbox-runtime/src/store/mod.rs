@@ -42,7 +42,7 @@ use outbox_contract::{Listed, OutboxEvent};
 
 use crate::error::Error;
 
-pub use go::{GoRetry, GoRoute};
+pub use go::{GoDue, GoImport, GoMoved, GoRefused, GoRetry, GoRoute};
 pub use queries::Arg;
 
 /// Where a row is in its life.
@@ -511,6 +511,14 @@ pub trait Backend: sqlx::Database + private::Sealed {
         sql: &str,
         args: Vec<Arg>,
     ) -> impl Future<Output = Result<Vec<(String, i64)>, sqlx::Error>> + Send;
+
+    /// Runs a query returning Go rows to import: id, service_name, message_key, payload.
+    #[doc(hidden)]
+    fn fetch_go_due(
+        conn: &mut Self::Connection,
+        sql: &str,
+        args: Vec<Arg>,
+    ) -> impl Future<Output = Result<Vec<GoDue>, sqlx::Error>> + Send;
 
     /// Runs a query returning one nullable integer column.
     #[doc(hidden)]

@@ -365,7 +365,7 @@ async fn go_relayed_messages_are_applied_once_against_their_go_rows() {
         .unwrap()
         .group
         .clone();
-    let key = format!("go:{}:{gone}", g.go_table);
+    let key = GoRoute::event_id(&g.go_table, gone, None);
     let deadline = Instant::now() + Duration::from_secs(60);
     let dead = loop {
         let mut conn = g.w.h.pool.acquire().await.unwrap();
@@ -385,8 +385,8 @@ async fn go_relayed_messages_are_applied_once_against_their_go_rows() {
     applied.sort();
     let mut expected = vec![
         "evt-explicit-1".to_owned(),
-        format!("go:{}:{defaulted}", g.go_table),
-        format!("go:{}:{failing}", g.go_table),
+        GoRoute::event_id(&g.go_table, defaulted, None),
+        GoRoute::event_id(&g.go_table, failing, None),
     ];
     expected.sort();
     assert_eq!(applied, expected);

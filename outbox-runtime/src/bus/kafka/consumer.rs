@@ -4,13 +4,36 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::KafkaConfig;
 use crate::bus::{Position, Receive, Received};
 use crate::error::Error;
+
+/// The `client.id` of this framework's consumers, unless the configuration sets another: how
+/// [`foreign_members`] tells them from the members of other systems in a group.
+const CLIENT_ID: &str = "outbox-rs";
+
+/// The members of `group` whose client id is not this framework's consumers' (a blocking
+/// call: the group's description from its coordinator).
+pub(super) fn foreign_members(config: &KafkaConfig, group: &str) -> Result<Vec<String>, Error> {
+    let ours = config
+        .properties
+        .get("client.id")
+        .map_or(CLIENT_ID, String::as_str);
+    let client: BaseConsumer = config.client(&[]).create()?;
+    let groups = client.fetch_group_list(Some(group), Duration::from_secs(10))?;
+    Ok(groups
+        .groups()
+        .iter()
+        .filter(|g| g.name() == group)
+        .flat_map(|g| g.members())
+        .filter(|m| m.client_id() != ours)
+        .map(|m| format!("{}@{}", m.client_id(), m.client_host()))
+        .collect())
+}
 
 /// A member of a Kafka consumer group. See [`Receive`].
 pub struct KafkaReceiver {
@@ -46,6 +69,7 @@ impl KafkaReceiver {
     ) -> Result<StreamConsumer, Error> {
         let consumer: StreamConsumer = config
             .client(&[
+                ("client.id", CLIENT_ID),
                 ("group.id", group),
                 ("enable.auto.commit", "true"),
                 ("auto.commit.interval.ms", "500"),

@@ -82,4 +82,16 @@ impl Bus for KafkaBus {
     fn receiver(&self, group: &str, topics: &[String]) -> Result<KafkaReceiver, Error> {
         KafkaReceiver::new(&self.config, group, topics)
     }
+
+    fn foreign_members(
+        &self,
+        group: &str,
+    ) -> impl Future<Output = Result<Vec<String>, Error>> + Send {
+        let (config, group) = (self.config.clone(), group.to_owned());
+        async move {
+            tokio::task::spawn_blocking(move || consumer::foreign_members(&config, &group))
+                .await
+                .map_err(|e| Error::Task(format!("describing the group failed: {e}")))?
+        }
+    }
 }

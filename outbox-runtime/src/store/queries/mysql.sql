@@ -326,3 +326,17 @@ UPDATE {table} SET
     END,
     last_error = ?, updated_at = NOW(), retry_count = retry_count + 1
 WHERE id = ? AND status NOT IN ('consumed', 'dead', 'moved')
+
+-- name: go_due
+-- Pending rows after an id, oldest first, for `outbox import-go`: id, service_name,
+-- message_key, payload.
+SELECT id, CAST(service_name AS CHAR), CAST(message_key AS CHAR), CAST(payload AS CHAR)
+FROM {table} WHERE status = 'pending' AND id > ? ORDER BY id LIMIT ?
+
+-- name: go_take
+-- A pending row moved into this outbox: a compare-and-set, so that a row moves once.
+UPDATE {table} SET status = 'moved', last_error = ?, next_retry_at = NULL, updated_at = NOW()
+WHERE id = ? AND status = 'pending'
+
+-- name: go_counts
+SELECT CAST(status AS CHAR), COUNT(*) FROM {table} GROUP BY status ORDER BY 1
