@@ -667,7 +667,7 @@ async fn import_go<DB: Backend>(
     }
     let left: Vec<String> = done.left.iter().map(|(s, n)| format!("{s} {n}")).collect();
     println!(
-        "{} {}, refused {}; `{table}` now holds: {}",
+        "{} {}, refused {}; `{table}` holds: {}",
         if dry_run { "would move" } else { "moved" },
         done.moved.len(),
         done.refused.len(),

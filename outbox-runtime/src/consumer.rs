@@ -1548,11 +1548,18 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             .map(|r| r.table.clone())
             .unwrap_or_default();
         let mut error = format!("no row of event `{}` in `{table}`", env.event_id);
-        if from_go(msg) && self.outbox.go_route(S::SERVICE).is_none() {
+        if from_go(msg) {
+            let what = if self.outbox.go_route(S::SERVICE).is_none() {
+                format!(
+                    "declare service `{}`'s Go route to apply it against its Go row",
+                    S::SERVICE
+                )
+            } else {
+                "a handler outside any transaction does not apply Go rows".to_owned()
+            };
             error.push_str(&format!(
-                "; the Go relay published it (outbox_id {}): declare service `{}`'s Go route to apply it against its Go row",
-                env.outbox_id,
-                S::SERVICE
+                "; the Go relay published it (outbox_id {}): {what}",
+                env.outbox_id
             ));
         }
         self.inbox_dead::<S>(msg, env, "no_outbox_row", &error, 1)

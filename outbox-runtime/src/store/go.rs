@@ -32,6 +32,11 @@ pub struct GoRoute {
     pub version: VersionFormat,
     /// The `max_retry` of the rows written (20, the Go default).
     pub max_retry: i32,
+    /// Whether `enqueue` writes this service's events as Go rows (true). Off, they go into
+    /// this outbox's table while its consumers still apply the Go relay's messages against
+    /// the Go rows: the state once the producers of a process moved and the Go relay still
+    /// sends what Go producers write.
+    pub write: bool,
 }
 
 impl GoRoute {
@@ -41,7 +46,14 @@ impl GoRoute {
             table: table.into(),
             version: VersionFormat::Number,
             max_retry: 20,
+            write: true,
         }
+    }
+
+    /// Whether `enqueue` writes this service's events as Go rows.
+    pub fn write(mut self, write: bool) -> Self {
+        self.write = write;
+        self
     }
 
     /// How `event_version` is spelled in the rows written.

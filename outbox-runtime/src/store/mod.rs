@@ -1251,7 +1251,12 @@ impl<DB: Backend> Outbox<DB> {
     }
 
     async fn insert(&self, conn: &mut DB::Connection, p: Prepared) -> Result<Enqueued, Error> {
-        if self.inner.go.contains_key(p.service) {
+        if self
+            .inner
+            .go
+            .get(p.service)
+            .is_some_and(|go| go.route.write)
+        {
             let (event_id, service) = (p.event_id.clone(), p.service.to_owned());
             let id = self.insert_go(conn, p).await?;
             return Ok(Enqueued {

@@ -472,3 +472,56 @@ async fn an_event_of_a_go_route_is_written_as_a_go_row_the_go_relay_can_send() {
         g.cleanup().await;
     }
 }
+
+// A process whose producers moved writes the service's events into our table again, while its
+// consumer still applies the Go relay's messages against the Go rows. On a database without the
+// Go tables' queries, writing Go rows is refused by name, not attempted.
+#[tokio::test]
+async fn a_go_route_that_does_not_write_leaves_events_in_our_table() {
+    let g = GoWorld::new(VersionFormat::Number).await;
+    let outbox = Outbox::<MySql>::builder(g.w.h.outbox.catalog().clone())
+        .go_route(
+            "notification",
+            GoRoute::new(g.go_table.clone()).write(false),
+        )
+        .unwrap()
+        .build();
+    let mut tx = g.w.h.pool.begin().await.unwrap();
+    let done = outbox
+        .enqueue(&mut *tx, &samples::feishu(31))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(g.w.h.rows("notification").await, 1);
+    let (n,): (i64,) = sqlx::query_as(&format!("SELECT COUNT(*) FROM {}", g.go_table))
+        .fetch_one(&g.w.h.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    let mut conn = g.w.h.pool.acquire().await.unwrap();
+    let row = outbox
+        .get_by_event_id(&mut conn, "notification", &done.event_id)
+        .await
+        .unwrap();
+    assert!(row.is_some());
+    drop(conn);
+    g.cleanup().await;
+
+    let sqlite = super::harness::Harness::<sqlx::Sqlite>::new().await;
+    let outbox = Outbox::<sqlx::Sqlite>::builder(sqlite.outbox.catalog().clone())
+        .go_route("notification", GoRoute::new("notification_outbox_messages"))
+        .unwrap()
+        .build();
+    let mut conn = sqlite.pool.acquire().await.unwrap();
+    let refused = outbox
+        .enqueue(&mut *conn, &samples::feishu(32))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("Go routes need MySQL or MariaDB"),
+        "{refused}"
+    );
+    drop(conn);
+    sqlite.cleanup().await;
+}

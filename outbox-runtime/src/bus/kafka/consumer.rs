@@ -16,6 +16,13 @@ use crate::error::Error;
 /// [`foreign_members`] tells them from the members of other systems in a group.
 const CLIENT_ID: &str = "outbox-rs";
 
+/// Whether a group member with `client_id` belongs to another system, when this framework's
+/// consumers use `ours`. A member with no client id tells nothing: a coordinator may list a
+/// member whose process died without one (tansu does, after a kill -9).
+fn is_foreign(client_id: &str, ours: &str) -> bool {
+    !client_id.is_empty() && client_id != ours
+}
+
 /// The members of `group` whose client id is not this framework's consumers' (a blocking
 /// call: the group's description from its coordinator).
 pub(super) fn foreign_members(config: &KafkaConfig, group: &str) -> Result<Vec<String>, Error> {
@@ -30,7 +37,7 @@ pub(super) fn foreign_members(config: &KafkaConfig, group: &str) -> Result<Vec<S
         .iter()
         .filter(|g| g.name() == group)
         .flat_map(|g| g.members())
-        .filter(|m| m.client_id() != ours)
+        .filter(|m| is_foreign(m.client_id(), ours))
         .map(|m| format!("{}@{}", m.client_id(), m.client_host()))
         .collect())
 }
@@ -194,5 +201,20 @@ impl Receive for KafkaReceiver {
             drop(old);
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_is_foreign_only_by_a_client_id_of_its_own() {
+        assert!(is_foreign("kafka-go", CLIENT_ID));
+        assert!(is_foreign("rdkafka", CLIENT_ID));
+        assert!(!is_foreign(CLIENT_ID, CLIENT_ID));
+        // A dead member a coordinator lists without its client id.
+        assert!(!is_foreign("", CLIENT_ID));
+        assert!(!is_foreign("billing", "billing"));
     }
 }
