@@ -384,6 +384,27 @@ impl<DB: TestDb> World<DB> {
         }
     }
 
+    /// Every row consumed; published once, but for those at the indexes `retried`, which
+    /// failed once and were published again.
+    async fn consumed_once(&self, rows: &[Enqueued], retried: &[usize]) {
+        let mut conn = self.h.pool.acquire().await.unwrap();
+        for (i, e) in rows.iter().enumerate() {
+            let row = self
+                .h
+                .outbox
+                .get(&mut conn, "notification", e.id)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(row.status, Status::Consumed, "event {i}");
+            if retried.contains(&i) {
+                assert!(row.attempts > 1, "event {i} failed once and was retried");
+            } else {
+                assert_eq!(row.attempts, 1, "event {i} was published again");
+            }
+        }
+    }
+
     /// `(effects, distinct events with an effect)`.
     async fn effects(&self) -> (i64, i64) {
         let mut conn = self.h.pool.acquire().await.unwrap();
@@ -914,20 +935,7 @@ async fn a_failing_handler_in_a_batch_leaves_the_rest_of_it_applied_once<DB: Tes
     w.settle(60).await;
     running.shutdown().await.unwrap();
     assert_eq!(w.effects().await, (60, 60));
-    let mut conn = w.h.pool.acquire().await.unwrap();
-    for (i, e) in rows.iter().enumerate() {
-        let row =
-            w.h.outbox
-                .get(&mut conn, "notification", e.id)
-                .await
-                .unwrap()
-                .unwrap();
-        assert_eq!(row.status, Status::Consumed);
-        if i != 17 {
-            assert_eq!(row.attempts, 1, "event {i} was published again");
-        }
-    }
-    drop(conn);
+    w.consumed_once(&rows, &[17]).await;
     w.cleanup().await;
 }
 
@@ -960,22 +968,7 @@ async fn a_handler_whose_statement_fails_costs_only_its_own_message<DB: TestDb>(
         "every failing statement ran"
     );
     assert_eq!(w.effects().await, (60, 60));
-    let mut conn = w.h.pool.acquire().await.unwrap();
-    for (i, e) in rows.iter().enumerate() {
-        let row =
-            w.h.outbox
-                .get(&mut conn, "notification", e.id)
-                .await
-                .unwrap()
-                .unwrap();
-        assert_eq!(row.status, Status::Consumed, "event {i}");
-        if failing.contains(&i) {
-            assert!(row.attempts > 1, "event {i} failed once and was retried");
-        } else {
-            assert_eq!(row.attempts, 1, "event {i} was published again");
-        }
-    }
-    drop(conn);
+    w.consumed_once(&rows, &failing).await;
     w.cleanup().await;
 }
 
