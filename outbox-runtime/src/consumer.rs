@@ -1089,11 +1089,9 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 d.trace.map(|t| t.to_string()).as_deref(),
                 d.tracestate.as_deref(),
             );
-            let dispatched = unwound(event.dispatch(&self.handler, &mut ctx));
-            let ran = match d.trace {
-                Some(t) => tracing::Instrument::instrument(t.child().scope(dispatched), span).await,
-                None => tracing::Instrument::instrument(dispatched, span).await,
-            };
+            let ran =
+                tracing::Instrument::instrument(self.run_handler(event, &mut ctx, d.trace), span)
+                    .await;
             tx = ctx.tx;
             match ran {
                 Ok(()) => {
@@ -1149,6 +1147,23 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             rejected: done.rejected,
             failed,
         })
+    }
+
+    /// Runs the handler of `event` in `ctx`, in its message's trace; a panic is its failure.
+    async fn run_handler<S>(
+        &self,
+        event: S,
+        ctx: &mut Context<DB>,
+        trace: Option<TraceParent>,
+    ) -> Result<(), HandlerError>
+    where
+        S: OutboxService + Dispatch<H, Context<DB>>,
+    {
+        let dispatched = unwound(event.dispatch(&self.handler, ctx));
+        match trace {
+            Some(t) => t.child().scope(dispatched).await,
+            None => dispatched.await,
+        }
     }
 
     /// Whether batches take savepoints now: a handler failed in one lately.
@@ -1312,11 +1327,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
         }
         let meta = meta(env, attempts, trace);
         let mut ctx = Context { tx, meta };
-        let dispatched = unwound(event.dispatch(&self.handler, &mut ctx));
-        let ran = match trace {
-            Some(t) => t.child().scope(dispatched).await,
-            None => dispatched.await,
-        };
+        let ran = self.run_handler(event, &mut ctx, trace).await;
         match ran {
             Ok(()) => {
                 let Context { mut tx, .. } = ctx;
@@ -1421,11 +1432,7 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             tx,
             meta: meta(env, attempts, trace),
         };
-        let dispatched = unwound(event.dispatch(&self.handler, &mut ctx));
-        let ran = match trace {
-            Some(t) => t.child().scope(dispatched).await,
-            None => dispatched.await,
-        };
+        let ran = self.run_handler(event, &mut ctx, trace).await;
         let error = match ran {
             Ok(()) => {
                 let Context { mut tx, .. } = ctx;

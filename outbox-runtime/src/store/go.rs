@@ -144,11 +144,7 @@ pub enum GoRetry {
 /// `last_error` as the Go system keeps it: at most 2,000 bytes, cut on a character boundary
 /// (the Go code cut bytes, splitting characters).
 fn go_error(reason: &str) -> String {
-    let mut end = reason.len().min(2000);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    reason[..end].to_owned()
+    super::truncate_chars(reason, 2000).to_owned()
 }
 
 /// The Go stored payload shell (`OutboxEventPayload`, §6.2), its fields in the Go struct's
