@@ -45,6 +45,52 @@ pub enum Error {
         /// Columns the table requires (NOT NULL, no default) that the outbox does not write.
         foreign: Vec<String>,
     },
+    /// A write-ahead-log service ([`crate::store::OutboxBuilder::wal`]) on a database whose
+    /// `wal_level` is not `logical`: its events could not be read back.
+    #[error(
+        "service `{service}` relays from the write-ahead log, which needs wal_level = logical; this server has wal_level = {found}. Run `ALTER SYSTEM SET wal_level = logical;` as a superuser and restart PostgreSQL (and keep `max_replication_slots` and `max_wal_senders` above 0)"
+    )]
+    WalLevel {
+        /// The service.
+        service: String,
+        /// The server's `wal_level`.
+        found: String,
+    },
+    /// A write-ahead-log service on a database that has no logical decoding.
+    #[error("relaying from the write-ahead log needs PostgreSQL; this is {backend}")]
+    WalUnsupported {
+        /// The database.
+        backend: &'static str,
+    },
+    /// A service declared both write-ahead-log and Go-routed.
+    #[error(
+        "service `{service}` cannot both relay from the write-ahead log and be served by the Go system"
+    )]
+    WalAndGo {
+        /// The service.
+        service: String,
+    },
+    /// A write-ahead-log service whose replication slot does not exist: events written
+    /// before the slot existed are not in it, so the relay does not create it on the fly.
+    #[error(
+        "replication slot `{slot}` of service `{service}` does not exist; run `outbox migrate` (Outbox::migrate) before the service writes events"
+    )]
+    WalSlotMissing {
+        /// The service.
+        service: String,
+        /// The slot.
+        slot: String,
+    },
+    /// A consumer that records applied events in the producer's rows
+    /// ([`crate::consumer::Dedupe::OutboxRow`]) for a write-ahead-log service, whose events
+    /// have no row.
+    #[error(
+        "service `{service}` relays from the write-ahead log, so its events have no outbox row: its consumers must use `Dedupe::Inbox` (a consumer with its own database)"
+    )]
+    WalNeedsInbox {
+        /// The service.
+        service: String,
+    },
     /// A Go operation on a service with no Go route ([`crate::store::GoRoute`]).
     #[error(
         "service `{service}` has no Go route; declare its Go table with `OutboxBuilder::go_route` (or `go_routes` in the CLI's config)"

@@ -16,6 +16,7 @@ macro_rules! bind_all {
                 $crate::store::Arg::I64(v) => q.bind(v),
                 $crate::store::Arg::Str(v) => q.bind(v),
                 $crate::store::Arg::OptStr(v) => q.bind(v),
+                $crate::store::Arg::OptI64(v) => q.bind(v),
             };
         }
         q
@@ -95,6 +96,18 @@ macro_rules! common_methods {
             sql: &str,
             args: Vec<$crate::store::Arg>,
         ) -> Result<Vec<(String, i64)>, sqlx::Error> {
+            use sqlx::Row as _;
+            let rows = bind_all!(sqlx::query(sql), args).fetch_all(conn).await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect()
+        }
+
+        async fn fetch_bytes(
+            conn: &mut Self::Connection,
+            sql: &str,
+            args: Vec<$crate::store::Arg>,
+        ) -> Result<Vec<(String, Vec<u8>)>, sqlx::Error> {
             use sqlx::Row as _;
             let rows = bind_all!(sqlx::query(sql), args).fetch_all(conn).await?;
             rows.iter()

@@ -20,6 +20,7 @@
 mod backend;
 mod go;
 mod queries;
+mod wal;
 
 #[cfg(feature = "mysql")]
 mod mysql;
@@ -28,7 +29,7 @@ mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -44,6 +45,7 @@ use crate::error::Error;
 
 pub use go::{GoDue, GoImport, GoMoved, GoRefused, GoRetry, GoRoute};
 pub use queries::Arg;
+pub use wal::{Lsn, WalBatch, WalItem, WalLag};
 
 /// Where a row is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -431,7 +433,8 @@ pub enum ConsumeError<E> {
 /// A freshly stored event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Enqueued {
-    /// The row id in the service's table.
+    /// The row id in the service's table; 0 for a service relayed from the write-ahead log,
+    /// whose events have no row.
     pub id: i64,
     /// The event id.
     pub event_id: String,
@@ -511,6 +514,14 @@ pub trait Backend: sqlx::Database + private::Sealed {
         sql: &str,
         args: Vec<Arg>,
     ) -> impl Future<Output = Result<Vec<(String, i64)>, sqlx::Error>> + Send;
+
+    /// Runs a query returning `(text, bytes)` pairs: a replication slot's decoded changes.
+    #[doc(hidden)]
+    fn fetch_bytes(
+        conn: &mut Self::Connection,
+        sql: &str,
+        args: Vec<Arg>,
+    ) -> impl Future<Output = Result<Vec<(String, Vec<u8>)>, sqlx::Error>> + Send;
 
     /// Runs a query returning Go rows to import: id, service_name, message_key, payload.
     #[doc(hidden)]
@@ -943,6 +954,8 @@ struct Inner {
     inbox: HashMap<&'static str, String>,
     /// Services still served by the Go system: their Go tables.
     go: BTreeMap<String, go::GoTable>,
+    /// Services relayed from the write-ahead log.
+    wal: BTreeSet<String>,
 }
 
 /// Builds an [`Outbox`].
@@ -952,6 +965,7 @@ pub struct OutboxBuilder<DB: Backend> {
     config: StoreConfig,
     clock: Arc<dyn Clock>,
     go: BTreeMap<String, GoRoute>,
+    wal: BTreeSet<String>,
     _db: PhantomData<fn() -> DB>,
 }
 
@@ -983,6 +997,11 @@ impl<DB: Backend> OutboxBuilder<DB> {
             });
         }
         go::check_table(&route.table)?;
+        if self.wal.contains(service) {
+            return Err(Error::WalAndGo {
+                service: service.to_owned(),
+            });
+        }
         self.go.insert(service.to_owned(), route);
         Ok(self)
     }
@@ -1014,6 +1033,7 @@ impl<DB: Backend> OutboxBuilder<DB> {
                 tables,
                 inbox,
                 go,
+                wal: self.wal,
             }),
             _db: PhantomData,
         }
@@ -1033,6 +1053,7 @@ impl<DB: Backend> Outbox<DB> {
             config: StoreConfig::default(),
             clock: Arc::new(SystemClock),
             go: BTreeMap::new(),
+            wal: BTreeSet::new(),
             _db: PhantomData,
         }
     }
@@ -1136,6 +1157,8 @@ impl<DB: Backend> Outbox<DB> {
 
     /// Creates every table and index that does not exist yet, and brings an inbox table made
     /// by an older version up to date (event ids of 255 characters, the retention index).
+    /// For services relayed from the write-ahead log, checks `wal_level` and makes their
+    /// replication slots (outside a transaction: PostgreSQL makes no slot in one that wrote).
     /// An existing service table of another layout is refused first ([`Outbox::check_tables`]).
     pub async fn migrate(&self, conn: &mut DB::Connection) -> Result<(), Error> {
         self.check_tables(conn).await?;
@@ -1159,7 +1182,7 @@ impl<DB: Backend> Outbox<DB> {
                 DB::execute(conn, self.inbox_sql(&format!("upgrade_{name}")), Vec::new()).await?;
             }
         }
-        Ok(())
+        self.migrate_wal(conn).await
     }
 
     /// Stores `event` in its service's table, inside the caller's transaction.
@@ -1263,6 +1286,14 @@ impl<DB: Backend> Outbox<DB> {
                 id,
                 event_id,
                 service,
+            });
+        }
+        if self.inner.wal.contains(p.service) {
+            self.emit(conn, &p).await?;
+            return Ok(Enqueued {
+                id: 0,
+                event_id: p.event_id,
+                service: p.service.to_owned(),
             });
         }
         let table = self.table(p.service)?;

@@ -15,6 +15,8 @@ pub enum Arg {
     Str(String),
     /// Nullable text.
     OptStr(Option<String>),
+    /// A nullable integer.
+    OptI64(Option<i64>),
 }
 
 const COMMON: &str = include_str!("queries/common.sql");

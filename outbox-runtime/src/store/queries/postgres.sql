@@ -276,3 +276,97 @@ SELECT CAST(column_name AS TEXT),
         THEN 1 ELSE 0 END AS BIGINT)
 FROM information_schema.columns
 WHERE table_schema = current_schema() AND table_name = '{table}'
+
+-- name: wal_emit
+-- A write-ahead-log service's event: a transactional logical decoding message, in the caller's
+-- transaction, instead of a row. Decoded only if the transaction commits, in commit order.
+-- The wake-up is the insert's: notify only while a relay rests.
+-- prefix, content
+SELECT CASE WHEN pg_try_advisory_xact_lock_shared({wake_key}) THEN NULL
+    ELSE pg_notify('outbox', '{table}') END,
+    pg_logical_emit_message(true, $1, $2)::TEXT
+
+-- name: wal_dead
+-- A write-ahead-log event the relay must not (or could not) publish, kept as a dead row of the
+-- service's table, where `outbox dead list|show|replay` find it; a replayed row is published by
+-- the table relay that runs beside the slot's. Idempotent: a relay that re-reads the event
+-- from its slot after a restart finds it there.
+-- event_id, event_type, event_version, service_name, topic, message_key, aggregate_id, payload,
+-- headers, attempts, max_attempts, dead_reason, last_error, created_at, updated_at
+INSERT INTO {table} (event_id, event_type, event_version, service_name, topic, message_key,
+    aggregate_id, payload, headers, status, attempts, max_attempts, dead_reason, last_error,
+    created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'dead', $10, $11, $12, $13, $14, $15)
+ON CONFLICT (event_id) DO NOTHING
+
+-- name: wal_level
+SELECT current_setting('wal_level'), 0::BIGINT
+
+-- name: wal_publication
+-- pgoutput reads a publication; the WAL relay's has no table, only the messages pass.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'outbox_wal') THEN
+        CREATE PUBLICATION outbox_wal;
+    END IF;
+END $$
+
+-- name: wal_slot_exists
+-- slot
+SELECT COUNT(*)::BIGINT FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()
+
+-- name: wal_create_slot
+-- slot
+SELECT pg_create_logical_replication_slot($1, 'pgoutput')::TEXT
+
+-- name: wal_lock
+-- One relay per slot: held by the relay's slot connection for as long as it relays.
+-- slot
+SELECT CASE WHEN pg_try_advisory_lock(hashtextextended('outbox-wal:' || $1, 0)) THEN 1::BIGINT
+    ELSE 0::BIGINT END
+
+-- name: wal_unlock
+-- slot
+SELECT CASE WHEN pg_advisory_unlock(hashtextextended('outbox-wal:' || $1, 0)) THEN 1::BIGINT
+    ELSE 0::BIGINT END
+
+-- name: wal_peek
+-- The slot's next decoded changes, from its confirmed position, whole transactions in commit
+-- order; nothing is consumed.
+-- slot, changes
+SELECT lsn::TEXT, data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2,
+    'proto_version', '1', 'publication_names', 'outbox_wal', 'messages', 'true')
+
+-- name: wal_heartbeat
+SELECT pg_logical_emit_message(false, 'outbox-heartbeat', '')::TEXT
+
+-- name: wal_advance
+-- slot, lsn
+SELECT pg_replication_slot_advance($1, $2::PG_LSN)::TEXT
+
+-- name: wal_lag
+-- The bytes of WAL the slot holds back: from its confirmed position to the current one.
+-- slot
+SELECT COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::BIGINT
+FROM pg_replication_slots WHERE slot_name = $1
+
+-- name: create_wal_slots
+-- What each WAL relay last saw: the creation time of the oldest event it has not yet
+-- published (NULL when it has published all), so that `outbox status` shows the slot's age
+-- while a relay holds the slot.
+CREATE TABLE IF NOT EXISTS outbox_wal_slots (
+    slot_name VARCHAR(64) PRIMARY KEY,
+    service_name VARCHAR(64) NOT NULL,
+    oldest_unpublished BIGINT,
+    seen_at BIGINT NOT NULL
+)
+
+-- name: wal_seen
+-- slot, service, oldest_unpublished, seen_at
+INSERT INTO outbox_wal_slots (slot_name, service_name, oldest_unpublished, seen_at)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (slot_name) DO UPDATE SET service_name = EXCLUDED.service_name,
+    oldest_unpublished = EXCLUDED.oldest_unpublished, seen_at = EXCLUDED.seen_at
+
+-- name: wal_last_seen
+-- slot
+SELECT oldest_unpublished FROM outbox_wal_slots WHERE slot_name = $1

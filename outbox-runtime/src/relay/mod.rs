@@ -34,6 +34,8 @@ use crate::error::Error;
 use crate::store::{Backend, Outbox, OutboxRow, Transition};
 use crate::trace;
 
+mod wal;
+
 /// How often a relay measures its backlog for the `outbox_backlog` gauge.
 const BACKLOG_EVERY: Duration = Duration::from_secs(5);
 
@@ -99,6 +101,7 @@ pub struct RelayConfig {
     pub(crate) poll_interval: Duration,
     pub(crate) version_format: VersionFormat,
     pub(crate) version_formats: std::collections::BTreeMap<String, VersionFormat>,
+    pub(crate) wal_batch: usize,
 }
 
 impl RelayConfig {
@@ -111,6 +114,14 @@ impl RelayConfig {
     /// Rows claimed and published together (500).
     pub fn batch(mut self, batch: usize) -> Self {
         self.batch = batch.max(1);
+        self
+    }
+
+    /// Events read from a replication slot and published together, for services relayed from
+    /// the write-ahead log (10,000): each read decodes the log from the slot's restart point,
+    /// so fewer, larger reads drain a backlog faster.
+    pub fn wal_batch(mut self, batch: usize) -> Self {
+        self.wal_batch = batch.max(1);
         self
     }
 
@@ -167,6 +178,7 @@ impl Default for RelayConfig {
             poll_interval: Duration::from_secs(1),
             version_format: VersionFormat::Number,
             version_formats: std::collections::BTreeMap::new(),
+            wal_batch: 10_000,
         }
     }
 }
@@ -234,6 +246,11 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
     /// Relays `service` until `shutdown`; stops with an error only when its table is gone or
     /// is not an outbox table (a database that fails is tried again).
     async fn run_service(&self, service: &str, mut shutdown: Shutdown) -> Result<(), Error> {
+        let mut wal = if self.outbox.is_wal(service) {
+            Some(self.wal_start(service).await?)
+        } else {
+            None
+        };
         let wake = self.outbox.wakeups();
         // After a wake-up that found nothing (the writer had not committed yet), look again
         // shortly before falling back to the poll interval.
@@ -255,15 +272,28 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             }
             if gauged.elapsed() >= BACKLOG_EVERY {
                 gauged = tokio::time::Instant::now();
-                self.gauge_backlog(service).await;
-            }
-            let claimed = match self.relay_once(service).await {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::warn!(service, error = %e, "relay round failed");
-                    self.check_table(service).await?;
-                    0
+                match wal.as_mut() {
+                    Some(slot) => self.gauge_wal(service, slot).await,
+                    None => self.gauge_backlog(service).await,
                 }
+            }
+            let claimed = match wal.as_mut() {
+                Some(slot) => match self.wal_round(service, slot).await {
+                    Ok(n) => n,
+                    Err(e @ Error::WalSlotMissing { .. }) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(service, error = %e, "relay round failed");
+                        0
+                    }
+                },
+                None => match self.relay_once(service).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(service, error = %e, "relay round failed");
+                        self.check_table(service).await?;
+                        0
+                    }
+                },
             };
             // Claim again at once until a round finds nothing: a published run of a key lets
             // its next rows go.
@@ -278,13 +308,32 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                 }
                 None => self.config.poll_interval,
             };
+            if let Some(slot) = &wal {
+                // A standby (another relay holds the slot) looks again at the poll interval,
+                // without resting: a rest would make every writer notify.
+                if !slot.held() {
+                    wait = self.config.poll_interval;
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.wait() => break,
+                    }
+                    continue;
+                }
+                if let Some(at) = slot.retry_at() {
+                    wait = wait.min(at.saturating_duration_since(tokio::time::Instant::now()));
+                }
+            }
             if wait == self.config.poll_interval {
                 match self.rest(&mut rest_conn, service).await {
                     Some(true) => {
                         resting = true;
                         // Rows committed between the last claim and the lock notified no one:
                         // look once more.
-                        if self.relay_once(service).await.is_ok_and(|n| n > 0) {
+                        let again = match wal.as_mut() {
+                            Some(slot) => self.wal_round(service, slot).await,
+                            None => self.relay_once(service).await,
+                        };
+                        if again.is_ok_and(|n| n > 0) {
                             continue;
                         }
                     }
@@ -305,6 +354,9 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         }
         if resting {
             self.stop_resting(&mut rest_conn, service).await;
+        }
+        if let Some(slot) = wal {
+            self.wal_stop(service, slot).await;
         }
         Ok(())
     }
@@ -411,43 +463,13 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         let mut outgoing = Vec::with_capacity(rows.len());
         let mut conn = self.pool.acquire().await?;
         for row in &rows {
-            // The stored headers, parsed once: the trace context to continue and to send.
-            let (traceparent, tracestate) = row.trace_headers();
-            let record = row.record_traced(traceparent.as_deref());
-            match envelope::encode(record, version_format) {
-                Ok(value) => {
-                    let span = tracing::info_span!(
-                        "outbox.publish",
-                        service,
-                        event_id = %row.event_id,
-                        outbox_id = row.id,
-                        topic = %row.topic,
-                    );
-                    trace::continue_from(&span, traceparent.as_deref(), tracestate.as_deref());
-                    let mut headers = envelope::headers(record);
-                    match trace::headers_of(&span) {
-                        Some(context) => {
-                            headers.retain(|(k, _)| *k != trace::TRACEPARENT);
-                            headers.extend(context);
-                        }
-                        None => headers.extend(tracestate.map(|ts| (trace::TRACESTATE, ts))),
-                    }
+            match outgoing_of(service, row, version_format) {
+                Ok((record, span)) => {
                     spans.push(span);
-                    outgoing.push(Outgoing {
-                        topic: row.topic.clone(),
-                        // No key: the event id, as the Go system did, spreads events evenly.
-                        key: Some(
-                            row.message_key
-                                .clone()
-                                .unwrap_or_else(|| row.event_id.clone()),
-                        ),
-                        value,
-                        headers,
-                    });
+                    outgoing.push(record);
                     sendable.push(row);
                 }
-                Err(e) => {
-                    let reason = format!("the stored payload is not JSON: {e}");
+                Err(reason) => {
                     self.outbox
                         .dead_leased(&mut conn, row, owner, "malformed_payload", &reason)
                         .await?;
@@ -540,4 +562,47 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         }
         Ok(())
     }
+}
+
+/// The record to publish for `row`, and the `outbox.publish` span that continues the trace the
+/// row was enqueued in (open until its outcome is recorded; on the wire, its context is the
+/// consumer's parent). Fails, with the reason, when the stored payload is not JSON.
+fn outgoing_of(
+    service: &str,
+    row: &OutboxRow,
+    version_format: VersionFormat,
+) -> Result<(Outgoing, tracing::Span), String> {
+    // The stored headers, parsed once: the trace context to continue and to send.
+    let (traceparent, tracestate) = row.trace_headers();
+    let record = row.record_traced(traceparent.as_deref());
+    let value = envelope::encode(record, version_format)
+        .map_err(|e| format!("the stored payload is not JSON: {e}"))?;
+    let span = tracing::info_span!(
+        "outbox.publish",
+        service,
+        event_id = %row.event_id,
+        outbox_id = row.id,
+        topic = %row.topic,
+    );
+    trace::continue_from(&span, traceparent.as_deref(), tracestate.as_deref());
+    let mut headers = envelope::headers(record);
+    match trace::headers_of(&span) {
+        Some(context) => {
+            headers.retain(|(k, _)| *k != trace::TRACEPARENT);
+            headers.extend(context);
+        }
+        None => headers.extend(tracestate.map(|ts| (trace::TRACESTATE, ts))),
+    }
+    let outgoing = Outgoing {
+        topic: row.topic.clone(),
+        // No key: the event id, as the Go system did, spreads events evenly.
+        key: Some(
+            row.message_key
+                .clone()
+                .unwrap_or_else(|| row.event_id.clone()),
+        ),
+        value,
+        headers,
+    };
+    Ok((outgoing, span))
 }

@@ -1,0 +1,338 @@
+//! The relay of a service that relays from the write-ahead log (PostgreSQL; see
+//! [`OutboxBuilder::wal`](crate::store::OutboxBuilder::wal)).
+//!
+//! One relay holds the service's replication slot at a time: a session advisory lock on the
+//! connection that reads the slot, so that the lock goes with the connection (a relay that
+//! dies or loses its connection gives the slot up, and a standby, looking at the poll
+//! interval, takes it over). Each round reads the slot's next messages without consuming them,
+//! publishes them in commit order, and advances the slot past what the broker acknowledged:
+//! at least once, and a relay killed before it advanced leaves the messages for the next.
+//!
+//! Per-key order through failures: the slot is one ordered log, so when a message fails to
+//! publish the slot is advanced only up to the transaction before it, and everything from it
+//! on is read and published again after a backoff (later messages the broker did take are
+//! published twice; consumers apply each event once). A message no retry can deliver (larger
+//! than the broker takes), one that is not an event, or one that failed its last attempt goes
+//! to the service's table as a dead row (`outbox dead list|replay`) and no longer holds the
+//! log back. Attempts are counted by the relay holding the slot; a new holder counts afresh.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::bus::{Publish, Sent, permanent_failure};
+use crate::error::Error;
+use crate::store::{Backend, Lsn, WalItem};
+
+use super::{Relay, outgoing_of};
+
+/// The WAL an idle slot may hold back (bytes) before its relay writes a heartbeat.
+const HEARTBEAT_AFTER: i64 = 1 << 20;
+
+/// The slot a WAL loop reads, and what it keeps between rounds.
+pub(super) struct WalSlot<DB: Backend> {
+    /// The connection holding the slot's lock (and reading it); `None` after an error.
+    conn: Option<DB::Connection>,
+    held: bool,
+    /// How far this relay advanced the slot.
+    confirmed: Option<Lsn>,
+    /// Failed attempts of the message that holds the log back, by event id.
+    attempts: HashMap<String, i32>,
+    retry_at: Option<Instant>,
+    /// Whether the last read found no event of the service.
+    idle: bool,
+    /// When the oldest event read and not yet published was written (ms); `None` when every
+    /// event read was published.
+    oldest_unpublished: Option<i64>,
+}
+
+impl<DB: Backend> WalSlot<DB> {
+    /// Whether this relay holds the slot.
+    pub(super) fn held(&self) -> bool {
+        self.held
+    }
+
+    /// When a message that failed is due again.
+    pub(super) fn retry_at(&self) -> Option<Instant> {
+        self.retry_at
+    }
+}
+
+impl<DB: Backend, B: Publish> Relay<DB, B> {
+    /// Checks the server can decode its log (`wal_level`), before the loop starts.
+    pub(super) async fn wal_start(&self, service: &str) -> Result<WalSlot<DB>, Error> {
+        let mut conn = self.pool.acquire().await?;
+        self.outbox.check_wal_level(&mut conn, service).await?;
+        Ok(WalSlot {
+            conn: None,
+            held: false,
+            confirmed: None,
+            attempts: HashMap::new(),
+            retry_at: None,
+            idle: false,
+            oldest_unpublished: None,
+        })
+    }
+
+    /// Gives the slot up (closing its connection would too).
+    pub(super) async fn wal_stop(&self, service: &str, mut slot: WalSlot<DB>) {
+        if let Some(conn) = slot.conn.as_mut()
+            && slot.held
+            && let Err(e) = self.outbox.wal_release(conn, service).await
+        {
+            tracing::debug!(service, error = %e, "slot not released; its connection closes");
+        }
+    }
+
+    /// One round: takes the slot when free, publishes what it holds, and runs a table round
+    /// for rows replayed from the dead letters. Returns how many events it handled.
+    pub(super) async fn wal_round(
+        &self,
+        service: &str,
+        slot: &mut WalSlot<DB>,
+    ) -> Result<usize, Error> {
+        if slot.retry_at.is_some_and(|at| at > Instant::now()) {
+            return Ok(0);
+        }
+        slot.retry_at = None;
+        let result = self.wal_once(service, slot).await;
+        if result.is_err() {
+            // The connection may be gone, and with it the lock: start again from a new one.
+            slot.conn = None;
+            slot.held = false;
+        }
+        let n = result?;
+        if n == 0 && slot.held {
+            return self.relay_once(service).await;
+        }
+        Ok(n)
+    }
+
+    async fn wal_once(&self, service: &str, slot: &mut WalSlot<DB>) -> Result<usize, Error> {
+        if slot.conn.is_none() {
+            slot.conn = Some(self.pool.acquire().await?.detach());
+            slot.held = false;
+        }
+        let Some(conn) = slot.conn.as_mut() else {
+            return Ok(0);
+        };
+        if !slot.held {
+            slot.held = self.outbox.wal_acquire(conn, service).await?;
+            if !slot.held {
+                return Ok(0);
+            }
+            tracing::info!(service, "this relay holds the service's replication slot");
+            slot.confirmed = None;
+            slot.attempts.clear();
+        }
+        // Three changes per event: its transaction's begin, the message, the commit.
+        let limit = self.config.wal_batch.saturating_mul(3);
+        let batch = self.outbox.wal_peek(conn, service, limit).await?;
+        if batch.items.is_empty() {
+            slot.oldest_unpublished = None;
+            slot.idle = true;
+            self.wal_confirm(service, slot, batch.end).await?;
+            return Ok(0);
+        }
+        slot.idle = false;
+        let version_format = self.config.version_format_of(service);
+        let mut outgoing = Vec::with_capacity(batch.items.len());
+        let mut spans = Vec::with_capacity(batch.items.len());
+        // Index in `batch.items` of each record sent.
+        let mut sent_items = Vec::with_capacity(batch.items.len());
+        for (i, (item, _)) in batch.items.iter().enumerate() {
+            let encoded = match item {
+                WalItem::Event(row) => outgoing_of(service, row, version_format),
+                WalItem::Malformed { error, .. } => Err(error.clone()),
+            };
+            match encoded {
+                Ok((record, span)) => {
+                    outgoing.push(record);
+                    spans.push(span);
+                    sent_items.push(i);
+                }
+                Err(reason) => {
+                    self.wal_dead(service, slot, item, "malformed_payload", &reason)
+                        .await?
+                }
+            }
+        }
+        let results = self.bus.send_all(&outgoing).await;
+        // The first message that neither reached the broker nor went dead: the log is
+        // confirmed only up to the transaction before it.
+        let mut stop: Option<usize> = None;
+        let mut published = 0_u64;
+        for (&i, result) in sent_items.iter().zip(results) {
+            let item = &batch.items[i].0;
+            match result {
+                Sent::Acked { .. } => {
+                    published += 1;
+                    if stop.is_some() && same_key(item, &batch.items[stop.unwrap_or(i)].0) {
+                        metrics::counter!("outbox_key_order_gaps_total", "service" => service.to_owned()).increment(1);
+                    }
+                }
+                Sent::Failed(e) if permanent_failure(&e).is_some() && stop.is_none() => {
+                    let reason = permanent_failure(&e).unwrap_or("message_too_large");
+                    let error = format!("publish to Kafka failed: {e}");
+                    self.wal_dead(service, slot, item, reason, &error).await?;
+                }
+                Sent::Failed(e) if stop.is_none() => {
+                    let error = format!("publish to Kafka failed: {e}");
+                    if self.wal_failed(service, slot, item, &error).await? {
+                        stop = Some(i);
+                    }
+                }
+                // Behind the message that holds the log back: published again after it.
+                Sent::Failed(_) | Sent::HeldBack => {
+                    stop.get_or_insert(i);
+                }
+            }
+        }
+        metrics::counter!("outbox_published_total", "service" => service.to_owned())
+            .increment(published);
+        let to = match stop {
+            None => {
+                slot.attempts.clear();
+                slot.oldest_unpublished = None;
+                batch.end
+            }
+            Some(i) => {
+                let (item, commit) = &batch.items[i];
+                slot.oldest_unpublished = match item {
+                    WalItem::Event(row) => Some(row.created_at),
+                    WalItem::Malformed { .. } => None,
+                };
+                batch.items[..i]
+                    .iter()
+                    .map(|(_, c)| *c)
+                    .filter(|c| c < commit)
+                    .max()
+            }
+        };
+        self.wal_confirm(service, slot, to).await?;
+        drop(spans);
+        Ok(batch.items.len())
+    }
+
+    /// Advances the slot to `to` when that is past where it is.
+    async fn wal_confirm(
+        &self,
+        service: &str,
+        slot: &mut WalSlot<DB>,
+        to: Option<Lsn>,
+    ) -> Result<(), Error> {
+        let Some(to) = to else { return Ok(()) };
+        if slot.confirmed.is_some_and(|c| c >= to) {
+            return Ok(());
+        }
+        let Some(conn) = slot.conn.as_mut() else {
+            return Ok(());
+        };
+        self.outbox.wal_advance(conn, service, to).await?;
+        slot.confirmed = Some(to);
+        Ok(())
+    }
+
+    /// A message that failed to publish: true when it holds the log back for a retry, false
+    /// when that was its last attempt and it went dead.
+    async fn wal_failed(
+        &self,
+        service: &str,
+        slot: &mut WalSlot<DB>,
+        item: &WalItem,
+        error: &str,
+    ) -> Result<bool, Error> {
+        let WalItem::Event(row) = item else {
+            return Ok(true);
+        };
+        tracing::warn!(service, event_id = %row.event_id, %error, "publish failed");
+        let attempts = {
+            let n = slot.attempts.entry(row.event_id.clone()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        if attempts >= row.max_attempts.max(1) {
+            slot.attempts.remove(&row.event_id);
+            self.wal_dead(service, slot, item, "max_attempts", error)
+                .await?;
+            return Ok(false);
+        }
+        metrics::counter!("outbox_retried_total", "service" => service.to_owned()).increment(1);
+        let backoff: Duration = self.outbox.config().backoff(attempts);
+        slot.retry_at = Some(Instant::now() + backoff);
+        Ok(true)
+    }
+
+    /// Keeps a message the relay must not (or could not) publish as a dead row of the
+    /// service's table.
+    async fn wal_dead(
+        &self,
+        service: &str,
+        slot: &mut WalSlot<DB>,
+        item: &WalItem,
+        reason: &str,
+        error: &str,
+    ) -> Result<(), Error> {
+        let attempts = match item {
+            WalItem::Event(row) => slot.attempts.get(&row.event_id).copied().unwrap_or(1),
+            WalItem::Malformed { .. } => 0,
+        };
+        let Some(conn) = slot.conn.as_mut() else {
+            return Ok(());
+        };
+        tracing::warn!(service, reason, %error, "an event of the write-ahead log went dead");
+        if self
+            .outbox
+            .wal_dead(conn, service, item, attempts, reason, error)
+            .await?
+        {
+            metrics::counter!("outbox_dead_total", "service" => service.to_owned(), "reason" => reason.to_owned()).increment(1);
+        }
+        Ok(())
+    }
+
+    /// Publishes `outbox_wal_lag_bytes` and `outbox_wal_lag_seconds` for the slot this relay
+    /// holds, and records the age for `outbox status`.
+    pub(super) async fn gauge_wal(&self, service: &str, slot: &mut WalSlot<DB>) {
+        if !slot.held {
+            return;
+        }
+        let Some(conn) = slot.conn.as_mut() else {
+            return;
+        };
+        let oldest = slot.oldest_unpublished;
+        let measured = async {
+            let bytes = self
+                .outbox
+                .wal_bytes(conn, &self.outbox.wal_slot(service)?)
+                .await?;
+            self.outbox.wal_seen(conn, service, oldest).await?;
+            // An idle slot on a busy database: other writers' WAL is decoded but gives the
+            // slot no position to advance to; a heartbeat does.
+            if slot.idle && bytes.is_some_and(|b| b > HEARTBEAT_AFTER) {
+                self.outbox.wal_heartbeat(conn).await?;
+            }
+            Ok::<_, Error>(bytes)
+        };
+        match measured.await {
+            Ok(bytes) => {
+                metrics::gauge!("outbox_wal_lag_bytes", "service" => service.to_owned())
+                    .set(bytes.unwrap_or(0) as f64);
+                let age = oldest.map_or(0, |t| self.outbox.now_ms().saturating_sub(t).max(0));
+                metrics::gauge!("outbox_wal_lag_seconds", "service" => service.to_owned())
+                    .set(age as f64 / 1000.0);
+            }
+            Err(e) => tracing::debug!(service, error = %e, "slot lag not measured"),
+        }
+    }
+}
+
+fn same_key(a: &WalItem, b: &WalItem) -> bool {
+    match (a, b) {
+        (WalItem::Event(a), WalItem::Event(b)) => {
+            a.topic == b.topic && a.message_key.is_some() && a.message_key == b.message_key
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,668 @@
+//! Services that relay from PostgreSQL's write-ahead log ([`OutboxBuilder::wal`]).
+//!
+//! The writer's transaction emits each event as a transactional logical decoding message
+//! (`pg_logical_emit_message(true, 'outbox:<service>', event)`) instead of inserting a row: no
+//! row, no claim, no status update, no dead tuple. The service's replication slot (made by
+//! [`Outbox::migrate`], so that it exists before the first event) keeps every message from its
+//! confirmed position on; a relay reads the slot without consuming it
+//! (`pg_logical_slot_peek_binary_changes`, the `pgoutput` plugin with messages on), publishes
+//! in commit order, and advances the slot (`pg_replication_slot_advance`) only past what the
+//! broker acknowledged. One relay holds a slot at a time (an advisory lock on the connection
+//! that reads it).
+//!
+//! The service's table stays: it keeps the events the relay could not publish (dead rows,
+//! which `outbox dead` lists and replays), and replayed rows are published from it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::{Arg, Backend, Error, Outbox, OutboxBuilder, OutboxRow, Prepared, Status};
+
+/// A position in the write-ahead log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lsn(pub u64);
+
+impl Lsn {
+    /// Parses PostgreSQL's `X/Y` text form.
+    pub fn parse(text: &str) -> Option<Lsn> {
+        let (hi, lo) = text.split_once('/')?;
+        let hi = u64::from_str_radix(hi, 16).ok()?;
+        let lo = u64::from_str_radix(lo, 16).ok()?;
+        (hi <= u64::from(u32::MAX) && lo <= u64::from(u32::MAX)).then_some(Lsn((hi << 32) | lo))
+    }
+}
+
+impl std::fmt::Display for Lsn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+/// One message read from a slot.
+#[derive(Debug, Clone)]
+pub enum WalItem {
+    /// An event of the service, as the row it would have been (its `id` is the message's
+    /// position, the envelope's `outbox_id`).
+    Event(Box<OutboxRow>),
+    /// A message with the service's prefix that is not an event this version can read.
+    Malformed {
+        /// The message's position.
+        lsn: Lsn,
+        /// Its content, as text (invalid UTF-8 replaced).
+        content: String,
+        /// Why it could not be read.
+        error: String,
+    },
+}
+
+/// What one read of a slot returned.
+#[derive(Debug, Clone, Default)]
+pub struct WalBatch {
+    /// The service's messages in commit order, each with the commit position of its
+    /// transaction: advancing the slot there confirms the message and the whole transaction.
+    pub items: Vec<(WalItem, Lsn)>,
+    /// The last commit position read (transactions with no message of the service included):
+    /// advancing there confirms the whole read.
+    pub end: Option<Lsn>,
+    /// How many decoded changes the read returned.
+    pub changes: usize,
+}
+
+/// The event as it travels in the write-ahead log.
+#[derive(Serialize)]
+struct WalOut<'a> {
+    event_id: &'a str,
+    event_type: &'a str,
+    event_version: u32,
+    topic: &'a str,
+    message_key: Option<&'a str>,
+    aggregate_id: Option<&'a str>,
+    headers: &'a str,
+    created_at: i64,
+    max_attempts: i32,
+    payload: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+struct WalIn {
+    event_id: String,
+    event_type: String,
+    event_version: i32,
+    topic: String,
+    message_key: Option<String>,
+    aggregate_id: Option<String>,
+    headers: String,
+    created_at: i64,
+    max_attempts: i32,
+    payload: Box<RawValue>,
+}
+
+/// The message prefix of `service`'s events.
+fn prefix(service: &str) -> String {
+    format!("outbox:{service}")
+}
+
+/// The replication slot of the service whose table is `table`: `outbox_<table>`, cut to
+/// PostgreSQL's 63 characters with a hash of the whole name when longer.
+pub(super) fn slot_name(table: &str) -> String {
+    let name = format!("outbox_{table}");
+    if name.len() <= 63 {
+        return name;
+    }
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{}_{hash:016x}", &name[..46])
+}
+
+/// Reads the `pgoutput` changes of one slot read: begin (`B`), message (`M`), commit (`C`);
+/// relation changes cannot appear (the publication has no table) and are skipped.
+fn decode(service: &str, rows: Vec<(String, Vec<u8>)>) -> Result<WalBatch, Error> {
+    let want = prefix(service);
+    let mut batch = WalBatch {
+        changes: rows.len(),
+        ..WalBatch::default()
+    };
+    // Messages of the transaction being read, given their commit position at its commit.
+    let mut open: Vec<WalItem> = Vec::new();
+    let mut in_txn = false;
+    for (lsn, data) in rows {
+        let at = Lsn::parse(&lsn).ok_or_else(|| bad(format!("position `{lsn}`")))?;
+        match data.first() {
+            Some(b'B') => {
+                in_txn = true;
+                open.clear();
+            }
+            Some(b'C') => {
+                batch.items.extend(open.drain(..).map(|item| (item, at)));
+                batch.end = Some(at);
+                in_txn = false;
+            }
+            Some(b'M') => {
+                let (message_lsn, msg_prefix, content) = message(&data[1..])
+                    .ok_or_else(|| bad(format!("a message at {lsn} is truncated")))?;
+                if !in_txn {
+                    // A message written outside a transaction (a relay's heartbeat, say) is
+                    // its own commit: everything before it was decoded.
+                    batch.end = Some(at);
+                }
+                if msg_prefix != want.as_bytes() {
+                    continue;
+                }
+                let item = read_event(service, Lsn(message_lsn), content);
+                if in_txn {
+                    open.push(item);
+                } else {
+                    batch.items.push((item, at));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(batch)
+}
+
+fn bad(what: String) -> Error {
+    Error::Database(sqlx::Error::Protocol(format!(
+        "unreadable logical decoding output: {what}"
+    )))
+}
+
+/// A `pgoutput` message (protocol 1, after its `M`): flags, position, prefix, content.
+fn message(body: &[u8]) -> Option<(u64, &[u8], &[u8])> {
+    let (_flags, rest) = body.split_first()?;
+    let lsn = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    let rest = &rest[8..];
+    let nul = rest.iter().position(|&b| b == 0)?;
+    let (prefix, rest) = (&rest[..nul], &rest[nul + 1..]);
+    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let content = rest.get(4..4 + len)?;
+    Some((lsn, prefix, content))
+}
+
+fn read_event(service: &str, lsn: Lsn, content: &[u8]) -> WalItem {
+    let malformed = |error: String| WalItem::Malformed {
+        lsn,
+        content: String::from_utf8_lossy(content).into_owned(),
+        error,
+    };
+    let event: WalIn = match serde_json::from_slice(content) {
+        Ok(e) => e,
+        Err(e) => return malformed(format!("the message is not an outbox event: {e}")),
+    };
+    WalItem::Event(Box::new(OutboxRow {
+        id: i64::try_from(lsn.0).unwrap_or(i64::MAX),
+        event_id: event.event_id,
+        event_type: event.event_type,
+        event_version: event.event_version,
+        service: service.to_owned(),
+        topic: event.topic,
+        message_key: event.message_key,
+        aggregate_id: event.aggregate_id,
+        payload: event.payload.get().to_owned(),
+        headers: event.headers,
+        status: Status::Sending,
+        attempts: 0,
+        max_attempts: event.max_attempts,
+        next_attempt_at: None,
+        lease_owner: None,
+        lease_until: None,
+        last_error: None,
+        dead_reason: None,
+        published_at: None,
+        consumed_at: None,
+        created_at: event.created_at,
+        updated_at: event.created_at,
+    }))
+}
+
+/// A slot's lag: what `outbox status` and the `outbox_wal_lag_*` gauges show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalLag {
+    /// The service.
+    pub service: String,
+    /// Its slot.
+    pub slot: String,
+    /// Bytes of WAL from the slot's confirmed position to the server's current one: what the
+    /// slot keeps the server from recycling. `None` when the slot does not exist.
+    pub bytes: Option<i64>,
+    /// How long the oldest event not yet published has waited, in ms (`Some(0)` when none
+    /// waits); `None` when it could not be told.
+    pub age_ms: Option<i64>,
+    /// Whether a relay holds the slot now.
+    pub relay_active: bool,
+}
+
+impl<DB: Backend> OutboxBuilder<DB> {
+    /// Relays `service` from the write-ahead log (PostgreSQL): [`Outbox::enqueue`] emits its
+    /// events into the log in the caller's transaction instead of inserting rows, and the
+    /// relay reads them from the service's replication slot in commit order. Its consumers
+    /// must use [`Dedupe::Inbox`](crate::consumer::Dedupe::Inbox): the events have no row to
+    /// mark. Needs `wal_level = logical`; [`Outbox::migrate`] makes the slot. Refused on
+    /// MySQL and SQLite, for a service the catalog does not have, and for a Go-routed one.
+    pub fn wal(mut self, service: &str) -> Result<Self, Error> {
+        if self.catalog.service(service).is_none() {
+            return Err(Error::UnknownService {
+                service: service.to_owned(),
+            });
+        }
+        if !DB::QUERIES.contains("-- name: wal_emit") {
+            return Err(Error::WalUnsupported { backend: DB::NAME });
+        }
+        if self.go.contains_key(service) {
+            return Err(Error::WalAndGo {
+                service: service.to_owned(),
+            });
+        }
+        self.wal.insert(service.to_owned());
+        Ok(self)
+    }
+}
+
+impl<DB: Backend> Outbox<DB> {
+    /// Whether `service` relays from the write-ahead log.
+    pub fn is_wal(&self, service: &str) -> bool {
+        self.inner.wal.contains(service)
+    }
+
+    /// The services that relay from the write-ahead log.
+    pub fn wal_services(&self) -> impl Iterator<Item = &str> {
+        self.inner.wal.iter().map(String::as_str)
+    }
+
+    /// The replication slot of a write-ahead-log service.
+    pub fn wal_slot(&self, service: &str) -> Result<String, Error> {
+        Ok(slot_name(&self.table(service)?.route.table))
+    }
+
+    /// Refuses a server whose `wal_level` is not `logical` ([`Error::WalLevel`], with the
+    /// fix), naming `service`.
+    pub async fn check_wal_level(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+    ) -> Result<(), Error> {
+        let level = DB::fetch_pairs(conn, self.inbox_sql("wal_level"), Vec::new())
+            .await?
+            .into_iter()
+            .next()
+            .map(|(l, _)| l)
+            .unwrap_or_default();
+        if level == "logical" {
+            return Ok(());
+        }
+        Err(Error::WalLevel {
+            service: service.to_owned(),
+            found: level,
+        })
+    }
+
+    /// Makes what the write-ahead-log services need: the publication and each service's slot
+    /// (from now on, the slot keeps every event written). Run outside a transaction.
+    pub(super) async fn migrate_wal(&self, conn: &mut DB::Connection) -> Result<(), Error> {
+        let Some(first) = self.inner.wal.iter().next() else {
+            return Ok(());
+        };
+        self.check_wal_level(conn, first).await?;
+        DB::execute(conn, self.inbox_sql("create_wal_slots"), Vec::new()).await?;
+        DB::execute(conn, self.inbox_sql("wal_publication"), Vec::new()).await?;
+        for service in &self.inner.wal {
+            let slot = self.wal_slot(service)?;
+            if self.wal_slot_exists(conn, &slot).await? {
+                continue;
+            }
+            match DB::execute(
+                conn,
+                self.inbox_sql("wal_create_slot"),
+                vec![Arg::Str(slot.clone())],
+            )
+            .await
+            {
+                Ok(_) => {}
+                // Made meanwhile by another migration.
+                Err(e) if self.wal_slot_exists(conn, &slot).await.unwrap_or(false) => {
+                    tracing::debug!(%slot, error = %e, "slot made by another migration");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    async fn wal_slot_exists(&self, conn: &mut DB::Connection, slot: &str) -> Result<bool, Error> {
+        let n = DB::fetch_ints(
+            conn,
+            self.inbox_sql("wal_slot_exists"),
+            vec![Arg::Str(slot.to_owned())],
+        )
+        .await?;
+        Ok(n.first().copied().flatten().unwrap_or(0) > 0)
+    }
+
+    /// Emits a prepared event into the write-ahead log, in the caller's transaction.
+    pub(super) async fn emit(&self, conn: &mut DB::Connection, p: &Prepared) -> Result<(), Error> {
+        let table = self.table(p.service)?;
+        let payload: &RawValue = serde_json::from_str(&p.payload).map_err(Error::Encode)?;
+        let content = serde_json::to_string(&WalOut {
+            event_id: &p.event_id,
+            event_type: p.event_type,
+            event_version: p.version,
+            topic: &p.topic,
+            message_key: p.key.as_deref(),
+            aggregate_id: p.aggregate.as_deref(),
+            headers: &p.headers,
+            created_at: self.now_ms(),
+            max_attempts: self.inner.config.max_attempts,
+            payload,
+        })
+        .map_err(Error::Encode)?;
+        DB::execute(
+            conn,
+            table.get("wal_emit"),
+            vec![Arg::Str(prefix(p.service)), Arg::Str(content)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Takes `service`'s slot for this connection (a session advisory lock, held until
+    /// [`Outbox::wal_release`] or the connection closes); false when another relay has it.
+    /// Fails with [`Error::WalSlotMissing`] when the slot does not exist.
+    #[doc(hidden)]
+    pub async fn wal_acquire(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+    ) -> Result<bool, Error> {
+        let slot = self.wal_slot(service)?;
+        if !self.wal_slot_exists(conn, &slot).await? {
+            return Err(Error::WalSlotMissing {
+                service: service.to_owned(),
+                slot,
+            });
+        }
+        let got = DB::fetch_ints(conn, self.inbox_sql("wal_lock"), vec![Arg::Str(slot)]).await?;
+        Ok(got.first().copied().flatten() == Some(1))
+    }
+
+    /// Gives back the slot [`Outbox::wal_acquire`] took.
+    #[doc(hidden)]
+    pub async fn wal_release(&self, conn: &mut DB::Connection, service: &str) -> Result<(), Error> {
+        let slot = self.wal_slot(service)?;
+        DB::fetch_ints(conn, self.inbox_sql("wal_unlock"), vec![Arg::Str(slot)]).await?;
+        Ok(())
+    }
+
+    /// Reads `service`'s next messages from its slot without consuming them: whole
+    /// transactions, stopping after the one that brings the decoded changes to `changes`.
+    #[doc(hidden)]
+    pub async fn wal_peek(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        changes: usize,
+    ) -> Result<WalBatch, Error> {
+        let slot = self.wal_slot(service)?;
+        let rows = DB::fetch_bytes(
+            conn,
+            self.inbox_sql("wal_peek"),
+            vec![
+                Arg::Str(slot),
+                Arg::I64(i64::try_from(changes).unwrap_or(i64::MAX)),
+            ],
+        )
+        .await?;
+        decode(service, rows)
+    }
+
+    /// Writes a message outside any transaction (`outbox-heartbeat`, no service's prefix): the
+    /// next read of an idle slot returns its position, and advancing there lets the slot
+    /// release the WAL that other writers of the database produced meanwhile.
+    #[doc(hidden)]
+    pub async fn wal_heartbeat(&self, conn: &mut DB::Connection) -> Result<(), Error> {
+        DB::execute(conn, self.inbox_sql("wal_heartbeat"), Vec::new()).await?;
+        Ok(())
+    }
+
+    /// Confirms `service`'s slot up to `lsn` (a commit position a read returned): the server
+    /// may recycle the WAL before it, and the next read starts after it.
+    #[doc(hidden)]
+    pub async fn wal_advance(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        lsn: Lsn,
+    ) -> Result<(), Error> {
+        let slot = self.wal_slot(service)?;
+        DB::execute(
+            conn,
+            self.inbox_sql("wal_advance"),
+            vec![Arg::Str(slot), Arg::Str(lsn.to_string())],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Keeps a write-ahead-log event the relay must not (or could not) publish as a dead row of
+    /// its service's table; false when it was already there.
+    #[doc(hidden)]
+    pub async fn wal_dead(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        item: &WalItem,
+        attempts: i32,
+        reason: &str,
+        error: &str,
+    ) -> Result<bool, Error> {
+        let table = self.table(service)?;
+        let now = self.now_ms();
+        let args = match item {
+            WalItem::Event(row) => vec![
+                Arg::Str(row.event_id.clone()),
+                Arg::Str(row.event_type.clone()),
+                Arg::I64(i64::from(row.event_version)),
+                Arg::Str(service.to_owned()),
+                Arg::Str(row.topic.clone()),
+                Arg::OptStr(row.message_key.clone()),
+                Arg::OptStr(row.aggregate_id.clone()),
+                Arg::Str(row.payload.clone()),
+                Arg::Str(row.headers.clone()),
+                Arg::I64(i64::from(attempts)),
+                Arg::I64(i64::from(row.max_attempts)),
+                Arg::Str(reason.to_owned()),
+                Arg::Str(self.error_text(error)),
+                Arg::I64(row.created_at),
+                Arg::I64(now),
+            ],
+            WalItem::Malformed {
+                lsn,
+                content,
+                error: why,
+            } => vec![
+                // The same id on every read of the message: its slot and position.
+                Arg::Str(
+                    uuid::Uuid::new_v5(
+                        &uuid::Uuid::NAMESPACE_OID,
+                        format!("{}:{lsn}", self.wal_slot(service)?).as_bytes(),
+                    )
+                    .to_string(),
+                ),
+                Arg::Str("unknown".to_owned()),
+                Arg::I64(0),
+                Arg::Str(service.to_owned()),
+                Arg::Str(table.route.topic.clone()),
+                Arg::OptStr(None),
+                Arg::OptStr(None),
+                Arg::Str(content.clone()),
+                Arg::Str("{}".to_owned()),
+                Arg::I64(i64::from(attempts)),
+                Arg::I64(i64::from(self.inner.config.max_attempts)),
+                Arg::Str(reason.to_owned()),
+                Arg::Str(self.error_text(&format!("{error}: {why}"))),
+                Arg::I64(now),
+                Arg::I64(now),
+            ],
+        };
+        Ok(DB::execute(conn, table.get("wal_dead"), args).await? > 0)
+    }
+
+    /// Records what the relay of `service` last saw: the creation time of the oldest event it
+    /// has not published (`None`: it published everything it read).
+    #[doc(hidden)]
+    pub async fn wal_seen(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        oldest_unpublished: Option<i64>,
+    ) -> Result<(), Error> {
+        let args = vec![
+            Arg::Str(self.wal_slot(service)?),
+            Arg::Str(service.to_owned()),
+            Arg::OptI64(oldest_unpublished),
+            Arg::I64(self.now_ms()),
+        ];
+        DB::execute(conn, self.inbox_sql("wal_seen"), args).await?;
+        Ok(())
+    }
+
+    /// The lag of `service`'s slot: its bytes, and the age of its oldest unpublished event —
+    /// read from the slot when no relay holds it, else as the relay last recorded it.
+    pub async fn wal_lag(&self, conn: &mut DB::Connection, service: &str) -> Result<WalLag, Error> {
+        let slot = self.wal_slot(service)?;
+        let mut lag = WalLag {
+            service: service.to_owned(),
+            slot: slot.clone(),
+            bytes: None,
+            age_ms: None,
+            relay_active: false,
+        };
+        let Some(bytes) = self.wal_bytes(conn, &slot).await? else {
+            return Ok(lag);
+        };
+        lag.bytes = Some(bytes);
+        let now = self.now_ms();
+        if self.wal_acquire(conn, service).await? {
+            let read = self.wal_peek(conn, service, 1).await;
+            self.wal_release(conn, service).await?;
+            lag.age_ms = Some(match read?.items.first() {
+                Some((WalItem::Event(row), _)) => now.saturating_sub(row.created_at).max(0),
+                _ => 0,
+            });
+        } else {
+            lag.relay_active = true;
+            let seen = DB::fetch_ints(
+                conn,
+                self.inbox_sql("wal_last_seen"),
+                vec![Arg::Str(slot.clone())],
+            )
+            .await?;
+            lag.age_ms = seen
+                .first()
+                .map(|t| t.map_or(0, |t| now.saturating_sub(t).max(0)));
+        }
+        Ok(lag)
+    }
+
+    /// The bytes of WAL `slot` holds back; `None` without the slot.
+    #[doc(hidden)]
+    pub async fn wal_bytes(
+        &self,
+        conn: &mut DB::Connection,
+        slot: &str,
+    ) -> Result<Option<i64>, Error> {
+        let got = DB::fetch_ints(
+            conn,
+            self.inbox_sql("wal_lag"),
+            vec![Arg::Str(slot.to_owned())],
+        )
+        .await?;
+        Ok(got.first().map(|b| b.unwrap_or(0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_read_and_print_as_postgresql_does() {
+        assert_eq!(Lsn::parse("0/16B3748"), Some(Lsn(0x16B_3748)));
+        assert_eq!(Lsn::parse("1A/0"), Some(Lsn(0x1A_0000_0000)));
+        assert_eq!(Lsn(0x1A_0016_B374).to_string(), "1A/16B374");
+        assert!(Lsn::parse("16B3748").is_none());
+        assert!(Lsn::parse("x/1").is_none());
+        assert!(Lsn(0x1_0000_0000) > Lsn(0xFFFF_FFFF));
+    }
+
+    #[test]
+    fn slot_names_fit_postgresql() {
+        assert_eq!(slot_name("orders_outbox"), "outbox_orders_outbox");
+        let long = "t".repeat(63);
+        let slot = slot_name(&long);
+        assert_eq!(slot.len(), 63);
+        assert_ne!(slot, slot_name(&"t".repeat(62)));
+    }
+
+    fn change(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![kind];
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn msg(prefix: &str, content: &[u8]) -> Vec<u8> {
+        let mut v = vec![1];
+        v.extend_from_slice(&0x42_u64.to_be_bytes());
+        v.extend_from_slice(prefix.as_bytes());
+        v.push(0);
+        v.extend_from_slice(&u32::try_from(content.len()).unwrap().to_be_bytes());
+        v.extend_from_slice(content);
+        change(b'M', &v)
+    }
+
+    #[test]
+    fn a_read_keeps_the_services_messages_with_their_commit_and_flags_bad_ones() {
+        let event = br#"{"event_id":"e1","event_type":"t","event_version":2,"topic":"x","message_key":"k","aggregate_id":null,"headers":"{}","created_at":5,"max_attempts":20,"payload":{"a":[1,2]}}"#;
+        let rows = vec![
+            ("0/10".to_owned(), change(b'B', &[0; 20])),
+            ("0/11".to_owned(), msg("outbox:svc", event)),
+            ("0/12".to_owned(), msg("outbox:other", event)),
+            ("0/13".to_owned(), msg("outbox:svc", b"not json")),
+            ("0/20".to_owned(), change(b'C', &[0; 25])),
+            ("0/30".to_owned(), change(b'B', &[0; 20])),
+            ("0/31".to_owned(), msg("outbox:other", event)),
+            ("0/40".to_owned(), change(b'C', &[0; 25])),
+        ];
+        let batch = decode("svc", rows).unwrap();
+        assert_eq!(batch.changes, 8);
+        assert_eq!(batch.end, Some(Lsn(0x40)));
+        assert_eq!(batch.items.len(), 2);
+        match &batch.items[0] {
+            (WalItem::Event(row), commit) => {
+                assert_eq!(*commit, Lsn(0x20));
+                assert_eq!(row.event_id, "e1");
+                assert_eq!(row.id, 0x42);
+                assert_eq!(row.payload, r#"{"a":[1,2]}"#);
+                assert_eq!(row.message_key.as_deref(), Some("k"));
+                assert_eq!(row.service, "svc");
+            }
+            other => panic!("not an event: {other:?}"),
+        }
+        assert!(matches!(
+            &batch.items[1],
+            (WalItem::Malformed { content, .. }, Lsn(0x20)) if content == "not json"
+        ));
+        // A message outside a transaction, of any prefix, ends what a read confirms.
+        let beat = decode(
+            "svc",
+            vec![("0/50".to_owned(), msg("outbox-heartbeat", b""))],
+        )
+        .unwrap();
+        assert_eq!(beat.end, Some(Lsn(0x50)));
+        assert!(beat.items.is_empty());
+        // A truncated message is an error, not a skipped event.
+        let mut cut = msg("outbox:svc", event);
+        cut.truncate(30);
+        assert!(decode("svc", vec![("0/1".to_owned(), cut)]).is_err());
+    }
+}
