@@ -217,6 +217,9 @@ struct Config {
     /// Services still served by the Go system: their Go tables.
     #[serde(default)]
     go_routes: BTreeMap<String, GoRouteFile>,
+    /// Services relayed from PostgreSQL's write-ahead log instead of their table.
+    #[serde(default)]
+    wal_services: Vec<String>,
 }
 
 /// A service's Go route in the config file.
@@ -376,6 +379,11 @@ async fn with_pool<DB: Backend>(cli: Cli, config: Config, pool: Pool<DB>) -> Res
             .go_route(service, route)
             .map_err(|e| format!("go_routes.{service}: {e}"))?;
     }
+    for service in &config.wal_services {
+        outbox = outbox
+            .wal(service)
+            .map_err(|e| format!("wal_services: {e}"))?;
+    }
     let outbox = outbox.build();
     match cli.command {
         Command::Migrate { print } => migrate(&outbox, &pool, print, cli.json).await,
@@ -510,20 +518,36 @@ async fn status<DB: Backend>(
 ) -> Result<(), BoxError> {
     let mut conn = pool.acquire().await?;
     let stats = outbox.stats(&mut conn).await?;
+    let mut lags = BTreeMap::new();
+    for service in outbox.wal_services() {
+        lags.insert(
+            service.to_owned(),
+            outbox.wal_lag(&mut conn, service).await?,
+        );
+    }
     if json {
         let out: Vec<_> = stats
             .iter()
             .map(|s| {
                 let counts: BTreeMap<&str, i64> =
                     s.counts.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                json!({
+                let mut v = json!({
                     "service": s.service,
                     "table": s.table,
                     "counts": counts,
                     "oldest_due_ms": s.oldest_due_ms,
                     "oldest_published_ms": s.oldest_published_ms,
                     "dead_by_reason": s.dead_by_reason,
-                })
+                });
+                if let Some(lag) = lags.get(&s.service) {
+                    v["wal"] = json!({
+                        "slot": lag.slot,
+                        "lag_bytes": lag.bytes,
+                        "lag_age_ms": lag.age_ms,
+                        "relay_active": lag.relay_active,
+                    });
+                }
+                v
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -559,6 +583,23 @@ async fn status<DB: Backend>(
             reasons.join(", ")
         );
         println!("{}", line.trim_end());
+    }
+    if !lags.is_empty() {
+        println!();
+        println!(
+            "{:<18} {:<28} {:>12} {:>11}  relay",
+            "service", "replication slot", "lag bytes", "lag age"
+        );
+        for lag in lags.values() {
+            println!(
+                "{:<18} {:<28} {:>12} {:>11}  {}",
+                lag.service,
+                lag.slot,
+                lag.bytes.map_or("no slot".to_owned(), |b| b.to_string()),
+                lag.age_ms.map_or("-".to_owned(), age),
+                if lag.relay_active { "active" } else { "none" },
+            );
+        }
     }
     Ok(())
 }

@@ -584,6 +584,13 @@ where
         ready: Option<Arc<Ready>>,
     ) -> Result<(), Error> {
         let group = &self.inner.route.group;
+        if self.inner.config.dedupe == Dedupe::OutboxRow
+            && self.inner.outbox.is_wal(&self.inner.route.service)
+        {
+            return Err(Error::WalNeedsInbox {
+                service: self.inner.route.service.clone(),
+            });
+        }
         if !self.inner.config.allow_foreign_members {
             match self.inner.bus.foreign_members(group).await {
                 Ok(members) if !members.is_empty() => {

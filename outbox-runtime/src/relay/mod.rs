@@ -286,7 +286,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                         0
                     }
                 },
-                None => match self.relay_once(service).await {
+                None => match self.table_once(service).await {
                     Ok(n) => n,
                     Err(e) => {
                         tracing::warn!(service, error = %e, "relay round failed");
@@ -331,7 +331,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                         // look once more.
                         let again = match wal.as_mut() {
                             Some(slot) => self.wal_round(service, slot).await,
-                            None => self.relay_once(service).await,
+                            None => self.table_once(service).await,
                         };
                         if again.is_ok_and(|n| n > 0) {
                             continue;
@@ -437,8 +437,21 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
     }
 
     /// One round: claim a batch, publish it, record the outcome. Returns how many rows it
-    /// claimed.
+    /// claimed. For a service relayed from the write-ahead log: take the slot (0 when another
+    /// relay holds it), publish what it holds, advance it, give it back; returns how many
+    /// events it read.
     pub async fn relay_once(&self, service: &str) -> Result<usize, Error> {
+        if !self.outbox.is_wal(service) {
+            return self.table_once(service).await;
+        }
+        let mut slot = self.wal_start(service).await?;
+        let n = self.wal_round(service, &mut slot).await;
+        self.wal_stop(service, slot).await;
+        n
+    }
+
+    /// [`Relay::relay_once`] of a service relayed from its table.
+    async fn table_once(&self, service: &str) -> Result<usize, Error> {
         let owner = &self.config.owner;
         let rows = {
             let mut conn = self.pool.acquire().await?;

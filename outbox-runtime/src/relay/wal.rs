@@ -104,7 +104,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         }
         let n = result?;
         if n == 0 && slot.held {
-            return self.relay_once(service).await;
+            return self.table_once(service).await;
         }
         Ok(n)
     }

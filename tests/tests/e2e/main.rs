@@ -9,6 +9,7 @@
 mod harness;
 
 mod go;
+mod wal;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -316,7 +316,7 @@ SELECT COUNT(*)::BIGINT FROM pg_replication_slots WHERE slot_name = $1 AND datab
 
 -- name: wal_create_slot
 -- slot
-SELECT pg_create_logical_replication_slot($1, 'pgoutput')::TEXT
+SELECT pg_create_logical_replication_slot($1::NAME, 'pgoutput')::TEXT
 
 -- name: wal_lock
 -- One relay per slot: held by the relay's slot connection for as long as it relays.
@@ -333,15 +333,15 @@ SELECT CASE WHEN pg_advisory_unlock(hashtextextended('outbox-wal:' || $1, 0)) TH
 -- The slot's next decoded changes, from its confirmed position, whole transactions in commit
 -- order; nothing is consumed.
 -- slot, changes
-SELECT lsn::TEXT, data FROM pg_logical_slot_peek_binary_changes($1, NULL, $2,
-    'proto_version', '1', 'publication_names', 'outbox_wal', 'messages', 'true')
+SELECT lsn::TEXT, data FROM pg_logical_slot_peek_binary_changes($1::NAME, NULL::PG_LSN,
+    $2::INTEGER, 'proto_version', '1', 'publication_names', 'outbox_wal', 'messages', 'true')
 
 -- name: wal_heartbeat
 SELECT pg_logical_emit_message(false, 'outbox-heartbeat', '')::TEXT
 
 -- name: wal_advance
 -- slot, lsn
-SELECT pg_replication_slot_advance($1, $2::PG_LSN)::TEXT
+SELECT pg_replication_slot_advance($1::NAME, $2::PG_LSN)::TEXT
 
 -- name: wal_lag
 -- The bytes of WAL the slot holds back: from its confirmed position to the current one.

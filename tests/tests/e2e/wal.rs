@@ -1,0 +1,373 @@
+//! Services relayed from PostgreSQL's write-ahead log (`OutboxBuilder::wal`): the writer's
+//! transaction emits each event into the log, a relay reads the service's replication slot,
+//! and consumers, in a database of their own, apply through the inbox. PostgreSQL producers
+//! (the test server runs with `wal_level = logical`, which `./scripts/test` sets) and tansu.
+
+use outbox_runtime::Outbox;
+use outbox_runtime::sqlx::Postgres;
+use outbox_runtime::store::{Backend, WalLag};
+
+use super::*;
+
+/// A world whose `service` is relayed from the write-ahead log, its slot made by migrate.
+async fn wal_world(service: &str) -> World<Postgres> {
+    let mut w = World::<Postgres>::new().await;
+    let outbox = Outbox::builder(w.h.outbox.catalog().clone())
+        .config(
+            StoreConfig::default()
+                .backoff_base(Duration::from_millis(100))
+                .jitter(false),
+        )
+        .wal(service)
+        .unwrap()
+        .build();
+    {
+        let _turn = harness::MIGRATIONS.lock().await;
+        let mut conn = w.h.pool.acquire().await.unwrap();
+        outbox.migrate(&mut *conn).await.unwrap();
+    }
+    w.h.outbox = outbox;
+    w
+}
+
+/// Drops the world's slots (a slot left behind would keep the server's WAL) and tables.
+async fn wal_cleanup(w: World<Postgres>) {
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    let slots: Vec<String> =
+        w.h.outbox
+            .wal_services()
+            .map(|s| w.h.outbox.wal_slot(s).unwrap())
+            .collect();
+    for slot in slots {
+        Postgres::execute(
+            &mut conn,
+            "SELECT pg_drop_replication_slot($1)::TEXT",
+            vec![Arg::Str(slot)],
+        )
+        .await
+        .unwrap();
+    }
+    drop(conn);
+    w.cleanup().await;
+}
+
+async fn lag(w: &World<Postgres>, service: &str) -> WalLag {
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    w.h.outbox.wal_lag(&mut conn, service).await.unwrap()
+}
+
+/// Rows in `service`'s table: a WAL service writes none but its dead letters.
+async fn table_rows(w: &World<Postgres>, service: &str) -> i64 {
+    w.h.rows(service).await
+}
+
+// Events of single and multi-event transactions reach a consumer in a database of its own
+// (MariaDB) once each, a rolled-back transaction's event never; the producer's table stays
+// empty (no row, no status write); the slot's lag is back to nothing once it drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn e2e_wal_events_reach_an_inbox_consumer_in_its_own_database_once() {
+    use outbox_runtime::sqlx::MySql;
+    let w = wal_world("notification").await;
+    let (pool, _) = MySql::open("wal").await;
+    let outbox = Outbox::<MySql>::builder(w.h.outbox.catalog().clone()).build();
+    let effects = format!("w{}", w.h.tag);
+    {
+        let mut conn = pool.acquire().await.unwrap();
+        let _turn = harness::MIGRATIONS.lock().await;
+        for sql in outbox.migration_sql() {
+            if sql.contains("outbox_inbox") || sql.contains("outbox_calls") {
+                MySql::execute(&mut conn, &sql, Vec::new()).await.unwrap();
+            }
+        }
+        let sql = format!(
+            "CREATE TABLE {effects} (event_id VARCHAR(64) NOT NULL, kind VARCHAR(32) NOT NULL)"
+        );
+        MySql::execute(&mut conn, &sql, Vec::new()).await.unwrap();
+    }
+    let recorder = Recorder {
+        effects: effects.clone(),
+        ..Recorder::default()
+    };
+    // A handler that fails twice: kept in the consumer's database and retried.
+    recorder
+        .failures
+        .lock()
+        .unwrap()
+        .insert("pv-3".to_owned(), 2);
+    let producer = Engine::builder(w.h.pool.clone(), KafkaConfig::new(brokers()))
+        .outbox(w.h.outbox.clone())
+        .relay(relay())
+        .start()
+        .await
+        .unwrap();
+    let consumer = Engine::builder(pool.clone(), KafkaConfig::new(brokers()))
+        .outbox(outbox.clone())
+        .without_relay()
+        .consumer_with::<NotificationEvents, _>(
+            recorder,
+            ConsumerConfig::default()
+                .dedupe(outbox_runtime::Dedupe::Inbox)
+                .inbox_attempts(5),
+        )
+        .start()
+        .await
+        .unwrap();
+    assert!(consumer.ready(Duration::from_secs(60)).await);
+
+    let mut events = w.enqueue_feishu(0..20).await;
+    // Three events in one transaction with a business row.
+    let mut tx = w.h.pool.begin().await.unwrap();
+    w.h.write_business(&mut tx, 1, "three events").await;
+    let batch: Vec<_> = (20..23).map(samples::feishu).collect();
+    events.extend(w.h.outbox.enqueue_all(&mut *tx, &batch).await.unwrap());
+    tx.commit().await.unwrap();
+    // A rolled-back transaction: its event was never written.
+    let mut tx = w.h.pool.begin().await.unwrap();
+    let gone =
+        w.h.outbox
+            .enqueue(&mut *tx, &samples::feishu(99))
+            .await
+            .unwrap();
+    tx.rollback().await.unwrap();
+    assert!(
+        events.iter().all(|e| e.id == 0),
+        "no row id: there is no row"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut conn = pool.acquire().await.unwrap();
+        let applied = MySql::fetch_ints(
+            &mut conn,
+            &format!("SELECT COUNT(DISTINCT event_id) FROM {effects}"),
+            Vec::new(),
+        )
+        .await
+        .unwrap()[0]
+            .unwrap();
+        if applied >= 23 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{applied} of 23 events applied in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Drained: the relay advanced the slot past every event.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lag = lag(&w, "notification").await;
+        assert!(
+            lag.relay_active,
+            "the running relay holds the slot: {lag:?}"
+        );
+        if lag.age_ms == Some(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot did not drain: {lag:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    consumer.shutdown().await.unwrap();
+    producer.shutdown().await.unwrap();
+
+    let mut conn = pool.acquire().await.unwrap();
+    let applied: Vec<String> =
+        outbox_runtime::sqlx::query_scalar(&format!("SELECT event_id FROM {effects}"))
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    let mut want: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+    let mut got = applied.clone();
+    want.sort();
+    got.sort();
+    assert_eq!(
+        got, want,
+        "each committed event once, the rolled-back one never"
+    );
+    assert!(!applied.contains(&gone.event_id));
+    MySql::execute(&mut conn, &format!("DROP TABLE {effects}"), Vec::new())
+        .await
+        .unwrap();
+    drop(conn);
+    pool.close().await;
+    assert_eq!(
+        table_rows(&w, "notification").await,
+        0,
+        "no row was written"
+    );
+    assert_eq!(w.h.business_rows().await, 1);
+    wal_cleanup(w).await;
+}
+
+// The slot is one ordered log: an event larger than the broker takes goes dead (a dead row in
+// the service's table, with its reason) and no longer holds the log back; the later events of
+// its key, held back behind it, go out on the next round, in commit order, and nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn e2e_wal_an_oversized_event_goes_dead_and_its_keys_later_events_follow_in_order() {
+    let w = wal_world("task").await;
+    let (rows, other) = a_key_with_an_oversized_event(&w).await;
+    let (relay, bus) = task_relay(
+        &w,
+        KafkaConfig::new(brokers()).set("message.max.bytes", "2000"),
+    );
+    bus.ensure_topics(&[task_topic(&w)]).await.unwrap();
+    assert_eq!(relay.relay_once("task").await.unwrap(), 6);
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    let dead =
+        w.h.outbox
+            .get_by_event_id(&mut conn, "task", &rows[2].event_id)
+            .await
+            .unwrap()
+            .expect("the oversized event is kept as a dead row");
+    drop(conn);
+    assert_eq!(dead.status, Status::Dead);
+    assert_eq!(dead.dead_reason.as_deref(), Some("message_too_large"));
+    assert!(dead.last_error.unwrap().contains("too large"));
+    assert_eq!(
+        table_rows(&w, "task").await,
+        1,
+        "only the dead event has a row"
+    );
+    // The two events of the key behind it: read again and published now.
+    assert_eq!(relay.relay_once("task").await.unwrap(), 2);
+    assert_eq!(
+        relay.relay_once("task").await.unwrap(),
+        0,
+        "the slot is drained"
+    );
+    let want: Vec<&Enqueued> = [0, 1, 3, 4].iter().map(|&i| &rows[i]).collect();
+    assert_key_order_on_the_broker(&w, "5", &want).await;
+    assert_key_order_on_the_broker(&w, "6", &[&other]).await;
+    // Replayed, the dead row is published from the table by the same relay.
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    w.h.outbox
+        .replay_dead(&mut conn, "task", &[dead.id])
+        .await
+        .unwrap();
+    drop(conn);
+    let (relay, _bus) = task_relay(&w, KafkaConfig::new(brokers()));
+    assert_eq!(relay.relay_once("task").await.unwrap(), 1);
+    assert_eq!(w.count("task", Status::Published).await, 1);
+    wal_cleanup(w).await;
+}
+
+// At least once: a relay whose publishes fail (the topic does not exist yet) leaves the slot
+// where it was, and the events wait there, in order, with the slot's lag in bytes and age
+// showing them; once the topic exists a relay publishes them all and the lag is gone. Two
+// relays: one holds the slot, the other stands by and takes over when the first stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn e2e_wal_the_slot_advances_only_past_acknowledged_events_and_a_standby_takes_over() {
+    let w = wal_world("task").await;
+    let mut rows = Vec::new();
+    for i in 0..4u64 {
+        let mut e = samples::urgency(i);
+        e.user_id = 5;
+        rows.push(put_task(&w, &e).await);
+    }
+    let kafka = KafkaConfig::new(brokers()).publish_timeout(Duration::from_secs(1));
+    let (failing, bus) = task_relay(&w, kafka);
+    assert_eq!(failing.relay_once("task").await.unwrap(), 4);
+    let before = lag(&w, "task").await;
+    assert!(
+        before.bytes.unwrap() > 0,
+        "the events are still in the slot: {before:?}"
+    );
+    assert!(before.age_ms.unwrap() > 0, "{before:?}");
+    assert!(!before.relay_active);
+    assert_eq!(
+        table_rows(&w, "task").await,
+        0,
+        "a transient failure is no dead letter"
+    );
+
+    bus.ensure_topics(&[task_topic(&w)]).await.unwrap();
+    let start = |owner: &str| {
+        Engine::builder(w.h.pool.clone(), KafkaConfig::new(brokers()))
+            .outbox(w.h.outbox.clone())
+            .relay(relay().owner(owner))
+            .start()
+    };
+    let first = start("first").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !lag(&w, "task").await.relay_active {
+        assert!(
+            Instant::now() < deadline,
+            "the first relay did not take the slot"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = start("second").await.unwrap();
+    let want: Vec<&Enqueued> = rows.iter().collect();
+    assert_key_order_on_the_broker(&w, "5", &want).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lag(&w, "task").await.age_ms != Some(0) {
+        assert!(Instant::now() < deadline, "the slot did not drain");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The relay holding the slot stops; the standby takes it over.
+    first.shutdown().await.unwrap();
+    for i in 4..8u64 {
+        let mut e = samples::urgency(i);
+        e.user_id = 5;
+        rows.push(put_task(&w, &e).await);
+    }
+    let want: Vec<&Enqueued> = rows.iter().collect();
+    assert_key_order_on_the_broker(&w, "5", &want).await;
+    second.shutdown().await.unwrap();
+    let after = lag(&w, "task").await;
+    assert_eq!(after.age_ms, Some(0), "{after:?}");
+    wal_cleanup(w).await;
+}
+
+// A consumer that would mark the producer's rows cannot serve a WAL service (its events have
+// no row); the builder refuses a WAL service on another database, or one also Go-routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn e2e_wal_services_refuse_what_cannot_work() {
+    let w = wal_world("notification").await;
+    let refused = Engine::builder(w.h.pool.clone(), KafkaConfig::new(brokers()))
+        .outbox(w.h.outbox.clone())
+        .without_relay()
+        .consumer::<NotificationEvents, _>(w.recorder())
+        .start()
+        .await;
+    match refused {
+        Err(e @ outbox_runtime::Error::WalNeedsInbox { .. }) => {
+            assert!(e.to_string().contains("Dedupe::Inbox"), "{e}");
+        }
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(running) => {
+            let e = running
+                .shutdown()
+                .await
+                .expect_err("a row-marking consumer ran");
+            assert!(
+                matches!(e, outbox_runtime::Error::WalNeedsInbox { .. }),
+                "{e}"
+            );
+        }
+    }
+    let catalog = w.h.outbox.catalog().clone();
+    let sqlite =
+        Outbox::<outbox_runtime::sqlx::Sqlite>::builder(catalog.clone()).wal("notification");
+    assert!(matches!(
+        sqlite,
+        Err(outbox_runtime::Error::WalUnsupported { .. })
+    ));
+    let go = Outbox::<Postgres>::builder(catalog)
+        .wal("notification")
+        .unwrap()
+        .go_route(
+            "notification",
+            outbox_runtime::store::GoRoute::new("notification_outbox"),
+        );
+    assert!(matches!(go, Err(outbox_runtime::Error::WalAndGo { .. })));
+    // This server decodes its log.
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    w.h.outbox
+        .check_wal_level(&mut conn, "notification")
+        .await
+        .unwrap();
+    drop(conn);
+    wal_cleanup(w).await;
+}
