@@ -19,6 +19,10 @@
 //!   call, mark);
 //! - `seed_mode`: the same end to end with the Go system's algorithm (one row at a time: select
 //!   due, synchronous produce, update; one consumer transaction per message);
+//! - `wal_enqueue`, `wal_e2e` (PostgreSQL): `enqueue`, and end to end with `raw_insert`'s
+//!   writers and an inbox consumer, for a service relayed from the write-ahead log (its events
+//!   emitted into the log, no row); `wal_relay`: one relay draining a backlog of `--backlog`
+//!   events (100,000 by default) from the slot;
 //! - `relay_backlog`: one relay draining a backlog of `--backlog` rows (1,000,000 by default
 //!   with `--brokers`, 200,000 with the mock cluster), with the process's peak memory while it
 //!   does (with the mock cluster, that includes the in-process broker holding every message).
@@ -249,6 +253,17 @@ async fn fresh<DB: Backend>(
     mock: Option<&Mock>,
     bus: &KafkaBus,
 ) -> Result<Outbox<DB>, BoxError> {
+    fresh_in(pool, name, mock, bus, false).await
+}
+
+/// [`fresh`], the service relayed from the write-ahead log when `wal` (PostgreSQL).
+async fn fresh_in<DB: Backend>(
+    pool: &Pool<DB>,
+    name: &str,
+    mock: Option<&Mock>,
+    bus: &KafkaBus,
+    wal: bool,
+) -> Result<Outbox<DB>, BoxError> {
     let tag = format!("{name}{:06x}", fastrand::u32(..1 << 24));
     let routes = RouteConfig::new()
         .prefix(&format!("bench-{tag}"))?
@@ -256,7 +271,12 @@ async fn fresh<DB: Backend>(
             "task",
             RouteOverride::default().table(format!("b{tag}_outbox")),
         )?;
-    let outbox = Outbox::<DB>::new(Catalog::builder(routes).service::<TaskEvents>()?.build());
+    let mut outbox =
+        Outbox::<DB>::builder(Catalog::builder(routes).service::<TaskEvents>()?.build());
+    if wal {
+        outbox = outbox.wal("task")?;
+    }
+    let outbox = outbox.build();
     let mut conn = pool.acquire().await?;
     outbox.migrate(&mut conn).await?;
     let topic = outbox
@@ -273,6 +293,15 @@ async fn fresh<DB: Backend>(
 
 async fn drop_table<DB: Backend>(pool: &Pool<DB>, outbox: &Outbox<DB>) -> Result<(), BoxError> {
     let mut conn = pool.acquire().await?;
+    // A slot left behind keeps the server's WAL.
+    for service in outbox.wal_services() {
+        DB::execute(
+            &mut conn,
+            "SELECT pg_drop_replication_slot($1)::TEXT",
+            vec![Arg::Str(outbox.wal_slot(service)?)],
+        )
+        .await?;
+    }
     for r in outbox.catalog().services() {
         DB::execute(
             &mut conn,
@@ -456,11 +485,15 @@ async fn run<DB: Backend>(
     }
 
     // raw_insert and enqueue
-    for (scenario, with_outbox) in [("raw_insert", false), ("enqueue", true)] {
-        if !o.runs(scenario) {
+    for (scenario, with_outbox, wal) in [
+        ("raw_insert", false, false),
+        ("enqueue", true, false),
+        ("wal_enqueue", true, true),
+    ] {
+        if !o.runs(scenario) || (wal && o.backend != "postgres") {
             continue;
         }
-        let outbox = fresh(&pool, "i", mock, &bus).await?;
+        let outbox = fresh_in(&pool, "i", mock, &bus, wal).await?;
         let table = format!(
             "{}_biz",
             outbox
@@ -551,6 +584,16 @@ async fn run<DB: Backend>(
     for kind in [Kind::Shared, Kind::Inbox, Kind::Calls] {
         if o.runs(kind.scenario()) {
             rows.push(end_to_end(&pool, &bus, mock, o, n, kind).await?);
+        }
+    }
+
+    // The write-ahead-log relay (PostgreSQL): end to end, and a backlog.
+    if o.backend == "postgres" {
+        if o.runs("wal_e2e") {
+            rows.push(wal_end_to_end(&pool, &bus, mock, o, n).await?);
+        }
+        if o.runs("wal_relay") {
+            rows.push(wal_backlog(&pool, &bus, mock, o).await?);
         }
     }
 
@@ -1004,4 +1047,162 @@ async fn seed_consumer<DB: Backend>(
         consumer.commit_message(&msg, CommitMode::Sync)?;
     }
     Ok(())
+}
+
+/// The business table of a scenario: a row of 700 characters per transaction, as `raw_insert`
+/// writes.
+async fn business_table<DB: Backend>(
+    pool: &Pool<DB>,
+    outbox: &Outbox<DB>,
+) -> Result<String, BoxError> {
+    let table = format!(
+        "{}_biz",
+        outbox
+            .catalog()
+            .service("task")
+            .map(|r| r.table.clone())
+            .unwrap_or_default()
+    );
+    let mut conn = pool.acquire().await?;
+    DB::execute(
+        &mut conn,
+        &format!("CREATE TABLE {table} (id BIGINT PRIMARY KEY, payload VARCHAR(700) NOT NULL)"),
+        Vec::new(),
+    )
+    .await?;
+    Ok(table)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// `wal_e2e`: `raw_insert`'s writers (a business row per transaction) with an event each in the
+/// write-ahead log, a relay reading the slot and a consumer recording applied events in the
+/// inbox: applied per second, and enqueue-to-inbox latency.
+async fn wal_end_to_end<DB: Backend>(
+    pool: &Pool<DB>,
+    bus: &Arc<KafkaBus>,
+    mock: Option<&Mock>,
+    o: &Options,
+    n: usize,
+) -> Result<Row, BoxError> {
+    let outbox = fresh_in(pool, "w", mock, bus, true).await?;
+    let group = outbox
+        .catalog()
+        .service("task")
+        .map(|r| r.group.clone())
+        .ok_or("no route")?;
+    let table = business_table(pool, &outbox).await?;
+    let running = Engine::builder(pool.clone(), bus.clone())
+        .outbox(outbox.clone())
+        .relay(RelayConfig::default().poll_interval(Duration::from_millis(50)))
+        .consumer_with::<TaskEvents, _>(Counter, ConsumerConfig::default().dedupe(Dedupe::Inbox))
+        .start()
+        .await?;
+    if !running.ready(Duration::from_secs(60)).await {
+        return Err("the consumer did not join its group".into());
+    }
+    let insert = DB::dialect_sql(&format!(
+        "INSERT INTO {table} (id, payload) VALUES ($1, $2)"
+    ))
+    .into_owned();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..o.writers {
+        let (pool, outbox, insert) = (pool.clone(), outbox.clone(), insert.clone());
+        let per = n / o.writers;
+        tasks.spawn(async move {
+            let mut written = Vec::with_capacity(per);
+            let payload = String::from_utf8(envelope_sized()).unwrap_or_default();
+            for i in 0..per {
+                let id = (w * per + i) as i64;
+                let mut tx = pool.begin().await?;
+                DB::execute(
+                    &mut tx,
+                    &insert,
+                    vec![Arg::I64(id), Arg::Str(payload.clone())],
+                )
+                .await?;
+                let done = outbox.enqueue(&mut *tx, &event(id as u64)).await?;
+                tx.commit().await?;
+                written.push((done.event_id, now_ms()));
+            }
+            Ok::<_, BoxError>(written)
+        });
+    }
+    let mut written = std::collections::HashMap::new();
+    while let Some(done) = tasks.join_next().await {
+        written.extend(done??);
+    }
+    wait_for_inbox(pool, &group, written.len()).await?;
+    let secs = started.elapsed().as_secs_f64();
+    running.shutdown().await?;
+    let mut conn = pool.acquire().await?;
+    let sql =
+        DB::dialect_sql("SELECT event_id, consumed_at FROM outbox_inbox WHERE consumer_group = $1");
+    let latencies_ms = DB::fetch_pairs(&mut conn, &sql, vec![Arg::Str(group.clone())])
+        .await?
+        .into_iter()
+        .filter_map(|(id, at)| written.get(&id).map(|c| (at - c).max(0) as f64))
+        .collect();
+    let forget = DB::dialect_sql("DELETE FROM outbox_inbox WHERE consumer_group = $1");
+    DB::execute(&mut conn, &forget, vec![Arg::Str(group)]).await?;
+    DB::execute(&mut conn, &format!("DROP TABLE {table}"), Vec::new()).await?;
+    drop(conn);
+    table_cost(pool, &outbox, "wal_e2e", o).await?;
+    drop_table(pool, &outbox).await?;
+    Ok(Row {
+        scenario: "wal_e2e",
+        events_per_sec: written.len() as f64 / secs,
+        latencies_ms,
+        peak_rss_mb: None,
+    })
+}
+
+/// `wal_relay`: a backlog in the write-ahead log (`--backlog` events, 100,000 by default, one
+/// per transaction from the writers, keys as `relay_backlog`'s 1,000), drained by one relay
+/// round after round until a round finds nothing.
+async fn wal_backlog<DB: Backend>(
+    pool: &Pool<DB>,
+    bus: &Arc<KafkaBus>,
+    mock: Option<&Mock>,
+    o: &Options,
+) -> Result<Row, BoxError> {
+    let size = o.backlog.unwrap_or(100_000);
+    let outbox = fresh_in(pool, "v", mock, bus, true).await?;
+    write_events(pool, &outbox, size, o.writers).await?;
+    let relay = Relay::new(
+        outbox.clone(),
+        pool.clone(),
+        bus.clone(),
+        RelayConfig::default(),
+    )
+    .services(["task"]);
+    reset_peak_rss();
+    let started = Instant::now();
+    let mut read = 0;
+    loop {
+        let n = relay.relay_once("task").await?;
+        if n == 0 {
+            break;
+        }
+        read += n;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    if read < size {
+        return Err(format!("the relay read {read} of {size} events").into());
+    }
+    if !o.json {
+        println!("wal_relay: {size} events in {secs:.1} s");
+    }
+    drop_table(pool, &outbox).await?;
+    Ok(Row {
+        scenario: "wal_relay",
+        events_per_sec: size as f64 / secs,
+        latencies_ms: Vec::new(),
+        peak_rss_mb: Some(peak_rss_mb()),
+    })
 }
