@@ -604,6 +604,18 @@ mod tests {
         assert_ne!(slot, slot_name(&"t".repeat(62)));
     }
 
+    #[test]
+    fn a_server_that_cannot_decode_its_log_is_refused_with_the_fix() {
+        let e = Error::WalLevel {
+            service: "task".into(),
+            found: "replica".into(),
+        }
+        .to_string();
+        assert!(e.contains("wal_level = replica"), "{e}");
+        assert!(e.contains("ALTER SYSTEM SET wal_level = logical;"), "{e}");
+        assert!(e.contains("restart PostgreSQL"), "{e}");
+    }
+
     fn change(kind: u8, body: &[u8]) -> Vec<u8> {
         let mut v = vec![kind];
         v.extend_from_slice(body);
