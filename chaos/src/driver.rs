@@ -39,10 +39,20 @@ pub(crate) enum Scenario {
     InboxDbRestart,
     InboxPoison,
     InboxRace,
+    /// The same faults on a service relayed from PostgreSQL's write-ahead log (its consumers
+    /// in their own database, the inbox).
+    WalRelayKill,
+    WalConsumerKill,
+    WalBrokerOutage,
+    /// The producer's database (the slot's) restarted.
+    WalDbRestart,
+    WalPoison,
+    WalRace,
+    WalRollback,
 }
 
 impl Scenario {
-    pub(crate) const ALL: [Scenario; 11] = [
+    pub(crate) const ALL: [Scenario; 18] = [
         Scenario::RelayKill,
         Scenario::ConsumerKill,
         Scenario::BrokerOutage,
@@ -54,6 +64,13 @@ impl Scenario {
         Scenario::InboxDbRestart,
         Scenario::InboxPoison,
         Scenario::InboxRace,
+        Scenario::WalRelayKill,
+        Scenario::WalConsumerKill,
+        Scenario::WalBrokerOutage,
+        Scenario::WalDbRestart,
+        Scenario::WalPoison,
+        Scenario::WalRace,
+        Scenario::WalRollback,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -69,7 +86,28 @@ impl Scenario {
             Scenario::InboxDbRestart => "inbox-db-restart",
             Scenario::InboxPoison => "inbox-poison",
             Scenario::InboxRace => "inbox-race",
+            Scenario::WalRelayKill => "wal-relay-kill",
+            Scenario::WalConsumerKill => "wal-consumer-kill",
+            Scenario::WalBrokerOutage => "wal-broker-outage",
+            Scenario::WalDbRestart => "wal-db-restart",
+            Scenario::WalPoison => "wal-poison",
+            Scenario::WalRace => "wal-race",
+            Scenario::WalRollback => "wal-rollback",
         }
+    }
+
+    /// The service is relayed from the write-ahead log (PostgreSQL only).
+    pub(crate) fn wal(self) -> bool {
+        matches!(
+            self,
+            Scenario::WalRelayKill
+                | Scenario::WalConsumerKill
+                | Scenario::WalBrokerOutage
+                | Scenario::WalDbRestart
+                | Scenario::WalPoison
+                | Scenario::WalRace
+                | Scenario::WalRollback
+        )
     }
 
     /// The consumers run in a database of their own, on the other server (`Dedupe::Inbox`).
@@ -84,6 +122,13 @@ impl Scenario {
             Scenario::InboxDbRestart => Scenario::DbRestart,
             Scenario::InboxPoison => Scenario::Poison,
             Scenario::InboxRace => Scenario::Race,
+            Scenario::WalRelayKill => Scenario::RelayKill,
+            Scenario::WalConsumerKill => Scenario::ConsumerKill,
+            Scenario::WalBrokerOutage => Scenario::BrokerOutage,
+            Scenario::WalDbRestart => Scenario::DbRestart,
+            Scenario::WalPoison => Scenario::Poison,
+            Scenario::WalRace => Scenario::Race,
+            Scenario::WalRollback => Scenario::Rollback,
             other => other,
         }
     }
@@ -233,10 +278,7 @@ fn plan(o: &RunOptions, scenario: Scenario) -> Plan {
             rollback: 0.1,
             ..base
         },
-        Scenario::InboxConsumerKill
-        | Scenario::InboxDbRestart
-        | Scenario::InboxPoison
-        | Scenario::InboxRace => unreachable!("`base` is a scenario of the shared database"),
+        _ => unreachable!("`base` is a scenario of the shared database and the table"),
     }
 }
 
@@ -275,8 +317,14 @@ pub(crate) async fn run(o: RunOptions) -> Result<bool, BoxError> {
     for &backend in &o.backends {
         let _servers = procs::ServerGuard(backend);
         for &scenario in &o.scenarios {
+            if scenario.wal() && backend != BackendKind::Postgres {
+                // Not a skip: the write-ahead-log relay is PostgreSQL's, and its scenarios are
+                // in the postgres backend's matrix.
+                continue;
+            }
             let seed = seed_for(o.seed, backend, scenario);
-            if let Err(e) = broker.storage(scenario == Scenario::BrokerOutage) {
+            let outage = scenario.base() == Scenario::BrokerOutage;
+            if let Err(e) = broker.storage(outage) {
                 println!("scenario={} broker error: {e} FAIL", scenario.name());
                 totals.failed.push(scenario.name().to_owned());
                 continue;
@@ -515,12 +563,13 @@ async fn run_once<DB: ChaosDb, C: ChaosDb>(
         .ok_or("the chaos service has no route")?;
     let (topic, group) = (route.topic, route.group);
     let topic_name = topic.clone();
-    let outbox = Outbox::<DB>::builder(catalog.clone())
-        .config(world::store_config(world::HEALTHY_MAX_ATTEMPTS))
-        .build();
-    let failing = Outbox::<DB>::builder(catalog.clone())
-        .config(world::store_config(world::FAILING_MAX_ATTEMPTS))
-        .build();
+    let wal = ctx.scenario.wal();
+    let build = |attempts| {
+        let outbox = Outbox::<DB>::builder(catalog.clone()).config(world::store_config(attempts));
+        if wal { outbox.wal(SERVICE) } else { Ok(outbox) }.map(|o| o.build())
+    };
+    let outbox = build(world::HEALTHY_MAX_ATTEMPTS)?;
+    let failing = build(world::FAILING_MAX_ATTEMPTS)?;
     let own_db = ctx.scenario.own_db();
     // The consumers' database: the producer's, or their own on the other server.
     let consumer_url = ctx.url_of(ctx.consumer_backend()).to_owned();
@@ -581,6 +630,7 @@ async fn run_once<DB: ChaosDb, C: ChaosDb>(
         consumer_backend: ctx.consumer_backend(),
         consumer_url: consumer_url.clone(),
         inbox: own_db,
+        wal,
     };
     let spawn_relays = || {
         (0..p.relays)
@@ -610,6 +660,7 @@ async fn run_once<DB: ChaosDb, C: ChaosDb>(
             poison_every: p.poison_every,
             rollback: p.rollback,
         },
+        wal,
     });
     let next = Arc::new(AtomicU64::new(0));
     let start = tokio::time::Instant::now();
@@ -679,8 +730,13 @@ async fn run_once<DB: ChaosDb, C: ChaosDb>(
         }
         Fault::Database(down) => {
             tokio::time::sleep_until(start + window.mul_f64(0.3)).await;
-            // With their own database, the consumers' side goes down.
-            let kind = ctx.consumer_backend();
+            // With their own database, the consumers' side goes down; with the write-ahead
+            // log, the slot's.
+            let kind = if wal {
+                ctx.backend
+            } else {
+                ctx.consumer_backend()
+            };
             tokio::task::spawn_blocking(move || procs::restart_database(kind, down)).await??;
         }
     }
@@ -688,13 +744,22 @@ async fn run_once<DB: ChaosDb, C: ChaosDb>(
 
     // Quiet: no row open and the effects count still for a while, or the timeout.
     let timeout = Duration::from_secs(if ctx.options.quick { 90 } else { 240 });
-    let quiet = wait_quiet(&pool, side, &names, timeout, &mut relays, &mut consumers).await;
+    let quiet = wait_quiet(
+        &pool,
+        side,
+        &names,
+        wal,
+        timeout,
+        &mut relays,
+        &mut consumers,
+    )
+    .await;
     let ledger = std::mem::take(
         &mut *ledger
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
-    let mut verdict = ledger::verify(&pool, side, &names, &ledger).await?;
+    let mut verdict = ledger::verify(&pool, side, &names, wal, &ledger).await?;
     if !verdict.unread_keys.is_empty() {
         // Published and never applied: where its partition's group offset is behind the log's
         // end, the consumers stopped reading it (the broker's stall); at the end, they read past
@@ -721,6 +786,17 @@ async fn run_once<DB: ChaosDb, C: ChaosDb>(
 
     for proc in relays.into_iter().chain(consumers) {
         let _ = proc.stop(Duration::from_secs(15)).await;
+    }
+    if wal {
+        // Whatever the verdict: a slot left behind keeps the server's WAL.
+        let mut conn = pool.acquire().await?;
+        let slot = outbox.wal_slot(SERVICE)?;
+        DB::execute(
+            &mut conn,
+            "SELECT pg_drop_replication_slot($1)::TEXT",
+            vec![Arg::Str(slot)],
+        )
+        .await?;
     }
     if restarted_broker {
         // Later scenarios start from a broker that was never restarted.
@@ -855,10 +931,12 @@ async fn wait_ready(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn wait_quiet<DB: ChaosDb, C: ChaosDb>(
     pool: &Pool<DB>,
     side: Side<'_, C>,
     names: &Names,
+    wal: bool,
     timeout: Duration,
     relays: &mut [RoleProc],
     consumers: &mut [RoleProc],
@@ -875,7 +953,7 @@ async fn wait_quiet<DB: ChaosDb, C: ChaosDb>(
                 println!("    {} {} exited by itself: {status}", p.role, p.index);
             }
         }
-        if let Ok((open, effects)) = ledger::progress(pool, side, names).await {
+        if let Ok((open, effects)) = ledger::progress(pool, side, names, wal).await {
             if open == 0 && effects == last {
                 still += 1;
                 // Two seconds without a change: a late duplicate would have shown by now.

@@ -9,7 +9,7 @@
 //! chaos run [--quick] [--backend postgres|mysql|all] [--scenario NAME|all] [--seed N]
 //!           [--events N] [--kills K] [--port P] [--keep]
 //! chaos relay|consumer --backend B --database-url URL --brokers HOSTS --tag TAG --index I
-//!           [--ready-file PATH] [--no-idempotence] [--inbox]    (started by `run`)
+//!           [--ready-file PATH] [--no-idempotence] [--inbox] [--wal]    (started by `run`)
 //! ```
 //!
 //! The last line of `run` reads `events=N kills=K lost=L broker_stalled=S duplicate_effects=D
@@ -39,10 +39,13 @@ const USAGE: &str = "usage:
   chaos run [--quick] [--backend postgres|mysql|all] [--scenario NAME[,NAME...]|all]
             [--seed N] [--events N] [--kills K] [--port P] [--keep]
   chaos relay|consumer --backend B --database-url URL --brokers HOSTS --tag TAG --index I
-            [--ready-file PATH] [--no-idempotence] [--inbox]
+            [--ready-file PATH] [--no-idempotence] [--inbox] [--wal]
 scenarios: relay-kill, consumer-kill, broker-outage, db-restart, poison, race, rollback,
   and with the consumers in a database of their own on the other server (the inbox):
-  inbox-consumer-kill, inbox-db-restart (the consumers' database), inbox-poison, inbox-race";
+  inbox-consumer-kill, inbox-db-restart (the consumers' database), inbox-poison, inbox-race,
+  and with the service relayed from PostgreSQL's write-ahead log (consumers in their own
+  database): wal-relay-kill, wal-consumer-kill, wal-broker-outage, wal-db-restart (the slot's
+  database), wal-poison, wal-race, wal-rollback";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -163,6 +166,7 @@ fn role_args(args: &[String]) -> Result<(BackendKind, RoleArgs), BoxError> {
         index: 0,
         idempotent: true,
         inbox: false,
+        wal: false,
         ready_file: None,
     };
     let mut it = args.iter();
@@ -173,6 +177,10 @@ fn role_args(args: &[String]) -> Result<(BackendKind, RoleArgs), BoxError> {
         }
         if flag == "--inbox" {
             r.inbox = true;
+            continue;
+        }
+        if flag == "--wal" {
+            r.wal = true;
             continue;
         }
         let v = value(flag, &mut it)?;

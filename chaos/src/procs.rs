@@ -35,6 +35,8 @@ pub(crate) struct Spawner {
     pub(crate) consumer_url: String,
     /// The consumers have a database of their own (`Dedupe::Inbox`).
     pub(crate) inbox: bool,
+    /// The service is relayed from the write-ahead log.
+    pub(crate) wal: bool,
 }
 
 impl Spawner {
@@ -62,6 +64,7 @@ impl Spawner {
             .arg(&ready)
             .args((!self.idempotent).then_some("--no-idempotence"))
             .args((self.inbox && role == "consumer").then_some("--inbox"))
+            .args((self.wal && role == "relay").then_some("--wal"))
             .stdin(Stdio::piped())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -13,7 +13,7 @@ use outbox_runtime::store::{Arg, Backend};
 use outbox_runtime::{Engine, HandlerError, Outbox};
 
 use crate::BoxError;
-use crate::contract::{ChaosEvents, ChaosEventsHandler, TickRecorded};
+use crate::contract::{ChaosEvents, ChaosEventsHandler, SERVICE, TickRecorded};
 use crate::world::{self, ChaosDb, Names};
 
 /// What a role process is told.
@@ -28,6 +28,8 @@ pub(crate) struct RoleArgs {
     /// A consumer in a database of its own: it records applied events in the inbox and keeps
     /// its dead letters there.
     pub(crate) inbox: bool,
+    /// A relay of a service relayed from the write-ahead log.
+    pub(crate) wal: bool,
     /// Created once the process is working (a consumer: once it has partitions).
     pub(crate) ready_file: Option<PathBuf>,
 }
@@ -92,9 +94,12 @@ pub(crate) async fn relay<DB: ChaosDb>(args: RoleArgs) -> Result<(), BoxError> {
     let stop = stdin_closed();
     let names = Names::new(&args.tag);
     let pool = DB::pool(&args.url, 4).await?;
-    let outbox = Outbox::<DB>::builder(names.catalog()?)
-        .config(world::store_config(world::HEALTHY_MAX_ATTEMPTS))
-        .build();
+    let mut outbox = Outbox::<DB>::builder(names.catalog()?)
+        .config(world::store_config(world::HEALTHY_MAX_ATTEMPTS));
+    if args.wal {
+        outbox = outbox.wal(SERVICE)?;
+    }
+    let outbox = outbox.build();
     let kafka = world::relay_kafka(&args.brokers, args.idempotent);
     let running = Engine::builder(pool, kafka)
         .outbox(outbox)

@@ -43,7 +43,7 @@ impl Mix {
 }
 
 /// Sixteen keys: per-key order is exercised, and every partition gets events.
-fn key(seq: u64) -> String {
+pub(crate) fn key(seq: u64) -> String {
     format!("k{}", seq % 16)
 }
 
@@ -56,6 +56,8 @@ pub(crate) struct Writer<DB: Backend> {
     pub(crate) names: Names,
     pub(crate) topic: String,
     pub(crate) mix: Mix,
+    /// The service is relayed from the write-ahead log: poison is emitted there.
+    pub(crate) wal: bool,
 }
 
 impl<DB: Backend> Writer<DB> {
@@ -165,6 +167,12 @@ impl<DB: Backend> Writer<DB> {
         };
         let event_id = uuid::Uuid::now_v7().to_string();
         let now = world::now_ms();
+        if self.wal {
+            return self
+                .emit_raw(conn, &event_id, seq, p, version, &payload, now)
+                .await
+                .then_some(event_id);
+        }
         let sql = DB::dialect_sql(&format!(
             "INSERT INTO {} (event_id, event_type, event_version, service_name, topic, \
              message_key, payload, headers, status, attempts, max_attempts, next_attempt_at, \
@@ -187,5 +195,55 @@ impl<DB: Backend> Writer<DB> {
             Arg::I64(now),
         ];
         DB::execute(conn, &sql, args).await.ok().map(|_| event_id)
+    }
+
+    /// The same poison as a message in the write-ahead log, where the service's relay reads
+    /// it: a message that is not a readable event (no version, its payload text cut short)
+    /// for malformed JSON, an event with the bad version or payload for the others.
+    #[allow(clippy::too_many_arguments)]
+    async fn emit_raw(
+        &self,
+        conn: &mut DB::Connection,
+        event_id: &str,
+        seq: u64,
+        p: Poison,
+        version: i64,
+        payload: &str,
+        now: i64,
+    ) -> bool {
+        let content = if p == Poison::MalformedJson {
+            serde_json::json!({
+                "event_id": event_id,
+                "event_type": "chaos.tick.recorded",
+                "payload": payload,
+            })
+        } else {
+            let Ok(payload) = serde_json::from_str::<serde_json::Value>(payload) else {
+                return false;
+            };
+            serde_json::json!({
+                "event_id": event_id,
+                "event_type": "chaos.tick.recorded",
+                "event_version": version,
+                "topic": self.topic,
+                "message_key": key(seq),
+                "aggregate_id": null,
+                "headers": "{}",
+                "created_at": now,
+                "max_attempts": world::HEALTHY_MAX_ATTEMPTS,
+                "payload": payload,
+            })
+        };
+        let args = vec![
+            Arg::Str(format!("outbox:{SERVICE}")),
+            Arg::Str(content.to_string()),
+        ];
+        DB::execute(
+            conn,
+            "SELECT pg_logical_emit_message(true, $1, $2)::TEXT",
+            args,
+        )
+        .await
+        .is_ok()
     }
 }

@@ -48,6 +48,8 @@ pub enum WalItem {
     Malformed {
         /// The message's position.
         lsn: Lsn,
+        /// Its `event_id`, when it is a JSON object with one (its dead row keeps it).
+        event_id: Option<String>,
         /// Its content, as text (invalid UTF-8 replaced).
         content: String,
         /// Why it could not be read.
@@ -183,6 +185,11 @@ fn message(body: &[u8]) -> Option<(u64, &[u8], &[u8])> {
 fn read_event(service: &str, lsn: Lsn, content: &[u8]) -> WalItem {
     let malformed = |error: String| WalItem::Malformed {
         lsn,
+        event_id: serde_json::from_slice::<serde_json::Value>(content)
+            .ok()
+            .and_then(|v| v.get("event_id")?.as_str().map(str::to_owned))
+            // The table's event ids are UUIDs.
+            .filter(|id| id.len() <= 36),
         content: String::from_utf8_lossy(content).into_owned(),
         error,
     };
@@ -477,17 +484,20 @@ impl<DB: Backend> Outbox<DB> {
             ],
             WalItem::Malformed {
                 lsn,
+                event_id,
                 content,
                 error: why,
             } => vec![
-                // The same id on every read of the message: its slot and position.
-                Arg::Str(
-                    uuid::Uuid::new_v5(
+                // Its own id, or the same id on every read of the message: from its slot and
+                // position.
+                Arg::Str(match event_id {
+                    Some(id) => id.clone(),
+                    None => uuid::Uuid::new_v5(
                         &uuid::Uuid::NAMESPACE_OID,
                         format!("{}:{lsn}", self.wal_slot(service)?).as_bytes(),
                     )
                     .to_string(),
-                ),
+                }),
                 Arg::Str("unknown".to_owned()),
                 Arg::I64(0),
                 Arg::Str(service.to_owned()),
@@ -622,6 +632,13 @@ mod tests {
         v
     }
 
+    /// A message outside any transaction.
+    fn msg_free(prefix: &str, content: &[u8]) -> Vec<u8> {
+        let mut m = msg(prefix, content);
+        m[1] = 0;
+        m
+    }
+
     fn msg(prefix: &str, content: &[u8]) -> Vec<u8> {
         let mut v = vec![1];
         v.extend_from_slice(&0x42_u64.to_be_bytes());
@@ -662,7 +679,20 @@ mod tests {
         }
         assert!(matches!(
             &batch.items[1],
-            (WalItem::Malformed { content, .. }, Lsn(0x20)) if content == "not json"
+            (WalItem::Malformed { content, event_id: None, .. }, Lsn(0x20)) if content == "not json"
+        ));
+        // A JSON object that is not an event keeps its event id.
+        let odd = decode(
+            "svc",
+            vec![(
+                "0/60".to_owned(),
+                msg_free("outbox:svc", br#"{"event_id":"e9","payload":1}"#),
+            )],
+        )
+        .unwrap();
+        assert!(matches!(
+            &odd.items[0],
+            (WalItem::Malformed { event_id: Some(id), .. }, _) if id == "e9"
         ));
         // A message outside a transaction, of any prefix, ends what a read confirms.
         let beat = decode(
