@@ -122,7 +122,7 @@ async fn mark_published_once(
     ids: &[i64],
 ) -> Result<u64, sqlx::Error> {
     let owner = Arg::Str(owner.to_owned());
-    let update = [Arg::I64(now), Arg::I64(now), owner.clone()];
+    let update = [Arg::I64(now), Arg::I64(now)];
     lock_then_update(
         sql,
         conn,
@@ -140,7 +140,7 @@ async fn expire_chunk(
     now: i64,
     ids: &[i64],
 ) -> Result<u64, sqlx::Error> {
-    let update = [Arg::I64(now), Arg::I64(now)];
+    let update = [Arg::I64(now)];
     lock_then_update(
         sql,
         conn,

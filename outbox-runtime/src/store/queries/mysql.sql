@@ -95,12 +95,13 @@ SELECT id FROM {table}
 WHERE status = 'sending' AND lease_until <= ? AND attempts >= max_attempts
 
 -- name: expire_leases
--- updated_at, now, ids...
+-- The rows `expire_lock` locked, by primary key alone (see `mark_published`).
+-- updated_at, ids...
 UPDATE {table}
 SET status = 'dead', dead_reason = 'lease_expired',
     last_error = 'the lease expired on the last allowed attempt; the publisher holding it stopped',
     lease_owner = NULL, lease_until = NULL, next_attempt_at = NULL, updated_at = ?
-WHERE status = 'sending' AND lease_until <= ? AND attempts >= max_attempts AND id IN ({ids})
+WHERE id IN ({ids})
 
 -- name: claim_window
 -- The first open rows in id order after `after`, each with whether it can be claimed now (due,
@@ -127,22 +128,27 @@ ORDER BY id
 LIMIT $7
 
 -- name: mark_published_lock
--- Rows a consumer holds locked are skipped, not waited for (see the PostgreSQL query).
+-- Rows a consumer holds locked are skipped, not waited for (see the PostgreSQL query). Read
+-- through the primary key alone: point lookups lock the rows found and no gap, where a range
+-- of a secondary index (the optimizer's choice otherwise) would lock gaps that writers insert
+-- into, and deadlock with their transactions.
 -- lease_owner, ids...
-SELECT id FROM {table}
+SELECT id FROM {table} FORCE INDEX (PRIMARY)
 WHERE status = 'sending' AND lease_owner = ? AND id IN ({ids})
 FOR UPDATE SKIP LOCKED
 
 -- name: mark_published
--- published_at, updated_at, lease_owner, ids...
+-- The rows `mark_published_lock` locked (still sending under the owner's lease: no one can
+-- change them before this transaction ends), by primary key alone.
+-- published_at, updated_at, ids...
 UPDATE {table}
 SET status = 'published', published_at = ?, updated_at = ?, lease_owner = NULL,
     lease_until = NULL, next_attempt_at = NULL, last_error = NULL
-WHERE status = 'sending' AND lease_owner = ? AND id IN ({ids})
+WHERE id IN ({ids})
 
 -- name: expire_lock
 -- now, ids...
-SELECT id FROM {table}
+SELECT id FROM {table} FORCE INDEX (PRIMARY)
 WHERE status = 'sending' AND lease_until <= ? AND attempts >= max_attempts AND id IN ({ids})
 FOR UPDATE SKIP LOCKED
 
@@ -196,7 +202,7 @@ DELETE FROM {table} WHERE status = 'consumed' AND consumed_at < ? ORDER BY id LI
 -- A row another claimer took meanwhile fails the re-check (or is skipped while locked); the
 -- store then drops it and every later planned row of its key.
 -- now (pending due), now (lease expired), ids...
-SELECT id FROM {table}
+SELECT id FROM {table} FORCE INDEX (PRIMARY)
 WHERE ((status = 'pending' AND next_attempt_at <= $1)
     OR (status = 'sending' AND lease_until <= $2 AND attempts < max_attempts))
   AND id IN ({ids})
