@@ -299,6 +299,18 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             // its next rows go.
             if claimed > 0 {
                 rechecks = &[];
+                // Each read of a slot decodes the log from the slot's restart point (up to
+                // 15 s of it, until PostgreSQL logs its next snapshot of running transactions),
+                // whatever it returns: a read that did not fill a batch waits a moment, so that
+                // the next returns more for the same decoding.
+                if let Some(slot) = &wal
+                    && !slot.was_full()
+                {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wal::WAL_LINGER) => {}
+                        _ = shutdown.wait() => break,
+                    }
+                }
                 continue;
             }
             let mut wait = match rechecks.split_first() {

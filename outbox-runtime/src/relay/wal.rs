@@ -30,6 +30,14 @@ use super::{Relay, outgoing_of};
 /// The WAL an idle slot may hold back (bytes) before its relay writes a heartbeat.
 const HEARTBEAT_AFTER: i64 = 1 << 20;
 
+/// How long a relay waits after a read of its slot that did not fill a batch.
+pub(super) const WAL_LINGER: Duration = Duration::from_millis(50);
+
+/// How often the slot is advanced past what was published (each advance decodes the log as a
+/// read does): published events not yet confirmed are skipped by this relay's next reads, and
+/// published again by the next holder of the slot when this one dies first.
+const CONFIRM_EVERY: Duration = Duration::from_millis(500);
+
 /// The slot a WAL loop reads, and what it keeps between rounds.
 pub(super) struct WalSlot<DB: Backend> {
     /// The connection holding the slot's lock (and reading it); `None` after an error.
@@ -37,6 +45,12 @@ pub(super) struct WalSlot<DB: Backend> {
     held: bool,
     /// How far this relay advanced the slot.
     confirmed: Option<Lsn>,
+    /// How far the broker acknowledged every event (a commit position at or after
+    /// `confirmed`); the slot is advanced there every [`CONFIRM_EVERY`].
+    published: Option<Lsn>,
+    confirmed_at: Instant,
+    /// Whether the last read returned as many changes as it asked for.
+    full: bool,
     /// Failed attempts of the message that holds the log back, by event id.
     attempts: HashMap<String, i32>,
     retry_at: Option<Instant>,
@@ -57,6 +71,11 @@ impl<DB: Backend> WalSlot<DB> {
     pub(super) fn retry_at(&self) -> Option<Instant> {
         self.retry_at
     }
+
+    /// Whether the last read filled its batch (more is waiting).
+    pub(super) fn was_full(&self) -> bool {
+        self.full
+    }
 }
 
 impl<DB: Backend, B: Publish> Relay<DB, B> {
@@ -68,6 +87,9 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             conn: None,
             held: false,
             confirmed: None,
+            published: None,
+            confirmed_at: Instant::now(),
+            full: false,
             attempts: HashMap::new(),
             retry_at: None,
             idle: false,
@@ -75,8 +97,13 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         })
     }
 
-    /// Gives the slot up (closing its connection would too).
+    /// Confirms what was published and gives the slot up (closing its connection would too).
     pub(super) async fn wal_stop(&self, service: &str, mut slot: WalSlot<DB>) {
+        if slot.held
+            && let Err(e) = self.wal_confirm(service, &mut slot, None, true).await
+        {
+            tracing::debug!(service, error = %e, "the slot keeps events published twice");
+        }
         if let Some(conn) = slot.conn.as_mut()
             && slot.held
             && let Err(e) = self.outbox.wal_release(conn, service).await
@@ -124,15 +151,21 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             }
             tracing::info!(service, "this relay holds the service's replication slot");
             slot.confirmed = None;
+            slot.published = None;
             slot.attempts.clear();
         }
         // Three changes per event: its transaction's begin, the message, the commit.
         let limit = self.config.wal_batch.saturating_mul(3);
-        let batch = self.outbox.wal_peek(conn, service, limit).await?;
+        let mut batch = self.outbox.wal_peek(conn, service, limit).await?;
+        slot.full = batch.changes >= limit;
+        // What this relay published since it last advanced the slot is read again: skipped.
+        if let Some(done) = slot.published {
+            batch.items.retain(|(_, commit)| *commit > done);
+        }
         if batch.items.is_empty() {
             slot.oldest_unpublished = None;
             slot.idle = true;
-            self.wal_confirm(service, slot, batch.end).await?;
+            self.wal_confirm(service, slot, batch.end, false).await?;
             return Ok(0);
         }
         slot.idle = false;
@@ -210,20 +243,34 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                     .max()
             }
         };
-        self.wal_confirm(service, slot, to).await?;
+        // Held back by a failure: confirmed now, so that the retry reads from there.
+        let now = stop.is_some();
+        self.wal_confirm(service, slot, to, now).await?;
         drop(spans);
         Ok(batch.items.len())
     }
 
-    /// Advances the slot to `to` when that is past where it is.
+    /// Records that everything up to `to` was published, and advances the slot there when
+    /// `now`, when a read filled its batch, or every [`CONFIRM_EVERY`].
     async fn wal_confirm(
         &self,
         service: &str,
         slot: &mut WalSlot<DB>,
         to: Option<Lsn>,
+        now: bool,
     ) -> Result<(), Error> {
-        let Some(to) = to else { return Ok(()) };
+        if let Some(to) = to
+            && slot.published.is_none_or(|p| p < to)
+        {
+            slot.published = Some(to);
+        }
+        let Some(to) = slot.published else {
+            return Ok(());
+        };
         if slot.confirmed.is_some_and(|c| c >= to) {
+            return Ok(());
+        }
+        if !(now || slot.full || slot.confirmed_at.elapsed() >= CONFIRM_EVERY) {
             return Ok(());
         }
         let Some(conn) = slot.conn.as_mut() else {
@@ -231,6 +278,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         };
         self.outbox.wal_advance(conn, service, to).await?;
         slot.confirmed = Some(to);
+        slot.confirmed_at = Instant::now();
         Ok(())
     }
 
