@@ -29,6 +29,11 @@ impl Setup {
 
     /// A setup whose config file has this `relay` section.
     fn with_relay(url: &str, relay: Value) -> Self {
+        Self::with_config(url, serde_json::json!({ "relay": relay }))
+    }
+
+    /// A setup whose config file has these sections too.
+    fn with_config(url: &str, extra: Value) -> Self {
         let tag = format!("{:08x}", fastrand::u32(..));
         let url = if url == "sqlite" {
             format!(
@@ -49,14 +54,21 @@ impl Setup {
                 "task": { "table": format!("c{tag}_task_outbox") },
                 "notification": { "table": format!("c{tag}_notification_outbox") }
             },
-            "relay": relay
         });
+        let mut body = body;
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
         std::fs::write(&config, body.to_string()).unwrap();
         Self { tag, config, url }
     }
 
     /// The same routes, with the contracts' event types, for writing events.
     fn outbox<DB: Backend>(&self) -> Outbox<DB> {
+        Outbox::new(self.catalog())
+    }
+
+    fn catalog(&self) -> Catalog {
         let tag = &self.tag;
         let over = |s: &str| RouteOverride::default().table(format!("c{tag}_{s}_outbox"));
         let routes = RouteConfig::new()
@@ -66,13 +78,12 @@ impl Setup {
             .unwrap()
             .override_service("notification", over("notification"))
             .unwrap();
-        let catalog = Catalog::builder(routes)
+        Catalog::builder(routes)
             .service::<contracts::TaskEvents>()
             .unwrap()
             .service::<contracts::NotificationEvents>()
             .unwrap()
-            .build();
-        Outbox::new(catalog)
+            .build()
     }
 
     fn outbox_cmd(&self, args: &[&str]) -> Output {
@@ -919,4 +930,154 @@ async fn dead_letters_of_an_inbox_consumer_are_listed_shown_discarded_and_replay
     assert_eq!(high, 1, "the stored envelope is on its topic again");
     pool.close().await;
     let _ = std::fs::remove_file(path);
+}
+
+/// The event ids on `topic`, every partition from the start, until `want` are all there (at most
+/// 60 s): duplicates are allowed, a missing event is not.
+fn wait_on_the_broker(brokers: &str, topic: &str, want: &[String]) {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::{Message as _, Offset, TopicPartitionList};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("cli-check-{:08x}", fastrand::u32(..)))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..3 {
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = std::collections::HashSet::new();
+    while !want.iter().all(|id| seen.contains(id)) {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} events reached {topic}",
+            want.iter().filter(|id| seen.contains(*id)).count(),
+            want.len()
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = message.unwrap();
+        let value: Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+        seen.insert(value["event_id"].as_str().unwrap().to_owned());
+    }
+}
+
+// A service relayed from the write-ahead log (`wal_services`): `migrate` makes its slot,
+// `status` shows the slot's lag in bytes and age, a daemon publishes from it and serves the lag
+// gauges, and when that daemon is killed with -9 another takes the slot over and publishes what
+// was left, from the slot's position.
+#[tokio::test]
+async fn a_wal_service_is_relayed_from_its_slot_and_a_second_daemon_takes_over_a_killed_one() {
+    let s = Setup::with_config(
+        PG,
+        serde_json::json!({ "relay": { "poll_ms": 100 }, "wal_services": ["task"] }),
+    );
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .connect(&s.url)
+        .await
+        .expect("PostgreSQL is unreachable");
+    s.ok(&["migrate"]);
+    let outbox = Outbox::<Postgres>::builder(s.catalog())
+        .wal("task")
+        .unwrap()
+        .build();
+    let slot = outbox.wal_slot("task").unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(
+            outbox
+                .enqueue(&mut *conn, &samples::urgency(n))
+                .await
+                .unwrap()
+                .event_id,
+        );
+    }
+    // Waiting in the slot, no relay on it.
+    let waiting = s.status_of("task");
+    assert!(
+        waiting["wal"]["lag_bytes"].as_i64().unwrap() > 0,
+        "{waiting}"
+    );
+    assert!(
+        waiting["wal"]["lag_age_ms"].as_i64().unwrap() > 0,
+        "{waiting}"
+    );
+    assert_eq!(waiting["wal"]["relay_active"], false, "{waiting}");
+    assert_eq!(waiting["wal"]["slot"], slot.as_str());
+    assert_eq!(waiting["counts"]["pending"], 0, "no row: {waiting}");
+    let table = s.ok(&["status"]);
+    assert!(
+        table.contains("replication slot") && table.contains(&slot),
+        "{table}"
+    );
+
+    let brokers = std::env::var("OUTBOX_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let topic = format!("cli-{}.task.outbox", s.tag);
+    let port = 20_000 + fastrand::u16(..20_000);
+    let addr = format!("127.0.0.1:{port}");
+    let daemon = |metrics: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox"));
+        cmd.args(["relay", "--brokers", &brokers])
+            .env("OUTBOX_CONFIG", &s.config)
+            .stderr(std::process::Stdio::null());
+        if let Some(addr) = metrics {
+            cmd.args(["--metrics-addr", addr]);
+        }
+        cmd.spawn().unwrap()
+    };
+    let mut first = daemon(Some(&addr));
+    wait_on_the_broker(&brokers, &topic, &ids);
+    // The relay records what it last saw every few seconds; the gauges follow.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let task = s.status_of("task");
+        let metrics = scrape(&addr);
+        if task["wal"]["relay_active"] == true
+            && task["wal"]["lag_age_ms"] == 0
+            && metrics.contains("outbox_wal_lag_bytes{service=\"task\"}")
+            && metrics.contains("outbox_wal_lag_seconds{service=\"task\"} 0")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the drained slot's lag was not shown: {task}\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    for n in 5..10 {
+        ids.push(
+            outbox
+                .enqueue(&mut *conn, &samples::urgency(n))
+                .await
+                .unwrap()
+                .event_id,
+        );
+    }
+    let mut second = daemon(None);
+    wait_on_the_broker(&brokers, &topic, &ids);
+    Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(second.wait().unwrap().success());
+    let after = s.status_of("task");
+    assert_eq!(after["wal"]["relay_active"], false, "{after}");
+    assert_eq!(after["wal"]["lag_age_ms"], 0, "nothing waits: {after}");
+    sqlx::query("SELECT pg_drop_replication_slot($1)::TEXT")
+        .bind(&slot)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    drop(conn);
+    s.drop_tables(&pool).await;
 }

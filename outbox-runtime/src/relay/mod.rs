@@ -16,6 +16,11 @@
 //! still deliver later records of its partition (its documented gap); the relay then marks
 //! those published and counts them in `outbox_key_order_gaps_total`.
 //!
+//! A service relayed from PostgreSQL's write-ahead log
+//! ([`OutboxBuilder::wal`](crate::store::OutboxBuilder::wal)) is read from its replication slot
+//! instead: one relay holds the slot at a time (the others stand by), publishes in commit order,
+//! and advances the slot past what the broker acknowledged, at least once.
+//!
 //! A relay wakes at once on new rows (PostgreSQL `LISTEN`; an in-process signal for writers in
 //! the same process) and polls as a fallback. On shutdown it stops claiming, finishes the batch
 //! in flight, and returns.

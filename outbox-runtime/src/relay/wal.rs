@@ -56,6 +56,8 @@ pub(super) struct WalSlot<DB: Backend> {
     retry_at: Option<Instant>,
     /// Whether the last read found no event of the service.
     idle: bool,
+    /// Whether this relay read the slot since it took it: until then it cannot tell the age.
+    read: bool,
     /// When the oldest event read and not yet published was written (ms); `None` when every
     /// event read was published.
     oldest_unpublished: Option<i64>,
@@ -93,6 +95,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             attempts: HashMap::new(),
             retry_at: None,
             idle: false,
+            read: false,
             oldest_unpublished: None,
         })
     }
@@ -152,12 +155,14 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             tracing::info!(service, "this relay holds the service's replication slot");
             slot.confirmed = None;
             slot.published = None;
+            slot.read = false;
             slot.attempts.clear();
         }
         // Three changes per event: its transaction's begin, the message, the commit.
         let limit = self.config.wal_batch.saturating_mul(3);
         let mut batch = self.outbox.wal_peek(conn, service, limit).await?;
         slot.full = batch.changes >= limit;
+        slot.read = true;
         // What this relay published since it last advanced the slot is read again: skipped.
         if let Some(done) = slot.published {
             batch.items.retain(|(_, commit)| *commit > done);
@@ -343,7 +348,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
     /// Publishes `outbox_wal_lag_bytes` and `outbox_wal_lag_seconds` for the slot this relay
     /// holds, and records the age for `outbox status`.
     pub(super) async fn gauge_wal(&self, service: &str, slot: &mut WalSlot<DB>) {
-        if !slot.held {
+        if !slot.held || !slot.read {
             return;
         }
         let Some(conn) = slot.conn.as_mut() else {
