@@ -94,6 +94,9 @@ impl Drop for ShutdownTrigger {
 /// writers committed.
 const LINGER: Duration = Duration::from_millis(5);
 
+/// How long a relay waits after a claim that did not fill its batch.
+const TABLE_LINGER: Duration = Duration::from_millis(20);
+
 /// How soon a relay looks again when a writer that did not notify has yet to commit.
 const BUSY_RECHECK: Duration = Duration::from_millis(20);
 
@@ -304,15 +307,18 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             // its next rows go.
             if claimed > 0 {
                 rechecks = &[];
-                // Each read of a slot decodes the log from the slot's restart point (up to
-                // 15 s of it, until PostgreSQL logs its next snapshot of running transactions),
-                // whatever it returns: a read that did not fill a batch waits a moment, so that
-                // the next returns more for the same decoding.
-                if let Some(slot) = &wal
-                    && !slot.was_full()
-                {
+                // A round that did not fill its batch waits a moment, so that the next takes
+                // more for the same cost: each claim reads the open rows from the oldest,
+                // through the index entries of rows drained since the table was last vacuumed,
+                // and each read of a slot decodes the log from the slot's restart point (up to
+                // 15 s of it, until PostgreSQL logs its next snapshot of running transactions).
+                let (full, pause) = match &wal {
+                    Some(slot) => (slot.was_full(), wal::WAL_LINGER),
+                    None => (claimed >= self.config.batch, TABLE_LINGER),
+                };
+                if !full {
                     tokio::select! {
-                        _ = tokio::time::sleep(wal::WAL_LINGER) => {}
+                        _ = tokio::time::sleep(pause) => {}
                         _ = shutdown.wait() => break,
                     }
                 }
