@@ -297,7 +297,12 @@ impl<DB: Backend, B: Bus> EngineBuilder<DB, B> {
             // A relay on a table of another layout would fail every query: refuse to start. A
             // database that cannot be reached now is the relay's to retry.
             match self.pool.acquire().await {
-                Ok(mut conn) => outbox.check_tables(&mut conn).await?,
+                Ok(mut conn) => {
+                    outbox.check_tables(&mut conn).await?;
+                    // A WAL service on a server that cannot decode its log, or without its
+                    // slot, is refused here, with the fix, not by a relay loop later.
+                    outbox.check_wal(&mut conn).await?;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "tables not checked: the database is unreachable")
                 }

@@ -304,6 +304,23 @@ impl<DB: Backend> Outbox<DB> {
         })
     }
 
+    /// Refuses to relay the write-ahead-log services where their events cannot be read: a server
+    /// whose `wal_level` is not `logical` ([`Error::WalLevel`]), a service whose slot does not
+    /// exist ([`Error::WalSlotMissing`]).
+    pub async fn check_wal(&self, conn: &mut DB::Connection) -> Result<(), Error> {
+        for service in &self.inner.wal {
+            self.check_wal_level(conn, service).await?;
+            let slot = self.wal_slot(service)?;
+            if !self.wal_slot_exists(conn, &slot).await? {
+                return Err(Error::WalSlotMissing {
+                    service: service.clone(),
+                    slot,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Makes what the write-ahead-log services need: the publication and each service's slot
     /// (from now on, the slot keeps every event written). Run outside a transaction.
     pub(super) async fn migrate_wal(&self, conn: &mut DB::Connection) -> Result<(), Error> {

@@ -362,6 +362,22 @@ async fn e2e_wal_services_refuse_what_cannot_work() {
             outbox_runtime::store::GoRoute::new("notification_outbox"),
         );
     assert!(matches!(go, Err(outbox_runtime::Error::WalAndGo { .. })));
+    // A relay of a WAL service whose slot was never made (no migrate) does not start.
+    let unmigrated = Outbox::<Postgres>::builder(w.h.outbox.catalog().clone())
+        .wal("task")
+        .unwrap()
+        .build();
+    let started = Engine::builder(w.h.pool.clone(), KafkaConfig::new(brokers()))
+        .outbox(unmigrated)
+        .start()
+        .await;
+    match started {
+        Err(e @ outbox_runtime::Error::WalSlotMissing { .. }) => {
+            assert!(e.to_string().contains("run `outbox migrate`"), "{e}");
+        }
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("a relay started on a WAL service with no slot"),
+    }
     // This server decodes its log.
     let mut conn = w.h.pool.acquire().await.unwrap();
     w.h.outbox
