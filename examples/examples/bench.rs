@@ -494,64 +494,14 @@ async fn run<DB: Backend>(
             continue;
         }
         let outbox = fresh_in(&pool, "i", mock, &bus, wal).await?;
-        let table = format!(
-            "{}_biz",
-            outbox
-                .catalog()
-                .service("task")
-                .map(|r| r.table.clone())
-                .unwrap_or_default()
-        );
-        {
-            let mut conn = pool.acquire().await?;
-            DB::execute(
-                &mut conn,
-                &format!(
-                    "CREATE TABLE {table} (id BIGINT PRIMARY KEY, payload VARCHAR(700) NOT NULL)"
-                ),
-                Vec::new(),
-            )
-            .await?;
-        }
-        let insert = DB::dialect_sql(&format!(
-            "INSERT INTO {table} (id, payload) VALUES ($1, $2)"
-        ))
-        .into_owned();
+        let table = business_table(&pool, &outbox).await?;
         let started = Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        for w in 0..o.writers {
-            let (pool, outbox, insert) = (pool.clone(), outbox.clone(), insert.clone());
-            let per = n / o.writers;
-            tasks.spawn(async move {
-                let mut lat = Vec::with_capacity(per);
-                let payload = String::from_utf8(envelope_sized()).unwrap_or_default();
-                for i in 0..per {
-                    let id = (w * per + i) as i64;
-                    let t = Instant::now();
-                    let mut tx = pool.begin().await?;
-                    DB::execute(
-                        &mut tx,
-                        &insert,
-                        vec![Arg::I64(id), Arg::Str(payload.clone())],
-                    )
-                    .await?;
-                    if with_outbox {
-                        outbox.enqueue(&mut *tx, &event(id as u64)).await?;
-                    }
-                    tx.commit().await?;
-                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                }
-                Ok::<_, BoxError>(lat)
-            });
-        }
-        let mut lat = Vec::new();
-        while let Some(done) = tasks.join_next().await {
-            lat.extend(done??);
-        }
+        let written =
+            business_writers(&pool, with_outbox.then_some(&outbox), &table, n, o.writers).await?;
         rows.push(Row {
             scenario,
-            events_per_sec: lat.len() as f64 / started.elapsed().as_secs_f64(),
-            latencies_ms: lat,
+            events_per_sec: written.len() as f64 / started.elapsed().as_secs_f64(),
+            latencies_ms: written.into_iter().map(|w| w.latency_ms).collect(),
             peak_rss_mb: None,
         });
         let mut conn = pool.acquire().await?;
@@ -1073,6 +1023,66 @@ async fn business_table<DB: Backend>(
     Ok(table)
 }
 
+/// One writer transaction of [`business_writers`].
+struct Written {
+    latency_ms: f64,
+    event_id: Option<String>,
+    committed_at_ms: i64,
+}
+
+/// `writers` tasks writing `n` transactions in all, each a business row of 700 characters in
+/// `table` and, with `outbox`, an event.
+async fn business_writers<DB: Backend>(
+    pool: &Pool<DB>,
+    outbox: Option<&Outbox<DB>>,
+    table: &str,
+    n: usize,
+    writers: usize,
+) -> Result<Vec<Written>, BoxError> {
+    let insert = DB::dialect_sql(&format!(
+        "INSERT INTO {table} (id, payload) VALUES ($1, $2)"
+    ))
+    .into_owned();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
+        let (pool, outbox, insert) = (pool.clone(), outbox.cloned(), insert.clone());
+        let per = n / writers;
+        tasks.spawn(async move {
+            let mut written = Vec::with_capacity(per);
+            let payload = String::from_utf8(envelope_sized()).unwrap_or_default();
+            for i in 0..per {
+                let id = (w * per + i) as i64;
+                let t = Instant::now();
+                let mut tx = pool.begin().await?;
+                DB::execute(
+                    &mut tx,
+                    &insert,
+                    vec![Arg::I64(id), Arg::Str(payload.clone())],
+                )
+                .await?;
+                let event_id = match &outbox {
+                    Some(outbox) => {
+                        Some(outbox.enqueue(&mut *tx, &event(id as u64)).await?.event_id)
+                    }
+                    None => None,
+                };
+                tx.commit().await?;
+                written.push(Written {
+                    latency_ms: t.elapsed().as_secs_f64() * 1000.0,
+                    event_id,
+                    committed_at_ms: now_ms(),
+                });
+            }
+            Ok::<_, BoxError>(written)
+        });
+    }
+    let mut all = Vec::with_capacity(n);
+    while let Some(done) = tasks.join_next().await {
+        all.extend(done??);
+    }
+    Ok(all)
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1105,38 +1115,13 @@ async fn wal_end_to_end<DB: Backend>(
     if !running.ready(Duration::from_secs(60)).await {
         return Err("the consumer did not join its group".into());
     }
-    let insert = DB::dialect_sql(&format!(
-        "INSERT INTO {table} (id, payload) VALUES ($1, $2)"
-    ))
-    .into_owned();
     let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..o.writers {
-        let (pool, outbox, insert) = (pool.clone(), outbox.clone(), insert.clone());
-        let per = n / o.writers;
-        tasks.spawn(async move {
-            let mut written = Vec::with_capacity(per);
-            let payload = String::from_utf8(envelope_sized()).unwrap_or_default();
-            for i in 0..per {
-                let id = (w * per + i) as i64;
-                let mut tx = pool.begin().await?;
-                DB::execute(
-                    &mut tx,
-                    &insert,
-                    vec![Arg::I64(id), Arg::Str(payload.clone())],
-                )
-                .await?;
-                let done = outbox.enqueue(&mut *tx, &event(id as u64)).await?;
-                tx.commit().await?;
-                written.push((done.event_id, now_ms()));
-            }
-            Ok::<_, BoxError>(written)
-        });
-    }
-    let mut written = std::collections::HashMap::new();
-    while let Some(done) = tasks.join_next().await {
-        written.extend(done??);
-    }
+    let written: std::collections::HashMap<String, i64> =
+        business_writers(pool, Some(&outbox), &table, n, o.writers)
+            .await?
+            .into_iter()
+            .filter_map(|w| Some((w.event_id?, w.committed_at_ms)))
+            .collect();
     wait_for_inbox(pool, &group, written.len()).await?;
     let secs = started.elapsed().as_secs_f64();
     running.shutdown().await?;

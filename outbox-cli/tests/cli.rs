@@ -932,6 +932,20 @@ async fn dead_letters_of_an_inbox_consumer_are_listed_shown_discarded_and_replay
     let _ = std::fs::remove_file(path);
 }
 
+/// Enqueues the sample urgency events `range`, each committed alone; their event ids.
+async fn urgencies(
+    outbox: &Outbox<Postgres>,
+    conn: &mut sqlx::PgConnection,
+    range: std::ops::Range<u64>,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    for n in range {
+        let done = outbox.enqueue(conn, &samples::urgency(n)).await.unwrap();
+        ids.push(done.event_id);
+    }
+    ids
+}
+
 /// The event ids on `topic`, every partition from the start, until `want` are all there (at most
 /// 60 s): duplicates are allowed, a missing event is not.
 fn wait_on_the_broker(brokers: &str, topic: &str, want: &[String]) {
@@ -989,16 +1003,7 @@ async fn a_wal_service_is_relayed_from_its_slot_and_a_second_daemon_takes_over_a
         .build();
     let slot = outbox.wal_slot("task").unwrap();
     let mut conn = pool.acquire().await.unwrap();
-    let mut ids = Vec::new();
-    for n in 0..5 {
-        ids.push(
-            outbox
-                .enqueue(&mut *conn, &samples::urgency(n))
-                .await
-                .unwrap()
-                .event_id,
-        );
-    }
+    let mut ids = urgencies(&outbox, &mut conn, 0..5).await;
     // Waiting in the slot, no relay on it.
     let waiting = s.status_of("task");
     assert!(
@@ -1054,15 +1059,7 @@ async fn a_wal_service_is_relayed_from_its_slot_and_a_second_daemon_takes_over_a
     }
     first.kill().unwrap();
     first.wait().unwrap();
-    for n in 5..10 {
-        ids.push(
-            outbox
-                .enqueue(&mut *conn, &samples::urgency(n))
-                .await
-                .unwrap()
-                .event_id,
-        );
-    }
+    ids.extend(urgencies(&outbox, &mut conn, 5..10).await);
     let mut second = daemon(None);
     wait_on_the_broker(&brokers, &topic, &ids);
     Command::new("kill")

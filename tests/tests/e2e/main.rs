@@ -1398,6 +1398,54 @@ async fn the_memory_bus_partitions_keys_as_librdkafka_does_on_the_broker() {
     assert_eq!(partitions.len(), 5, "the keys spread over every partition");
 }
 
+/// A consumer's database of its own (`C`): the inbox tables and an effects table, no outbox
+/// table; and a recorder of effects there whose handler of `pv-3` fails twice.
+struct OwnDatabase<C: TestDb> {
+    pool: outbox_runtime::sqlx::Pool<C>,
+    file: Option<std::path::PathBuf>,
+    outbox: outbox_runtime::Outbox<C>,
+    effects: String,
+    recorder: Recorder,
+}
+
+impl<C: TestDb> OwnDatabase<C> {
+    /// For the consumers of `w`'s services; `letter` starts the effects table's name.
+    async fn open<P: TestDb>(w: &World<P>, letter: &str) -> Self {
+        let (pool, file) = C::open(&format!("inbox-{}", w.h.tag)).await;
+        let outbox = outbox_runtime::Outbox::<C>::builder(w.h.outbox.catalog().clone()).build();
+        let effects = format!("{letter}{}", w.h.tag);
+        {
+            let mut conn = pool.acquire().await.unwrap();
+            let _turn = harness::MIGRATIONS.lock().await;
+            for sql in outbox.migration_sql() {
+                if sql.contains("outbox_inbox") || sql.contains("outbox_calls") {
+                    C::execute(&mut conn, &sql, Vec::new()).await.unwrap();
+                }
+            }
+            let sql = format!(
+                "CREATE TABLE {effects} (event_id VARCHAR(64) NOT NULL, kind VARCHAR(32) NOT NULL)"
+            );
+            C::execute(&mut conn, &sql, Vec::new()).await.unwrap();
+        }
+        let recorder = Recorder {
+            effects: effects.clone(),
+            ..Recorder::default()
+        };
+        recorder
+            .failures
+            .lock()
+            .unwrap()
+            .insert("pv-3".to_owned(), 2);
+        Self {
+            pool,
+            file,
+            outbox,
+            effects,
+            recorder,
+        }
+    }
+}
+
 /// The producer relays from database `P`; the consumer applies in database `C`, which has no
 /// outbox table of the producer's, only the inbox: each event once, a handler that fails twice
 /// kept in `C` and retried, poison dead in `C` with its envelope, and the producer's rows left
@@ -1406,31 +1454,9 @@ async fn an_inbox_consumer_in_its_own_database_applies_each_event_once<P: TestDb
     kind: Kind,
 ) {
     let w = World::<P>::new().await;
-    let (pool, file) = C::open(&format!("inbox-{}", w.h.tag)).await;
-    let outbox = outbox_runtime::Outbox::<C>::builder(w.h.outbox.catalog().clone()).build();
-    let effects = format!("i{}", w.h.tag);
-    {
-        let mut conn = pool.acquire().await.unwrap();
-        let _turn = harness::MIGRATIONS.lock().await;
-        for sql in outbox.migration_sql() {
-            if sql.contains("outbox_inbox") || sql.contains("outbox_calls") {
-                C::execute(&mut conn, &sql, Vec::new()).await.unwrap();
-            }
-        }
-        let sql = format!(
-            "CREATE TABLE {effects} (event_id VARCHAR(64) NOT NULL, kind VARCHAR(32) NOT NULL)"
-        );
-        C::execute(&mut conn, &sql, Vec::new()).await.unwrap();
-    }
-    let recorder = Recorder {
-        effects: effects.clone(),
-        ..Recorder::default()
-    };
-    recorder
-        .failures
-        .lock()
-        .unwrap()
-        .insert("pv-3".to_owned(), 2);
+    let own = OwnDatabase::<C>::open(&w, "i").await;
+    let (pool, file, outbox, effects) = (own.pool, own.file, own.outbox, own.effects);
+    let recorder = own.recorder;
     let producer = Engine::builder(w.h.pool.clone(), KafkaConfig::new(brokers()))
         .outbox(w.h.outbox.clone())
         .relay(relay())

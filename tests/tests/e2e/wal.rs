@@ -68,32 +68,9 @@ async fn table_rows(w: &World<Postgres>, service: &str) -> i64 {
 async fn e2e_wal_events_reach_an_inbox_consumer_in_its_own_database_once() {
     use outbox_runtime::sqlx::MySql;
     let w = wal_world("notification").await;
-    let (pool, _) = MySql::open("wal").await;
-    let outbox = Outbox::<MySql>::builder(w.h.outbox.catalog().clone()).build();
-    let effects = format!("w{}", w.h.tag);
-    {
-        let mut conn = pool.acquire().await.unwrap();
-        let _turn = harness::MIGRATIONS.lock().await;
-        for sql in outbox.migration_sql() {
-            if sql.contains("outbox_inbox") || sql.contains("outbox_calls") {
-                MySql::execute(&mut conn, &sql, Vec::new()).await.unwrap();
-            }
-        }
-        let sql = format!(
-            "CREATE TABLE {effects} (event_id VARCHAR(64) NOT NULL, kind VARCHAR(32) NOT NULL)"
-        );
-        MySql::execute(&mut conn, &sql, Vec::new()).await.unwrap();
-    }
-    let recorder = Recorder {
-        effects: effects.clone(),
-        ..Recorder::default()
-    };
-    // A handler that fails twice: kept in the consumer's database and retried.
-    recorder
-        .failures
-        .lock()
-        .unwrap()
-        .insert("pv-3".to_owned(), 2);
+    // A handler that fails twice there: kept in the consumer's database and retried.
+    let own = OwnDatabase::<MySql>::open(&w, "w").await;
+    let (pool, outbox, effects, recorder) = (own.pool, own.outbox, own.effects, own.recorder);
     let producer = Engine::builder(w.h.pool.clone(), KafkaConfig::new(brokers()))
         .outbox(w.h.outbox.clone())
         .relay(relay())
