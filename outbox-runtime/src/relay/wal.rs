@@ -169,9 +169,11 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         }
         if batch.items.is_empty() {
             slot.oldest_unpublished = None;
-            slot.idle = true;
+            slot.idle = !slot.full;
             self.wal_confirm(service, slot, batch.end, false).await?;
-            return Ok(0);
+            // A full read of events this relay had published (more than a batch since it last
+            // advanced) advanced the slot past them: the next read has new ones.
+            return Ok(usize::from(slot.full));
         }
         slot.idle = false;
         let version_format = self.config.version_format_of(service);

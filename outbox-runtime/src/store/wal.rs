@@ -570,7 +570,8 @@ impl<DB: Backend> Outbox<DB> {
         lag.bytes = Some(bytes);
         let now = self.now_ms();
         if self.wal_acquire(conn, service).await? {
-            let read = self.wal_peek(conn, service, 1).await;
+            // A few changes: a heartbeat may come before the first event.
+            let read = self.wal_peek(conn, service, 16).await;
             self.wal_release(conn, service).await?;
             lag.age_ms = Some(match read?.items.first() {
                 Some((WalItem::Event(row), _)) => now.saturating_sub(row.created_at).max(0),
