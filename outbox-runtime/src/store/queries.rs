@@ -47,12 +47,15 @@ pub(super) fn for_table(
 /// The advisory-lock key of a table's wake-up protocol (PostgreSQL): FNV-1a of the table name,
 /// the same in every process.
 fn wake_key(table: &str) -> i64 {
-    let hash = format!("outbox-wake:{table}")
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
+    let hash = fnv1a(format!("outbox-wake:{table}").as_bytes());
     i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// FNV-1a: a hash that is the same in every process and every version, for names.
+pub(super) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Splits a file of `-- name: x` sections into `(name, SQL)`, dropping comment lines.

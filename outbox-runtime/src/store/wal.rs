@@ -111,9 +111,7 @@ pub(super) fn slot_name(table: &str) -> String {
     if name.len() <= 63 {
         return name;
     }
-    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let hash = super::queries::fnv1a(name.as_bytes());
     format!("{}_{hash:016x}", &name[..46])
 }
 
@@ -308,8 +306,11 @@ impl<DB: Backend> Outbox<DB> {
     /// whose `wal_level` is not `logical` ([`Error::WalLevel`]), a service whose slot does not
     /// exist ([`Error::WalSlotMissing`]).
     pub async fn check_wal(&self, conn: &mut DB::Connection) -> Result<(), Error> {
+        // The level is the server's: asked once, naming the first service.
+        if let Some(first) = self.inner.wal.iter().next() {
+            self.check_wal_level(conn, first).await?;
+        }
         for service in &self.inner.wal {
-            self.check_wal_level(conn, service).await?;
             let slot = self.wal_slot(service)?;
             if !self.wal_slot_exists(conn, &slot).await? {
                 return Err(Error::WalSlotMissing {
