@@ -38,12 +38,20 @@ CREATE INDEX IF NOT EXISTS {table}_due ON {table} (next_attempt_at, id) WHERE st
 CREATE INDEX IF NOT EXISTS {table}_lease ON {table} (lease_until) WHERE status = 'sending'
 
 -- name: index_open
--- Claims walk the open rows in id order; without this index they walk every row ever written
--- from the first, and a claim on a table with a million published rows took 100 ms, not 3.
-CREATE INDEX IF NOT EXISTS {table}_open ON {table} (id) WHERE status IN ('pending', 'sending')
+-- Tables made before 2026-12-06 had one index over both open statuses, and one on keys that no
+-- query reads. With the planner's statistics taken while a backlog was pending, a claim read
+-- its window through the primary key instead, walking every published row before the first
+-- pending one: a backlog of 100,000 rows on one key drained in 21x the time of 10,000 rows.
+DROP INDEX IF EXISTS {table}_open, {table}_key
 
--- name: index_key
-CREATE INDEX IF NOT EXISTS {table}_key ON {table} (message_key, id) WHERE status IN ('pending', 'sending')
+-- name: index_pending
+-- Claims read each open status in id order from its own index. The index's predicate is the
+-- query's, so no plan through the primary key (which must filter published rows out) costs
+-- less, whatever the statistics say; and the read never walks published rows.
+CREATE INDEX IF NOT EXISTS {table}_pending ON {table} ((id + 0)) WHERE status = 'pending'
+
+-- name: index_sending
+CREATE INDEX IF NOT EXISTS {table}_sending ON {table} ((id + 0)) WHERE status = 'sending'
 
 -- name: index_status
 CREATE INDEX IF NOT EXISTS {table}_st ON {table} (status, updated_at)
@@ -140,13 +148,13 @@ SELECT id, message_key, ok FROM (
     SELECT * FROM (
         SELECT id, message_key,
             CASE WHEN next_attempt_at <= $1 THEN 1::BIGINT ELSE 0::BIGINT END AS ok
-        FROM {table} WHERE status = 'pending' AND id > $2 ORDER BY id LIMIT $3) p
+        FROM {table} WHERE status = 'pending' AND id + 0 > $2 ORDER BY id + 0 LIMIT $3) p
     UNION ALL
     SELECT * FROM (
         SELECT id, message_key,
             CASE WHEN lease_until <= $4 AND attempts < max_attempts
                 THEN 1::BIGINT ELSE 0::BIGINT END AS ok
-        FROM {table} WHERE status = 'sending' AND id > $5 ORDER BY id LIMIT $6) s
+        FROM {table} WHERE status = 'sending' AND id + 0 > $5 ORDER BY id + 0 LIMIT $6) s
 ) AS w
 ORDER BY id
 LIMIT $7
