@@ -492,6 +492,69 @@ async fn a_claim_reads_no_published_row_whatever_the_statistics_postgres() {
     h.cleanup().await;
 }
 
+// A table made before the open statuses had an index each: `migrate` drops the old index over
+// both (which the planner passed over) and the unused key index, makes the new ones, and the
+// table's rows are claimed in order through them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrate_replaces_the_old_open_row_indexes_postgres() {
+    migrate_replaces_the_old_open_row_indexes::<outbox_runtime::sqlx::Postgres>(
+        "SELECT indexname, 0::BIGINT FROM pg_indexes WHERE tablename = '{table}'",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrate_replaces_the_old_open_row_indexes_sqlite() {
+    migrate_replaces_the_old_open_row_indexes::<outbox_runtime::sqlx::Sqlite>(
+        "SELECT name, 0 FROM pragma_index_list('{table}') WHERE origin = 'c'",
+    )
+    .await;
+}
+
+async fn migrate_replaces_the_old_open_row_indexes<DB: TestDb>(list: &str) {
+    let h = Harness::<DB>::new().await;
+    let table = h.table("task");
+    let mut conn = h.pool.acquire().await.unwrap();
+    let indexes = async |conn: &mut DB::Connection| -> Vec<String> {
+        let sql = list.replace("{table}", &table);
+        let rows = DB::fetch_pairs(conn, &sql, Vec::new()).await.unwrap();
+        rows.into_iter().map(|(name, _)| name).collect()
+    };
+    // The layout of 2026-12-05.
+    for old in [
+        format!("DROP INDEX {table}_pending"),
+        format!("DROP INDEX {table}_sending"),
+        format!("CREATE INDEX {table}_open ON {table} (id) WHERE status IN ('pending', 'sending')"),
+        format!(
+            "CREATE INDEX {table}_key ON {table} (message_key, id) \
+             WHERE status IN ('pending', 'sending')"
+        ),
+    ] {
+        h.exec(&mut conn, &old, Vec::new()).await;
+    }
+    let before = indexes(&mut conn).await;
+    assert!(before.contains(&format!("{table}_open")), "{before:?}");
+    let ids: Vec<i64> = {
+        let mut ids = Vec::new();
+        for n in 0..3u64 {
+            ids.push(put(&h, &urgency(n, 7)).await.id);
+        }
+        ids
+    };
+    h.outbox.migrate(&mut conn).await.unwrap();
+    let after = indexes(&mut conn).await;
+    for gone in ["open", "key"] {
+        assert!(!after.contains(&format!("{table}_{gone}")), "{after:?}");
+    }
+    for made in ["pending", "sending"] {
+        assert!(after.contains(&format!("{table}_{made}")), "{after:?}");
+    }
+    drop(conn);
+    let rows = claim(&h, "task", "relay", 10).await;
+    assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
+    h.cleanup().await;
+}
+
 // A backlog of one key goes out a batch per claim, in id order (the claim took one row of a key
 // per round before, and walked the whole backlog to find it).
 async fn a_backlog_of_one_key_is_claimed_a_full_batch_at_a_time<DB: TestDb>() {
