@@ -1088,9 +1088,17 @@ impl<DB: Backend> Outbox<DB> {
             })
     }
 
-    /// The statements that create every table and index, for teams that migrate by hand.
-    /// Each is idempotent (`IF NOT EXISTS`).
+    /// The statements that create every table and index, for teams that migrate by hand, and
+    /// for the services relayed from the write-ahead log, the publication and their slots (run
+    /// those outside a transaction: PostgreSQL makes no slot in one that wrote). Each is
+    /// idempotent.
     pub fn migration_sql(&self) -> Vec<String> {
+        let mut out = self.table_migration_sql();
+        out.extend(self.wal_migration_sql());
+        out
+    }
+
+    fn table_migration_sql(&self) -> Vec<String> {
         let mut out = Vec::new();
         for t in self.inner.tables.values() {
             out.extend(queries::ddl(&t.queries));
@@ -1162,7 +1170,7 @@ impl<DB: Backend> Outbox<DB> {
     /// An existing service table of another layout is refused first ([`Outbox::check_tables`]).
     pub async fn migrate(&self, conn: &mut DB::Connection) -> Result<(), Error> {
         self.check_tables(conn).await?;
-        for sql in self.migration_sql() {
+        for sql in self.table_migration_sql() {
             DB::execute(conn, &sql, Vec::new()).await?;
         }
         // What `CREATE ... IF NOT EXISTS` cannot change in a table made by an older version

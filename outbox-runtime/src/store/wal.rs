@@ -354,6 +354,33 @@ impl<DB: Backend> Outbox<DB> {
         Ok(())
     }
 
+    /// What [`Outbox::migrate`] makes for the write-ahead-log services, as statements for
+    /// [`Outbox::migration_sql`]: the table of what each relay saw, the publication, and each
+    /// service's slot where no slot of its name exists. Empty without such services.
+    pub(super) fn wal_migration_sql(&self) -> Vec<String> {
+        if self.inner.wal.is_empty() {
+            return Vec::new();
+        }
+        let mut out = vec![
+            self.inbox_sql("create_wal_slots").to_owned(),
+            self.inbox_sql("wal_publication").to_owned(),
+        ];
+        // Slot names are made of a checked table name: `[a-z_][a-z0-9_]*`.
+        out.extend(
+            self.inner
+                .wal
+                .iter()
+                .filter_map(|s| self.wal_slot(s).ok())
+                .map(|slot| {
+                    format!(
+                        "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')::TEXT \
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')"
+                    )
+                }),
+        );
+        out
+    }
+
     async fn wal_slot_exists(&self, conn: &mut DB::Connection, slot: &str) -> Result<bool, Error> {
         let n = DB::fetch_ints(
             conn,

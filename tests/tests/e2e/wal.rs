@@ -345,7 +345,7 @@ async fn e2e_wal_services_refuse_what_cannot_work() {
         .unwrap()
         .build();
     let started = Engine::builder(w.h.pool.clone(), KafkaConfig::new(brokers()))
-        .outbox(unmigrated)
+        .outbox(unmigrated.clone())
         .start()
         .await;
     match started {
@@ -355,6 +355,27 @@ async fn e2e_wal_services_refuse_what_cannot_work() {
         Err(e) => panic!("refused for another reason: {e}"),
         Ok(_) => panic!("a relay started on a WAL service with no slot"),
     }
+    // A team that migrates by hand runs `migration_sql`, each statement on its own (twice
+    // here: each is idempotent); that makes the slot too.
+    let slot = unmigrated.wal_slot("task").unwrap();
+    let by_hand = unmigrated.migration_sql();
+    assert!(by_hand.iter().any(|s| s.contains(&slot)), "{by_hand:?}");
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    {
+        let _turn = harness::MIGRATIONS.lock().await;
+        for sql in by_hand.iter().chain(&by_hand) {
+            Postgres::execute(&mut conn, sql, Vec::new()).await.unwrap();
+        }
+    }
+    unmigrated.check_wal(&mut conn).await.unwrap();
+    Postgres::execute(
+        &mut conn,
+        "SELECT pg_drop_replication_slot($1)::TEXT",
+        vec![Arg::Str(slot)],
+    )
+    .await
+    .unwrap();
+    drop(conn);
     // This server decodes its log.
     let mut conn = w.h.pool.acquire().await.unwrap();
     w.h.outbox
