@@ -608,6 +608,13 @@ async fn run<DB: Backend>(
         }
         let outbox = fresh(&pool, "m", mock, &bus).await?;
         fill(&pool, &outbox, size, keys, o.backend == "mysql").await?;
+        // Each drain starts from a checkpoint on PostgreSQL (as pgbench's runs do): one that
+        // fell inside a drain would add its writes, and the full pages logged after it, to
+        // that drain alone.
+        if o.backend == "postgres" {
+            let mut conn = pool.acquire().await?;
+            DB::execute(&mut conn, "CHECKPOINT", Vec::new()).await?;
+        }
         let before = rss_mb();
         reset_peak_rss();
         // Looked at often enough that the figure is the drain's, not the look's: the

@@ -58,7 +58,23 @@ CREATE INDEX IF NOT EXISTS {table}_pending ON {table} ((id + 0)) WHERE status = 
 CREATE INDEX IF NOT EXISTS {table}_sending ON {table} ((id + 0)) WHERE status = 'sending'
 
 -- name: index_status
-CREATE INDEX IF NOT EXISTS {table}_st ON {table} (status, updated_at)
+-- Tables made before 2026-12-06 had one index on (status, updated_at) over every row, which
+-- each change of a row's status wrote (four times per event) for queries that read only
+-- published, consumed or dead rows; each of those has a partial index of its own now. A
+-- backlog of 100,000 rows on one key drained in three quarters of the time without it.
+DROP INDEX IF EXISTS {table}_st
+
+-- name: index_published
+-- Stuck rows and retention (published before a time), and their age.
+CREATE INDEX IF NOT EXISTS {table}_published ON {table} (updated_at) WHERE status = 'published'
+
+-- name: index_consumed
+-- Retention where consumers mark rows consumed.
+CREATE INDEX IF NOT EXISTS {table}_consumed ON {table} (consumed_at) WHERE status = 'consumed'
+
+-- name: index_dead
+-- The dead letters, listed in id order, and their reasons.
+CREATE INDEX IF NOT EXISTS {table}_dead ON {table} (id) WHERE status = 'dead'
 
 -- name: create_inbox_dead
 -- What a consumer with its own database must not (or could not) apply: the whole message as it
