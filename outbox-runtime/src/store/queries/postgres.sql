@@ -60,8 +60,9 @@ CREATE INDEX IF NOT EXISTS {table}_sending ON {table} ((id + 0)) WHERE status = 
 -- name: index_status
 -- Tables made before 2026-12-06 had one index on (status, updated_at) over every row, which
 -- each change of a row's status wrote (four times per event) for queries that read only
--- published, consumed or dead rows; each of those has a partial index of its own now. A
--- backlog of 100,000 rows on one key drained in three quarters of the time without it.
+-- published, consumed or dead rows; each of those has a partial index of its own now. The
+-- claims and marks of a 100,000-row drain, replayed alone on PostgreSQL, took 70% of the time
+-- without it.
 DROP INDEX IF EXISTS {table}_st
 
 -- name: index_published
