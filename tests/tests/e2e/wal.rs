@@ -39,16 +39,17 @@ async fn wal_cleanup(w: World<Postgres>) {
             .map(|s| w.h.outbox.wal_slot(s).unwrap())
             .collect();
     for slot in slots {
-        Postgres::execute(
-            &mut conn,
-            "SELECT pg_drop_replication_slot($1)::TEXT",
-            vec![Arg::Str(slot)],
-        )
-        .await
-        .unwrap();
+        drop_slot(&mut conn, slot).await;
     }
     drop(conn);
     w.cleanup().await;
+}
+
+async fn drop_slot(conn: &mut outbox_runtime::sqlx::PgConnection, slot: String) {
+    let sql = "SELECT pg_drop_replication_slot($1)::TEXT";
+    Postgres::execute(conn, sql, vec![Arg::Str(slot)])
+        .await
+        .unwrap();
 }
 
 async fn lag(w: &World<Postgres>, service: &str) -> WalLag {
@@ -368,13 +369,7 @@ async fn e2e_wal_services_refuse_what_cannot_work() {
         }
     }
     unmigrated.check_wal(&mut conn).await.unwrap();
-    Postgres::execute(
-        &mut conn,
-        "SELECT pg_drop_replication_slot($1)::TEXT",
-        vec![Arg::Str(slot)],
-    )
-    .await
-    .unwrap();
+    drop_slot(&mut conn, slot).await;
     drop(conn);
     // This server decodes its log.
     let mut conn = w.h.pool.acquire().await.unwrap();
