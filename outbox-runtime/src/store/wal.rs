@@ -366,18 +366,12 @@ impl<DB: Backend> Outbox<DB> {
             self.inbox_sql("wal_publication").to_owned(),
         ];
         // Slot names are made of a checked table name: `[a-z_][a-z0-9_]*`.
-        out.extend(
-            self.inner
-                .wal
-                .iter()
-                .filter_map(|s| self.wal_slot(s).ok())
-                .map(|slot| {
-                    format!(
-                        "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')::TEXT \
-                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')"
-                    )
-                }),
-        );
+        for slot in self.inner.wal.iter().filter_map(|s| self.wal_slot(s).ok()) {
+            out.push(format!(
+                "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')::TEXT WHERE NOT \
+                 EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')"
+            ));
+        }
         out
     }
 

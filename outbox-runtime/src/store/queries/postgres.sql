@@ -49,9 +49,10 @@ DROP INDEX IF EXISTS {table}_key
 DROP INDEX IF EXISTS {table}_open
 
 -- name: index_pending
--- Claims read each open status in id order from its own index. The index's predicate is the
--- query's, so no plan through the primary key (which must filter published rows out) costs
--- less, whatever the statistics say; and the read never walks published rows.
+-- Claims read each open status in id order from its own index, on `id + 0`, by which the claim
+-- orders and bounds its read: the primary key cannot serve that order or bound, so no plan
+-- walks the published rows through it, whatever the statistics say (taken while a backlog was
+-- pending, they made such a plan, filtering on the status, look as cheap).
 CREATE INDEX IF NOT EXISTS {table}_pending ON {table} ((id + 0)) WHERE status = 'pending'
 
 -- name: index_sending
@@ -163,7 +164,8 @@ WHERE id IN (
 -- The first open rows in id order after `after`, each with whether it can be claimed now (due,
 -- or leased until a time now past with attempts left). A key's first open row is its oldest,
 -- so the store sees in one ordered read which keys may go and how many of their rows in a row.
--- Each status is read in id order from its own index, so the read never walks published rows.
+-- Each status is read in id order from its own index (on `id + 0`, see `index_pending`), so
+-- the read never walks published rows.
 -- now, after, limit, now, after, limit, limit
 SELECT id, message_key, ok FROM (
     SELECT * FROM (
