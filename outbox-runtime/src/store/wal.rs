@@ -323,30 +323,24 @@ impl<DB: Backend> Outbox<DB> {
     }
 
     /// Makes what the write-ahead-log services need: the publication and each service's slot
-    /// (from now on, the slot keeps every event written). Run outside a transaction.
+    /// (from now on, the slot keeps every event written), by the statements of
+    /// [`Outbox::migration_sql`]. Run outside a transaction.
     pub(super) async fn migrate_wal(&self, conn: &mut DB::Connection) -> Result<(), Error> {
         let Some(first) = self.inner.wal.iter().next() else {
             return Ok(());
         };
         self.check_wal_level(conn, first).await?;
-        DB::execute(conn, self.inbox_sql("create_wal_slots"), Vec::new()).await?;
-        DB::execute(conn, self.inbox_sql("wal_publication"), Vec::new()).await?;
-        for service in &self.inner.wal {
-            let slot = self.wal_slot(service)?;
-            if self.wal_slot_exists(conn, &slot).await? {
-                continue;
-            }
-            match DB::execute(
-                conn,
-                self.inbox_sql("wal_create_slot"),
-                vec![Arg::Str(slot.clone())],
-            )
-            .await
-            {
+        for (slot, sql) in self.wal_statements() {
+            match DB::execute(conn, &sql, Vec::new()).await {
                 Ok(_) => {}
-                // Made meanwhile by another migration.
-                Err(e) if self.wal_slot_exists(conn, &slot).await.unwrap_or(false) => {
-                    tracing::debug!(%slot, error = %e, "slot made by another migration");
+                // A slot made meanwhile by another migration.
+                Err(e)
+                    if match &slot {
+                        Some(slot) => self.wal_slot_exists(conn, slot).await.unwrap_or(false),
+                        None => false,
+                    } =>
+                {
+                    tracing::debug!(?slot, error = %e, "slot made by another migration");
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -356,21 +350,27 @@ impl<DB: Backend> Outbox<DB> {
 
     /// What [`Outbox::migrate`] makes for the write-ahead-log services, as statements for
     /// [`Outbox::migration_sql`]: the table of what each relay saw, the publication, and each
-    /// service's slot where no slot of its name exists. Empty without such services.
+    /// service's slot where this database has none of its name. Empty without such services.
     pub(super) fn wal_migration_sql(&self) -> Vec<String> {
+        self.wal_statements()
+            .into_iter()
+            .map(|(_, sql)| sql)
+            .collect()
+    }
+
+    /// [`Outbox::wal_migration_sql`], each statement with the slot it makes, if any.
+    fn wal_statements(&self) -> Vec<(Option<String>, String)> {
         if self.inner.wal.is_empty() {
             return Vec::new();
         }
         let mut out = vec![
-            self.inbox_sql("create_wal_slots").to_owned(),
-            self.inbox_sql("wal_publication").to_owned(),
+            (None, self.inbox_sql("create_wal_slots").to_owned()),
+            (None, self.inbox_sql("wal_publication").to_owned()),
         ];
         // Slot names are made of a checked table name: `[a-z_][a-z0-9_]*`.
         for slot in self.inner.wal.iter().filter_map(|s| self.wal_slot(s).ok()) {
-            out.push(format!(
-                "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')::TEXT WHERE NOT \
-                 EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')"
-            ));
+            let sql = self.inbox_sql("wal_create_slot").replace("{slot}", &slot);
+            out.push((Some(slot), sql));
         }
         out
     }

@@ -346,8 +346,11 @@ END $$
 SELECT COUNT(*)::BIGINT FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()
 
 -- name: wal_create_slot
--- slot
-SELECT pg_create_logical_replication_slot($1::NAME, 'pgoutput')::TEXT
+-- A service's slot, unless this database has one of its name; written whole (`{slot}` is a
+-- checked name) so that `migration_sql` prints what `migrate` runs.
+SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')::TEXT
+WHERE NOT EXISTS (
+    SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}' AND database = current_database())
 
 -- name: wal_lock
 -- One relay per slot: held by the relay's slot connection for as long as it relays.
