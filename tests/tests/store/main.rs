@@ -534,13 +534,10 @@ async fn migrate_replaces_the_old_open_row_indexes<DB: TestDb>(list: &str) {
     }
     let before = indexes(&mut conn).await;
     assert!(before.contains(&format!("{table}_open")), "{before:?}");
-    let ids: Vec<i64> = {
-        let mut ids = Vec::new();
-        for n in 0..3u64 {
-            ids.push(put(&h, &urgency(n, 7)).await.id);
-        }
-        ids
-    };
+    let mut ids = Vec::new();
+    for n in 0..3u64 {
+        ids.push(put(&h, &urgency(n, 7)).await.id);
+    }
     h.outbox.migrate(&mut conn).await.unwrap();
     let after = indexes(&mut conn).await;
     for gone in ["open", "key"] {
