@@ -234,10 +234,10 @@ impl<DB: Backend> Writer<DB> {
                 "payload": payload,
             })
         };
-        let args = vec![
-            Arg::Str(format!("outbox:{SERVICE}")),
-            Arg::Str(content.to_string()),
-        ];
+        let Ok(prefix) = self.outbox.wal_prefix(SERVICE) else {
+            return false;
+        };
+        let args = vec![Arg::Str(prefix), Arg::Str(content.to_string())];
         DB::execute(
             conn,
             "SELECT pg_logical_emit_message(true, $1, $2)::TEXT",

@@ -21,8 +21,9 @@
 //!   due, synchronous produce, update; one consumer transaction per message);
 //! - `wal_enqueue`, `wal_e2e` (PostgreSQL): `enqueue`, and end to end with `raw_insert`'s
 //!   writers and an inbox consumer, for a service relayed from the write-ahead log (its events
-//!   emitted into the log, no row); `wal_relay`: one relay draining a backlog of `--backlog`
-//!   events (100,000 by default) from the slot;
+//!   emitted into the log, no row, the relay streaming the slot); `wal_relay`: the relay daemon
+//!   draining a backlog of `--backlog` events (100,000 by default) by streaming the slot, and
+//!   `wal_relay_sql` the same through the SQL interface, one round after another;
 //! - `relay_backlog`: one relay draining a backlog of `--backlog` rows (1,000,000 by default
 //!   with `--brokers`, 200,000 with the mock cluster), with the process's peak memory while it
 //!   does (with the mock cluster, that includes the in-process broker holding every message).
@@ -33,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use contracts::task::TaskUrgencyPromoteRequested;
 use contracts::{TaskEvents, TaskEventsHandler, samples};
-use outbox_runtime::bus::{KafkaBus, KafkaConfig, Outgoing, Publish};
+use outbox_runtime::bus::{KafkaBus, KafkaConfig, Outgoing, Publish, Sent};
 use outbox_runtime::consumer::{Call, ConsumerConfig, Context, Dedupe};
 use outbox_runtime::envelope::{self, VersionFormat};
 use outbox_runtime::relay::{Relay, RelayConfig, Shutdown};
@@ -543,7 +544,10 @@ async fn run<DB: Backend>(
             rows.push(wal_end_to_end(&pool, &bus, mock, o, n).await?);
         }
         if o.runs("wal_relay") {
-            rows.push(wal_backlog(&pool, &bus, mock, o).await?);
+            rows.push(wal_backlog(&pool, &bus, mock, o, false).await?);
+        }
+        if o.runs("wal_relay_sql") {
+            rows.push(wal_backlog(&pool, &bus, mock, o, true).await?);
         }
     }
 
@@ -1115,7 +1119,7 @@ async fn wal_end_to_end<DB: Backend>(
     let table = business_table(pool, &outbox).await?;
     let running = Engine::builder(pool.clone(), bus.clone())
         .outbox(outbox.clone())
-        .relay(RelayConfig::default().poll_interval(Duration::from_millis(50)))
+        .relay(relay_config(o).poll_interval(Duration::from_millis(50)))
         .consumer_with::<TaskEvents, _>(Counter, ConsumerConfig::default().dedupe(Dedupe::Inbox))
         .start()
         .await?;
@@ -1155,46 +1159,111 @@ async fn wal_end_to_end<DB: Backend>(
 }
 
 /// `wal_relay`: a backlog in the write-ahead log (`--backlog` events, 100,000 by default, one
-/// per transaction from the writers, keys as `relay_backlog`'s 1,000), drained by one relay
-/// round after round until a round finds nothing.
+/// per transaction from the writers, keys as `relay_backlog`'s 1,000), drained by the relay
+/// daemon streaming the slot, until the broker acknowledged them all. `wal_relay_sql`: the same
+/// backlog drained round after round through the SQL interface ([`Relay::relay_once`]) until a
+/// round finds nothing.
 async fn wal_backlog<DB: Backend>(
     pool: &Pool<DB>,
     bus: &Arc<KafkaBus>,
     mock: Option<&Mock>,
     o: &Options,
+    sql: bool,
 ) -> Result<Row, BoxError> {
+    let scenario = if sql { "wal_relay_sql" } else { "wal_relay" };
     let size = o.backlog.unwrap_or(100_000);
     let outbox = fresh_in(pool, "v", mock, bus, true).await?;
     write_events(pool, &outbox, size, o.writers).await?;
+    let counted = Arc::new(Counted {
+        bus: bus.clone(),
+        acked: std::sync::atomic::AtomicUsize::new(0),
+        done: tokio::sync::Notify::new(),
+        want: size,
+    });
     let relay = Relay::new(
         outbox.clone(),
         pool.clone(),
-        bus.clone(),
-        RelayConfig::default(),
+        counted.clone(),
+        relay_config(o),
     )
     .services(["task"]);
     reset_peak_rss();
     let started = Instant::now();
-    let mut read = 0;
-    loop {
-        let n = relay.relay_once("task").await?;
-        if n == 0 {
-            break;
+    if sql {
+        loop {
+            if relay.relay_once("task").await? == 0 {
+                break;
+            }
         }
-        read += n;
+    } else {
+        let (trigger, shutdown) = Shutdown::new();
+        let done = counted.done.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
+        let running = tokio::spawn(relay.run(shutdown));
+        if !counted.all() {
+            tokio::time::timeout(Duration::from_secs(600), done)
+                .await
+                .map_err(|_| "the relay did not publish the backlog in 600 s")?;
+        }
+        trigger.trigger();
+        running.await??;
     }
     let secs = started.elapsed().as_secs_f64();
-    if read < size {
-        return Err(format!("the relay read {read} of {size} events").into());
+    let acked = counted.acked.load(std::sync::atomic::Ordering::Relaxed);
+    if acked < size {
+        return Err(format!("{scenario}: the broker acknowledged {acked} of {size} events").into());
     }
     if !o.json {
-        println!("wal_relay: {size} events in {secs:.1} s");
+        println!("{scenario}: {size} events in {secs:.1} s");
     }
     drop_table(pool, &outbox).await?;
     Ok(Row {
-        scenario: "wal_relay",
+        scenario,
         events_per_sec: size as f64 / secs,
         latencies_ms: Vec::new(),
         peak_rss_mb: Some(peak_rss_mb()),
     })
+}
+
+/// A bus that counts what the broker acknowledged, and says when it reached `want`.
+struct Counted {
+    bus: Arc<KafkaBus>,
+    acked: std::sync::atomic::AtomicUsize,
+    done: tokio::sync::Notify,
+    want: usize,
+}
+
+impl Counted {
+    fn all(&self) -> bool {
+        self.acked.load(std::sync::atomic::Ordering::Relaxed) >= self.want
+    }
+}
+
+impl Publish for Counted {
+    async fn send_all(&self, records: &[Outgoing]) -> Vec<Sent> {
+        let sent = self.bus.send_all(records).await;
+        let acked = sent
+            .iter()
+            .filter(|s| matches!(s, Sent::Acked { .. }))
+            .count();
+        self.acked
+            .fetch_add(acked, std::sync::atomic::Ordering::Relaxed);
+        if self.all() {
+            self.done.notify_waiters();
+        }
+        sent
+    }
+
+    async fn ensure_topics(&self, topics: &[String]) -> Result<(), outbox_runtime::Error> {
+        self.bus.ensure_topics(topics).await
+    }
+}
+
+/// The relay settings of the scenarios: the database URL for a replication stream.
+fn relay_config(o: &Options) -> RelayConfig {
+    match &o.url {
+        Some(url) if o.backend == "postgres" => RelayConfig::default().replication_url(url),
+        _ => RelayConfig::default(),
+    }
 }

@@ -23,7 +23,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use outbox_runtime::bus::{KafkaBus, KafkaConfig, Outgoing, Publish as _};
 use outbox_runtime::envelope::VersionFormat;
-use outbox_runtime::relay::RelayConfig;
+use outbox_runtime::relay::{RelayConfig, WalRead};
 use outbox_runtime::route::RouteOverride;
 use outbox_runtime::sqlx::{self, Pool};
 use outbox_runtime::store::{Backend, GoRoute, InboxDead, OutboxRow};
@@ -250,6 +250,20 @@ struct RelayFile {
     /// The spelling per service, for services whose consumers accept only one.
     #[serde(default)]
     version_formats: BTreeMap<String, Spelling>,
+    /// How `wal_services` are read: `"stream"` (the replication protocol, the default) or
+    /// `"sql"` (the SQL interface, for a server that needs TLS).
+    wal_read: Option<WalReadFile>,
+    /// The replication stream's connection URL, when not the database URL's (a user with the
+    /// `REPLICATION` attribute).
+    replication_url: Option<String>,
+}
+
+/// How the config file says `wal_services` are read.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum WalReadFile {
+    Stream,
+    Sql,
 }
 
 /// An `event_version` spelling in the config file.
@@ -342,6 +356,10 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
 }
 
 async fn with_pool<DB: Backend>(cli: Cli, config: Config, pool: Pool<DB>) -> Result<(), BoxError> {
+    let database_url = cli
+        .database_url
+        .clone()
+        .or_else(|| config.database_url.clone());
     let services = if cli.services.is_empty() {
         config.services.clone()
     } else {
@@ -458,6 +476,7 @@ async fn with_pool<DB: Backend>(cli: Cli, config: Config, pool: Pool<DB>) -> Res
                 brokers,
                 metrics_addr.or(config.metrics_addr.clone()),
                 &config,
+                database_url,
             )
             .await
         }
@@ -1080,6 +1099,7 @@ async fn relay<DB: Backend>(
     brokers: String,
     metrics_addr: Option<String>,
     config: &Config,
+    database_url: Option<String>,
 ) -> Result<(), BoxError> {
     let exporter = prometheus::exporter()?;
     match &metrics_addr {
@@ -1099,7 +1119,7 @@ async fn relay<DB: Backend>(
                 .map_err(|e| format!("metrics: {e}"))?;
         }
     }
-    let (kafka, relay) = relay_settings(config, &brokers, &outbox)?;
+    let (kafka, relay) = relay_settings(config, &brokers, &outbox, database_url.as_deref())?;
     let services: Vec<String> = outbox
         .catalog()
         .services()
@@ -1129,6 +1149,7 @@ fn relay_settings<DB: Backend>(
     config: &Config,
     brokers: &str,
     outbox: &Outbox<DB>,
+    database_url: Option<&str>,
 ) -> Result<(KafkaConfig, RelayConfig), BoxError> {
     let mut kafka = KafkaConfig::new(brokers);
     for (k, v) in &config.kafka {
@@ -1173,6 +1194,20 @@ fn relay_settings<DB: Backend>(
             .into());
         }
         relay = relay.service_version_format(service, (*spelling).into());
+    }
+    if let Some(read) = r.wal_read {
+        relay = relay.wal_read(match read {
+            WalReadFile::Stream => WalRead::Stream,
+            WalReadFile::Sql => WalRead::Sql,
+        });
+    }
+    // The pool does not tell its password: the stream takes it from the URL.
+    let replication = r
+        .replication_url
+        .as_deref()
+        .or(database_url.filter(|u| u.starts_with("postgres")));
+    if let Some(url) = replication {
+        relay = relay.replication_url(url);
     }
     Ok((kafka, relay))
 }
@@ -1257,7 +1292,7 @@ mod tests {
             .unwrap()
             .build();
         let outbox = Outbox::<outbox_runtime::sqlx::Sqlite>::new(catalog);
-        let (kafka, relay) = relay_settings(&config, "b:9092", &outbox).unwrap();
+        let (kafka, relay) = relay_settings(&config, "b:9092", &outbox, None).unwrap();
         assert!(
             format!("{kafka:?}").contains("create_topics: false"),
             "{kafka:?}"
@@ -1272,7 +1307,7 @@ mod tests {
             "relay": { "version_formats": { "billing": "prefixed" } }
         }))
         .unwrap();
-        let err = relay_settings(&unknown, "b:9092", &outbox).unwrap_err();
+        let err = relay_settings(&unknown, "b:9092", &outbox, None).unwrap_err();
         assert_eq!(
             err.to_string(),
             "relay.version_formats names service `billing`, which is not configured"

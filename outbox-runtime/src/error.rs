@@ -81,6 +81,17 @@ pub enum Error {
         /// The slot.
         slot: String,
     },
+    /// The replication stream a relay reads a write-ahead-log service's slot through could
+    /// not start or broke (the relay tries again; the reason says what to fix when it can).
+    #[error("replication stream of slot `{slot}` (service `{service}`): {reason}")]
+    WalStream {
+        /// The service.
+        service: String,
+        /// The slot.
+        slot: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A consumer that records applied events in the producer's rows
     /// ([`crate::consumer::Dedupe::OutboxRow`]) for a write-ahead-log service, whose events
     /// have no row.

@@ -47,7 +47,7 @@ pub use consumer::{Call, ConsumerConfig, Context, Dedupe};
 #[cfg(feature = "runtime")]
 pub use engine::{Engine, Running};
 #[cfg(feature = "runtime")]
-pub use relay::RelayConfig;
+pub use relay::{RelayConfig, WalRead};
 #[cfg(feature = "store")]
 pub use sqlx;
 #[cfg(feature = "store")]

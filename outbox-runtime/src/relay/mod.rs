@@ -101,7 +101,7 @@ const TABLE_LINGER: Duration = Duration::from_millis(20);
 const BUSY_RECHECK: Duration = Duration::from_millis(20);
 
 /// Relay settings: start from [`RelayConfig::default`] and change what you need.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RelayConfig {
     pub(crate) owner: String,
     pub(crate) batch: usize,
@@ -110,6 +110,28 @@ pub struct RelayConfig {
     pub(crate) version_format: VersionFormat,
     pub(crate) version_formats: std::collections::BTreeMap<String, VersionFormat>,
     pub(crate) wal_batch: usize,
+    pub(crate) wal_read: WalRead,
+    pub(crate) replication_url: Option<String>,
+}
+
+/// How a relay reads the replication slots of services relayed from the write-ahead log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum WalRead {
+    /// The streaming replication protocol (the default): one replication connection per
+    /// slot, the log decoded once by the server as it is written, events handed to the relay
+    /// as their transactions commit, and the slot advanced by the relay's acknowledgements.
+    /// The user needs the `REPLICATION` attribute, and the connection the password
+    /// ([`RelayConfig::replication_url`], or `PGPASSWORD`); no TLS.
+    #[default]
+    Stream,
+    /// The SQL interface (`pg_logical_slot_peek_binary_changes`, `pg_replication_slot_advance`)
+    /// on an ordinary pooled connection: each read decodes the log again from the slot's
+    /// restart point (which PostgreSQL moves every 15 s), so it costs the server more and
+    /// adds the wait between reads to each event's latency. For a server the relay cannot
+    /// open a replication connection to (TLS, no password at hand). [`Relay::relay_once`]
+    /// always reads this way.
+    Sql,
 }
 
 impl RelayConfig {
@@ -126,10 +148,26 @@ impl RelayConfig {
     }
 
     /// Events read from a replication slot and published together, for services relayed from
-    /// the write-ahead log (10,000): each read decodes the log from the slot's restart point,
-    /// so fewer, larger reads drain a backlog faster.
+    /// the write-ahead log (10,000): at most this many from a stream (fewer when fewer are
+    /// waiting); through the SQL interface each read decodes the log from the slot's restart
+    /// point, so fewer, larger reads drain a backlog faster.
     pub fn wal_batch(mut self, batch: usize) -> Self {
         self.wal_batch = batch.max(1);
+        self
+    }
+
+    /// How services relayed from the write-ahead log are read ([`WalRead::Stream`]).
+    pub fn wal_read(mut self, read: WalRead) -> Self {
+        self.wal_read = read;
+        self
+    }
+
+    /// The connection URL (`postgres://user:password@host:port/database`) of the replication
+    /// stream of services relayed from the write-ahead log: another user than the pool's (one
+    /// with the `REPLICATION` attribute), or the password the pool does not tell. Without it
+    /// the stream connects as the pool does, with the password in `PGPASSWORD`.
+    pub fn replication_url(mut self, url: impl Into<String>) -> Self {
+        self.replication_url = Some(url.into());
         self
     }
 
@@ -177,6 +215,26 @@ impl RelayConfig {
     }
 }
 
+impl std::fmt::Debug for RelayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayConfig")
+            .field("owner", &self.owner)
+            .field("batch", &self.batch)
+            .field("lease", &self.lease)
+            .field("poll_interval", &self.poll_interval)
+            .field("version_format", &self.version_format)
+            .field("version_formats", &self.version_formats)
+            .field("wal_batch", &self.wal_batch)
+            .field("wal_read", &self.wal_read)
+            // It may hold a password.
+            .field(
+                "replication_url",
+                &self.replication_url.as_ref().map(|_| "…"),
+            )
+            .finish()
+    }
+}
+
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
@@ -187,6 +245,8 @@ impl Default for RelayConfig {
             version_format: VersionFormat::Number,
             version_formats: std::collections::BTreeMap::new(),
             wal_batch: 10_000,
+            wal_read: WalRead::Stream,
+            replication_url: None,
         }
     }
 }
@@ -255,7 +315,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
     /// is not an outbox table (a database that fails is tried again).
     async fn run_service(&self, service: &str, mut shutdown: Shutdown) -> Result<(), Error> {
         let mut wal = if self.outbox.is_wal(service) {
-            Some(self.wal_start(service).await?)
+            Some(self.wal_start(service, true).await?)
         } else {
             None
         };
@@ -313,10 +373,10 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                 // and each read of a slot decodes the log from the slot's restart point (up to
                 // 15 s of it, until PostgreSQL logs its next snapshot of running transactions).
                 let (full, pause) = match &wal {
-                    Some(slot) => (slot.was_full(), wal::WAL_LINGER),
+                    Some(slot) => (slot.was_full(), slot.linger()),
                     None => (claimed >= self.config.batch, TABLE_LINGER),
                 };
-                if !full {
+                if !full && !pause.is_zero() {
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
                         _ = shutdown.wait() => break,
@@ -345,6 +405,17 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                 if let Some(at) = slot.retry_at() {
                     wait = wait.min(at.saturating_duration_since(tokio::time::Instant::now()));
                 }
+            }
+            // A stream wakes its relay as events commit (no wake lock, no notification): it
+            // waits for the stream, or for the retry of a failed event.
+            if let Some(slot) = wal.as_mut().filter(|s| s.streaming()) {
+                let retrying = slot.retry_at().is_some();
+                tokio::select! {
+                    _ = slot.wait_stream(), if !retrying => {}
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.wait() => break,
+                }
+                continue;
             }
             if wait == self.config.poll_interval {
                 match self.rest(&mut rest_conn, service).await {
@@ -467,7 +538,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         if !self.outbox.is_wal(service) {
             return self.table_once(service).await;
         }
-        let mut slot = self.wal_start(service).await?;
+        let mut slot = self.wal_start(service, false).await?;
         let n = self.wal_round(service, &mut slot).await;
         self.wal_stop(service, slot).await;
         n

@@ -23,20 +23,75 @@ use tokio::time::Instant;
 
 use crate::bus::{Publish, Sent, permanent_failure};
 use crate::error::Error;
-use crate::store::{Backend, Lsn, WalItem};
+#[cfg(not(feature = "postgres"))]
+use crate::store::WalBatch;
+use crate::store::{Backend, Lsn, ReplicationTarget, WalItem};
 
-use super::{Relay, outgoing_of};
+use super::{Relay, WalRead, outgoing_of};
+
+#[cfg(feature = "postgres")]
+use crate::store::WalStream;
+
+/// Without PostgreSQL there is no slot to stream (and no service relayed from the log).
+#[cfg(not(feature = "postgres"))]
+#[derive(Debug)]
+enum WalStream {}
+
+#[cfg(not(feature = "postgres"))]
+impl WalStream {
+    async fn open(
+        _: &ReplicationTarget,
+        service: &str,
+        slot: &str,
+        _: String,
+        _: Lsn,
+        _: Duration,
+        _: usize,
+    ) -> Result<WalStream, Error> {
+        Err(Error::WalStream {
+            service: service.to_owned(),
+            slot: slot.to_owned(),
+            reason: "this build has no PostgreSQL (feature `postgres`)".into(),
+        })
+    }
+    async fn read(&mut self, _: usize) -> Result<WalBatch, Error> {
+        match *self {}
+    }
+    fn has_more(&self) -> bool {
+        match *self {}
+    }
+    async fn wait(&mut self) -> Result<(), Error> {
+        match *self {}
+    }
+    fn put_back(&mut self, _: Vec<(WalItem, Lsn)>) {
+        match *self {}
+    }
+    fn confirm(&self, _: Lsn) {
+        match *self {}
+    }
+    async fn close(self) {
+        match self {}
+    }
+}
 
 /// The WAL an idle slot may hold back (bytes) before its relay writes a heartbeat.
 const HEARTBEAT_AFTER: i64 = 1 << 20;
 
 /// How long a relay waits after a read of its slot that did not fill a batch.
-pub(super) const WAL_LINGER: Duration = Duration::from_millis(50);
+const WAL_LINGER: Duration = Duration::from_millis(50);
 
 /// How often the slot is advanced past what was published (each advance decodes the log as a
 /// read does): published events not yet confirmed are skipped by this relay's next reads, and
 /// published again by the next holder of the slot when this one dies first.
 const CONFIRM_EVERY: Duration = Duration::from_millis(500);
+
+/// How often a replication stream tells the server what the broker acknowledged (which
+/// advances the slot): cheap, unlike an advance through the SQL interface.
+const STATUS_EVERY: Duration = Duration::from_millis(100);
+
+/// How long a relay that stops waits for its last acknowledgement to reach the server before
+/// it closes the stream (what it does not wait for is published again by the next holder).
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// The slot a WAL loop reads, and what it keeps between rounds.
 pub(super) struct WalSlot<DB: Backend> {
@@ -61,6 +116,13 @@ pub(super) struct WalSlot<DB: Backend> {
     /// When the oldest event read and not yet published was written (ms); `None` when every
     /// event read was published.
     oldest_unpublished: Option<i64>,
+    /// Where the replication stream connects; `None`: the slot is read through the SQL
+    /// interface.
+    target: Option<ReplicationTarget>,
+    /// The stream, while this relay holds the slot and reads it by streaming.
+    stream: Option<WalStream>,
+    /// When a streaming relay last looked at the table (rows replayed from the dead letters).
+    table_at: Option<Instant>,
 }
 
 impl<DB: Backend> WalSlot<DB> {
@@ -78,13 +140,59 @@ impl<DB: Backend> WalSlot<DB> {
     pub(super) fn was_full(&self) -> bool {
         self.full
     }
+
+    /// Whether this relay reads the slot by streaming (and holds the stream).
+    pub(super) fn streaming(&self) -> bool {
+        self.stream.is_some()
+    }
+
+    /// How long to wait after a round that did not fill its batch: a stream hands events over
+    /// as they commit, a read through the SQL interface decodes the log again each time.
+    pub(super) fn linger(&self) -> Duration {
+        if self.streaming() {
+            Duration::ZERO
+        } else {
+            WAL_LINGER
+        }
+    }
+
+    /// Waits until the stream delivers something; at once without a stream. An error drops
+    /// the stream (and the slot: the next round takes it again).
+    pub(super) async fn wait_stream(&mut self) {
+        let Some(stream) = self.stream.as_mut() else {
+            return;
+        };
+        if let Err(e) = stream.wait().await {
+            tracing::warn!(error = %e, "replication stream broke");
+            self.drop_slot();
+        }
+    }
+
+    /// Forgets the slot after an error: the connection may be gone, and with it the lock.
+    fn drop_slot(&mut self) {
+        self.conn = None;
+        self.held = false;
+        self.stream = None;
+    }
 }
 
 impl<DB: Backend, B: Publish> Relay<DB, B> {
-    /// Checks the server can decode its log (`wal_level`), before the loop starts.
-    pub(super) async fn wal_start(&self, service: &str) -> Result<WalSlot<DB>, Error> {
+    /// Checks the server can decode its log (`wal_level`), before the loop starts; `stream`:
+    /// whether to read the slot by streaming, as [`RelayConfig::wal_read`] says.
+    ///
+    /// [`RelayConfig::wal_read`]: super::RelayConfig::wal_read
+    pub(super) async fn wal_start(
+        &self,
+        service: &str,
+        stream: bool,
+    ) -> Result<WalSlot<DB>, Error> {
         let mut conn = self.pool.acquire().await?;
         self.outbox.check_wal_level(&mut conn, service).await?;
+        let target = if stream && self.config.wal_read == WalRead::Stream {
+            DB::replication_target(&self.pool, self.config.replication_url.as_deref())?
+        } else {
+            None
+        };
         Ok(WalSlot {
             conn: None,
             held: false,
@@ -97,11 +205,45 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             idle: false,
             read: false,
             oldest_unpublished: None,
+            target,
+            stream: None,
+            table_at: None,
         })
     }
 
     /// Confirms what was published and gives the slot up (closing its connection would too).
     pub(super) async fn wal_stop(&self, service: &str, mut slot: WalSlot<DB>) {
+        if let Some(stream) = slot.stream.take() {
+            if let (Some(to), Some(conn)) = (slot.published, slot.conn.as_mut()) {
+                stream.confirm(to);
+                // The status update goes out within STATUS_EVERY: wait until the server has it.
+                let deadline = Instant::now() + CLOSE_WAIT;
+                loop {
+                    match self.outbox.wal_confirmed(conn, service).await {
+                        Ok(Some(at)) if at < to && Instant::now() < deadline => {
+                            tokio::time::sleep(STATUS_EVERY / 4).await;
+                        }
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::debug!(service, error = %e, "slot position not read");
+                            break;
+                        }
+                    }
+                }
+            }
+            stream.close().await;
+            // The server lets the slot go a moment after the stream ends; this relay still holds
+            // the lock, so no one else streams it meanwhile: once it is free, it is free for
+            // the next holder (and for `outbox status`).
+            if let Some(conn) = slot.conn.as_mut() {
+                let deadline = Instant::now() + CLOSE_WAIT;
+                while matches!(self.outbox.wal_streamed(conn, service).await, Ok(true))
+                    && Instant::now() < deadline
+                {
+                    tokio::time::sleep(STATUS_EVERY / 4).await;
+                }
+            }
+        }
         if slot.held
             && let Err(e) = self.wal_confirm(service, &mut slot, None, true).await
         {
@@ -129,11 +271,20 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         let result = self.wal_once(service, slot).await;
         if result.is_err() {
             // The connection may be gone, and with it the lock: start again from a new one.
-            slot.conn = None;
-            slot.held = false;
+            slot.drop_slot();
         }
         let n = result?;
         if n == 0 && slot.held {
+            // A stream's rounds come as events commit: the table (replayed rows, rare) is
+            // looked at once per poll interval.
+            if slot.streaming()
+                && slot
+                    .table_at
+                    .is_some_and(|at| at.elapsed() < self.config.poll_interval)
+            {
+                return Ok(0);
+            }
+            slot.table_at = Some(Instant::now());
             return self.table_once(service).await;
         }
         Ok(n)
@@ -152,16 +303,44 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             if !slot.held {
                 return Ok(0);
             }
-            tracing::info!(service, "this relay holds the service's replication slot");
             slot.confirmed = None;
             slot.published = None;
             slot.read = false;
             slot.attempts.clear();
+            if let Some(target) = &slot.target {
+                let name = self.outbox.wal_slot(service)?;
+                let from = self.outbox.wal_confirmed(conn, service).await?.ok_or(
+                    Error::WalSlotMissing {
+                        service: service.to_owned(),
+                        slot: name.clone(),
+                    },
+                )?;
+                let prefix = self.outbox.wal_prefix(service)?;
+                let batch = self.config.wal_batch;
+                let stream =
+                    WalStream::open(target, service, &name, prefix, from, STATUS_EVERY, batch);
+                slot.stream = Some(stream.await?);
+            }
+            tracing::info!(
+                service,
+                streaming = slot.stream.is_some(),
+                "this relay holds the service's replication slot"
+            );
         }
-        // Three changes per event: its transaction's begin, the message, the commit.
-        let limit = self.config.wal_batch.saturating_mul(3);
-        let mut batch = self.outbox.wal_peek(conn, service, limit).await?;
-        slot.full = batch.changes >= limit;
+        let mut batch = match slot.stream.as_mut() {
+            Some(stream) => {
+                let batch = stream.read(self.config.wal_batch).await?;
+                slot.full = stream.has_more();
+                batch
+            }
+            None => {
+                // Three changes per event: its transaction's begin, the message, the commit.
+                let limit = self.config.wal_batch.saturating_mul(3);
+                let batch = self.outbox.wal_peek(conn, service, limit).await?;
+                slot.full = batch.changes >= limit;
+                batch
+            }
+        };
         slot.read = true;
         // What this relay published since it last advanced the slot is read again: skipped.
         if let Some(done) = slot.published {
@@ -250,11 +429,24 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                     .max()
             }
         };
+        let read = batch.items.len();
+        if let (Some(i), Some(stream)) = (stop, slot.stream.as_mut()) {
+            // The events from the failed one's transaction on are handed out again (a read
+            // through the SQL interface reads them again from the slot).
+            let failed = batch.items[i].1;
+            stream.put_back(
+                batch
+                    .items
+                    .into_iter()
+                    .filter(|(_, commit)| *commit >= failed)
+                    .collect(),
+            );
+        }
         // Held back by a failure: confirmed now, so that the retry reads from there.
         let now = stop.is_some();
         self.wal_confirm(service, slot, to, now).await?;
         drop(spans);
-        Ok(batch.items.len())
+        Ok(read)
     }
 
     /// Records that everything up to `to` was published, and advances the slot there when
@@ -275,6 +467,12 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             return Ok(());
         };
         if slot.confirmed.is_some_and(|c| c >= to) {
+            return Ok(());
+        }
+        if let Some(stream) = slot.stream.as_ref() {
+            stream.confirm(to);
+            slot.confirmed = Some(to);
+            slot.confirmed_at = Instant::now();
             return Ok(());
         }
         if !(now || slot.full || slot.confirmed_at.elapsed() >= CONFIRM_EVERY) {

@@ -21,6 +21,8 @@ mod backend;
 mod go;
 mod queries;
 mod wal;
+#[cfg(feature = "postgres")]
+mod wal_stream;
 
 #[cfg(feature = "mysql")]
 mod mysql;
@@ -45,7 +47,9 @@ use crate::error::Error;
 
 pub use go::{GoDue, GoImport, GoMoved, GoRefused, GoRetry, GoRoute};
 pub use queries::Arg;
-pub use wal::{Lsn, WalBatch, WalItem, WalLag};
+pub use wal::{Lsn, ReplicationTarget, WalBatch, WalItem, WalLag};
+#[cfg(feature = "postgres")]
+pub use wal_stream::WalStream;
 
 /// Where a row is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -569,6 +573,19 @@ pub trait Backend: sqlx::Database + private::Sealed {
     ) -> Option<tokio::task::JoinHandle<()>> {
         let _ = (pool, wake);
         None
+    }
+
+    /// Where a replication connection to the pool's database goes (PostgreSQL): the pool's
+    /// server, database and user, or those of `url`; the password is `url`'s, else
+    /// `PGPASSWORD`'s (the pool does not tell its own). `None` where the database has no
+    /// replication protocol.
+    #[doc(hidden)]
+    fn replication_target(
+        pool: &sqlx::Pool<Self>,
+        url: Option<&str>,
+    ) -> Result<Option<ReplicationTarget>, Error> {
+        let _ = (pool, url);
+        Ok(None)
     }
 
     /// Marks leased rows published, skipping rows another transaction holds.

@@ -1,8 +1,9 @@
 //! PostgreSQL: claims with one `UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED)`.
 
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::{Connection as _, PgConnection, Postgres};
 
-use super::{Backend, private};
+use super::{Backend, Error, ReplicationTarget, private};
 
 impl private::Sealed for Postgres {}
 
@@ -26,6 +27,20 @@ impl Backend for Postgres {
         pool.begin().await
     }
 
+    fn replication_target(
+        pool: &sqlx::Pool<Postgres>,
+        url: Option<&str>,
+    ) -> Result<Option<ReplicationTarget>, Error> {
+        let (options, password) = match url {
+            Some(url) => url_options(url)?,
+            None => (
+                (*pool.connect_options()).clone(),
+                std::env::var("PGPASSWORD").ok(),
+            ),
+        };
+        Ok(Some(target_of(&options, password)))
+    }
+
     fn spawn_listener(
         pool: &sqlx::Pool<Postgres>,
         wake: std::sync::Arc<tokio::sync::Notify>,
@@ -45,6 +60,41 @@ impl Backend for Postgres {
     }
 }
 
+/// A `postgres://` URL's options, and its password (which the options do not tell).
+fn url_options(url: &str) -> Result<(PgConnectOptions, Option<String>), Error> {
+    let options: PgConnectOptions = url.parse()?;
+    let parsed =
+        url::Url::parse(url).map_err(|e| Error::Database(sqlx::Error::Configuration(e.into())))?;
+    let password = parsed.password().map(|p| {
+        percent_encoding::percent_decode_str(p)
+            .decode_utf8_lossy()
+            .into_owned()
+    });
+    Ok((options, password))
+}
+
+/// Where a replication connection made with `options` goes.
+fn target_of(options: &PgConnectOptions, password: Option<String>) -> ReplicationTarget {
+    let host = match options.get_socket() {
+        Some(dir) => dir.to_string_lossy().into_owned(),
+        None => options.get_host().to_owned(),
+    };
+    ReplicationTarget {
+        host,
+        port: options.get_port(),
+        user: options.get_username().to_owned(),
+        password,
+        database: options
+            .get_database()
+            .unwrap_or(options.get_username())
+            .to_owned(),
+        tls: matches!(
+            options.get_ssl_mode(),
+            PgSslMode::Require | PgSslMode::VerifyCa | PgSslMode::VerifyFull
+        ),
+    }
+}
+
 /// Wakes relays on every commit that inserted outbox rows (the insert runs `pg_notify`, which
 /// PostgreSQL delivers at commit).
 async fn listen(
@@ -56,5 +106,31 @@ async fn listen(
     loop {
         listener.recv().await?;
         wake.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replication_url_gives_its_server_user_database_and_decoded_password() {
+        let (options, password) =
+            url_options("postgres://relay:p%40ss+w%2Fd@db.example:6543/app?sslmode=require")
+                .unwrap();
+        let target = target_of(&options, password);
+        assert_eq!(target.host, "db.example");
+        assert_eq!(target.port, 6543);
+        assert_eq!(target.user, "relay");
+        assert_eq!(target.password.as_deref(), Some("p@ss+w/d"));
+        assert_eq!(target.database, "app");
+        assert!(target.tls);
+        assert!(!format!("{target:?}").contains("p@ss"), "{target:?}");
+        let (options, password) = url_options("postgres://u@127.0.0.1/test").unwrap();
+        let target = target_of(&options, password);
+        assert_eq!(
+            (target.port, target.password, target.tls),
+            (5432, None, false)
+        );
     }
 }

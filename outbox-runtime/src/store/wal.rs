@@ -1,7 +1,7 @@
 //! Services that relay from PostgreSQL's write-ahead log ([`OutboxBuilder::wal`]).
 //!
 //! The writer's transaction emits each event as a transactional logical decoding message
-//! (`pg_logical_emit_message(true, 'outbox:<service>', event)`) instead of inserting a row: no
+//! (`pg_logical_emit_message(true, 'outbox:<table>', event)`) instead of inserting a row: no
 //! row, no claim, no status update, no dead tuple. The service's replication slot (made by
 //! [`Outbox::migrate`], so that it exists before the first event) keeps every message from its
 //! confirmed position on; a relay reads the slot without consuming it
@@ -99,9 +99,11 @@ struct WalIn {
     payload: Box<RawValue>,
 }
 
-/// The message prefix of `service`'s events.
-fn prefix(service: &str) -> String {
-    format!("outbox:{service}")
+/// The message prefix of the events of the service whose table is `table`: the table, not the
+/// service, since every slot of the database decodes every message, and two outboxes in one
+/// database (two prefixes of the same services, say) each have their own tables.
+pub(super) fn prefix(table: &str) -> String {
+    format!("outbox:{table}")
 }
 
 /// The replication slot of the service whose table is `table`: `outbox_<table>`, cut to
@@ -117,8 +119,7 @@ pub(super) fn slot_name(table: &str) -> String {
 
 /// Reads the `pgoutput` changes of one slot read: begin (`B`), message (`M`), commit (`C`);
 /// relation changes cannot appear (the publication has no table) and are skipped.
-fn decode(service: &str, rows: Vec<(String, Vec<u8>)>) -> Result<WalBatch, Error> {
-    let want = prefix(service);
+fn decode(service: &str, want: &str, rows: Vec<(String, Vec<u8>)>) -> Result<WalBatch, Error> {
     let mut batch = WalBatch {
         changes: rows.len(),
         ..WalBatch::default()
@@ -180,7 +181,7 @@ fn message(body: &[u8]) -> Option<(u64, &[u8], &[u8])> {
     Some((lsn, prefix, content))
 }
 
-fn read_event(service: &str, lsn: Lsn, content: &[u8]) -> WalItem {
+pub(super) fn read_event(service: &str, lsn: Lsn, content: &[u8]) -> WalItem {
     let malformed = |error: String| WalItem::Malformed {
         lsn,
         event_id: serde_json::from_slice::<serde_json::Value>(content)
@@ -219,6 +220,37 @@ fn read_event(service: &str, lsn: Lsn, content: &[u8]) -> WalItem {
         created_at: event.created_at,
         updated_at: event.created_at,
     }))
+}
+
+/// Where a relay's replication connection goes ([`Backend::replication_target`]).
+#[doc(hidden)]
+#[derive(Clone, PartialEq, Eq)]
+pub struct ReplicationTarget {
+    /// The server's host name or address, or the directory of its Unix socket.
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+    /// The user, which needs the `REPLICATION` attribute.
+    pub user: String,
+    /// Its password, when the server asks for one.
+    pub password: Option<String>,
+    /// The database whose slots are read.
+    pub database: String,
+    /// Whether connections must use TLS (`sslmode` `require` or stricter).
+    pub tls: bool,
+}
+
+impl std::fmt::Debug for ReplicationTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicationTarget")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "…"))
+            .field("database", &self.database)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 /// A slot's lag: what `outbox status` and the `outbox_wal_lag_*` gauges show.
@@ -278,6 +310,11 @@ impl<DB: Backend> Outbox<DB> {
     /// The replication slot of a write-ahead-log service.
     pub fn wal_slot(&self, service: &str) -> Result<String, Error> {
         Ok(slot_name(&self.table(service)?.route.table))
+    }
+
+    /// The prefix of `service`'s messages in the write-ahead log (`outbox:<table>`).
+    pub fn wal_prefix(&self, service: &str) -> Result<String, Error> {
+        Ok(prefix(&self.table(service)?.route.table))
     }
 
     /// Refuses a server whose `wal_level` is not `logical` ([`Error::WalLevel`], with the
@@ -405,7 +442,7 @@ impl<DB: Backend> Outbox<DB> {
         DB::execute(
             conn,
             table.get("wal_emit"),
-            vec![Arg::Str(prefix(p.service)), Arg::Str(content)],
+            vec![Arg::Str(prefix(&table.route.table)), Arg::Str(content)],
         )
         .await?;
         Ok(())
@@ -458,7 +495,7 @@ impl<DB: Backend> Outbox<DB> {
             ],
         )
         .await?;
-        decode(service, rows)
+        decode(service, &self.wal_prefix(service)?, rows)
     }
 
     /// Writes a message outside any transaction (`outbox-heartbeat`, no service's prefix): the
@@ -487,6 +524,31 @@ impl<DB: Backend> Outbox<DB> {
         )
         .await?;
         Ok(())
+    }
+
+    /// How far `service`'s slot is confirmed; `None` without the slot.
+    #[doc(hidden)]
+    pub async fn wal_confirmed(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+    ) -> Result<Option<Lsn>, Error> {
+        let slot = self.wal_slot(service)?;
+        let got =
+            DB::fetch_pairs(conn, self.inbox_sql("wal_confirmed"), vec![Arg::Str(slot)]).await?;
+        Ok(got.first().and_then(|(lsn, _)| Lsn::parse(lsn)))
+    }
+
+    /// Whether a replication connection streams `service`'s slot.
+    #[doc(hidden)]
+    pub async fn wal_streamed(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+    ) -> Result<bool, Error> {
+        let slot = self.wal_slot(service)?;
+        let got = DB::fetch_ints(conn, self.inbox_sql("wal_active"), vec![Arg::Str(slot)]).await?;
+        Ok(got.first().copied().flatten() == Some(1))
     }
 
     /// Keeps a write-ahead-log event the relay must not (or could not) publish as a dead row of
@@ -702,7 +764,7 @@ mod tests {
             ("0/31".to_owned(), msg("outbox:other", event)),
             ("0/40".to_owned(), change(b'C', &[0; 25])),
         ];
-        let batch = decode("svc", rows).unwrap();
+        let batch = decode("svc", "outbox:svc", rows).unwrap();
         assert_eq!(batch.changes, 8);
         assert_eq!(batch.end, Some(Lsn(0x40)));
         assert_eq!(batch.items.len(), 2);
@@ -724,6 +786,7 @@ mod tests {
         // A JSON object that is not an event keeps its event id.
         let odd = decode(
             "svc",
+            "outbox:svc",
             vec![(
                 "0/60".to_owned(),
                 msg_free("outbox:svc", br#"{"event_id":"e9","payload":1}"#),
@@ -737,6 +800,7 @@ mod tests {
         // A message outside a transaction, of any prefix, ends what a read confirms.
         let beat = decode(
             "svc",
+            "outbox:svc",
             vec![("0/50".to_owned(), msg("outbox-heartbeat", b""))],
         )
         .unwrap();
@@ -745,6 +809,6 @@ mod tests {
         // A truncated message is an error, not a skipped event.
         let mut cut = msg("outbox:svc", event);
         cut.truncate(30);
-        assert!(decode("svc", vec![("0/1".to_owned(), cut)]).is_err());
+        assert!(decode("svc", "outbox:svc", vec![("0/1".to_owned(), cut)]).is_err());
     }
 }

@@ -4,6 +4,7 @@
 //! (the test server runs with `wal_level = logical`, which `./scripts/test` sets) and tansu.
 
 use outbox_runtime::Outbox;
+use outbox_runtime::relay::WalRead;
 use outbox_runtime::sqlx::Postgres;
 use outbox_runtime::store::{Backend, WalLag};
 
@@ -260,13 +261,14 @@ async fn e2e_wal_the_slot_advances_only_past_acknowledged_events_and_a_standby_t
     );
 
     bus.ensure_topics(&[task_topic(&w)]).await.unwrap();
-    let start = |owner: &str| {
+    // The first streams the slot, the standby reads it through the SQL interface.
+    let start = |owner: &str, read: WalRead| {
         Engine::builder(w.h.pool.clone(), KafkaConfig::new(brokers()))
             .outbox(w.h.outbox.clone())
-            .relay(relay().owner(owner))
+            .relay(relay().owner(owner).wal_read(read))
             .start()
     };
-    let first = start("first").await.unwrap();
+    let first = start("first", WalRead::Stream).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !lag(&w, "task").await.relay_active {
         assert!(
@@ -275,7 +277,7 @@ async fn e2e_wal_the_slot_advances_only_past_acknowledged_events_and_a_standby_t
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let second = start("second").await.unwrap();
+    let second = start("second", WalRead::Sql).await.unwrap();
     let want: Vec<&Enqueued> = rows.iter().collect();
     assert_key_order_on_the_broker(&w, "5", &want).await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -296,6 +298,144 @@ async fn e2e_wal_the_slot_advances_only_past_acknowledged_events_and_a_standby_t
     let after = lag(&w, "task").await;
     assert_eq!(after.age_ms, Some(0), "{after:?}");
     wal_cleanup(w).await;
+}
+
+// The relay daemon streams the slot (replication protocol): an event larger than the broker
+// takes goes dead with its reason and the later events of its key follow it in commit order,
+// another key's event is not held back; while it runs the slot is streamed (`outbox status`
+// sees a relay holding it), and once it stopped the slot is free and confirmed past every
+// event (its last acknowledgement reached the server before the stream closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn e2e_wal_a_streaming_relay_dead_letters_an_oversized_event_and_keeps_key_order() {
+    let w = wal_world("task").await;
+    let (rows, other) = a_key_with_an_oversized_event(&w).await;
+    let running = Engine::builder(
+        w.h.pool.clone(),
+        KafkaConfig::new(brokers()).set("message.max.bytes", "2000"),
+    )
+    .outbox(w.h.outbox.clone())
+    .relay(relay())
+    .start()
+    .await
+    .unwrap();
+    let want: Vec<&Enqueued> = [0, 1, 3, 4].iter().map(|&i| &rows[i]).collect();
+    assert_key_order_on_the_broker(&w, "5", &want).await;
+    assert_key_order_on_the_broker(&w, "6", &[&other]).await;
+    let dead = {
+        let mut conn = w.h.pool.acquire().await.unwrap();
+        w.h.outbox
+            .get_by_event_id(&mut conn, "task", &rows[2].event_id)
+            .await
+            .unwrap()
+            .expect("the oversized event is kept as a dead row")
+    };
+    assert_eq!(dead.status, Status::Dead);
+    assert_eq!(dead.dead_reason.as_deref(), Some("message_too_large"));
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    assert!(
+        w.h.outbox.wal_streamed(&mut conn, "task").await.unwrap(),
+        "the relay reads the slot by streaming"
+    );
+    drop(conn);
+    assert!(lag(&w, "task").await.relay_active);
+    running.shutdown().await.unwrap();
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    assert!(
+        !w.h.outbox.wal_streamed(&mut conn, "task").await.unwrap(),
+        "a stopped relay gave the slot up"
+    );
+    drop(conn);
+    let after = lag(&w, "task").await;
+    assert!(!after.relay_active, "{after:?}");
+    assert_eq!(
+        after.age_ms,
+        Some(0),
+        "confirmed past every event: {after:?}"
+    );
+    assert_eq!(
+        table_rows(&w, "task").await,
+        1,
+        "only the dead event has a row"
+    );
+    wal_cleanup(w).await;
+}
+
+// A streaming relay whose publishes fail (the topic does not exist, and the relay may not make
+// it) keeps the events it read and tries them again, after its backoff, from the failed
+// one's transaction on: once the topic exists they all reach the broker, in commit order,
+// and none goes dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn e2e_wal_a_streaming_relay_retries_failed_events_in_order_until_the_broker_takes_them() {
+    let w = wal_world("task").await;
+    let mut rows = Vec::new();
+    for i in 0..6u64 {
+        let mut e = samples::urgency(i);
+        e.user_id = 5;
+        rows.push(put_task(&w, &e).await);
+    }
+    let kafka = KafkaConfig::new(brokers())
+        .create_topics(false)
+        .publish_timeout(Duration::from_millis(500));
+    let running = Engine::builder(w.h.pool.clone(), kafka)
+        .outbox(w.h.outbox.clone())
+        .relay(relay())
+        .start()
+        .await
+        .unwrap();
+    // Written while the relay fails: behind the others.
+    for i in 6..9u64 {
+        let mut e = samples::urgency(i);
+        e.user_id = 5;
+        rows.push(put_task(&w, &e).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = lag(&w, "task").await;
+        if seen.relay_active && seen.age_ms.is_some_and(|a| a > 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay never showed its unpublished events: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bus = KafkaBus::new(KafkaConfig::new(brokers())).unwrap();
+    bus.ensure_topics(&[task_topic(&w)]).await.unwrap();
+    let want: Vec<&Enqueued> = rows.iter().collect();
+    assert_key_order_on_the_broker(&w, "5", &want).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(
+        table_rows(&w, "task").await,
+        0,
+        "a transient failure is no dead letter"
+    );
+    assert_eq!(lag(&w, "task").await.age_ms, Some(0));
+    wal_cleanup(w).await;
+}
+
+// Every slot of a database decodes every message: two outboxes in one database with the same
+// service (two prefixes, each with its own tables) each relay only their own events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn e2e_wal_two_outboxes_in_one_database_relay_only_their_own_events() {
+    let (a, b) = (wal_world("task").await, wal_world("task").await);
+    assert_ne!(
+        a.h.outbox.wal_prefix("task").unwrap(),
+        b.h.outbox.wal_prefix("task").unwrap()
+    );
+    for (w, n) in [(&a, 3u64), (&b, 2), (&a, 1)] {
+        for i in 0..n {
+            put_task(w, &samples::urgency(i)).await;
+        }
+    }
+    for (w, n) in [(&a, 4), (&b, 2)] {
+        let (relay, bus) = task_relay(w, KafkaConfig::new(brokers()));
+        bus.ensure_topics(&[task_topic(w)]).await.unwrap();
+        assert_eq!(relay.relay_once("task").await.unwrap(), n);
+        assert_eq!(relay.relay_once("task").await.unwrap(), 0);
+    }
+    wal_cleanup(a).await;
+    wal_cleanup(b).await;
 }
 
 // A consumer that would mark the producer's rows cannot serve a WAL service (its events have

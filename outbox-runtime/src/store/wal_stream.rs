@@ -1,0 +1,301 @@
+//! A service's slot read over PostgreSQL's streaming replication protocol
+//! (`START_REPLICATION ... LOGICAL`, through `pgwire-replication`).
+//!
+//! The SQL interface (`pg_logical_slot_peek_binary_changes`) decodes the log from the slot's
+//! restart point on every read, and PostgreSQL moves that point only when it logs a snapshot of
+//! the running transactions (every 15 s): a busy relay decodes the same WAL again and again.
+//! A stream is decoded once, by the server's WAL sender, as it is written; the relay
+//! acknowledges what the broker took with standby status updates, which is what advances the
+//! slot (no `pg_replication_slot_advance`, which decodes again too).
+//!
+//! The stream holds the slot for as long as it is open: another reader (a second relay, or
+//! `outbox status` peeking) is refused by the server until it closes.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+
+use super::wal::read_event;
+use super::{Error, Lsn, ReplicationTarget, WalBatch, WalItem};
+
+/// The publication the relay's slots are read through (it has no table: only messages pass).
+const PUBLICATION: &str = "outbox_wal";
+
+/// An open replication stream of one service's slot.
+pub struct WalStream {
+    client: ReplicationClient,
+    service: String,
+    slot: String,
+    prefix: String,
+    /// The service's events of every transaction received whole, in commit order, each with
+    /// its transaction's commit position (the end of its commit record), not yet handed out
+    /// (or handed back by [`WalStream::put_back`]).
+    ready: VecDeque<(WalItem, Lsn)>,
+    /// The events of the transaction being received.
+    open: Vec<WalItem>,
+    in_txn: bool,
+    /// A position everything before which was received.
+    end: Option<Lsn>,
+}
+
+impl std::fmt::Debug for WalStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WalStream")
+            .field("service", &self.service)
+            .field("ready", &self.ready.len())
+            .field("end", &self.end)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WalStream {
+    /// Starts streaming `slot` from `from` (its confirmed position) for the messages of
+    /// `prefix` ([`Outbox::wal_prefix`](super::Outbox::wal_prefix)), acknowledging at most
+    /// `from` until told more; status updates go out every `status_every`, and about `batch`
+    /// events are received ahead of the relay. Returns once the server accepted the start:
+    /// from then on the stream holds the slot.
+    pub async fn open(
+        target: &ReplicationTarget,
+        service: &str,
+        slot: &str,
+        prefix: String,
+        from: Lsn,
+        status_every: Duration,
+        batch: usize,
+    ) -> Result<WalStream, Error> {
+        let failed = |reason: String| Error::WalStream {
+            service: service.to_owned(),
+            slot: slot.to_owned(),
+            reason,
+        };
+        if target.tls {
+            return Err(failed(
+                "the database asks for TLS (sslmode require or stricter), and the relay's \
+                 stream has no TLS: read the slot through the SQL interface \
+                 (`RelayConfig::wal_read(WalRead::Sql)`; for `outbox relay`, `\"wal_read\": \"sql\"` \
+                 in the config file's `relay`)"
+                    .into(),
+            ));
+        }
+        let position = pgwire_replication::Lsn::from(from.0);
+        let config = ReplicationConfig::new(
+            target.host.clone(),
+            target.user.clone(),
+            target.password.clone().unwrap_or_default(),
+            target.database.clone(),
+            slot,
+            PUBLICATION,
+        )
+        .with_port(target.port)
+        .with_tls(TlsConfig::disabled())
+        .with_start_lsn(position)
+        .with_ack_lsn(position)
+        .with_status_interval(status_every)
+        // Three changes per event: its transaction's begin, the message, the commit.
+        .with_buffer_size(batch.saturating_mul(3).clamp(1024, 1 << 20))
+        .with_application_name("outbox-relay");
+        let explain = |e: pgwire_replication::PgWireError| {
+            let text = e.to_string();
+            let hint = if text.contains("password") || text.contains("authentication") {
+                "; give the relay the replication connection's URL with its password \
+                 (`RelayConfig::replication_url`, `outbox relay --database-url`) or set \
+                 PGPASSWORD, or read through the SQL interface (`WalRead::Sql`)"
+            } else if text.contains("permission") || text.contains("REPLICATION") {
+                "; the user needs the REPLICATION attribute (`ALTER ROLE ... REPLICATION`)"
+            } else {
+                ""
+            };
+            failed(format!("{text}{hint}"))
+        };
+        let mut client = ReplicationClient::connect(config).await.map_err(explain)?;
+        client.wait_started().await.map_err(explain)?;
+        Ok(WalStream {
+            client,
+            service: service.to_owned(),
+            slot: slot.to_owned(),
+            prefix,
+            ready: VecDeque::new(),
+            open: Vec::new(),
+            in_txn: false,
+            end: Some(from),
+        })
+    }
+
+    /// Hands out whole transactions received so far, in commit order: at least `max` events
+    /// when as many are there (a transaction is never cut). Waits for nothing.
+    pub async fn read(&mut self, max: usize) -> Result<WalBatch, Error> {
+        // Outside tokio's cooperative budget, which would end the drain after 128 changes (43
+        // events) whatever is waiting.
+        tokio::task::unconstrained(std::future::poll_fn(|_| Poll::Ready(self.drain(max)))).await?;
+        let mut items = Vec::with_capacity(self.ready.len().min(max));
+        while let Some((_, commit)) = self.ready.front() {
+            if items.len() >= max && items.last().is_none_or(|(_, c)| c != commit) {
+                break;
+            }
+            items.extend(self.ready.pop_front());
+        }
+        let end = if self.ready.is_empty() {
+            self.end
+        } else {
+            items.last().map(|(_, c)| *c)
+        };
+        Ok(WalBatch {
+            changes: items.len(),
+            items,
+            end,
+        })
+    }
+
+    /// Whether events are waiting to be handed out.
+    pub fn has_more(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// Waits until the stream delivers something (returns at once when events are waiting).
+    /// Cancel-safe: what arrives is kept for the next [`WalStream::read`].
+    pub async fn wait(&mut self) -> Result<(), Error> {
+        if self.has_more() {
+            return Ok(());
+        }
+        let got = self.client.recv().await;
+        self.take(got)
+    }
+
+    /// Gives back events handed out and not published, to be handed out first again.
+    pub fn put_back(&mut self, items: Vec<(WalItem, Lsn)>) {
+        for item in items.into_iter().rev() {
+            self.ready.push_front(item);
+        }
+    }
+
+    /// Acknowledges everything up to `lsn` (a commit position or an `end` this stream handed
+    /// out): the next status update tells the server, which then advances the slot.
+    pub fn confirm(&self, lsn: Lsn) {
+        self.client
+            .update_applied_lsn(pgwire_replication::Lsn::from(lsn.0));
+    }
+
+    /// Ends the stream and gives the slot up.
+    pub async fn close(mut self) {
+        if let Err(e) = self.client.shutdown().await {
+            tracing::debug!(service = %self.service, error = %e, "replication stream closed with an error");
+        }
+    }
+
+    /// Takes what the stream has delivered until `max` events are ready.
+    fn drain(&mut self, max: usize) -> Result<(), Error> {
+        while self.ready.len() < max {
+            match self.poll_now() {
+                Poll::Ready(got) => self.take(got)?,
+                Poll::Pending => break,
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_now(
+        &mut self,
+    ) -> Poll<Result<Option<ReplicationEvent>, pgwire_replication::PgWireError>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        pin!(self.client.recv()).as_mut().poll(&mut cx)
+    }
+
+    fn take(
+        &mut self,
+        got: Result<Option<ReplicationEvent>, pgwire_replication::PgWireError>,
+    ) -> Result<(), Error> {
+        let failed = |reason: String| Error::WalStream {
+            service: self.service.clone(),
+            slot: self.slot.clone(),
+            reason,
+        };
+        let event = match got {
+            Ok(Some(event)) => event,
+            Ok(None) => return Err(failed("the server ended the stream".into())),
+            Err(e) => return Err(failed(e.to_string())),
+        };
+        match event {
+            ReplicationEvent::Begin { .. } => {
+                self.in_txn = true;
+                self.open.clear();
+            }
+            ReplicationEvent::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => {
+                let at = Lsn(u64::from(lsn));
+                if !transactional {
+                    // Its own commit (a relay's heartbeat, say): everything before it was
+                    // received.
+                    self.end = self.end.max(Some(at));
+                }
+                if prefix != self.prefix {
+                    return Ok(());
+                }
+                let item = read_event(&self.service, at, &content);
+                if transactional && self.in_txn {
+                    self.open.push(item);
+                } else {
+                    self.ready.push_back((item, at));
+                }
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                let at = Lsn(u64::from(end_lsn));
+                self.ready
+                    .extend(self.open.drain(..).map(|item| (item, at)));
+                self.end = self.end.max(Some(at));
+                self.in_txn = false;
+            }
+            // The sender's position: every transaction that committed before it was sent.
+            ReplicationEvent::KeepAlive { wal_end, .. } if !self.in_txn => {
+                self.end = self.end.max(Some(Lsn(u64::from(wal_end))));
+            }
+            // Other `pgoutput` changes (relations, types) cannot carry an event: the
+            // publication has no table.
+            ReplicationEvent::KeepAlive { .. }
+            | ReplicationEvent::XLogData { .. }
+            | ReplicationEvent::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_server_that_needs_tls_is_refused_with_the_fix() {
+        let target = ReplicationTarget {
+            host: "db.example".into(),
+            port: 5432,
+            user: "relay".into(),
+            password: None,
+            database: "app".into(),
+            tls: true,
+        };
+        let refused = WalStream::open(
+            &target,
+            "task",
+            "outbox_task",
+            "outbox:task".into(),
+            Lsn(0),
+            Duration::from_millis(100),
+            100,
+        )
+        .await
+        .unwrap_err();
+        let text = refused.to_string();
+        assert!(matches!(refused, Error::WalStream { .. }), "{text}");
+        assert!(
+            text.contains("outbox_task") && text.contains("WalRead::Sql"),
+            "{text}"
+        );
+    }
+}
