@@ -993,6 +993,24 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                 rows.insert(row.event_id.clone(), row);
             }
         }
+        // The inbox records of the whole batch in one statement where the database tells which
+        // it inserted; not with savepoints, since a rollback to one would keep the record of
+        // the event whose handler failed.
+        let fresh = if self.config.dedupe == Dedupe::Inbox && !guarded {
+            let mut ids: Vec<&str> = run
+                .iter()
+                .enumerate()
+                .filter(|(i, d)| !skip.contains(i) && d.event.is_ok())
+                .map(|(_, d)| d.env.event_id.as_str())
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            self.outbox
+                .record_inbox_many(&mut tx, &self.route.group, &ids)
+                .await?
+        } else {
+            None
+        };
         let mut run: Vec<Option<Decoded<S>>> = run.into_iter().map(Some).collect();
         let mut skip = skip.to_vec();
         let mut failed = Vec::new();
@@ -1078,13 +1096,18 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                     continue;
                 }
             };
-            if self.config.dedupe == Dedupe::Inbox
-                && !self
-                    .outbox
-                    .record_inbox(&mut tx, &self.route.group, &d.env.event_id)
-                    .await?
-            {
-                continue;
+            if self.config.dedupe == Dedupe::Inbox {
+                let new = match &fresh {
+                    Some(fresh) => fresh.contains(&d.env.event_id),
+                    None => {
+                        self.outbox
+                            .record_inbox(&mut tx, &self.route.group, &d.env.event_id)
+                            .await?
+                    }
+                };
+                if !new {
+                    continue;
+                }
             }
             let mut ctx = Context {
                 tx,
@@ -1132,6 +1155,21 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
                     failed.push((at, d.env, error));
                     i = *from;
                 }
+            }
+        }
+        if let Some(fresh) = &fresh {
+            // Recorded up front, left for the next batch by the time bound: not applied yet.
+            let left: Vec<&str> = run[upto..]
+                .iter()
+                .flatten()
+                .map(|d| d.env.event_id.as_str())
+                // (One that came twice and was applied before the bound stays.)
+                .filter(|id| fresh.contains(*id) && !done.seen.contains(*id))
+                .collect();
+            if !left.is_empty() {
+                self.outbox
+                    .forget_inbox_many(&mut tx, &self.route.group, &left)
+                    .await?;
             }
         }
         let ids: Vec<i64> = done.applied.iter().map(|(id, _)| *id).collect();

@@ -420,23 +420,7 @@ async fn an_event_whose_handler_failed_in_a_batch_runs_alone_when_it_comes_back(
         RelayConfig::default(),
     );
     while relay.relay_once("orders").await.unwrap() > 0 {}
-    // With the relay's headers, so that the consumer sees the messages its relay wrote.
-    let outgoing = |m: &outbox_runtime::bus::Received| Outgoing {
-        topic: w.topic.clone(),
-        key: m.key.clone().map(|k| String::from_utf8(k).unwrap()),
-        value: m.payload.clone().unwrap(),
-        headers: [
-            "traceparent",
-            "ce_specversion",
-            "ce_id",
-            "ce_type",
-            "ce_source",
-            "ce_time",
-        ]
-        .into_iter()
-        .filter_map(|h| Some((h, m.header(h)?.to_owned())))
-        .collect(),
-    };
+    let outgoing = |m: &outbox_runtime::bus::Received| outgoing_of(&w.topic, m);
     let c2 = aside.messages(&w.topic);
     let mut records: Vec<Outgoing> = c2[..5].iter().map(outgoing).collect();
     records.push(outgoing(&again));
@@ -480,6 +464,50 @@ async fn a_batch_commits_when_its_time_bound_is_up_and_the_rest_goes_into_the_ne
     let expected: Vec<i64> = (0..10).filter(|n| *n != 3).collect();
     assert_eq!(w.effects().await, expected);
     assert_eq!(w.bus.committed(&w.group, &w.topic), vec![10]);
+}
+
+// An inbox consumer records a batch's events in one statement before their handlers run: the
+// ones a batch leaves for the next (its time bound is up) are taken back, and an event that
+// comes twice, or was applied before, is applied once.
+#[tokio::test]
+async fn an_inbox_batch_records_its_events_at_once_and_takes_back_those_it_leaves() {
+    let w = World::new(MemoryBus::new().with_partitions(1)).await;
+    for n in 0..10 {
+        w.enqueue("c1", n, 0).await;
+    }
+    w.relay_all().await;
+    // 4 published again: twice in the same batch.
+    let mut again = w.bus.messages(&w.topic);
+    let fourth = again.swap_remove(4);
+    w.bus.send_all(&[outgoing_of(&w.topic, &fourth)]).await;
+    let recorder = Arc::new(Recorder::default());
+    let inbox = ConsumerConfig::default()
+        .dedupe(Dedupe::Inbox)
+        .workers(1)
+        .batch_time(std::time::Duration::ZERO);
+    w.consume_everything(&w.pool, &recorder, inbox.clone())
+        .await;
+    for n in 0..10 {
+        assert_eq!(recorder.calls(n), 1, "calls of {n}");
+    }
+    assert_eq!(w.effects().await, (0..10).collect::<Vec<i64>>());
+    // All of them again, in one batch this time: recorded already, none runs.
+    for m in w.bus.messages(&w.topic).iter().take(10) {
+        w.bus.send_all(&[outgoing_of(&w.topic, m)]).await;
+    }
+    let whole = inbox.batch_time(std::time::Duration::from_secs(60));
+    w.consume_everything(&w.pool, &recorder, whole).await;
+    for n in 0..10 {
+        assert_eq!(recorder.calls(n), 1, "calls of {n}");
+    }
+    let recorded: i64 = outbox_runtime::sqlx::query_scalar(
+        "SELECT COUNT(*) FROM outbox_inbox WHERE consumer_group = ?",
+    )
+    .bind(&w.group)
+    .fetch_one(&w.pool)
+    .await
+    .unwrap();
+    assert_eq!(recorded, 10);
 }
 
 #[tokio::test]
@@ -1683,4 +1711,25 @@ async fn a_consumer_refuses_a_group_with_a_member_of_another_system() {
     let allowed = ConsumerConfig::default().allow_foreign_members(true);
     w.consume_everything(&w.pool, &recorder, allowed).await;
     assert_eq!(w.effects().await, vec![1]);
+}
+
+/// A message as it was received, to send again: with the relay's headers, so that the consumer
+/// sees the messages its relay wrote.
+fn outgoing_of(topic: &str, m: &outbox_runtime::bus::Received) -> Outgoing {
+    Outgoing {
+        topic: topic.to_owned(),
+        key: m.key.clone().map(|k| String::from_utf8(k).unwrap()),
+        value: m.payload.clone().unwrap(),
+        headers: [
+            "traceparent",
+            "ce_specversion",
+            "ce_id",
+            "ce_type",
+            "ce_source",
+            "ce_time",
+        ]
+        .into_iter()
+        .filter_map(|h| Some((h, m.header(h)?.to_owned())))
+        .collect(),
+    }
 }

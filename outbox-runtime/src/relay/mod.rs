@@ -376,7 +376,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                     Some(slot) => (slot.was_full(), slot.linger()),
                     None => (claimed >= self.config.batch, TABLE_LINGER),
                 };
-                if !full && !pause.is_zero() {
+                if !full {
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
                         _ = shutdown.wait() => break,

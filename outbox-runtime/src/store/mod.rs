@@ -1775,6 +1775,68 @@ impl<DB: Backend> Outbox<DB> {
         Ok(DB::execute(conn, self.inbox_sql("inbox_insert"), args).await? == 1)
     }
 
+    /// Records many events in the inbox in the caller's transaction with one statement per 500,
+    /// where the database tells which rows it inserted (PostgreSQL, SQLite): the ids it
+    /// recorded (the others were there already). `None` where it cannot tell (MySQL): record
+    /// each with [`Outbox::record_inbox`].
+    #[doc(hidden)]
+    pub async fn record_inbox_many(
+        &self,
+        conn: &mut DB::Connection,
+        group: &str,
+        event_ids: &[&str],
+    ) -> Result<Option<HashSet<String>>, Error> {
+        let Some(template) = self.inner.inbox.get("inbox_insert_many") else {
+            return Ok(None);
+        };
+        let now = self.now_ms();
+        let mut fresh = HashSet::with_capacity(event_ids.len());
+        for chunk in event_ids.chunks(500) {
+            let mut args = Vec::with_capacity(chunk.len() * 3);
+            let mut values = Vec::with_capacity(chunk.len());
+            for (i, id) in chunk.iter().enumerate() {
+                inbox_id_fits(id)?;
+                values.push(if DB::NUMBERED {
+                    format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3)
+                } else {
+                    "(?, ?, ?)".to_owned()
+                });
+                args.extend([
+                    Arg::Str(group.to_owned()),
+                    Arg::Str((*id).to_owned()),
+                    Arg::I64(now),
+                ]);
+            }
+            let sql = template.replace("{values}", &values.join(", "));
+            fresh.extend(
+                DB::fetch_pairs(conn, &sql, args)
+                    .await?
+                    .into_iter()
+                    .map(|(id, _)| id),
+            );
+        }
+        Ok(Some(fresh))
+    }
+
+    /// Takes back inbox records of [`Outbox::record_inbox_many`] in the caller's transaction
+    /// (events a batch recorded and then left for the next).
+    #[doc(hidden)]
+    pub async fn forget_inbox_many(
+        &self,
+        conn: &mut DB::Connection,
+        group: &str,
+        event_ids: &[&str],
+    ) -> Result<(), Error> {
+        let template = self.inbox_sql("inbox_forget_many");
+        for chunk in event_ids.chunks(500) {
+            let sql = queries::expand_ids(template, 1, chunk.len(), DB::NUMBERED);
+            let mut args = vec![Arg::Str(group.to_owned())];
+            args.extend(chunk.iter().map(|id| Arg::Str((*id).to_owned())));
+            DB::execute(conn, &sql, args).await?;
+        }
+        Ok(())
+    }
+
     /// Records `dead` in the consumer's database, inside the caller's transaction (the one that
     /// also records the event in the inbox, so that a redelivery is skipped).
     #[doc(hidden)]

@@ -242,6 +242,16 @@ WHERE table_schema = current_schema() AND table_name = '{table}' AND column_name
 -- name: upgrade_inbox_width
 ALTER TABLE {table} ALTER COLUMN event_id TYPE VARCHAR(255)
 
+-- name: inbox_insert_many
+-- A batch's events at once, `{values}` rows of (consumer_group, event_id, consumed_at); the
+-- ones it inserted come back (those already there were applied before).
+INSERT INTO outbox_inbox (consumer_group, event_id, consumed_at) VALUES {values}
+ON CONFLICT DO NOTHING RETURNING event_id, 0::BIGINT
+
+-- name: inbox_forget_many
+-- consumer_group, event ids
+DELETE FROM outbox_inbox WHERE consumer_group = $1 AND event_id IN ({ids})
+
 -- name: inbox_insert
 -- consumer_group, event_id, consumed_at
 INSERT INTO outbox_inbox (consumer_group, event_id, consumed_at) VALUES ($1, $2, $3)

@@ -205,6 +205,16 @@ CREATE INDEX IF NOT EXISTS {table}_at ON {table} (consumed_at)
 DELETE FROM {table} WHERE rowid IN (
     SELECT rowid FROM {table} WHERE consumed_at < ? LIMIT ?)
 
+-- name: inbox_insert_many
+-- A batch's events at once, `{values}` rows of (consumer_group, event_id, consumed_at); the
+-- ones it inserted come back (those already there were applied before).
+INSERT INTO outbox_inbox (consumer_group, event_id, consumed_at) VALUES {values}
+ON CONFLICT DO NOTHING RETURNING event_id, 0
+
+-- name: inbox_forget_many
+-- consumer_group, event ids
+DELETE FROM outbox_inbox WHERE consumer_group = ? AND event_id IN ({ids})
+
 -- name: inbox_insert
 -- consumer_group, event_id, consumed_at
 INSERT INTO outbox_inbox (consumer_group, event_id, consumed_at) VALUES (?, ?, ?)
