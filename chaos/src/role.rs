@@ -108,7 +108,9 @@ pub(crate) async fn relay<DB: ChaosDb>(args: RoleArgs) -> Result<(), BoxError> {
                 .owner(format!("chaos-relay-{}-{}", args.index, std::process::id()))
                 .batch(200)
                 .lease(world::LEASE)
-                .poll_interval(Duration::from_millis(200)),
+                .poll_interval(Duration::from_millis(200))
+                // A write-ahead-log service's slot is streamed with the URL's credentials.
+                .replication_url(&args.url),
         )
         .start()
         .await?;

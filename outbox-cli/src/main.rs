@@ -1317,6 +1317,34 @@ mod tests {
     }
 
     #[test]
+    fn the_relay_streams_wal_services_with_the_database_urls_credentials_unless_told_otherwise() {
+        let catalog = Catalog::builder(RouteConfig::new())
+            .service_by_name("task")
+            .unwrap()
+            .build();
+        let outbox = Outbox::<outbox_runtime::sqlx::Sqlite>::new(catalog);
+        let url = Some("postgres://relay:s3cret@db/app");
+        let (_, relay) = relay_settings(&Config::default(), "b:9092", &outbox, url).unwrap();
+        let shown = format!("{relay:?}");
+        assert!(shown.contains("wal_read: Stream"), "{shown}");
+        assert!(shown.contains("replication_url: Some"), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        // Not a PostgreSQL URL: no replication stream.
+        let sqlite = relay_settings(&Config::default(), "b:9092", &outbox, Some("sqlite://x.db"));
+        assert!(format!("{:?}", sqlite.unwrap().1).contains("replication_url: None"));
+        let config: Config = serde_json::from_value(json!({
+            "relay": { "wal_read": "sql", "replication_url": "postgres://other@db/app" }
+        }))
+        .unwrap();
+        let (_, relay) = relay_settings(&config, "b:9092", &outbox, url).unwrap();
+        let shown = format!("{relay:?}");
+        assert!(shown.contains("wal_read: Sql"), "{shown}");
+        assert!(
+            serde_json::from_value::<Config>(json!({ "relay": { "wal_read": "peek" } })).is_err()
+        );
+    }
+
+    #[test]
     fn database_urls_lose_their_passwords_in_messages() {
         assert_eq!(
             redact_url("postgres://app:s3cret@db:5432/app?sslmode=require"),
