@@ -26,6 +26,7 @@ use super::{Error, Lsn, ReplicationTarget, WalBatch, WalItem};
 const PUBLICATION: &str = "outbox_wal";
 
 /// An open replication stream of one service's slot.
+#[doc(hidden)]
 pub struct WalStream {
     client: ReplicationClient,
     service: String,
