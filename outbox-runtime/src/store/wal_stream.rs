@@ -101,15 +101,7 @@ impl WalStream {
         .with_application_name("outbox-relay");
         let explain = |e: pgwire_replication::PgWireError| {
             let text = e.to_string();
-            let hint = if text.contains("password") || text.contains("authentication") {
-                "; give the relay the replication connection's URL with its password \
-                 (`RelayConfig::replication_url`, `outbox relay --database-url`) or set \
-                 PGPASSWORD, or read through the SQL interface (`WalRead::Sql`)"
-            } else if text.contains("permission") || text.contains("REPLICATION") {
-                "; the user needs the REPLICATION attribute (`ALTER ROLE ... REPLICATION`)"
-            } else {
-                ""
-            };
+            let hint = hint(&text);
             failed(format!("{text}{hint}"))
         };
         let mut client = ReplicationClient::connect(config).await.map_err(explain)?;
@@ -267,6 +259,24 @@ impl WalStream {
     }
 }
 
+/// What to do about a refused stream, after the server's own words.
+fn hint(error: &str) -> &'static str {
+    if error.contains("password") || error.contains("authentication") {
+        "; give the relay the replication connection's URL with its password \
+         (`RelayConfig::replication_url`, `outbox relay --database-url`) or set PGPASSWORD, or \
+         read through the SQL interface (`WalRead::Sql`)"
+    } else if error.contains("replication role") || error.contains("permission denied") {
+        "; the user needs the REPLICATION attribute (`ALTER ROLE ... REPLICATION`)"
+    } else if error.contains("invalidated") || error.contains("can no longer get changes") {
+        "; PostgreSQL dropped the WAL this slot still needed (`max_slot_wal_keep_size`): the \
+         events it held and the relay had not published are gone from it; drop the slot \
+         (`SELECT pg_drop_replication_slot('<slot>')`) and run `outbox migrate`, which makes it \
+         again from now on"
+    } else {
+        ""
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,5 +308,23 @@ mod tests {
             text.contains("outbox_task") && text.contains("WalRead::Sql"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_refused_stream_names_the_fix() {
+        // The server's words, as PostgreSQL 15 writes them.
+        let auth = hint("password authentication failed for user \"relay\"");
+        assert!(
+            auth.contains("replication_url") && auth.contains("PGPASSWORD"),
+            "{auth}"
+        );
+        let role = hint("must be superuser or replication role to start walsender");
+        assert!(role.contains("ALTER ROLE"), "{role}");
+        let lost = hint(
+            "can no longer get changes from replication slot \"outbox_t_task\": This slot has \
+             been invalidated because it exceeded the maximum reserved size.",
+        );
+        assert!(lost.contains("outbox migrate") && lost.contains("max_slot_wal_keep_size"));
+        assert_eq!(hint("connection refused"), "");
     }
 }
