@@ -370,8 +370,10 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                 // A round that did not fill its batch waits a moment, so that the next takes
                 // more for the same cost: each claim reads the open rows from the oldest,
                 // through the index entries of rows drained since the table was last vacuumed,
-                // and each read of a slot decodes the log from the slot's restart point (up to
-                // 15 s of it, until PostgreSQL logs its next snapshot of running transactions).
+                // each read of a slot through the SQL interface decodes the log from the slot's
+                // restart point (up to 15 s of it, until PostgreSQL logs its next snapshot of
+                // running transactions), and a stream's next round takes what committed
+                // meanwhile in fewer, larger requests to the broker.
                 let (full, pause) = match &wal {
                     Some(slot) => (slot.was_full(), slot.linger()),
                     None => (claimed >= self.config.batch, TABLE_LINGER),
