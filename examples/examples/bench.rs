@@ -1160,7 +1160,8 @@ async fn wal_end_to_end<DB: Backend>(
 
 /// `wal_relay`: a backlog in the write-ahead log (`--backlog` events, 100,000 by default, one
 /// per transaction from the writers, keys as `relay_backlog`'s 1,000), drained by the relay
-/// daemon streaming the slot, until the broker acknowledged them all. `wal_relay_sql`: the same
+/// daemon streaming the slot, from its start until the broker acknowledged them all and it
+/// stopped (its last acknowledgement on the server, the slot free). `wal_relay_sql`: the same
 /// backlog drained round after round through the SQL interface ([`Relay::relay_once`]) until a
 /// round finds nothing.
 async fn wal_backlog<DB: Backend>(
