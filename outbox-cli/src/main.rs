@@ -329,13 +329,13 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
             .max_connections(8)
             .connect(&url)
             .await?;
-        with_pool(cli, config, pool).await
+        with_pool(cli, config, pool, &url).await
     } else if url.starts_with("mysql") || url.starts_with("mariadb") {
         let pool = sqlx::mysql::MySqlPoolOptions::new()
             .max_connections(8)
             .connect(&url)
             .await?;
-        with_pool(cli, config, pool).await
+        with_pool(cli, config, pool, &url).await
     } else if url.starts_with("sqlite") {
         use std::str::FromStr;
         let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url)?
@@ -345,7 +345,7 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
             .max_connections(4)
             .connect_with(options)
             .await?;
-        with_pool(cli, config, pool).await
+        with_pool(cli, config, pool, &url).await
     } else {
         Err(format!(
             "unsupported database URL `{}`: use postgres://, mysql:// or sqlite://",
@@ -355,11 +355,12 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
     }
 }
 
-async fn with_pool<DB: Backend>(cli: Cli, config: Config, pool: Pool<DB>) -> Result<(), BoxError> {
-    let database_url = cli
-        .database_url
-        .clone()
-        .or_else(|| config.database_url.clone());
+async fn with_pool<DB: Backend>(
+    cli: Cli,
+    config: Config,
+    pool: Pool<DB>,
+    url: &str,
+) -> Result<(), BoxError> {
     let services = if cli.services.is_empty() {
         config.services.clone()
     } else {
@@ -476,7 +477,7 @@ async fn with_pool<DB: Backend>(cli: Cli, config: Config, pool: Pool<DB>) -> Res
                 brokers,
                 metrics_addr.or(config.metrics_addr.clone()),
                 &config,
-                database_url,
+                url,
             )
             .await
         }
@@ -1099,7 +1100,7 @@ async fn relay<DB: Backend>(
     brokers: String,
     metrics_addr: Option<String>,
     config: &Config,
-    database_url: Option<String>,
+    database_url: &str,
 ) -> Result<(), BoxError> {
     let exporter = prometheus::exporter()?;
     match &metrics_addr {
@@ -1119,7 +1120,7 @@ async fn relay<DB: Backend>(
                 .map_err(|e| format!("metrics: {e}"))?;
         }
     }
-    let (kafka, relay) = relay_settings(config, &brokers, &outbox, database_url.as_deref())?;
+    let (kafka, relay) = relay_settings(config, &brokers, &outbox, Some(database_url))?;
     let services: Vec<String> = outbox
         .catalog()
         .services()

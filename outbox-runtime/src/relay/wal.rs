@@ -25,7 +25,7 @@ use crate::bus::{Publish, Sent, permanent_failure};
 use crate::error::Error;
 #[cfg(not(feature = "postgres"))]
 use crate::store::WalBatch;
-use crate::store::{Backend, Lsn, ReplicationTarget, WalItem};
+use crate::store::{Backend, Lsn, ReplicationTarget, SlotState, WalItem};
 
 use super::{Relay, WalRead, outgoing_of};
 
@@ -219,35 +219,17 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
     /// Confirms what was published and gives the slot up (closing its connection would too).
     pub(super) async fn wal_stop(&self, service: &str, mut slot: WalSlot<DB>) {
         if let Some(stream) = slot.stream.take() {
-            if let (Some(to), Some(conn)) = (slot.published, slot.conn.as_mut()) {
+            if let Some(to) = slot.published {
                 stream.confirm(to);
                 // The status update goes out within STATUS_EVERY: wait until the server has it.
-                let deadline = Instant::now() + CLOSE_WAIT;
-                loop {
-                    match self.outbox.wal_confirmed(conn, service).await {
-                        Ok(Some(at)) if at < to && Instant::now() < deadline => {
-                            tokio::time::sleep(STATUS_EVERY / 4).await;
-                        }
-                        Ok(_) => break,
-                        Err(e) => {
-                            tracing::debug!(service, error = %e, "slot position not read");
-                            break;
-                        }
-                    }
-                }
+                self.wal_wait(service, &mut slot, |s| s.confirmed.is_none_or(|c| c >= to))
+                    .await;
             }
             stream.close().await;
             // The server lets the slot go a moment after the stream ends; this relay still holds
             // the lock, so no one else streams it meanwhile: once it is free, it is free for
             // the next holder (and for `outbox status`).
-            if let Some(conn) = slot.conn.as_mut() {
-                let deadline = Instant::now() + CLOSE_WAIT;
-                while matches!(self.outbox.wal_streamed(conn, service).await, Ok(true))
-                    && Instant::now() < deadline
-                {
-                    tokio::time::sleep(STATUS_EVERY / 4).await;
-                }
-            }
+            self.wal_wait(service, &mut slot, |s| !s.streamed).await;
         }
         if slot.held
             && let Err(e) = self.wal_confirm(service, &mut slot, None, true).await
@@ -259,6 +241,32 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             && let Err(e) = self.outbox.wal_release(conn, service).await
         {
             tracing::debug!(service, error = %e, "slot not released; its connection closes");
+        }
+    }
+
+    /// Reads the slot's state until `done` says so, for at most [`CLOSE_WAIT`] (or until it
+    /// cannot be read).
+    async fn wal_wait(
+        &self,
+        service: &str,
+        slot: &mut WalSlot<DB>,
+        done: impl Fn(SlotState) -> bool,
+    ) {
+        let Some(conn) = slot.conn.as_mut() else {
+            return;
+        };
+        let deadline = Instant::now() + CLOSE_WAIT;
+        loop {
+            match self.outbox.wal_slot_state(conn, service).await {
+                Ok(Some(state)) if !done(state) && Instant::now() < deadline => {
+                    tokio::time::sleep(STATUS_EVERY / 4).await;
+                }
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::debug!(service, error = %e, "slot state not read");
+                    return;
+                }
+            }
         }
     }
 
@@ -314,12 +322,13 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             slot.attempts.clear();
             if let Some(target) = &slot.target {
                 let name = self.outbox.wal_slot(service)?;
-                let from = self.outbox.wal_confirmed(conn, service).await?.ok_or(
-                    Error::WalSlotMissing {
+                let state = self.outbox.wal_slot_state(conn, service).await?;
+                let from = state
+                    .and_then(|s| s.confirmed)
+                    .ok_or(Error::WalSlotMissing {
                         service: service.to_owned(),
                         slot: name.clone(),
-                    },
-                )?;
+                    })?;
                 let prefix = self.outbox.wal_prefix(service)?;
                 let batch = self.config.wal_batch;
                 let stream =

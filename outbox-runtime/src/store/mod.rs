@@ -47,7 +47,7 @@ use crate::error::Error;
 
 pub use go::{GoDue, GoImport, GoMoved, GoRefused, GoRetry, GoRoute};
 pub use queries::Arg;
-pub use wal::{Lsn, ReplicationTarget, WalBatch, WalItem, WalLag};
+pub use wal::{Lsn, ReplicationTarget, SlotState, WalBatch, WalItem, WalLag};
 #[cfg(feature = "postgres")]
 pub use wal_stream::WalStream;
 

@@ -117,50 +117,106 @@ pub(super) fn slot_name(table: &str) -> String {
     format!("{}_{hash:016x}", &name[..46])
 }
 
+/// The service's events among a slot's decoded changes, whole transactions in commit order:
+/// what a read through the SQL interface ([`decode`]) and a stream
+/// ([`WalStream`](super::WalStream)) both assemble.
+#[derive(Debug)]
+pub(super) struct Assembly {
+    service: String,
+    prefix: String,
+    /// The service's events of every transaction received whole, in commit order, each with
+    /// its transaction's commit position: confirming there confirms the event and the whole
+    /// transaction.
+    pub(super) ready: std::collections::VecDeque<(WalItem, Lsn)>,
+    /// A position everything before which was received.
+    pub(super) end: Option<Lsn>,
+    /// The events of the transaction being received.
+    open: Vec<WalItem>,
+    in_txn: bool,
+}
+
+impl Assembly {
+    /// For the messages of `prefix` ([`Outbox::wal_prefix`]).
+    pub(super) fn new(service: &str, prefix: String) -> Assembly {
+        Assembly {
+            service: service.to_owned(),
+            prefix,
+            ready: std::collections::VecDeque::new(),
+            end: None,
+            open: Vec::new(),
+            in_txn: false,
+        }
+    }
+
+    /// A transaction begins (`B`).
+    pub(super) fn begin(&mut self) {
+        self.in_txn = true;
+        self.open.clear();
+    }
+
+    /// A message (`M`) at position `at`, `id` its own position (the event's id). Outside a
+    /// transaction (a relay's heartbeat, say) it is its own commit.
+    pub(super) fn message(&mut self, id: Lsn, at: Lsn, prefix: &[u8], content: &[u8]) {
+        if !self.in_txn {
+            self.reached(at);
+        }
+        if prefix != self.prefix.as_bytes() {
+            return;
+        }
+        let item = read_event(&self.service, id, content);
+        if self.in_txn {
+            self.open.push(item);
+        } else {
+            self.ready.push_back((item, at));
+        }
+    }
+
+    /// The transaction commits (`C`), its commit ending at `at`.
+    pub(super) fn commit(&mut self, at: Lsn) {
+        self.ready
+            .extend(self.open.drain(..).map(|item| (item, at)));
+        self.reached(at);
+        self.in_txn = false;
+    }
+
+    /// Everything before `at` was received.
+    pub(super) fn reached(&mut self, at: Lsn) {
+        self.end = self.end.max(Some(at));
+    }
+
+    /// A stream's sender is at `at`: every transaction that committed before it was sent, so
+    /// between transactions everything before it was received.
+    #[cfg(feature = "postgres")]
+    pub(super) fn sender_at(&mut self, at: Lsn) {
+        if !self.in_txn {
+            self.reached(at);
+        }
+    }
+}
+
 /// Reads the `pgoutput` changes of one slot read: begin (`B`), message (`M`), commit (`C`);
 /// relation changes cannot appear (the publication has no table) and are skipped.
 fn decode(service: &str, want: &str, rows: Vec<(String, Vec<u8>)>) -> Result<WalBatch, Error> {
-    let mut batch = WalBatch {
-        changes: rows.len(),
-        ..WalBatch::default()
-    };
-    // Messages of the transaction being read, given their commit position at its commit.
-    let mut open: Vec<WalItem> = Vec::new();
-    let mut in_txn = false;
+    let changes = rows.len();
+    let mut got = Assembly::new(service, want.to_owned());
     for (lsn, data) in rows {
         let at = Lsn::parse(&lsn).ok_or_else(|| bad(format!("position `{lsn}`")))?;
         match data.first() {
-            Some(b'B') => {
-                in_txn = true;
-                open.clear();
-            }
-            Some(b'C') => {
-                batch.items.extend(open.drain(..).map(|item| (item, at)));
-                batch.end = Some(at);
-                in_txn = false;
-            }
+            Some(b'B') => got.begin(),
+            Some(b'C') => got.commit(at),
             Some(b'M') => {
-                let (message_lsn, msg_prefix, content) = message(&data[1..])
+                let (message_lsn, prefix, content) = message(&data[1..])
                     .ok_or_else(|| bad(format!("a message at {lsn} is truncated")))?;
-                if !in_txn {
-                    // A message written outside a transaction (a relay's heartbeat, say) is
-                    // its own commit: everything before it was decoded.
-                    batch.end = Some(at);
-                }
-                if msg_prefix != want.as_bytes() {
-                    continue;
-                }
-                let item = read_event(service, Lsn(message_lsn), content);
-                if in_txn {
-                    open.push(item);
-                } else {
-                    batch.items.push((item, at));
-                }
+                got.message(Lsn(message_lsn), at, prefix, content);
             }
             _ => {}
         }
     }
-    Ok(batch)
+    Ok(WalBatch {
+        items: got.ready.into(),
+        end: got.end,
+        changes,
+    })
 }
 
 fn bad(what: String) -> Error {
@@ -181,7 +237,7 @@ fn message(body: &[u8]) -> Option<(u64, &[u8], &[u8])> {
     Some((lsn, prefix, content))
 }
 
-pub(super) fn read_event(service: &str, lsn: Lsn, content: &[u8]) -> WalItem {
+fn read_event(service: &str, lsn: Lsn, content: &[u8]) -> WalItem {
     let malformed = |error: String| WalItem::Malformed {
         lsn,
         event_id: serde_json::from_slice::<serde_json::Value>(content)
@@ -220,6 +276,16 @@ pub(super) fn read_event(service: &str, lsn: Lsn, content: &[u8]) -> WalItem {
         created_at: event.created_at,
         updated_at: event.created_at,
     }))
+}
+
+/// What the server says of a slot ([`Outbox::wal_slot_state`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotState {
+    /// How far it is confirmed.
+    pub confirmed: Option<Lsn>,
+    /// Whether a replication connection streams it.
+    pub streamed: bool,
 }
 
 /// Where a relay's replication connection goes ([`Backend::replication_target`]).
@@ -526,29 +592,21 @@ impl<DB: Backend> Outbox<DB> {
         Ok(())
     }
 
-    /// How far `service`'s slot is confirmed; `None` without the slot.
+    /// How far `service`'s slot is confirmed, and whether a replication connection streams
+    /// it; `None` without the slot.
     #[doc(hidden)]
-    pub async fn wal_confirmed(
+    pub async fn wal_slot_state(
         &self,
         conn: &mut DB::Connection,
         service: &str,
-    ) -> Result<Option<Lsn>, Error> {
+    ) -> Result<Option<SlotState>, Error> {
         let slot = self.wal_slot(service)?;
         let got =
-            DB::fetch_pairs(conn, self.inbox_sql("wal_confirmed"), vec![Arg::Str(slot)]).await?;
-        Ok(got.first().and_then(|(lsn, _)| Lsn::parse(lsn)))
-    }
-
-    /// Whether a replication connection streams `service`'s slot.
-    #[doc(hidden)]
-    pub async fn wal_streamed(
-        &self,
-        conn: &mut DB::Connection,
-        service: &str,
-    ) -> Result<bool, Error> {
-        let slot = self.wal_slot(service)?;
-        let got = DB::fetch_ints(conn, self.inbox_sql("wal_active"), vec![Arg::Str(slot)]).await?;
-        Ok(got.first().copied().flatten() == Some(1))
+            DB::fetch_pairs(conn, self.inbox_sql("wal_slot_state"), vec![Arg::Str(slot)]).await?;
+        Ok(got.first().map(|(lsn, active)| SlotState {
+            confirmed: Lsn::parse(lsn),
+            streamed: *active == 1,
+        }))
     }
 
     /// Keeps a write-ahead-log event the relay must not (or could not) publish as a dead row of

@@ -11,7 +11,6 @@
 //! The stream holds the slot for as long as it is open: another reader (a second relay, or
 //! `outbox status` peeking) is refused by the server until it closes.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
@@ -19,7 +18,7 @@ use std::time::Duration;
 
 use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 
-use super::wal::read_event;
+use super::wal::Assembly;
 use super::{Error, Lsn, ReplicationTarget, WalBatch, WalItem};
 
 /// The publication the relay's slots are read through (it has no table: only messages pass).
@@ -31,24 +30,17 @@ pub struct WalStream {
     client: ReplicationClient,
     service: String,
     slot: String,
-    prefix: String,
-    /// The service's events of every transaction received whole, in commit order, each with
-    /// its transaction's commit position (the end of its commit record), not yet handed out
-    /// (or handed back by [`WalStream::put_back`]).
-    ready: VecDeque<(WalItem, Lsn)>,
-    /// The events of the transaction being received.
-    open: Vec<WalItem>,
-    in_txn: bool,
-    /// A position everything before which was received.
-    end: Option<Lsn>,
+    /// What was received; its `ready` events are those not yet handed out (or handed back by
+    /// [`WalStream::put_back`]), each with its commit position (the end of its commit record).
+    got: Assembly,
 }
 
 impl std::fmt::Debug for WalStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WalStream")
             .field("service", &self.service)
-            .field("ready", &self.ready.len())
-            .field("end", &self.end)
+            .field("ready", &self.got.ready.len())
+            .field("end", &self.got.end)
             .finish_non_exhaustive()
     }
 }
@@ -106,15 +98,13 @@ impl WalStream {
         };
         let mut client = ReplicationClient::connect(config).await.map_err(explain)?;
         client.wait_started().await.map_err(explain)?;
+        let mut got = Assembly::new(service, prefix);
+        got.reached(from);
         Ok(WalStream {
             client,
             service: service.to_owned(),
             slot: slot.to_owned(),
-            prefix,
-            ready: VecDeque::new(),
-            open: Vec::new(),
-            in_txn: false,
-            end: Some(from),
+            got,
         })
     }
 
@@ -124,15 +114,16 @@ impl WalStream {
         // Outside tokio's cooperative budget, which would end the drain after 128 changes (43
         // events) whatever is waiting.
         tokio::task::unconstrained(std::future::poll_fn(|_| Poll::Ready(self.drain(max)))).await?;
-        let mut items = Vec::with_capacity(self.ready.len().min(max));
-        while let Some((_, commit)) = self.ready.front() {
+        let ready = &mut self.got.ready;
+        let mut items = Vec::with_capacity(ready.len().min(max));
+        while let Some((_, commit)) = ready.front() {
             if items.len() >= max && items.last().is_none_or(|(_, c)| c != commit) {
                 break;
             }
-            items.extend(self.ready.pop_front());
+            items.extend(ready.pop_front());
         }
-        let end = if self.ready.is_empty() {
-            self.end
+        let end = if ready.is_empty() {
+            self.got.end
         } else {
             items.last().map(|(_, c)| *c)
         };
@@ -145,7 +136,7 @@ impl WalStream {
 
     /// Whether events are waiting to be handed out.
     pub fn has_more(&self) -> bool {
-        !self.ready.is_empty()
+        !self.got.ready.is_empty()
     }
 
     /// Waits until the stream delivers something (returns at once when events are waiting).
@@ -161,7 +152,7 @@ impl WalStream {
     /// Gives back events handed out and not published, to be handed out first again.
     pub fn put_back(&mut self, items: Vec<(WalItem, Lsn)>) {
         for item in items.into_iter().rev() {
-            self.ready.push_front(item);
+            self.got.ready.push_front(item);
         }
     }
 
@@ -181,7 +172,7 @@ impl WalStream {
 
     /// Takes what the stream has delivered until `max` events are ready.
     fn drain(&mut self, max: usize) -> Result<(), Error> {
-        while self.ready.len() < max {
+        while self.got.ready.len() < max {
             match self.poll_now() {
                 Poll::Ready(got) => self.take(got)?,
                 Poll::Pending => break,
@@ -212,48 +203,23 @@ impl WalStream {
             Err(e) => return Err(failed(e.to_string())),
         };
         match event {
-            ReplicationEvent::Begin { .. } => {
-                self.in_txn = true;
-                self.open.clear();
-            }
+            ReplicationEvent::Begin { .. } => self.got.begin(),
             ReplicationEvent::Message {
-                transactional,
                 lsn,
                 prefix,
                 content,
+                ..
             } => {
                 let at = Lsn(u64::from(lsn));
-                if !transactional {
-                    // Its own commit (a relay's heartbeat, say): everything before it was
-                    // received.
-                    self.end = self.end.max(Some(at));
-                }
-                if prefix != self.prefix {
-                    return Ok(());
-                }
-                let item = read_event(&self.service, at, &content);
-                if transactional && self.in_txn {
-                    self.open.push(item);
-                } else {
-                    self.ready.push_back((item, at));
-                }
+                self.got.message(at, at, prefix.as_bytes(), &content);
             }
-            ReplicationEvent::Commit { end_lsn, .. } => {
-                let at = Lsn(u64::from(end_lsn));
-                self.ready
-                    .extend(self.open.drain(..).map(|item| (item, at)));
-                self.end = self.end.max(Some(at));
-                self.in_txn = false;
-            }
-            // The sender's position: every transaction that committed before it was sent.
-            ReplicationEvent::KeepAlive { wal_end, .. } if !self.in_txn => {
-                self.end = self.end.max(Some(Lsn(u64::from(wal_end))));
+            ReplicationEvent::Commit { end_lsn, .. } => self.got.commit(Lsn(u64::from(end_lsn))),
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                self.got.sender_at(Lsn(u64::from(wal_end)));
             }
             // Other `pgoutput` changes (relations, types) cannot carry an event: the
             // publication has no table.
-            ReplicationEvent::KeepAlive { .. }
-            | ReplicationEvent::XLogData { .. }
-            | ReplicationEvent::StoppedAt { .. } => {}
+            ReplicationEvent::XLogData { .. } | ReplicationEvent::StoppedAt { .. } => {}
         }
         Ok(())
     }

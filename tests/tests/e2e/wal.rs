@@ -333,7 +333,12 @@ async fn e2e_wal_a_streaming_relay_dead_letters_an_oversized_event_and_keeps_key
     assert_eq!(dead.dead_reason.as_deref(), Some("message_too_large"));
     let mut conn = w.h.pool.acquire().await.unwrap();
     assert!(
-        w.h.outbox.wal_streamed(&mut conn, "task").await.unwrap(),
+        w.h.outbox
+            .wal_slot_state(&mut conn, "task")
+            .await
+            .unwrap()
+            .unwrap()
+            .streamed,
         "the relay reads the slot by streaming"
     );
     drop(conn);
@@ -341,7 +346,12 @@ async fn e2e_wal_a_streaming_relay_dead_letters_an_oversized_event_and_keeps_key
     running.shutdown().await.unwrap();
     let mut conn = w.h.pool.acquire().await.unwrap();
     assert!(
-        !w.h.outbox.wal_streamed(&mut conn, "task").await.unwrap(),
+        !w.h.outbox
+            .wal_slot_state(&mut conn, "task")
+            .await
+            .unwrap()
+            .unwrap()
+            .streamed,
         "a stopped relay gave the slot up"
     );
     drop(conn);

@@ -387,16 +387,12 @@ SELECT pg_logical_emit_message(false, 'outbox-heartbeat', '')::TEXT
 -- slot, lsn
 SELECT pg_replication_slot_advance($1::NAME, $2::PG_LSN)::TEXT
 
--- name: wal_confirmed
--- How far the slot is confirmed (the server's copy of what its reader acknowledged).
+-- name: wal_slot_state
+-- How far the slot is confirmed (the server's copy of what its reader acknowledged), and
+-- whether a replication connection streams it.
 -- slot
-SELECT COALESCE(confirmed_flush_lsn::TEXT, ''), 0::BIGINT FROM pg_replication_slots
-WHERE slot_name = $1
-
--- name: wal_active
--- Whether a replication connection streams the slot.
--- slot
-SELECT CASE WHEN active THEN 1 ELSE 0 END::BIGINT FROM pg_replication_slots WHERE slot_name = $1
+SELECT COALESCE(confirmed_flush_lsn::TEXT, ''), CASE WHEN active THEN 1 ELSE 0 END::BIGINT
+FROM pg_replication_slots WHERE slot_name = $1
 
 -- name: wal_lag
 -- The bytes of WAL the slot holds back: from its confirmed position to the current one.
