@@ -225,7 +225,54 @@ fn reset_peak_rss() {
     }
 }
 
-struct Counter;
+/// Counts what a stage did in this process, and says when the count reached what a scenario
+/// waits for. A scenario waits on it, and asks the database only once it is reached, to confirm
+/// that the last of it committed: asking every few milliseconds while the stages run (a count
+/// over the whole table) would take a share of the two cores the scenario measures, and a
+/// growing share as the table grows.
+struct Progress {
+    done: std::sync::atomic::AtomicUsize,
+    reached: tokio::sync::Notify,
+    want: usize,
+}
+
+impl Progress {
+    fn new(want: usize) -> Arc<Self> {
+        Arc::new(Self {
+            done: std::sync::atomic::AtomicUsize::new(0),
+            reached: tokio::sync::Notify::new(),
+            want,
+        })
+    }
+
+    fn count(&self) -> usize {
+        self.done.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn add(&self, k: usize) {
+        let before = self.done.fetch_add(k, std::sync::atomic::Ordering::Relaxed);
+        if before < self.want && before + k >= self.want {
+            self.reached.notify_waiters();
+        }
+    }
+
+    /// Waits until the count reached `want` (at most `limit`).
+    async fn reached(&self, limit: Duration) -> Result<(), BoxError> {
+        let reached = self.reached.notified();
+        tokio::pin!(reached);
+        reached.as_mut().enable();
+        if self.count() < self.want {
+            tokio::time::timeout(limit, reached).await.map_err(|_| {
+                format!("{} of {} in {} s", self.count(), self.want, limit.as_secs())
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// The scenarios' handler: applies nothing, counts its calls.
+#[derive(Clone)]
+struct Counter(Arc<Progress>);
 
 impl<DB: Backend> TaskEventsHandler<Context<DB>> for Counter {
     async fn task_urgency_promote_requested(
@@ -233,6 +280,7 @@ impl<DB: Backend> TaskEventsHandler<Context<DB>> for Counter {
         _: &mut Context<DB>,
         _: TaskUrgencyPromoteRequested,
     ) -> Result<(), HandlerError> {
+        self.0.add(1);
         Ok(())
     }
 }
@@ -243,6 +291,7 @@ impl TaskEventsHandler<Call> for Counter {
         _: &mut Call,
         _: TaskUrgencyPromoteRequested,
     ) -> Result<(), HandlerError> {
+        self.0.add(1);
         Ok(())
     }
 }
@@ -389,16 +438,18 @@ async fn end_to_end<DB: Backend>(
         .service("task")
         .map(|r| r.group.clone())
         .ok_or("no route")?;
+    let progress = Progress::new(n);
+    let counter = Counter(progress.clone());
     let engine = Engine::builder(pool.clone(), bus.clone())
         .outbox(outbox.clone())
         .relay(RelayConfig::default().poll_interval(Duration::from_millis(50)));
     let engine = match kind {
-        Kind::Shared => engine.consumer::<TaskEvents, _>(Counter),
+        Kind::Shared => engine.consumer::<TaskEvents, _>(counter),
         Kind::Inbox => engine.consumer_with::<TaskEvents, _>(
-            Counter,
+            counter,
             ConsumerConfig::default().dedupe(Dedupe::Inbox),
         ),
-        Kind::Calls => engine.call_consumer::<TaskEvents, _>(Counter),
+        Kind::Calls => engine.call_consumer::<TaskEvents, _>(counter),
     };
     let running = engine.start().await?;
     if !running.ready(Duration::from_secs(60)).await {
@@ -406,6 +457,7 @@ async fn end_to_end<DB: Backend>(
     }
     let started = Instant::now();
     write_events(pool, &outbox, n, o.writers).await?;
+    progress.reached(Duration::from_secs(300)).await?;
     match kind {
         Kind::Inbox => wait_for_inbox(pool, &group, n).await?,
         _ => wait_for(pool, &outbox, Status::Consumed, n).await?,
@@ -520,7 +572,7 @@ async fn run<DB: Backend>(
             outbox.enqueue_all(&mut *tx, chunk).await?;
             tx.commit().await?;
         }
-        let secs = drain(&pool, &outbox, &bus, n, Duration::from_millis(20)).await?;
+        let secs = drain(&pool, &outbox, &bus, n).await?;
         rows.push(Row {
             scenario: "relay",
             events_per_sec: n as f64 / secs,
@@ -560,6 +612,7 @@ async fn run<DB: Backend>(
             .cloned()
             .ok_or("no route")?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let progress = Progress::new(n);
         let relay = tokio::spawn(seed_relay(
             pool.clone(),
             route.table.clone(),
@@ -571,11 +624,13 @@ async fn run<DB: Backend>(
             route.clone(),
             brokers.to_owned(),
             outbox.clone(),
+            progress.clone(),
             stop.clone(),
         ));
         tokio::time::sleep(Duration::from_secs(3)).await; // let the consumer join
         let started = Instant::now();
         write_events(&pool, &outbox, n, o.writers).await?;
+        progress.reached(Duration::from_secs(600)).await?;
         wait_for(&pool, &outbox, Status::Consumed, n).await?;
         let secs = started.elapsed().as_secs_f64();
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -621,10 +676,7 @@ async fn run<DB: Backend>(
         }
         let before = rss_mb();
         reset_peak_rss();
-        // Looked at often enough that the figure is the drain's, not the look's: the
-        // scaling ratio compares a backlog with a tenth of it.
-        let every = Duration::from_millis(if size <= 20_000 { 20 } else { 200 });
-        let secs = drain(&pool, &outbox, &bus, size, every).await?;
+        let secs = drain(&pool, &outbox, &bus, size).await?;
         secs_of.insert(scenario, secs);
         rows.push(Row {
             scenario,
@@ -697,47 +749,42 @@ async fn write_events<DB: Backend>(
     Ok(())
 }
 
-async fn wait_for<DB: Backend>(
-    pool: &Pool<DB>,
-    outbox: &Outbox<DB>,
-    status: Status,
-    n: usize,
-) -> Result<(), BoxError> {
-    wait_for_every(pool, outbox, status, n, Duration::from_millis(20)).await
-}
-
-/// Runs one relay until `n` rows are published (looking every `every`), then stops it: the
-/// seconds it took.
+/// Runs one relay until `n` rows are published (the broker acknowledged them, counted as it
+/// does, and their marks committed), then stops it: the seconds it took.
 async fn drain<DB: Backend>(
     pool: &Pool<DB>,
     outbox: &Outbox<DB>,
     bus: &Arc<KafkaBus>,
     n: usize,
-    every: Duration,
 ) -> Result<f64, BoxError> {
     let (trigger, shutdown) = Shutdown::new();
+    let counted = Arc::new(Counted {
+        bus: bus.clone(),
+        progress: Progress::new(n),
+    });
     let relay = Relay::new(
         outbox.clone(),
         pool.clone(),
-        bus.clone(),
+        counted.clone(),
         RelayConfig::default(),
     );
     let started = Instant::now();
     let task = tokio::spawn(relay.run(shutdown));
-    wait_for_every(pool, outbox, Status::Published, n, every).await?;
+    counted.progress.reached(Duration::from_secs(600)).await?;
+    wait_for(pool, outbox, Status::Published, n).await?;
     let secs = started.elapsed().as_secs_f64();
     trigger.trigger();
     task.await??;
     Ok(secs)
 }
 
-/// Waits until `n` rows reached `status` (or a later one), looking every `every`.
-async fn wait_for_every<DB: Backend>(
+/// Waits until `n` rows reached `status` (or a later one), looking every 5 ms: a scenario's
+/// confirmation once its [`Progress`] said so.
+async fn wait_for<DB: Backend>(
     pool: &Pool<DB>,
     outbox: &Outbox<DB>,
     status: Status,
     n: usize,
-    every: Duration,
 ) -> Result<(), BoxError> {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
@@ -760,7 +807,7 @@ async fn wait_for_every<DB: Backend>(
         if Instant::now() > deadline {
             return Err(format!("only {done} of {n} events reached {status}").into());
         }
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -837,7 +884,8 @@ async fn fill<DB: Backend>(
     Ok(())
 }
 
-/// Waits until consumer group `group` has `n` inbox records.
+/// Waits until consumer group `group` has `n` inbox records, looking every 5 ms: a scenario's
+/// confirmation once its [`Progress`] said so.
 async fn wait_for_inbox<DB: Backend>(
     pool: &Pool<DB>,
     group: &str,
@@ -859,7 +907,7 @@ async fn wait_for_inbox<DB: Backend>(
         if Instant::now() > deadline {
             return Err(format!("only {done} of {n} events in the inbox").into());
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -979,6 +1027,7 @@ async fn seed_consumer<DB: Backend>(
     route: outbox_runtime::ServiceRoute,
     brokers: String,
     outbox: Outbox<DB>,
+    progress: Arc<Progress>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<(), BoxError> {
     let mut config = rdkafka::ClientConfig::new();
@@ -1005,6 +1054,7 @@ async fn seed_consumer<DB: Backend>(
                 Ok::<_, std::io::Error>(())
             })
             .await?;
+        progress.add(1);
         consumer.commit_message(&msg, CommitMode::Sync)?;
     }
     Ok(())
@@ -1117,10 +1167,14 @@ async fn wal_end_to_end<DB: Backend>(
         .map(|r| r.group.clone())
         .ok_or("no route")?;
     let table = business_table(pool, &outbox).await?;
+    let progress = Progress::new(n / o.writers * o.writers);
     let running = Engine::builder(pool.clone(), bus.clone())
         .outbox(outbox.clone())
         .relay(relay_config(o).poll_interval(Duration::from_millis(50)))
-        .consumer_with::<TaskEvents, _>(Counter, ConsumerConfig::default().dedupe(Dedupe::Inbox))
+        .consumer_with::<TaskEvents, _>(
+            Counter(progress.clone()),
+            ConsumerConfig::default().dedupe(Dedupe::Inbox),
+        )
         .start()
         .await?;
     if !running.ready(Duration::from_secs(60)).await {
@@ -1133,6 +1187,7 @@ async fn wal_end_to_end<DB: Backend>(
             .into_iter()
             .filter_map(|w| Some((w.event_id?, w.committed_at_ms)))
             .collect();
+    progress.reached(Duration::from_secs(300)).await?;
     wait_for_inbox(pool, &group, written.len()).await?;
     let secs = started.elapsed().as_secs_f64();
     running.shutdown().await?;
@@ -1177,9 +1232,7 @@ async fn wal_backlog<DB: Backend>(
     write_events(pool, &outbox, size, o.writers).await?;
     let counted = Arc::new(Counted {
         bus: bus.clone(),
-        acked: std::sync::atomic::AtomicUsize::new(0),
-        done: tokio::sync::Notify::new(),
-        want: size,
+        progress: Progress::new(size),
     });
     let relay = Relay::new(
         outbox.clone(),
@@ -1198,20 +1251,17 @@ async fn wal_backlog<DB: Backend>(
         }
     } else {
         let (trigger, shutdown) = Shutdown::new();
-        let done = counted.done.notified();
-        tokio::pin!(done);
-        done.as_mut().enable();
         let running = tokio::spawn(relay.run(shutdown));
-        if !counted.all() {
-            tokio::time::timeout(Duration::from_secs(600), done)
-                .await
-                .map_err(|_| "the relay did not publish the backlog in 600 s")?;
-        }
+        counted
+            .progress
+            .reached(Duration::from_secs(600))
+            .await
+            .map_err(|e| format!("the relay did not publish the backlog: {e}"))?;
         trigger.trigger();
         running.await??;
     }
     let secs = started.elapsed().as_secs_f64();
-    let acked = counted.acked.load(std::sync::atomic::Ordering::Relaxed);
+    let acked = counted.progress.count();
     if acked < size {
         return Err(format!("{scenario}: the broker acknowledged {acked} of {size} events").into());
     }
@@ -1227,18 +1277,10 @@ async fn wal_backlog<DB: Backend>(
     })
 }
 
-/// A bus that counts what the broker acknowledged, and says when it reached `want`.
+/// A bus that counts what the broker acknowledged.
 struct Counted {
     bus: Arc<KafkaBus>,
-    acked: std::sync::atomic::AtomicUsize,
-    done: tokio::sync::Notify,
-    want: usize,
-}
-
-impl Counted {
-    fn all(&self) -> bool {
-        self.acked.load(std::sync::atomic::Ordering::Relaxed) >= self.want
-    }
+    progress: Arc<Progress>,
 }
 
 impl Publish for Counted {
@@ -1248,11 +1290,7 @@ impl Publish for Counted {
             .iter()
             .filter(|s| matches!(s, Sent::Acked { .. }))
             .count();
-        self.acked
-            .fetch_add(acked, std::sync::atomic::Ordering::Relaxed);
-        if self.all() {
-            self.done.notify_waiters();
-        }
+        self.progress.add(acked);
         sent
     }
 
