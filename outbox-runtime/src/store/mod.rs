@@ -597,9 +597,9 @@ pub trait Backend: sqlx::Database + private::Sealed {
         owner: &str,
         ids: &[i64],
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send {
-        let update = sql.with_ids("mark_published", 3, ids.len());
         let mut args = vec![Arg::I64(now), Arg::I64(now), Arg::Str(owner.to_owned())];
-        args.extend(ids.iter().map(|&id| Arg::I64(id)));
+        let n = queries::push_ids(&mut args, ids.iter().map(|&id| Arg::I64(id)));
+        let update = sql.with_ids("mark_published", 3, n);
         async move { Self::execute(conn, &update, args).await }
     }
 
@@ -798,10 +798,10 @@ async fn claim_rows<DB: Backend>(
         return Ok(Vec::new());
     }
     let mut locked = HashSet::new();
-    for chunk in plan.ids().chunks(1000) {
-        let lock = sql.with_ids("claim_lock", 2, chunk.len());
+    for chunk in plan.ids().chunks(1024) {
         let mut args = vec![Arg::I64(c.now), Arg::I64(c.now)];
-        args.extend(chunk.iter().map(|&id| Arg::I64(id)));
+        let n = queries::push_ids(&mut args, chunk.iter().map(|&id| Arg::I64(id)));
+        let lock = sql.with_ids("claim_lock", 2, n);
         locked.extend(
             DB::fetch_ints(&mut tx, &lock, args)
                 .await?
@@ -811,14 +811,14 @@ async fn claim_rows<DB: Backend>(
     }
     let keep = plan.keep(&locked);
     let mut rows = Vec::with_capacity(keep.len());
-    for chunk in keep.chunks(1000) {
+    for chunk in keep.chunks(1024) {
         let mut args = vec![
             Arg::Str(c.owner.clone()),
             Arg::I64(c.lease_until),
             Arg::I64(c.now),
         ];
-        args.extend(chunk.iter().map(|&id| Arg::I64(id)));
-        rows.extend(DB::claim_update(sql, &mut tx, args, chunk.len()).await?);
+        let n = queries::push_ids(&mut args, chunk.iter().map(|&id| Arg::I64(id)));
+        rows.extend(DB::claim_update(sql, &mut tx, args, n).await?);
     }
     tx.commit().await?;
     rows.sort_unstable_by_key(|r| r.id);
@@ -928,7 +928,8 @@ impl TableSql {
         self.queries.get(name).map(String::as_str)
     }
 
-    /// The query `name` with `{ids}` replaced by `n` placeholders after the first `before`.
+    /// The query `name` with `{ids}` replaced by `n` placeholders after the first `before`: `n`
+    /// as `push_ids` padded the list, so that a query has few texts.
     pub fn with_ids(&self, name: &str, before: usize, n: usize) -> String {
         queries::expand_ids(self.get(name), before, n, self.numbered)
     }
@@ -1392,7 +1393,7 @@ impl<DB: Backend> Outbox<DB> {
         let table = self.table(service)?;
         let mut changed = 0;
         // Chunks keep the statement under every backend's placeholder limit.
-        for chunk in ids.chunks(1000) {
+        for chunk in ids.chunks(1024) {
             // Rows another transaction holds are skipped rather than waited for. A claimer's
             // hold lasts milliseconds (PostgreSQL keeps a row it re-checked locked until the
             // claim commits), so a few quick retries mark those; a consumer's hold lasts as long
@@ -1471,11 +1472,11 @@ impl<DB: Backend> Outbox<DB> {
     ) -> Result<u64, Error> {
         let table = self.table(service)?;
         let mut changed = 0;
-        for chunk in ids.chunks(1000) {
+        for chunk in ids.chunks(1024) {
             let now = self.now_ms();
-            let sql = table.with_ids("release_leased", 3, chunk.len());
             let mut args = vec![Arg::I64(now), Arg::I64(now), Arg::Str(owner.to_owned())];
-            args.extend(chunk.iter().map(|&id| Arg::I64(id)));
+            let n = queries::push_ids(&mut args, chunk.iter().map(|&id| Arg::I64(id)));
+            let sql = table.with_ids("release_leased", 3, n);
             changed += DB::execute(conn, &sql, args).await?;
         }
         Ok(changed)
@@ -1729,9 +1730,10 @@ impl<DB: Backend> Outbox<DB> {
     ) -> Result<Vec<OutboxRow>, Error> {
         let table = self.table(service)?;
         let mut rows = Vec::with_capacity(event_ids.len());
-        for chunk in event_ids.chunks(1000) {
-            let sql = table.with_ids("get_many_for_update", 0, chunk.len());
-            let args = chunk.iter().map(|e| Arg::Str((*e).to_owned())).collect();
+        for chunk in event_ids.chunks(1024) {
+            let mut args = Vec::with_capacity(chunk.len().next_power_of_two());
+            let n = queries::push_ids(&mut args, chunk.iter().map(|e| Arg::Str((*e).to_owned())));
+            let sql = table.with_ids("get_many_for_update", 0, n);
             rows.extend(DB::fetch_rows(conn, &sql, args).await?);
         }
         Ok(rows)
@@ -1748,10 +1750,10 @@ impl<DB: Backend> Outbox<DB> {
         let table = self.table(service)?;
         let now = self.now_ms();
         let mut changed = 0;
-        for chunk in ids.chunks(1000) {
-            let sql = table.with_ids("mark_many_consumed", 2, chunk.len());
+        for chunk in ids.chunks(1024) {
             let mut args = vec![Arg::I64(now), Arg::I64(now)];
-            args.extend(chunk.iter().map(|id| Arg::I64(*id)));
+            let n = queries::push_ids(&mut args, chunk.iter().map(|id| Arg::I64(*id)));
+            let sql = table.with_ids("mark_many_consumed", 2, n);
             changed += DB::execute(conn, &sql, args).await?;
         }
         Ok(changed)
@@ -1775,7 +1777,7 @@ impl<DB: Backend> Outbox<DB> {
         Ok(DB::execute(conn, self.inbox_sql("inbox_insert"), args).await? == 1)
     }
 
-    /// Records many events in the inbox in the caller's transaction with one statement per 500,
+    /// Records many events in the inbox in the caller's transaction with one statement per 512,
     /// where the database tells which rows it inserted (PostgreSQL, SQLite): the ids it
     /// recorded (the others were there already). `None` where it cannot tell (MySQL): record
     /// each with [`Outbox::record_inbox`].
@@ -1791,10 +1793,14 @@ impl<DB: Backend> Outbox<DB> {
         };
         let now = self.now_ms();
         let mut fresh = HashSet::with_capacity(event_ids.len());
-        for chunk in event_ids.chunks(500) {
-            let mut args = Vec::with_capacity(chunk.len() * 3);
-            let mut values = Vec::with_capacity(chunk.len());
-            for (i, id) in chunk.iter().enumerate() {
+        for chunk in event_ids.chunks(512) {
+            // Padded to a power of two with the last event again (inserted once), so that the
+            // statement has few texts, as `queries::push_ids` does for lists of ids.
+            let padded =
+                (0..chunk.len().next_power_of_two()).map(|i| chunk[i.min(chunk.len() - 1)]);
+            let mut args = Vec::with_capacity(chunk.len().next_power_of_two() * 3);
+            let mut values = Vec::with_capacity(chunk.len().next_power_of_two());
+            for (i, id) in padded.enumerate() {
                 inbox_id_fits(id)?;
                 values.push(if DB::NUMBERED {
                     format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3)
@@ -1828,10 +1834,10 @@ impl<DB: Backend> Outbox<DB> {
         event_ids: &[&str],
     ) -> Result<(), Error> {
         let template = self.inbox_sql("inbox_forget_many");
-        for chunk in event_ids.chunks(500) {
-            let sql = queries::expand_ids(template, 1, chunk.len(), DB::NUMBERED);
+        for chunk in event_ids.chunks(512) {
             let mut args = vec![Arg::Str(group.to_owned())];
-            args.extend(chunk.iter().map(|id| Arg::Str((*id).to_owned())));
+            let n = queries::push_ids(&mut args, chunk.iter().map(|id| Arg::Str((*id).to_owned())));
+            let sql = queries::expand_ids(template, 1, n, DB::NUMBERED);
             DB::execute(conn, &sql, args).await?;
         }
         Ok(())
@@ -2140,11 +2146,11 @@ impl<DB: Backend> Outbox<DB> {
     ) -> Result<u64, Error> {
         let table = self.table(service)?;
         let mut changed = 0;
-        for chunk in ids.chunks(1000) {
+        for chunk in ids.chunks(1024) {
             let now = self.now_ms();
-            let sql = table.with_ids("replay", 2, chunk.len());
             let mut args = vec![Arg::I64(now), Arg::I64(now)];
-            args.extend(chunk.iter().map(|&id| Arg::I64(id)));
+            let n = queries::push_ids(&mut args, chunk.iter().map(|&id| Arg::I64(id)));
+            let sql = table.with_ids("replay", 2, n);
             changed += DB::execute(conn, &sql, args).await?;
         }
         Ok(changed)
@@ -2159,9 +2165,10 @@ impl<DB: Backend> Outbox<DB> {
     ) -> Result<u64, Error> {
         let table = self.table(service)?;
         let mut changed = 0;
-        for chunk in ids.chunks(1000) {
-            let sql = table.with_ids("discard", 0, chunk.len());
-            let args = chunk.iter().map(|&id| Arg::I64(id)).collect();
+        for chunk in ids.chunks(1024) {
+            let mut args = Vec::with_capacity(chunk.len().next_power_of_two());
+            let n = queries::push_ids(&mut args, chunk.iter().map(|&id| Arg::I64(id)));
+            let sql = table.with_ids("discard", 0, n);
             changed += DB::execute(conn, &sql, args).await?;
         }
         Ok(changed)
@@ -2218,10 +2225,10 @@ impl<DB: Backend> Outbox<DB> {
         let now = self.now_ms();
         let before = now - i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
         let mut changed = 0;
-        for chunk in ids.chunks(1000) {
-            let sql = table.with_ids("republish", 3, chunk.len());
+        for chunk in ids.chunks(1024) {
             let mut args = vec![Arg::I64(now), Arg::I64(now), Arg::I64(before)];
-            args.extend(chunk.iter().map(|&id| Arg::I64(id)));
+            let n = queries::push_ids(&mut args, chunk.iter().map(|&id| Arg::I64(id)));
+            let sql = table.with_ids("republish", 3, n);
             changed += DB::execute(conn, &sql, args).await?;
         }
         if changed > 0 {

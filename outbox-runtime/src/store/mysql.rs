@@ -60,7 +60,7 @@ impl Backend for MySql {
                 .flatten()
                 .collect();
         let mut changed = 0;
-        for chunk in ids.chunks(1000) {
+        for chunk in ids.chunks(1024) {
             changed += retrying!(expire_chunk(sql, conn, now, chunk))?;
         }
         Ok(changed)
@@ -162,9 +162,9 @@ async fn lock_then_update(
     ids: &[i64],
 ) -> Result<u64, sqlx::Error> {
     let mut tx = conn.begin().await?;
-    let query = sql.with_ids(lock, lock_args.len(), ids.len());
     let mut args = lock_args.to_vec();
-    args.extend(ids.iter().map(|&id| Arg::I64(id)));
+    let n = super::queries::push_ids(&mut args, ids.iter().map(|&id| Arg::I64(id)));
+    let query = sql.with_ids(lock, lock_args.len(), n);
     let locked: Vec<i64> = MySql::fetch_ints(&mut tx, &query, args)
         .await?
         .into_iter()
@@ -172,9 +172,9 @@ async fn lock_then_update(
         .collect();
     let mut changed = 0;
     if !locked.is_empty() {
-        let query = sql.with_ids(update, update_args.len(), locked.len());
         let mut args = update_args.to_vec();
-        args.extend(locked.iter().map(|&id| Arg::I64(id)));
+        let n = super::queries::push_ids(&mut args, locked.iter().map(|&id| Arg::I64(id)));
+        let query = sql.with_ids(update, update_args.len(), n);
         changed = MySql::execute(&mut tx, &query, args).await?;
     }
     tx.commit().await?;

@@ -93,6 +93,26 @@ pub(super) fn unnumber(sql: &str) -> String {
     out
 }
 
+/// Appends `ids` to `args` as a list for `{ids}`, padded to the next power of two by repeating
+/// the last one, and returns the list's length (see [`TableSql::with_ids`]).
+///
+/// A statement's text is what drivers prepare and cache, and the server plans, once per
+/// connection: one text per batch length made nearly every batch of the relay and the
+/// consumers prepare and plan a statement of hundreds of placeholders anew (the caches hold
+/// 100 texts). Padded, a query has at most 11 texts. An id twice in `IN (...)` selects,
+/// locks and changes its row once.
+///
+/// [`TableSql::with_ids`]: super::TableSql::with_ids
+pub(super) fn push_ids(args: &mut Vec<Arg>, ids: impl IntoIterator<Item = Arg>) -> usize {
+    let start = args.len();
+    args.extend(ids);
+    let n = args.len() - start;
+    if let Some(last) = args.last().cloned().filter(|_| n > 0) {
+        args.resize(start + n.next_power_of_two(), last);
+    }
+    args.len() - start
+}
+
 /// Replaces `{ids}` with `n` placeholders numbered after the first `before`.
 pub(super) fn expand_ids(sql: &str, before: usize, n: usize, numbered: bool) -> String {
     let list: Vec<String> = (1..=n)
@@ -129,6 +149,31 @@ mod tests {
         );
         assert_eq!(expand_ids("x IN ({ids})", 3, 2, true), "x IN ($4, $5)");
         assert_eq!(expand_ids("x IN ({ids})", 3, 2, false), "x IN (?, ?)");
+    }
+
+    #[test]
+    fn id_lists_are_padded_to_a_power_of_two_with_their_last_id() {
+        let mut args = vec![Arg::Str("owner".into())];
+        assert_eq!(push_ids(&mut args, [3, 4, 5].map(Arg::I64)), 4);
+        assert_eq!(
+            args,
+            vec![
+                Arg::Str("owner".into()),
+                Arg::I64(3),
+                Arg::I64(4),
+                Arg::I64(5),
+                Arg::I64(5)
+            ]
+        );
+        let mut args = Vec::new();
+        assert_eq!(push_ids(&mut args, (1..=8).map(Arg::I64)), 8);
+        assert_eq!(args.len(), 8);
+        assert_eq!(push_ids(&mut Vec::new(), [Arg::I64(1)]), 1);
+        assert_eq!(push_ids(&mut Vec::new(), std::iter::empty()), 0);
+        let lengths: std::collections::BTreeSet<usize> = (1..=1024)
+            .map(|n| push_ids(&mut Vec::new(), (0..n).map(Arg::I64)))
+            .collect();
+        assert_eq!(lengths.len(), 11);
     }
 
     #[test]
