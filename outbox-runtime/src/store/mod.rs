@@ -766,6 +766,9 @@ async fn claim_rows<DB: Backend>(
         return Ok(Vec::new());
     }
     let mut tx = DB::begin_write(conn).await?;
+    if let Some(settings) = sql.find("claim_settings") {
+        DB::execute(&mut tx, settings, Vec::new()).await?;
+    }
     let mut plan = ClaimPlan::new(limit);
     let mut after = i64::MIN;
     let mut window = limit.clamp(64, MAX_WINDOW);

@@ -492,6 +492,85 @@ async fn a_claim_reads_no_published_row_whatever_the_statistics_postgres() {
     h.cleanup().await;
 }
 
+// A backlog enqueued since the table's last ANALYZE (a new table, or writers outpacing
+// autovacuum): the planner believes there are few pending rows. A claim must still lock its
+// planned rows by primary key, not read the whole pending index and intersect it with their
+// ids (which made a backlog of 100,000 rows enqueued by writers drain at 3,000 rows/s), with a
+// plan made for the values (custom) and with one made once for every call (generic, what a
+// prepared statement gets after five runs). Counted by PostgreSQL itself: the pending index's
+// entries each claim reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_locks_its_rows_by_key_on_a_backlog_its_statistics_never_saw_postgres() {
+    use outbox_runtime::sqlx::{self, Postgres};
+    let h = Harness::<Postgres>::new().await;
+    let table = h.table("task");
+    let mut conn = h.pool.acquire().await.unwrap().detach();
+    sqlx::query(&format!(
+        "ALTER TABLE {table} SET (autovacuum_enabled = false)"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let events: Vec<_> = (0..20_000u64).map(|n| urgency(n, n + 1)).collect();
+    for chunk in events.chunks(2000) {
+        let mut tx = h.pool.begin().await.unwrap();
+        h.outbox.enqueue_all(&mut *tx, chunk).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let pending = format!("{table}_pending");
+    let reads = async |conn: &mut sqlx::PgConnection| -> i64 {
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::query_scalar("SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = $1")
+            .bind(&pending)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap()
+    };
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        sqlx::query(&format!("SET plan_cache_mode = {mode}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        // Six claims: a generic plan is made at the first, a custom one at each.
+        for _ in 0..6 {
+            let before = reads(&mut conn).await;
+            let rows = h
+                .outbox
+                .claim(&mut conn, "task", "relay", 500, LEASE)
+                .await
+                .unwrap();
+            let read = reads(&mut conn).await - before;
+            assert_eq!(rows.len(), 500);
+            // The window reads the first open rows from the index (500, or a few windows of
+            // them); the pending index holds 14,000 rows and more.
+            assert!(
+                read < 2500,
+                "{mode}: a claim of 500 rows read {read} entries of the pending index"
+            );
+            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            let marked = h
+                .outbox
+                .mark_published(&mut conn, "task", "relay", &ids)
+                .await
+                .unwrap();
+            assert_eq!(marked, 500);
+        }
+    }
+    let analyzed: Option<i64> = sqlx::query_scalar(
+        "SELECT analyze_count + autoanalyze_count FROM pg_stat_user_tables WHERE relname = $1",
+    )
+    .bind(&table)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(analyzed, Some(0), "the table was analyzed during the test");
+    drop(conn);
+    h.cleanup().await;
+}
+
 // A table made before the open statuses had an index each: `migrate` drops the old index over
 // both (which the planner passed over) and the unused key index, makes the new ones, and the
 // table's rows are claimed in order through them.

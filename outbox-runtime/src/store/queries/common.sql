@@ -21,11 +21,13 @@ WHERE id = $4 AND status = 'sending' AND lease_owner = $5
 -- Rows claimed behind an earlier row of their key that failed to publish: never sent, so back
 -- to pending, due at once, with the attempt their claim counted taken back. The failed row,
 -- first of the key and waiting for its retry, holds them back until it is published or dead.
+-- The status is checked in a CASE, so that the rows are read by primary key and not through a
+-- partial index on the status (see `claim_lock` in postgres.sql).
 -- next_attempt_at, updated_at, lease_owner, ids...
 UPDATE {table}
 SET status = 'pending', attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END,
     next_attempt_at = $1, lease_owner = NULL, lease_until = NULL, updated_at = $2
-WHERE status = 'sending' AND lease_owner = $3 AND id IN ({ids})
+WHERE CASE WHEN status = 'sending' THEN lease_owner = $3 ELSE FALSE END AND id IN ({ids})
 
 -- name: retry_open
 -- next_attempt_at, last_error, updated_at, id
@@ -103,12 +105,13 @@ SELECT id FROM {table} WHERE status = 'published' AND updated_at < $1 ORDER BY i
 
 -- name: republish
 -- Published rows back to pending, due at once, attempts reset as by `replay`: a compare-and-set
--- on the status and the age that chose them.
+-- on the status and the age that chose them, in a CASE, so that the rows are read by primary
+-- key and not through every published row of the age (the published index).
 -- next_attempt_at, updated_at, before, ids...
 UPDATE {table}
 SET status = 'pending', attempts = 0, next_attempt_at = $1, published_at = NULL,
     lease_owner = NULL, lease_until = NULL, updated_at = $2
-WHERE status = 'published' AND updated_at < $3 AND id IN ({ids})
+WHERE CASE WHEN status = 'published' THEN updated_at < $3 ELSE FALSE END AND id IN ({ids})
 
 -- name: dead_by_reason
 SELECT COALESCE(dead_reason, 'unknown'), COUNT(*) FROM {table} WHERE status = 'dead'
