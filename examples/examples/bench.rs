@@ -12,6 +12,9 @@
 //! - `relay`: a backlog of N published by one relay;
 //! - `e2e`: writers at full speed with a relay and a consumer running: consumed per second and
 //!   enqueue-to-consumed latency;
+//! - `e2e_writers`, `e2e_writers_relay`: `e2e`'s writers alone (an event per transaction, no
+//!   business row), and with a relay running beside them: what of `e2e`'s cost is the
+//!   writers', and what the relay's;
 //! - `e2e_inbox`: the same with the consumer recording applied events in the inbox
 //!   (`Dedupe::Inbox`, the mode of a consumer with its own database), beside `e2e`'s consumer in
 //!   the shared database: latency is enqueue to the inbox record;
@@ -560,6 +563,31 @@ async fn run<DB: Backend>(
         let mut conn = pool.acquire().await?;
         DB::execute(&mut conn, &format!("DROP TABLE {table}"), Vec::new()).await?;
         drop(conn);
+        drop_table(&pool, &outbox).await?;
+    }
+
+    // What bounds e2e: its writers alone, then with a relay running beside them.
+    for (scenario, with_relay) in [("e2e_writers", false), ("e2e_writers_relay", true)] {
+        if !o.runs(scenario) {
+            continue;
+        }
+        let outbox = fresh(&pool, "x", mock, &bus).await?;
+        let engine = Engine::builder(pool.clone(), bus.clone()).outbox(outbox.clone());
+        let engine = if with_relay {
+            engine.relay(RelayConfig::default().poll_interval(Duration::from_millis(50)))
+        } else {
+            engine.without_relay()
+        };
+        let running = engine.start().await?;
+        let started = Instant::now();
+        write_events(&pool, &outbox, n, o.writers).await?;
+        rows.push(Row {
+            scenario,
+            events_per_sec: n as f64 / started.elapsed().as_secs_f64(),
+            latencies_ms: Vec::new(),
+            peak_rss_mb: None,
+        });
+        running.shutdown().await?;
         drop_table(&pool, &outbox).await?;
     }
 
