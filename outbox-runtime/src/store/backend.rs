@@ -234,10 +234,11 @@ macro_rules! returning_methods {
         async fn claim_update(
             sql: &$crate::store::TableSql,
             conn: &mut Self::Connection,
-            args: Vec<$crate::store::Arg>,
-            ids: usize,
+            mut args: Vec<$crate::store::Arg>,
+            ids: &[i64],
         ) -> Result<Vec<$crate::store::OutboxRow>, sqlx::Error> {
-            let update = sql.with_ids("claim_update", 3, ids);
+            let ids = ids.iter().map(|&id| $crate::store::Arg::I64(id));
+            let update = sql.with_ids("claim_update", &mut args, ids);
             Self::fetch_rows(conn, &update, args).await
         }
     };

@@ -598,8 +598,11 @@ pub trait Backend: sqlx::Database + private::Sealed {
         ids: &[i64],
     ) -> impl Future<Output = Result<u64, sqlx::Error>> + Send {
         let mut args = vec![Arg::I64(now), Arg::I64(now), Arg::Str(owner.to_owned())];
-        let n = queries::push_ids(&mut args, ids.iter().map(|&id| Arg::I64(id)));
-        let update = sql.with_ids("mark_published", 3, n);
+        let update = sql.with_ids(
+            "mark_published",
+            &mut args,
+            ids.iter().map(|&id| Arg::I64(id)),
+        );
         async move { Self::execute(conn, &update, args).await }
     }
 
@@ -641,14 +644,14 @@ pub trait Backend: sqlx::Database + private::Sealed {
         args: Vec<Arg>,
     ) -> impl Future<Output = Result<Vec<WindowRow>, sqlx::Error>> + Send;
 
-    /// Leases the rows a claim keeps (`claim_update` over `ids` row ids, bound after the
+    /// Leases the rows a claim keeps (`claim_update` over `ids`, bound after `args`: the
     /// owner, the lease's end and the time) and returns them.
     #[doc(hidden)]
     fn claim_update(
         sql: &TableSql,
         conn: &mut Self::Connection,
         args: Vec<Arg>,
-        ids: usize,
+        ids: &[i64],
     ) -> impl Future<Output = Result<Vec<OutboxRow>, sqlx::Error>> + Send;
 
     /// Claims due rows; see [`Outbox::claim`].
@@ -803,8 +806,11 @@ async fn claim_rows<DB: Backend>(
     let mut locked = HashSet::new();
     for chunk in plan.ids().chunks(1024) {
         let mut args = vec![Arg::I64(c.now), Arg::I64(c.now)];
-        let n = queries::push_ids(&mut args, chunk.iter().map(|&id| Arg::I64(id)));
-        let lock = sql.with_ids("claim_lock", 2, n);
+        let lock = sql.with_ids(
+            "claim_lock",
+            &mut args,
+            chunk.iter().map(|&id| Arg::I64(id)),
+        );
         locked.extend(
             DB::fetch_ints(&mut tx, &lock, args)
                 .await?
@@ -815,13 +821,12 @@ async fn claim_rows<DB: Backend>(
     let keep = plan.keep(&locked);
     let mut rows = Vec::with_capacity(keep.len());
     for chunk in keep.chunks(1024) {
-        let mut args = vec![
+        let args = vec![
             Arg::Str(c.owner.clone()),
             Arg::I64(c.lease_until),
             Arg::I64(c.now),
         ];
-        let n = queries::push_ids(&mut args, chunk.iter().map(|&id| Arg::I64(id)));
-        rows.extend(DB::claim_update(sql, &mut tx, args, n).await?);
+        rows.extend(DB::claim_update(sql, &mut tx, args, chunk).await?);
     }
     tx.commit().await?;
     rows.sort_unstable_by_key(|r| r.id);
@@ -931,10 +936,15 @@ impl TableSql {
         self.queries.get(name).map(String::as_str)
     }
 
-    /// The query `name` with `{ids}` replaced by `n` placeholders after the first `before`: `n`
-    /// as `push_ids` padded the list, so that a query has few texts.
-    pub fn with_ids(&self, name: &str, before: usize, n: usize) -> String {
-        queries::expand_ids(self.get(name), before, n, self.numbered)
+    /// The query `name` with `{ids}` replaced by placeholders for `ids`, which it appends to
+    /// `args` padded to a power of two (`queries::with_ids`).
+    pub fn with_ids(
+        &self,
+        name: &str,
+        args: &mut Vec<Arg>,
+        ids: impl IntoIterator<Item = Arg>,
+    ) -> String {
+        queries::with_ids(self.get(name), self.numbered, args, ids)
     }
 }
 
@@ -1473,16 +1483,11 @@ impl<DB: Backend> Outbox<DB> {
         owner: &str,
         ids: &[i64],
     ) -> Result<u64, Error> {
-        let table = self.table(service)?;
-        let mut changed = 0;
-        for chunk in ids.chunks(1024) {
+        self.execute_for_ids(conn, service, "release_leased", ids, || {
             let now = self.now_ms();
-            let mut args = vec![Arg::I64(now), Arg::I64(now), Arg::Str(owner.to_owned())];
-            let n = queries::push_ids(&mut args, chunk.iter().map(|&id| Arg::I64(id)));
-            let sql = table.with_ids("release_leased", 3, n);
-            changed += DB::execute(conn, &sql, args).await?;
-        }
-        Ok(changed)
+            vec![Arg::I64(now), Arg::I64(now), Arg::Str(owner.to_owned())]
+        })
+        .await
     }
 
     /// A leased row can never be published (it does not parse, say): dead at once with
@@ -1735,8 +1740,8 @@ impl<DB: Backend> Outbox<DB> {
         let mut rows = Vec::with_capacity(event_ids.len());
         for chunk in event_ids.chunks(1024) {
             let mut args = Vec::with_capacity(chunk.len().next_power_of_two());
-            let n = queries::push_ids(&mut args, chunk.iter().map(|e| Arg::Str((*e).to_owned())));
-            let sql = table.with_ids("get_many_for_update", 0, n);
+            let ids = chunk.iter().map(|e| Arg::Str((*e).to_owned()));
+            let sql = table.with_ids("get_many_for_update", &mut args, ids);
             rows.extend(DB::fetch_rows(conn, &sql, args).await?);
         }
         Ok(rows)
@@ -1750,16 +1755,11 @@ impl<DB: Backend> Outbox<DB> {
         service: &str,
         ids: &[i64],
     ) -> Result<u64, Error> {
-        let table = self.table(service)?;
         let now = self.now_ms();
-        let mut changed = 0;
-        for chunk in ids.chunks(1024) {
-            let mut args = vec![Arg::I64(now), Arg::I64(now)];
-            let n = queries::push_ids(&mut args, chunk.iter().map(|id| Arg::I64(*id)));
-            let sql = table.with_ids("mark_many_consumed", 2, n);
-            changed += DB::execute(conn, &sql, args).await?;
-        }
-        Ok(changed)
+        self.execute_for_ids(conn, service, "mark_many_consumed", ids, || {
+            vec![Arg::I64(now), Arg::I64(now)]
+        })
+        .await
     }
 
     /// Records `(group, event_id)` in the inbox in the caller's transaction; false when it was
@@ -1798,7 +1798,7 @@ impl<DB: Backend> Outbox<DB> {
         let mut fresh = HashSet::with_capacity(event_ids.len());
         for chunk in event_ids.chunks(512) {
             // Padded to a power of two with the last event again (inserted once), so that the
-            // statement has few texts, as `queries::push_ids` does for lists of ids.
+            // statement has few texts, as `queries::with_ids` does for lists of ids.
             let padded =
                 (0..chunk.len().next_power_of_two()).map(|i| chunk[i.min(chunk.len() - 1)]);
             let mut args = Vec::with_capacity(chunk.len().next_power_of_two() * 3);
@@ -1839,8 +1839,8 @@ impl<DB: Backend> Outbox<DB> {
         let template = self.inbox_sql("inbox_forget_many");
         for chunk in event_ids.chunks(512) {
             let mut args = vec![Arg::Str(group.to_owned())];
-            let n = queries::push_ids(&mut args, chunk.iter().map(|id| Arg::Str((*id).to_owned())));
-            let sql = queries::expand_ids(template, 1, n, DB::NUMBERED);
+            let ids = chunk.iter().map(|id| Arg::Str((*id).to_owned()));
+            let sql = queries::with_ids(template, DB::NUMBERED, &mut args, ids);
             DB::execute(conn, &sql, args).await?;
         }
         Ok(())
@@ -2147,16 +2147,11 @@ impl<DB: Backend> Outbox<DB> {
         service: &str,
         ids: &[i64],
     ) -> Result<u64, Error> {
-        let table = self.table(service)?;
-        let mut changed = 0;
-        for chunk in ids.chunks(1024) {
+        self.execute_for_ids(conn, service, "replay", ids, || {
             let now = self.now_ms();
-            let mut args = vec![Arg::I64(now), Arg::I64(now)];
-            let n = queries::push_ids(&mut args, chunk.iter().map(|&id| Arg::I64(id)));
-            let sql = table.with_ids("replay", 2, n);
-            changed += DB::execute(conn, &sql, args).await?;
-        }
-        Ok(changed)
+            vec![Arg::I64(now), Arg::I64(now)]
+        })
+        .await
     }
 
     /// Deletes dead rows for good. Returns how many (rows that are not dead are left alone).
@@ -2166,12 +2161,25 @@ impl<DB: Backend> Outbox<DB> {
         service: &str,
         ids: &[i64],
     ) -> Result<u64, Error> {
+        self.execute_for_ids(conn, service, "discard", ids, Vec::new)
+            .await
+    }
+
+    /// Runs `service`'s query `name` over `ids`, 1,024 at a time (under every backend's
+    /// placeholder limit), each chunk bound after `args()`: the rows it changed.
+    async fn execute_for_ids(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        name: &str,
+        ids: &[i64],
+        args: impl Fn() -> Vec<Arg>,
+    ) -> Result<u64, Error> {
         let table = self.table(service)?;
         let mut changed = 0;
         for chunk in ids.chunks(1024) {
-            let mut args = Vec::with_capacity(chunk.len().next_power_of_two());
-            let n = queries::push_ids(&mut args, chunk.iter().map(|&id| Arg::I64(id)));
-            let sql = table.with_ids("discard", 0, n);
+            let mut args = args();
+            let sql = table.with_ids(name, &mut args, chunk.iter().map(|&id| Arg::I64(id)));
             changed += DB::execute(conn, &sql, args).await?;
         }
         Ok(changed)
@@ -2224,16 +2232,13 @@ impl<DB: Backend> Outbox<DB> {
         older_than: Duration,
         ids: &[i64],
     ) -> Result<u64, Error> {
-        let table = self.table(service)?;
         let now = self.now_ms();
         let before = now - i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
-        let mut changed = 0;
-        for chunk in ids.chunks(1024) {
-            let mut args = vec![Arg::I64(now), Arg::I64(now), Arg::I64(before)];
-            let n = queries::push_ids(&mut args, chunk.iter().map(|&id| Arg::I64(id)));
-            let sql = table.with_ids("republish", 3, n);
-            changed += DB::execute(conn, &sql, args).await?;
-        }
+        let changed = self
+            .execute_for_ids(conn, service, "republish", ids, || {
+                vec![Arg::I64(now), Arg::I64(now), Arg::I64(before)]
+            })
+            .await?;
         if changed > 0 {
             self.inner.wake.notify_waiters();
         }

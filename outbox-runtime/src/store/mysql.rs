@@ -85,12 +85,15 @@ impl Backend for MySql {
     async fn claim_update(
         sql: &TableSql,
         conn: &mut MySqlConnection,
-        args: Vec<Arg>,
-        ids: usize,
+        mut args: Vec<Arg>,
+        ids: &[i64],
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-        let select_args = args[3..].to_vec();
-        Self::execute(conn, &sql.with_ids("claim_update", 3, ids), args).await?;
-        Self::fetch_rows(conn, &sql.with_ids("select_ids", 0, ids), select_args).await
+        let ids = || ids.iter().map(|&id| Arg::I64(id));
+        let update = sql.with_ids("claim_update", &mut args, ids());
+        Self::execute(conn, &update, args).await?;
+        let mut args = Vec::new();
+        let select = sql.with_ids("select_ids", &mut args, ids());
+        Self::fetch_rows(conn, &select, args).await
     }
 
     async fn claim(
@@ -163,8 +166,7 @@ async fn lock_then_update(
 ) -> Result<u64, sqlx::Error> {
     let mut tx = conn.begin().await?;
     let mut args = lock_args.to_vec();
-    let n = super::queries::push_ids(&mut args, ids.iter().map(|&id| Arg::I64(id)));
-    let query = sql.with_ids(lock, lock_args.len(), n);
+    let query = sql.with_ids(lock, &mut args, ids.iter().map(|&id| Arg::I64(id)));
     let locked: Vec<i64> = MySql::fetch_ints(&mut tx, &query, args)
         .await?
         .into_iter()
@@ -173,8 +175,7 @@ async fn lock_then_update(
     let mut changed = 0;
     if !locked.is_empty() {
         let mut args = update_args.to_vec();
-        let n = super::queries::push_ids(&mut args, locked.iter().map(|&id| Arg::I64(id)));
-        let query = sql.with_ids(update, update_args.len(), n);
+        let query = sql.with_ids(update, &mut args, locked.iter().map(|&id| Arg::I64(id)));
         changed = MySql::execute(&mut tx, &query, args).await?;
     }
     tx.commit().await?;

@@ -93,17 +93,28 @@ pub(super) fn unnumber(sql: &str) -> String {
     out
 }
 
-/// Appends `ids` to `args` as a list for `{ids}`, padded to the next power of two by repeating
-/// the last one, and returns the list's length (see [`TableSql::with_ids`]).
+/// `sql` with `{ids}` replaced by a placeholder for each of `ids`, which it appends to `args`
+/// (bound after what `args` holds), padded to the next power of two by repeating the last one.
 ///
 /// A statement's text is what drivers prepare and cache, and the server plans, once per
 /// connection: one text per batch length made nearly every batch of the relay and the
 /// consumers prepare and plan a statement of hundreds of placeholders anew (the caches hold
 /// 100 texts). Padded, a query has at most 11 texts. An id twice in `IN (...)` selects,
 /// locks and changes its row once.
-///
-/// [`TableSql::with_ids`]: super::TableSql::with_ids
-pub(super) fn push_ids(args: &mut Vec<Arg>, ids: impl IntoIterator<Item = Arg>) -> usize {
+pub(super) fn with_ids(
+    sql: &str,
+    numbered: bool,
+    args: &mut Vec<Arg>,
+    ids: impl IntoIterator<Item = Arg>,
+) -> String {
+    let before = args.len();
+    let n = push_ids(args, ids);
+    expand_ids(sql, before, n, numbered)
+}
+
+/// Appends `ids` to `args`, padded to the next power of two with the last one; returns how
+/// many it appended.
+fn push_ids(args: &mut Vec<Arg>, ids: impl IntoIterator<Item = Arg>) -> usize {
     let start = args.len();
     args.extend(ids);
     let n = args.len() - start;
@@ -114,7 +125,7 @@ pub(super) fn push_ids(args: &mut Vec<Arg>, ids: impl IntoIterator<Item = Arg>) 
 }
 
 /// Replaces `{ids}` with `n` placeholders numbered after the first `before`.
-pub(super) fn expand_ids(sql: &str, before: usize, n: usize, numbered: bool) -> String {
+fn expand_ids(sql: &str, before: usize, n: usize, numbered: bool) -> String {
     let list: Vec<String> = (1..=n)
         .map(|i| {
             if numbered {
@@ -174,6 +185,17 @@ mod tests {
             .map(|n| push_ids(&mut Vec::new(), (0..n).map(Arg::I64)))
             .collect();
         assert_eq!(lengths.len(), 11);
+        let mut args = vec![Arg::I64(0)];
+        assert_eq!(
+            with_ids(
+                "x = $1 AND y IN ({ids})",
+                true,
+                &mut args,
+                [7, 8, 9].map(Arg::I64)
+            ),
+            "x = $1 AND y IN ($2, $3, $4, $5)"
+        );
+        assert_eq!(args.len(), 5);
     }
 
     #[test]

@@ -425,6 +425,21 @@ async fn claim_holds_a_key_back_while_an_earlier_row_of_it_is_open<DB: TestDb>()
     h.cleanup().await;
 }
 
+/// The entries of `index` read so far (PostgreSQL's counter; this connection's statistics
+/// flushed first).
+async fn index_reads(conn: &mut outbox_runtime::sqlx::PgConnection, index: &str) -> i64 {
+    use outbox_runtime::sqlx;
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query_scalar("SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = $1")
+        .bind(index)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+}
+
 // After an outage the planner's statistics say nearly every row is pending; a claim must still
 // read its window from the open rows' own index, not walk the primary key through every row
 // published since (that made a 100,000-row backlog of one key drain in 21x the time of 10,000).
@@ -443,19 +458,8 @@ async fn a_claim_reads_no_published_row_whatever_the_statistics_postgres() {
         .execute(&mut conn)
         .await
         .unwrap();
-    // The primary key's entries read by this connection so far (its statistics flushed first).
     let pkey = format!("{table}_pkey");
-    let reads = async |conn: &mut sqlx::PgConnection| -> i64 {
-        sqlx::query("SELECT pg_stat_force_next_flush()")
-            .execute(&mut *conn)
-            .await
-            .unwrap();
-        sqlx::query_scalar("SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = $1")
-            .bind(&pkey)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap()
-    };
+    let reads = async |conn: &mut sqlx::PgConnection| index_reads(conn, &pkey).await;
     let mut drained = 0;
     for _ in 0..7 {
         let rows = h
@@ -518,17 +522,7 @@ async fn a_claim_locks_its_rows_by_key_on_a_backlog_its_statistics_never_saw_pos
         tx.commit().await.unwrap();
     }
     let pending = format!("{table}_pending");
-    let reads = async |conn: &mut sqlx::PgConnection| -> i64 {
-        sqlx::query("SELECT pg_stat_force_next_flush()")
-            .execute(&mut *conn)
-            .await
-            .unwrap();
-        sqlx::query_scalar("SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = $1")
-            .bind(&pending)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap()
-    };
+    let reads = async |conn: &mut sqlx::PgConnection| index_reads(conn, &pending).await;
     for mode in ["force_custom_plan", "force_generic_plan"] {
         sqlx::query(&format!("SET plan_cache_mode = {mode}"))
             .execute(&mut conn)
