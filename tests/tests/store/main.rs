@@ -425,19 +425,33 @@ async fn claim_holds_a_key_back_while_an_earlier_row_of_it_is_open<DB: TestDb>()
     h.cleanup().await;
 }
 
-/// The entries of `index` read so far (PostgreSQL's counter; this connection's statistics
-/// flushed first).
-async fn index_reads(conn: &mut outbox_runtime::sqlx::PgConnection, index: &str) -> i64 {
+/// A claim of up to 500 `task` rows on `conn`, and how many entries of `index` it read
+/// (PostgreSQL's own counter, this connection's statistics flushed before and after).
+async fn claim_reading(
+    h: &Harness<outbox_runtime::sqlx::Postgres>,
+    conn: &mut outbox_runtime::sqlx::PgConnection,
+    index: &str,
+) -> (Vec<outbox_runtime::store::OutboxRow>, i64) {
     use outbox_runtime::sqlx;
-    sqlx::query("SELECT pg_stat_force_next_flush()")
-        .execute(&mut *conn)
+    async fn reads(conn: &mut sqlx::PgConnection, index: &str) -> i64 {
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::query_scalar("SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = $1")
+            .bind(index)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap()
+    }
+    let before = reads(conn, index).await;
+    let rows = h
+        .outbox
+        .claim(conn, "task", "relay", 500, LEASE)
         .await
         .unwrap();
-    sqlx::query_scalar("SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = $1")
-        .bind(index)
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap()
+    let read = reads(conn, index).await - before;
+    (rows, read)
 }
 
 // After an outage the planner's statistics say nearly every row is pending; a claim must still
@@ -458,8 +472,6 @@ async fn a_claim_reads_no_published_row_whatever_the_statistics_postgres() {
         .execute(&mut conn)
         .await
         .unwrap();
-    let pkey = format!("{table}_pkey");
-    let reads = async |conn: &mut sqlx::PgConnection| index_reads(conn, &pkey).await;
     let mut drained = 0;
     for _ in 0..7 {
         let rows = h
@@ -480,13 +492,7 @@ async fn a_claim_reads_no_published_row_whatever_the_statistics_postgres() {
     // Each of the last claim's statements may look its own rows up by key (the lock, the
     // lease), about 1,000 entries; walking the key from the start reads the 3,500 published
     // rows besides.
-    let before = reads(&mut conn).await;
-    let rows = h
-        .outbox
-        .claim(&mut conn, "task", "relay", 500, LEASE)
-        .await
-        .unwrap();
-    let read = reads(&mut conn).await - before;
+    let (rows, read) = claim_reading(&h, &mut conn, &format!("{table}_pkey")).await;
     assert_eq!(rows.len(), 500);
     assert!(
         read < drained,
@@ -522,7 +528,6 @@ async fn a_claim_locks_its_rows_by_key_on_a_backlog_its_statistics_never_saw_pos
         tx.commit().await.unwrap();
     }
     let pending = format!("{table}_pending");
-    let reads = async |conn: &mut sqlx::PgConnection| index_reads(conn, &pending).await;
     for mode in ["force_custom_plan", "force_generic_plan"] {
         sqlx::query(&format!("SET plan_cache_mode = {mode}"))
             .execute(&mut conn)
@@ -530,13 +535,7 @@ async fn a_claim_locks_its_rows_by_key_on_a_backlog_its_statistics_never_saw_pos
             .unwrap();
         // Six claims: a generic plan is made at the first, a custom one at each.
         for _ in 0..6 {
-            let before = reads(&mut conn).await;
-            let rows = h
-                .outbox
-                .claim(&mut conn, "task", "relay", 500, LEASE)
-                .await
-                .unwrap();
-            let read = reads(&mut conn).await - before;
+            let (rows, read) = claim_reading(&h, &mut conn, &pending).await;
             assert_eq!(rows.len(), 500);
             // The window reads the first open rows from the index (500, or a few windows of
             // them); the pending index holds 14,000 rows and more.
