@@ -544,12 +544,7 @@ async fn a_claim_locks_its_rows_by_key_on_a_backlog_its_statistics_never_saw_pos
                 "{mode}: a claim of 500 rows read {read} entries of the pending index"
             );
             let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-            let marked = h
-                .outbox
-                .mark_published(&mut conn, "task", "relay", &ids)
-                .await
-                .unwrap();
-            assert_eq!(marked, 500);
+            assert_eq!(publish(&h, "task", "relay", &ids).await, 500);
         }
     }
     let analyzed: Option<i64> = sqlx::query_scalar(
