@@ -565,6 +565,7 @@ async fn status<DB: Backend>(
                         "lag_bytes": lag.bytes,
                         "lag_age_ms": lag.age_ms,
                         "relay_active": lag.relay_active,
+                        "lost": lag.lost,
                     });
                 }
                 v
@@ -616,9 +617,20 @@ async fn status<DB: Backend>(
                 lag.service,
                 lag.slot,
                 lag.bytes.map_or("no slot".to_owned(), |b| b.to_string()),
-                lag.age_ms.map_or("-".to_owned(), age),
+                if lag.lost {
+                    "LOST".to_owned()
+                } else {
+                    lag.age_ms.map_or("-".to_owned(), age)
+                },
                 if lag.relay_active { "active" } else { "none" },
             );
+        }
+        for lag in lags.values().filter(|l| l.lost) {
+            let lost = outbox_runtime::Error::WalSlotLost {
+                service: lag.service.clone(),
+                slot: lag.slot.clone(),
+            };
+            println!("\n{lost}");
         }
     }
     Ok(())

@@ -81,6 +81,18 @@ pub enum Error {
         /// The slot.
         slot: String,
     },
+    /// A write-ahead-log service whose replication slot PostgreSQL invalidated because it held
+    /// more WAL than `max_slot_wal_keep_size` allows: nothing more can be read from it, so the
+    /// relay stops rather than go on as if no event were waiting.
+    #[error(
+        "replication slot `{slot}` of service `{service}` was invalidated by PostgreSQL (it held more WAL than max_slot_wal_keep_size allows): the events it still held for the relay, and any written since, cannot be read from it. Drop it (SELECT pg_drop_replication_slot('{slot}')) and run `outbox migrate` (Outbox::migrate), which makes it again from then on; the lost events are those the service wrote after the slot's last confirmed position"
+    )]
+    WalSlotLost {
+        /// The service.
+        service: String,
+        /// The slot.
+        slot: String,
+    },
     /// The replication stream a relay reads a write-ahead-log service's slot through could
     /// not start or broke (the relay tries again; the reason says what to fix when it can).
     #[error("replication stream of slot `{slot}` (service `{service}`): {reason}")]

@@ -348,7 +348,9 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             let claimed = match wal.as_mut() {
                 Some(slot) => match self.wal_round(service, slot).await {
                     Ok(n) => n,
-                    Err(e @ Error::WalSlotMissing { .. }) => return Err(e),
+                    Err(e @ (Error::WalSlotMissing { .. } | Error::WalSlotLost { .. })) => {
+                        return Err(e);
+                    }
                     Err(e) => {
                         tracing::warn!(service, error = %e, "relay round failed");
                         0

@@ -320,9 +320,18 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             slot.published = None;
             slot.read = false;
             slot.attempts.clear();
+            let name = self.outbox.wal_slot(service)?;
+            let state = self.outbox.wal_slot_state(conn, service).await?;
+            let lost = state.is_some_and(|s| s.lost);
+            metrics::gauge!("outbox_wal_slot_lost", "service" => service.to_owned())
+                .set(f64::from(u8::from(lost)));
+            if lost {
+                return Err(Error::WalSlotLost {
+                    service: service.to_owned(),
+                    slot: name,
+                });
+            }
             if let Some(target) = &slot.target {
-                let name = self.outbox.wal_slot(service)?;
-                let state = self.outbox.wal_slot_state(conn, service).await?;
                 let from = state
                     .and_then(|s| s.confirmed)
                     .ok_or(Error::WalSlotMissing {

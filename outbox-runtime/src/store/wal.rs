@@ -286,6 +286,9 @@ pub struct SlotState {
     pub confirmed: Option<Lsn>,
     /// Whether a replication connection streams it.
     pub streamed: bool,
+    /// Whether PostgreSQL invalidated it (`wal_status` `lost`): it held more WAL than
+    /// `max_slot_wal_keep_size` allows, and can no longer be read.
+    pub lost: bool,
 }
 
 /// Where a relay's replication connection goes ([`Backend::replication_target`]).
@@ -334,6 +337,9 @@ pub struct WalLag {
     pub age_ms: Option<i64>,
     /// Whether a relay holds the slot now.
     pub relay_active: bool,
+    /// Whether PostgreSQL invalidated the slot ([`Error::WalSlotLost`]): the relay cannot read
+    /// it, and stops; `age_ms` is then `None`.
+    pub lost: bool,
 }
 
 impl<DB: Backend> OutboxBuilder<DB> {
@@ -603,9 +609,10 @@ impl<DB: Backend> Outbox<DB> {
         let slot = self.wal_slot(service)?;
         let got =
             DB::fetch_pairs(conn, self.inbox_sql("wal_slot_state"), vec![Arg::Str(slot)]).await?;
-        Ok(got.first().map(|(lsn, active)| SlotState {
+        Ok(got.first().map(|(lsn, flags)| SlotState {
             confirmed: Lsn::parse(lsn),
-            streamed: *active == 1,
+            streamed: flags & 1 != 0,
+            lost: flags & 2 != 0,
         }))
     }
 
@@ -705,11 +712,21 @@ impl<DB: Backend> Outbox<DB> {
             bytes: None,
             age_ms: None,
             relay_active: false,
+            lost: false,
         };
         let Some(bytes) = self.wal_bytes(conn, &slot).await? else {
             return Ok(lag);
         };
         lag.bytes = Some(bytes);
+        if self
+            .wal_slot_state(conn, service)
+            .await?
+            .is_some_and(|s| s.lost)
+        {
+            // Reading it would only fail.
+            lag.lost = true;
+            return Ok(lag);
+        }
         let now = self.now_ms();
         if self.wal_acquire(conn, service).await? {
             // A few changes: a heartbeat may come before the first event.

@@ -405,10 +405,12 @@ SELECT pg_logical_emit_message(false, 'outbox-heartbeat', '')::TEXT
 SELECT pg_replication_slot_advance($1::NAME, $2::PG_LSN)::TEXT
 
 -- name: wal_slot_state
--- How far the slot is confirmed (the server's copy of what its reader acknowledged), and
--- whether a replication connection streams it.
+-- How far the slot is confirmed (the server's copy of what its reader acknowledged), and as
+-- flags: 1 a replication connection streams it, 2 the server invalidated it (it held more WAL
+-- than `max_slot_wal_keep_size` allows).
 -- slot
-SELECT COALESCE(confirmed_flush_lsn::TEXT, ''), CASE WHEN active THEN 1 ELSE 0 END::BIGINT
+SELECT COALESCE(confirmed_flush_lsn::TEXT, ''),
+    (CASE WHEN active THEN 1 ELSE 0 END + CASE WHEN wal_status = 'lost' THEN 2 ELSE 0 END)::BIGINT
 FROM pg_replication_slots WHERE slot_name = $1
 
 -- name: wal_lag

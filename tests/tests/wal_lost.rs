@@ -1,0 +1,164 @@
+//! A write-ahead-log service whose replication slot PostgreSQL invalidated (it held more WAL
+//! than `max_slot_wal_keep_size` allows): the relay stops with the fix rather than go on as if
+//! nothing were waiting, `outbox_wal_slot_lost` says so, and the slot's lag shows it.
+//!
+//! A test binary of its own: it lowers `max_slot_wal_keep_size`, a setting of the whole
+//! server, for the moment it takes to invalidate its slot, and test binaries run one at a
+//! time (tests within one run at once). PostgreSQL (with `wal_level = logical`, which
+//! `./scripts/test` sets) and tansu.
+
+#[allow(
+    dead_code,
+    reason = "the store tests' harness, of which this test needs a part"
+)]
+#[path = "store/harness.rs"]
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use contracts::samples;
+use harness::Harness;
+use outbox_runtime::sqlx::{PgPool, Postgres};
+use outbox_runtime::store::{Arg, Backend as _, StoreConfig};
+use outbox_runtime::{Engine, Error, KafkaConfig, Outbox, RelayConfig};
+
+fn brokers() -> String {
+    std::env::var("OUTBOX_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+async fn run(pool: &PgPool, sql: &str) {
+    let mut conn = pool.acquire().await.unwrap();
+    Postgres::execute(&mut conn, sql, Vec::new()).await.unwrap();
+}
+
+/// Lowers `max_slot_wal_keep_size` to 1 MB, then writes and switches WAL segments and
+/// checkpoints until the server invalidates `slot`.
+async fn invalidate(pool: PgPool, slot: String) {
+    let mut conn = pool.acquire().await.unwrap();
+    let keep = Postgres::fetch_pairs(
+        &mut conn,
+        "SELECT current_setting('wal_keep_size'), 0::BIGINT",
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        keep[0].0, "0",
+        "wal_keep_size keeps segments a slot would lose"
+    );
+    drop(conn);
+    run(&pool, "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'").await;
+    run(&pool, "SELECT pg_reload_conf()::TEXT").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        run(
+            &pool,
+            "SELECT pg_logical_emit_message(false, 'outbox-test-filler', repeat('x', 1000))::TEXT",
+        )
+        .await;
+        run(&pool, "SELECT pg_switch_wal()::TEXT").await;
+        run(&pool, "CHECKPOINT").await;
+        let mut conn = pool.acquire().await.unwrap();
+        let status = Postgres::fetch_pairs(
+            &mut conn,
+            "SELECT COALESCE(wal_status, ''), 0::BIGINT FROM pg_replication_slots WHERE slot_name = $1",
+            vec![Arg::Str(slot.clone())],
+        )
+        .await
+        .unwrap();
+        if status[0].0 == "lost" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slot {slot} still {:?} after 60 s of checkpoints",
+            status[0].0
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_stops_on_an_invalidated_slot_with_the_fix_and_its_gauge_says_lost() {
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .unwrap();
+    let mut h = Harness::<Postgres>::live(StoreConfig::default(), |tag| format!("lost{tag}")).await;
+    h.outbox = Outbox::builder(h.outbox.catalog().clone())
+        .wal("notification")
+        .unwrap()
+        .build();
+    let migrate = async {
+        let mut conn = h.pool.acquire().await.unwrap();
+        h.outbox.migrate(&mut conn).await.unwrap();
+    };
+    migrate.await;
+    let slot = h.outbox.wal_slot("notification").unwrap();
+    // An event the slot holds for the relay.
+    let mut tx = h.pool.begin().await.unwrap();
+    h.outbox
+        .enqueue(&mut *tx, &samples::feishu(1))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    // In a task of its own, so that the setting is put back whatever happens there.
+    let invalidated = tokio::spawn(invalidate(h.pool.clone(), slot.clone())).await;
+    run(&h.pool, "ALTER SYSTEM RESET max_slot_wal_keep_size").await;
+    run(&h.pool, "SELECT pg_reload_conf()::TEXT").await;
+    invalidated.unwrap();
+
+    let mut conn = h.pool.acquire().await.unwrap();
+    let lag = h.outbox.wal_lag(&mut conn, "notification").await.unwrap();
+    drop(conn);
+    assert!(lag.lost && lag.bytes.is_some(), "{lag:?}");
+    assert_eq!((lag.age_ms, lag.relay_active), (None, false), "{lag:?}");
+
+    let mut running = Engine::builder(h.pool.clone(), KafkaConfig::new(brokers()))
+        .outbox(h.outbox.clone())
+        .relay(RelayConfig::default().poll_interval(Duration::from_millis(100)))
+        .start()
+        .await
+        .unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(60), running.wait())
+        .await
+        .expect("the relay went on with a lost slot");
+    let err = stopped.unwrap_err();
+    assert!(
+        matches!(&err, Error::WalSlotLost { service, slot: s } if service == "notification" && *s == slot),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("pg_drop_replication_slot('{slot}')"))
+            && text.contains("outbox migrate"),
+        "the fix: {text}"
+    );
+    let rendered = metrics.render();
+    assert!(
+        rendered.contains("outbox_wal_slot_lost{service=\"notification\"} 1"),
+        "{rendered}"
+    );
+    drop(running);
+
+    // The fix: the slot dropped and made again is read from the present.
+    run(
+        &h.pool,
+        &format!("SELECT pg_drop_replication_slot('{slot}')::TEXT"),
+    )
+    .await;
+    let migrate = async {
+        let mut conn = h.pool.acquire().await.unwrap();
+        h.outbox.migrate(&mut conn).await.unwrap();
+    };
+    migrate.await;
+    let mut conn = h.pool.acquire().await.unwrap();
+    let lag = h.outbox.wal_lag(&mut conn, "notification").await.unwrap();
+    drop(conn);
+    assert!(!lag.lost && lag.age_ms == Some(0), "{lag:?}");
+    run(
+        &h.pool,
+        &format!("SELECT pg_drop_replication_slot('{slot}')::TEXT"),
+    )
+    .await;
+    h.cleanup().await;
+}
