@@ -122,7 +122,7 @@ pub enum WalRead {
     /// slot, the log decoded once by the server as it is written, events handed to the relay
     /// as their transactions commit, and the slot advanced by the relay's acknowledgements.
     /// The user needs the `REPLICATION` attribute, and the connection the password
-    /// ([`RelayConfig::replication_url`], or `PGPASSWORD`); no TLS.
+    /// ([`RelayConfig::replication_url`], `PGPASSWORD`, or the password file); no TLS.
     #[default]
     Stream,
     /// The SQL interface (`pg_logical_slot_peek_binary_changes`, `pg_replication_slot_advance`)
@@ -165,7 +165,8 @@ impl RelayConfig {
     /// The connection URL (`postgres://user:password@host:port/database`) of the replication
     /// stream of services relayed from the write-ahead log: another user than the pool's (one
     /// with the `REPLICATION` attribute), or the password the pool does not tell. Without it
-    /// the stream connects as the pool does, with the password in `PGPASSWORD`.
+    /// the stream connects as the pool does, with the password in `PGPASSWORD` or the password
+    /// file (`PGPASSFILE`, else `~/.pgpass`).
     pub fn replication_url(mut self, url: impl Into<String>) -> Self {
         self.replication_url = Some(url.into());
         self

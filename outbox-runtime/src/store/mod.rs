@@ -19,6 +19,8 @@
 #[macro_use]
 mod backend;
 mod go;
+#[cfg(feature = "postgres")]
+mod pgpass;
 mod queries;
 mod wal;
 #[cfg(feature = "postgres")]
@@ -577,8 +579,8 @@ pub trait Backend: sqlx::Database + private::Sealed {
 
     /// Where a replication connection to the pool's database goes (PostgreSQL): the pool's
     /// server, database and user, or those of `url`; the password is `url`'s, else
-    /// `PGPASSWORD`'s (the pool does not tell its own). `None` where the database has no
-    /// replication protocol.
+    /// `PGPASSWORD`'s, else the password file's (the pool does not tell its own). `None` where
+    /// the database has no replication protocol.
     #[doc(hidden)]
     fn replication_target(
         pool: &sqlx::Pool<Self>,

@@ -31,14 +31,18 @@ impl Backend for Postgres {
         pool: &sqlx::Pool<Postgres>,
         url: Option<&str>,
     ) -> Result<Option<ReplicationTarget>, Error> {
+        // libpq's order: the URL's password, `PGPASSWORD`, the password file.
         let (options, password) = match url {
             Some(url) => url_options(url)?,
-            None => (
-                (*pool.connect_options()).clone(),
-                std::env::var("PGPASSWORD").ok(),
-            ),
+            None => ((*pool.connect_options()).clone(), None),
         };
-        Ok(Some(target_of(&options, password)))
+        let mut target = target_of(&options, password);
+        if target.password.is_none() {
+            target.password = std::env::var("PGPASSWORD")
+                .ok()
+                .or_else(|| super::pgpass::password(&target));
+        }
+        Ok(Some(target))
     }
 
     fn spawn_listener(

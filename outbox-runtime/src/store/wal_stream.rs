@@ -229,8 +229,8 @@ impl WalStream {
 fn hint(error: &str) -> &'static str {
     if error.contains("password") || error.contains("authentication") {
         "; give the relay the replication connection's URL with its password \
-         (`RelayConfig::replication_url`, `outbox relay --database-url`) or set PGPASSWORD, or \
-         read through the SQL interface (`WalRead::Sql`)"
+         (`RelayConfig::replication_url`, `outbox relay --database-url`), set PGPASSWORD or put \
+         it in the password file (~/.pgpass), or read through the SQL interface (`WalRead::Sql`)"
     } else if error.contains("replication role") || error.contains("permission denied") {
         "; the user needs the REPLICATION attribute (`ALTER ROLE ... REPLICATION`)"
     } else if error.contains("invalidated") || error.contains("can no longer get changes") {
