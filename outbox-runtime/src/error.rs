@@ -85,7 +85,7 @@ pub enum Error {
     /// more WAL than `max_slot_wal_keep_size` allows: nothing more can be read from it, so the
     /// relay stops rather than go on as if no event were waiting.
     #[error(
-        "replication slot `{slot}` of service `{service}` was invalidated by PostgreSQL (it held more WAL than max_slot_wal_keep_size allows): the events it still held for the relay, and any written since, cannot be read from it. Drop it (SELECT pg_drop_replication_slot('{slot}')) and run `outbox migrate` (Outbox::migrate), which makes it again from then on; the lost events are those the service wrote after the slot's last confirmed position"
+        "replication slot `{slot}` of service `{service}` was invalidated by PostgreSQL (it held more WAL than max_slot_wal_keep_size allows): nothing more can be read from it, so events the service wrote after the slot's last confirmed position may never have been published, and none written from now on will be. Drop it (SELECT pg_drop_replication_slot('{slot}')) and run `outbox migrate` (Outbox::migrate), which makes it again from then on"
     )]
     WalSlotLost {
         /// The service.

@@ -40,6 +40,7 @@ impl Backend for Postgres {
         if target.password.is_none() {
             target.password = std::env::var("PGPASSWORD")
                 .ok()
+                .filter(|p| !p.is_empty())
                 .or_else(|| super::pgpass::password(&target));
         }
         Ok(Some(target))
