@@ -13,7 +13,14 @@ use outbox_runtime::store::{Backend, GoRoute};
 use outbox_runtime::{Catalog, Outbox, RouteConfig};
 use serde_json::Value;
 
+#[path = "support/lost_slot.rs"]
+mod lost_slot;
+
 const PG: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// The tests with replication slots take turns: one of them lowers `max_slot_wal_keep_size`,
+/// which is the whole server's, and would invalidate the others' slots.
+static WAL_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const MARIADB: &str = "mysql://root@127.0.0.1:3306/test";
 
 struct Setup {
@@ -988,6 +995,7 @@ fn wait_on_the_broker(brokers: &str, topic: &str, want: &[String]) {
 // was left, from the slot's position.
 #[tokio::test]
 async fn a_wal_service_is_relayed_from_its_slot_and_a_second_daemon_takes_over_a_killed_one() {
+    let _turn = WAL_TESTS.lock().await;
     let s = Setup::with_config(
         PG,
         serde_json::json!({ "relay": { "poll_ms": 100 }, "wal_services": ["task"] }),
@@ -1076,5 +1084,76 @@ async fn a_wal_service_is_relayed_from_its_slot_and_a_second_daemon_takes_over_a
         .await
         .unwrap();
     drop(conn);
+    s.drop_tables(&pool).await;
+}
+
+// A slot PostgreSQL invalidated (past `max_slot_wal_keep_size`): `status` shows it LOST with the
+// fix (`"lost": true` and no age in JSON), and `relay` exits non-zero naming the slot and the
+// fix rather than run on with nothing to read.
+#[tokio::test]
+async fn a_lost_slot_is_shown_lost_and_the_relay_exits_naming_the_fix() {
+    let _turn = WAL_TESTS.lock().await;
+    let s = Setup::with_config(
+        PG,
+        serde_json::json!({ "relay": { "poll_ms": 100 }, "wal_services": ["task"] }),
+    );
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .connect(&s.url)
+        .await
+        .expect("PostgreSQL is unreachable");
+    s.ok(&["migrate"]);
+    let outbox = Outbox::<Postgres>::builder(s.catalog())
+        .wal("task")
+        .unwrap()
+        .build();
+    let slot = outbox.wal_slot("task").unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    urgencies(&outbox, &mut conn, 0..3).await;
+    drop(conn);
+    lost_slot::invalidate(&pool, &slot).await;
+
+    let task = s.status_of("task");
+    assert_eq!(task["wal"]["lost"], true, "{task}");
+    assert_eq!(task["wal"]["lag_age_ms"], Value::Null, "{task}");
+    let fix = format!("pg_drop_replication_slot('{slot}')");
+    let table = s.ok(&["status"]);
+    assert!(
+        table.contains("LOST") && table.contains(&fix) && table.contains("outbox migrate"),
+        "{table}"
+    );
+
+    let brokers = std::env::var("OUTBOX_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["relay", "--brokers", &brokers])
+        .env("OUTBOX_CONFIG", &s.config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = relay.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            relay.kill().unwrap();
+            panic!("the relay ran on for 60 s with a lost slot");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut stderr = String::new();
+    relay
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains(&fix), "{stderr}");
+
+    sqlx::query("SELECT pg_drop_replication_slot($1)::TEXT")
+        .bind(&slot)
+        .execute(&pool)
+        .await
+        .unwrap();
     s.drop_tables(&pool).await;
 }

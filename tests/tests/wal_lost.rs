@@ -13,13 +13,15 @@
 )]
 #[path = "store/harness.rs"]
 mod harness;
+#[path = "../../outbox-cli/tests/support/lost_slot.rs"]
+mod lost_slot;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use contracts::samples;
 use harness::Harness;
 use outbox_runtime::sqlx::{PgPool, Postgres};
-use outbox_runtime::store::{Arg, Backend as _, StoreConfig};
+use outbox_runtime::store::{Backend as _, StoreConfig};
 use outbox_runtime::{Engine, Error, KafkaConfig, Outbox, RelayConfig};
 
 fn brokers() -> String {
@@ -29,52 +31,6 @@ fn brokers() -> String {
 async fn run(pool: &PgPool, sql: &str) {
     let mut conn = pool.acquire().await.unwrap();
     Postgres::execute(&mut conn, sql, Vec::new()).await.unwrap();
-}
-
-/// Lowers `max_slot_wal_keep_size` to 1 MB, then writes and switches WAL segments and
-/// checkpoints until the server invalidates `slot`.
-async fn invalidate(pool: PgPool, slot: String) {
-    let mut conn = pool.acquire().await.unwrap();
-    let keep = Postgres::fetch_pairs(
-        &mut conn,
-        "SELECT current_setting('wal_keep_size'), 0::BIGINT",
-        Vec::new(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        keep[0].0, "0",
-        "wal_keep_size keeps segments a slot would lose"
-    );
-    drop(conn);
-    run(&pool, "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'").await;
-    run(&pool, "SELECT pg_reload_conf()::TEXT").await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        run(
-            &pool,
-            "SELECT pg_logical_emit_message(false, 'outbox-test-filler', repeat('x', 1000))::TEXT",
-        )
-        .await;
-        run(&pool, "SELECT pg_switch_wal()::TEXT").await;
-        run(&pool, "CHECKPOINT").await;
-        let mut conn = pool.acquire().await.unwrap();
-        let status = Postgres::fetch_pairs(
-            &mut conn,
-            "SELECT COALESCE(wal_status, ''), 0::BIGINT FROM pg_replication_slots WHERE slot_name = $1",
-            vec![Arg::Str(slot.clone())],
-        )
-        .await
-        .unwrap();
-        if status[0].0 == "lost" {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "slot {slot} still {:?} after 60 s of checkpoints",
-            status[0].0
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -101,11 +57,7 @@ async fn a_relay_stops_on_an_invalidated_slot_with_the_fix_and_its_gauge_says_lo
         .unwrap();
     tx.commit().await.unwrap();
 
-    // In a task of its own, so that the setting is put back whatever happens there.
-    let invalidated = tokio::spawn(invalidate(h.pool.clone(), slot.clone())).await;
-    run(&h.pool, "ALTER SYSTEM RESET max_slot_wal_keep_size").await;
-    run(&h.pool, "SELECT pg_reload_conf()::TEXT").await;
-    invalidated.unwrap();
+    lost_slot::invalidate(&h.pool, &slot).await;
 
     let mut conn = h.pool.acquire().await.unwrap();
     let lag = h.outbox.wal_lag(&mut conn, "notification").await.unwrap();
