@@ -102,6 +102,18 @@ impl Setup {
             .unwrap()
     }
 
+    /// Starts `outbox relay` on the test broker, its stderr piped.
+    fn relay_daemon(&self) -> std::process::Child {
+        let brokers =
+            std::env::var("OUTBOX_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args(["relay", "--brokers", &brokers])
+            .env("OUTBOX_CONFIG", &self.config)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// Runs `outbox ARGS`, expecting success; its stdout.
     fn ok(&self, args: &[&str]) -> String {
         let out = self.outbox_cmd(args);
@@ -563,13 +575,7 @@ async fn relay_daemon_exits_non_zero_when_its_relay_dies_while_it_runs() {
         .enqueue(&mut *conn, &samples::urgency(1))
         .await
         .unwrap();
-    let brokers = std::env::var("OUTBOX_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .args(["relay", "--brokers", &brokers])
-        .env("OUTBOX_CONFIG", &s.config)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = s.relay_daemon();
     // Running: it published the row.
     let deadline = Instant::now() + Duration::from_secs(60);
     while s.status_of("task")["counts"]["published"] != 1 {
@@ -583,23 +589,12 @@ async fn relay_daemon_exits_non_zero_when_its_relay_dies_while_it_runs() {
     let table = format!("c{}_task_outbox", s.tag);
     let sql = format!("DROP TABLE {table}");
     Sqlite::execute(&mut conn, &sql, Vec::new()).await.unwrap();
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        if Instant::now() >= deadline + Duration::from_secs(30) {
-            let _ = child.kill();
-            panic!("the daemon kept running after its relay lost its table");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let (exit, stderr) = exited(
+        &mut child,
+        deadline + Duration::from_secs(30),
+        "the daemon kept running after its relay lost its table",
+    )
+    .await;
     assert!(!exit.success(), "the daemon exited 0: {stderr}");
     assert!(
         stderr.contains(&format!(
@@ -989,13 +984,36 @@ fn wait_on_the_broker(brokers: &str, topic: &str, want: &[String]) {
     }
 }
 
-// A service relayed from the write-ahead log (`wal_services`): `migrate` makes its slot,
-// `status` shows the slot's lag in bytes and age, a daemon publishes from it and serves the lag
-// gauges, and when that daemon is killed with -9 another takes the slot over and publishes what
-// was left, from the slot's position.
-#[tokio::test]
-async fn a_wal_service_is_relayed_from_its_slot_and_a_second_daemon_takes_over_a_killed_one() {
-    let _turn = WAL_TESTS.lock().await;
+/// Waits for `child` (its stderr piped) to exit by `deadline`, else kills it and fails with
+/// `ran_on`: its exit status and stderr.
+async fn exited(
+    child: &mut std::process::Child,
+    deadline: Instant,
+    ran_on: &str,
+) -> (std::process::ExitStatus, String) {
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("{ran_on}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (exit, stderr)
+}
+
+/// A setup whose `task` is relayed from the write-ahead log, migrated (its slot made): the
+/// pool, the outbox that writes its events, and the slot.
+async fn wal_setup() -> (Setup, sqlx::PgPool, Outbox<Postgres>, String) {
     let s = Setup::with_config(
         PG,
         serde_json::json!({ "relay": { "poll_ms": 100 }, "wal_services": ["task"] }),
@@ -1010,6 +1028,17 @@ async fn a_wal_service_is_relayed_from_its_slot_and_a_second_daemon_takes_over_a
         .unwrap()
         .build();
     let slot = outbox.wal_slot("task").unwrap();
+    (s, pool, outbox, slot)
+}
+
+// A service relayed from the write-ahead log (`wal_services`): `migrate` makes its slot,
+// `status` shows the slot's lag in bytes and age, a daemon publishes from it and serves the lag
+// gauges, and when that daemon is killed with -9 another takes the slot over and publishes what
+// was left, from the slot's position.
+#[tokio::test]
+async fn a_wal_service_is_relayed_from_its_slot_and_a_second_daemon_takes_over_a_killed_one() {
+    let _turn = WAL_TESTS.lock().await;
+    let (s, pool, outbox, slot) = wal_setup().await;
     let mut conn = pool.acquire().await.unwrap();
     let mut ids = urgencies(&outbox, &mut conn, 0..5).await;
     // Waiting in the slot, no relay on it.
@@ -1093,20 +1122,7 @@ async fn a_wal_service_is_relayed_from_its_slot_and_a_second_daemon_takes_over_a
 #[tokio::test]
 async fn a_lost_slot_is_shown_lost_and_the_relay_exits_naming_the_fix() {
     let _turn = WAL_TESTS.lock().await;
-    let s = Setup::with_config(
-        PG,
-        serde_json::json!({ "relay": { "poll_ms": 100 }, "wal_services": ["task"] }),
-    );
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .connect(&s.url)
-        .await
-        .expect("PostgreSQL is unreachable");
-    s.ok(&["migrate"]);
-    let outbox = Outbox::<Postgres>::builder(s.catalog())
-        .wal("task")
-        .unwrap()
-        .build();
-    let slot = outbox.wal_slot("task").unwrap();
+    let (s, pool, outbox, slot) = wal_setup().await;
     let mut conn = pool.acquire().await.unwrap();
     urgencies(&outbox, &mut conn, 0..3).await;
     drop(conn);
@@ -1122,31 +1138,13 @@ async fn a_lost_slot_is_shown_lost_and_the_relay_exits_naming_the_fix() {
         "{table}"
     );
 
-    let brokers = std::env::var("OUTBOX_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let mut relay = Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .args(["relay", "--brokers", &brokers])
-        .env("OUTBOX_CONFIG", &s.config)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = relay.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            relay.kill().unwrap();
-            panic!("the relay ran on for 60 s with a lost slot");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let mut stderr = String::new();
-    relay
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let mut relay = s.relay_daemon();
+    let (status, stderr) = exited(
+        &mut relay,
+        Instant::now() + Duration::from_secs(60),
+        "the relay ran on for 60 s with a lost slot",
+    )
+    .await;
     assert!(!status.success(), "{stderr}");
     assert!(stderr.contains(&fix), "{stderr}");
 
