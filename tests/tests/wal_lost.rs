@@ -20,17 +20,17 @@ use std::time::Duration;
 
 use contracts::samples;
 use harness::Harness;
-use outbox_runtime::sqlx::{PgPool, Postgres};
-use outbox_runtime::store::{Backend as _, StoreConfig};
+use outbox_runtime::sqlx::Postgres;
+use outbox_runtime::store::StoreConfig;
 use outbox_runtime::{Engine, Error, KafkaConfig, Outbox, RelayConfig};
 
 fn brokers() -> String {
     std::env::var("OUTBOX_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
-async fn run(pool: &PgPool, sql: &str) {
-    let mut conn = pool.acquire().await.unwrap();
-    Postgres::execute(&mut conn, sql, Vec::new()).await.unwrap();
+async fn migrate(h: &Harness<Postgres>) {
+    let mut conn = h.pool.acquire().await.unwrap();
+    h.outbox.migrate(&mut conn).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -43,11 +43,7 @@ async fn a_relay_stops_on_an_invalidated_slot_with_the_fix_and_its_gauge_says_lo
         .wal("notification")
         .unwrap()
         .build();
-    let migrate = async {
-        let mut conn = h.pool.acquire().await.unwrap();
-        h.outbox.migrate(&mut conn).await.unwrap();
-    };
-    migrate.await;
+    migrate(&h).await;
     let slot = h.outbox.wal_slot("notification").unwrap();
     // An event the slot holds for the relay.
     let mut tx = h.pool.begin().await.unwrap();
@@ -93,24 +89,13 @@ async fn a_relay_stops_on_an_invalidated_slot_with_the_fix_and_its_gauge_says_lo
     drop(running);
 
     // The fix: the slot dropped and made again is read from the present.
-    run(
-        &h.pool,
-        &format!("SELECT pg_drop_replication_slot('{slot}')::TEXT"),
-    )
-    .await;
-    let migrate = async {
-        let mut conn = h.pool.acquire().await.unwrap();
-        h.outbox.migrate(&mut conn).await.unwrap();
-    };
-    migrate.await;
+    let drop_slot = format!("SELECT pg_drop_replication_slot('{slot}')");
+    lost_slot::run(&h.pool, &drop_slot).await;
+    migrate(&h).await;
     let mut conn = h.pool.acquire().await.unwrap();
     let lag = h.outbox.wal_lag(&mut conn, "notification").await.unwrap();
     drop(conn);
     assert!(!lag.lost && lag.age_ms == Some(0), "{lag:?}");
-    run(
-        &h.pool,
-        &format!("SELECT pg_drop_replication_slot('{slot}')::TEXT"),
-    )
-    .await;
+    lost_slot::run(&h.pool, &drop_slot).await;
     h.cleanup().await;
 }

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use outbox_runtime::sqlx::{self, PgPool};
 
-async fn run(pool: &PgPool, sql: &str) {
+/// Runs a statement that must succeed.
+pub(crate) async fn run(pool: &PgPool, sql: &str) {
     sqlx::query(sql).execute(pool).await.unwrap();
 }
 

@@ -581,8 +581,9 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         let measured = async {
             let bytes = self
                 .outbox
-                .wal_bytes(conn, &self.outbox.wal_slot(service)?)
-                .await?;
+                .wal_held(conn, &self.outbox.wal_slot(service)?)
+                .await?
+                .map(|(bytes, _)| bytes);
             self.outbox.wal_seen(conn, service, oldest).await?;
             // An idle slot on a busy database: other writers' WAL is decoded but gives the
             // slot no position to advance to; a heartbeat does.

@@ -1799,13 +1799,13 @@ impl<DB: Backend> Outbox<DB> {
         let now = self.now_ms();
         let mut fresh = HashSet::with_capacity(event_ids.len());
         for chunk in event_ids.chunks(512) {
-            // Padded to a power of two with the last event again (inserted once), so that the
-            // statement has few texts, as `queries::with_ids` does for lists of ids.
-            let padded =
-                (0..chunk.len().next_power_of_two()).map(|i| chunk[i.min(chunk.len() - 1)]);
-            let mut args = Vec::with_capacity(chunk.len().next_power_of_two() * 3);
-            let mut values = Vec::with_capacity(chunk.len().next_power_of_two());
-            for (i, id) in padded.enumerate() {
+            // Padded with the last event again (inserted once), so that the statement has few
+            // texts, as lists of ids are.
+            let mut padded = chunk.to_vec();
+            queries::pad_from(&mut padded, 0);
+            let mut args = Vec::with_capacity(padded.len() * 3);
+            let mut values = Vec::with_capacity(padded.len());
+            for (i, id) in padded.into_iter().enumerate() {
                 inbox_id_fits(id)?;
                 values.push(if DB::NUMBERED {
                     format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3)

@@ -117,11 +117,17 @@ pub(super) fn with_ids(
 fn push_ids(args: &mut Vec<Arg>, ids: impl IntoIterator<Item = Arg>) -> usize {
     let start = args.len();
     args.extend(ids);
-    let n = args.len() - start;
-    if let Some(last) = args.last().cloned().filter(|_| n > 0) {
-        args.resize(start + n.next_power_of_two(), last);
-    }
+    pad_from(args, start);
     args.len() - start
+}
+
+/// Pads what `items` holds after `start` to the next power of two by repeating its last item:
+/// a list's padding for a statement with few texts (see [`with_ids`]).
+pub(super) fn pad_from<T: Clone>(items: &mut Vec<T>, start: usize) {
+    let n = items.len().saturating_sub(start);
+    if let Some(last) = items.last().cloned().filter(|_| n > 0) {
+        items.resize(start + n.next_power_of_two(), last);
+    }
 }
 
 /// Replaces `{ids}` with `n` placeholders numbered after the first `before`.
@@ -185,6 +191,9 @@ mod tests {
             .map(|n| push_ids(&mut Vec::new(), (0..n).map(Arg::I64)))
             .collect();
         assert_eq!(lengths.len(), 11);
+        let mut events = vec!["a", "b", "c"];
+        pad_from(&mut events, 0);
+        assert_eq!(events, ["a", "b", "c", "c"]);
         let mut args = vec![Arg::I64(0)];
         assert_eq!(
             with_ids(

@@ -714,17 +714,12 @@ impl<DB: Backend> Outbox<DB> {
             relay_active: false,
             lost: false,
         };
-        let Some(bytes) = self.wal_bytes(conn, &slot).await? else {
+        let Some((bytes, lost)) = self.wal_held(conn, &slot).await? else {
             return Ok(lag);
         };
-        lag.bytes = Some(bytes);
-        if self
-            .wal_slot_state(conn, service)
-            .await?
-            .is_some_and(|s| s.lost)
-        {
+        (lag.bytes, lag.lost) = (Some(bytes), lost);
+        if lost {
             // Reading it would only fail.
-            lag.lost = true;
             return Ok(lag);
         }
         let now = self.now_ms();
@@ -751,20 +746,23 @@ impl<DB: Backend> Outbox<DB> {
         Ok(lag)
     }
 
-    /// The bytes of WAL `slot` holds back; `None` without the slot.
+    /// The bytes of WAL `slot` holds back, and whether the server invalidated it (see
+    /// [`SlotState::lost`]); `None` without the slot.
     #[doc(hidden)]
-    pub async fn wal_bytes(
+    pub async fn wal_held(
         &self,
         conn: &mut DB::Connection,
         slot: &str,
-    ) -> Result<Option<i64>, Error> {
-        let got = DB::fetch_ints(
+    ) -> Result<Option<(i64, bool)>, Error> {
+        let got = DB::fetch_pairs(
             conn,
             self.inbox_sql("wal_lag"),
             vec![Arg::Str(slot.to_owned())],
         )
         .await?;
-        Ok(got.first().map(|b| b.unwrap_or(0)))
+        Ok(got
+            .first()
+            .map(|(status, bytes)| (*bytes, status == "lost")))
     }
 }
 

@@ -414,9 +414,11 @@ SELECT COALESCE(confirmed_flush_lsn::TEXT, ''),
 FROM pg_replication_slots WHERE slot_name = $1
 
 -- name: wal_lag
--- The bytes of WAL the slot holds back: from its confirmed position to the current one.
+-- Whether the server invalidated the slot (`lost`), and the bytes of WAL it holds back: from
+-- its confirmed position to the current one.
 -- slot
-SELECT COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::BIGINT
+SELECT CASE WHEN wal_status = 'lost' THEN 'lost' ELSE '' END,
+    COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::BIGINT
 FROM pg_replication_slots WHERE slot_name = $1
 
 -- name: create_wal_slots
