@@ -289,9 +289,11 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
     pub async fn run(self, shutdown: Shutdown) -> Result<(), Error> {
         let listener = DB::spawn_listener(&self.pool, self.outbox.wakeups());
         let this = Arc::new(self);
+        // Stops every loop when `shutdown` comes, or when one loop fails.
+        let stop = shutdown.0.child_token();
         let mut tasks = tokio::task::JoinSet::new();
         for service in this.services.clone() {
-            let (this, shutdown) = (this.clone(), shutdown.clone());
+            let (this, shutdown) = (this.clone(), Shutdown(stop.clone()));
             tasks.spawn(async move { this.run_service(&service, shutdown).await });
         }
         let mut failed = None;
@@ -303,8 +305,11 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             };
             tracing::error!(error = %error, "a relay loop stopped");
             failed.get_or_insert(error);
-            // The others stop too: a relay that relays only some services hides the rest.
-            tasks.abort_all();
+            // The others stop too: a relay that relays only some services hides the rest. Each
+            // ends its round first: a loop aborted between its `BEGIN` and sqlx's note of it
+            // gave its pooled connection back inside a transaction that nothing ended, and
+            // the application's next statements on it were never committed.
+            stop.cancel();
         }
         if let Some(l) = listener {
             l.abort();
