@@ -1903,7 +1903,11 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
     /// Keeps a message whose handler failed (inbox mode) in the consumer's database, to be tried
     /// again after a backoff while its partition moves on ([`Inner::retry_kept`]); dead with
     /// `max_attempts` once [`ConsumerConfig::inbox_attempts`] attempts have failed (the dead
-    /// letter, the inbox record and the retry forgotten, in one transaction).
+    /// letter and the inbox record in one transaction). A kept retry that goes dead is left
+    /// for its caller to forget once the dead letter is on its topic too, so that no one who
+    /// waits for the consumer's kept retries to be gone (the test harness) finds the topic
+    /// without it; should the consumer stop in between, the retry comes due again, finds the
+    /// event in the inbox and is forgotten.
     async fn park<S: OutboxService>(
         &self,
         msg: &Received,
@@ -1918,11 +1922,6 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             .await?;
         let attempts = kept.as_ref().map_or(0, |k| k.attempts).saturating_add(1);
         if u32::try_from(attempts).unwrap_or(u32::MAX) >= self.config.inbox_attempts {
-            if kept.is_some() {
-                self.outbox
-                    .forget_inbox_retry(&mut tx, group, &env.event_id)
-                    .await?;
-            }
             let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
             let dead = self
                 .keep_dead::<S>(&mut tx, msg, env, "max_attempts", error, attempts)
@@ -2061,13 +2060,13 @@ impl<DB: Backend, H: Send + Sync + 'static, B: Bus> Inner<DB, H, B> {
             match outcome {
                 // Kept again, one attempt more.
                 Ok(Outcome::Retrying) => {}
+                // Settled: its dead letter sent (when dead) before it is forgotten.
                 Ok(outcome) => {
+                    self.record::<S>(&msg, outcome).await;
                     let mut conn = self.pool.acquire().await?;
                     self.outbox
                         .forget_inbox_retry(&mut conn, group, &retry.event_id)
                         .await?;
-                    drop(conn);
-                    self.record::<S>(&msg, outcome).await;
                 }
                 // Tried again once its lease is over.
                 Err(e) => {
