@@ -364,7 +364,10 @@ impl<DB: Backend, B: Bus> EngineBuilder<DB, B> {
 }
 
 /// A started engine: wait on it, ask whether its consumers are ready, and shut it down.
-/// Dropping it stops every task without waiting.
+/// Dropping it asks every task to stop as [`Running::shutdown`] does, without waiting for them:
+/// each finishes the round or batch in hand in the background (a task cut off inside a
+/// statement could hand a pooled connection back inside a transaction nobody ends: sqlx 0.8
+/// returns a connection whose `BEGIN` was cancelled to the pool as it is).
 #[derive(Debug)]
 pub struct Running<DB: Backend, B: Bus> {
     outbox: Outbox<DB>,
@@ -375,6 +378,13 @@ pub struct Running<DB: Backend, B: Bus> {
     names: HashMap<tokio::task::Id, String>,
     ready: Arc<Ready>,
     consumers: usize,
+}
+
+impl<DB: Backend, B: Bus> Drop for Running<DB, B> {
+    fn drop(&mut self) {
+        // The trigger, dropped after this, asks them to stop; they are not aborted.
+        self.tasks.detach_all();
+    }
 }
 
 impl<DB: Backend, B: Bus> Running<DB, B> {

@@ -657,6 +657,46 @@ async fn a_shutdown_in_the_middle_of_a_batch_finishes_it_and_commits_its_offsets
 }
 
 #[tokio::test]
+async fn a_dropped_engine_lets_the_batch_in_hand_finish_and_commit() {
+    let w = World::new(MemoryBus::new().with_partitions(1)).await;
+    for n in 0..5 {
+        w.enqueue("c1", n, 0).await;
+    }
+    w.relay_all().await;
+    let (entered, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let recorder = Arc::new(Recorder {
+        hold: Some((2, entered.clone(), gate.clone())),
+        ..Recorder::default()
+    });
+    let running = outbox_runtime::Engine::builder(w.pool.clone(), Arc::new(w.bus.clone()))
+        .outbox(w.outbox.clone())
+        .without_relay()
+        .consumer_with::<OrderEvents, _>(recorder.clone(), ConsumerConfig::default().workers(1))
+        .start()
+        .await
+        .unwrap();
+    entered.notified().await;
+    // Dropped in the middle of a batch (its transaction open, a handler running): the batch
+    // is not cut off, it commits, and so do its offsets.
+    drop(running);
+    gate.notify_one();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let changed = w.bus.changed();
+        if w.bus.committed(&w.group, &w.topic) == vec![5] {
+            break;
+        }
+        assert!(
+            tokio::time::timeout_at(deadline, changed).await.is_ok(),
+            "the batch in hand was not committed: offsets {:?}",
+            w.bus.committed(&w.group, &w.topic)
+        );
+    }
+    assert_eq!(w.effects().await, vec![0, 1, 2, 3, 4]);
+    assert_eq!(recorder.calls(2), 1);
+}
+
+#[tokio::test]
 async fn the_relay_keeps_each_keys_order_on_its_partition() {
     let w = World::new(MemoryBus::new().with_partitions(4)).await;
     for n in 0..40 {

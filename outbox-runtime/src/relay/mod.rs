@@ -49,8 +49,8 @@ const BACKLOG_EVERY: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct Shutdown(CancellationToken);
 
-/// Sends the [`Shutdown`] signal; dropping it sends it too, so tasks never outlive their
-/// owner.
+/// Sends the [`Shutdown`] signal; dropping it sends it too, so that tasks stop (at the end of
+/// their round) when their owner goes.
 #[derive(Debug)]
 pub struct ShutdownTrigger(CancellationToken);
 
