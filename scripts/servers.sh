@@ -31,6 +31,16 @@ ensure_postgres() {
     if ! psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" postgres | grep -q 1; then
         psql -h 127.0.0.1 -U postgres -c "CREATE DATABASE test" postgres >/dev/null
     fi
+    # Every other user is trusted; the role `outbox_pgpass` must give its password (SCRAM), so
+    # that a test can show a relay authenticating with the password file's (outbox-cli's
+    # `a_wal_relay_whose_password_is_only_in_the_password_file_streams_with_it`).
+    local hba
+    hba="$(psql -h 127.0.0.1 -U postgres -tAc "SHOW hba_file" postgres)"
+    if ! grep -q '^host all outbox_pgpass ' "$hba"; then
+        echo "pg_hba.conf: outbox_pgpass authenticates with a password"
+        sed -i '0,/^host/s//host all outbox_pgpass 127.0.0.1\/32 scram-sha-256\nhost/' "$hba"
+        psql -h 127.0.0.1 -U postgres -qtAc "SELECT pg_reload_conf()" postgres >/dev/null
+    fi
 }
 
 # A run that failed may have left its replication slots, which keep the server's WAL: drop the

@@ -325,9 +325,10 @@ async fn run(cli: Cli) -> Result<(), BoxError> {
         .or_else(|| config.database_url.clone())
         .ok_or("no database: give --database-url or set DATABASE_URL")?;
     if url.starts_with("postgres") {
+        // The password file read as libpq reads it (see `connect_options`).
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(8)
-            .connect(&url)
+            .connect_with(outbox_runtime::store::connect_options(&url)?)
             .await?;
         with_pool(cli, config, pool, &url).await
     } else if url.starts_with("mysql") || url.starts_with("mariadb") {

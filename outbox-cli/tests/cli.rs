@@ -103,15 +103,17 @@ impl Setup {
     }
 
     /// Starts `outbox relay` on the test broker, its stderr piped.
-    fn relay_daemon(&self) -> std::process::Child {
+    fn relay_daemon(&self) -> Reaped {
         let brokers =
             std::env::var("OUTBOX_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-        Command::new(env!("CARGO_BIN_EXE_outbox"))
-            .args(["relay", "--brokers", &brokers])
-            .env("OUTBOX_CONFIG", &self.config)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
+        Reaped(
+            Command::new(env!("CARGO_BIN_EXE_outbox"))
+                .args(["relay", "--brokers", &brokers])
+                .env("OUTBOX_CONFIG", &self.config)
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        )
     }
 
     /// Runs `outbox ARGS`, expecting success; its stdout.
@@ -156,6 +158,31 @@ impl Setup {
 impl Drop for Setup {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// A process the test started (a daemon, an import), killed and reaped when the test ends,
+/// passed or failed, so that a failing test leaves nothing running.
+struct Reaped(std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -504,11 +531,13 @@ async fn relay_daemon_publishes_serves_metrics_and_stops_on_sigterm() {
     let port = 20_000 + fastrand::u16(..20_000);
     let addr = format!("127.0.0.1:{port}");
     let brokers = std::env::var("OUTBOX_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .args(["relay", "--brokers", &brokers, "--metrics-addr", &addr])
-        .env("OUTBOX_CONFIG", &s.config)
-        .spawn()
-        .unwrap();
+    let mut child = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args(["relay", "--brokers", &brokers, "--metrics-addr", &addr])
+            .env("OUTBOX_CONFIG", &s.config)
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let task = s.status_of("task");
@@ -749,12 +778,14 @@ async fn import_go_moves_a_go_backlog_exactly_once_across_a_kill() {
     );
 
     // Killed once its first batches are in.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .args(["import-go", "--table", &go])
-        .env("OUTBOX_CONFIG", &s.config)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args(["import-go", "--table", &go])
+            .env("OUTBOX_CONFIG", &s.config)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while count(format!("SELECT COUNT(*) FROM {ours}")).await == 0 {
         assert!(Instant::now() < deadline, "the import moved nothing");
@@ -1072,7 +1103,7 @@ async fn a_wal_service_is_relayed_from_its_slot_and_a_second_daemon_takes_over_a
         if let Some(addr) = metrics {
             cmd.args(["--metrics-addr", addr]);
         }
-        cmd.spawn().unwrap()
+        Reaped(cmd.spawn().unwrap())
     };
     let mut first = daemon(Some(&addr));
     wait_on_the_broker(&brokers, &topic, &ids);
@@ -1114,6 +1145,94 @@ async fn a_wal_service_is_relayed_from_its_slot_and_a_second_daemon_takes_over_a
         .unwrap();
     drop(conn);
     s.drop_tables(&pool).await;
+}
+
+// A relay whose database URL has no password, the server asking for one (SCRAM; the role's
+// line in pg_hba.conf is `scripts/servers.sh`'s), finds it in the password file: sqlx does so
+// for the pool, and the replication stream, which sqlx does not open, reads the same file (its
+// escapes and wildcards). No other source has it: no PGPASSWORD, no ~/.pgpass.
+#[tokio::test]
+async fn a_wal_relay_whose_password_is_only_in_the_password_file_streams_with_it() {
+    let _turn = WAL_TESTS.lock().await;
+    let (s, pool, outbox, slot) = wal_setup().await;
+    let role = "outbox_pgpass";
+    let password = r"pg:pass\word";
+    let mut conn = pool.acquire().await.unwrap();
+    let statements = [
+        format!(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') \
+             THEN CREATE ROLE {role} LOGIN REPLICATION; END IF; END $$"
+        ),
+        format!("ALTER ROLE {role} PASSWORD '{password}'"),
+        format!(
+            "GRANT ALL ON c{0}_task_outbox, c{0}_notification_outbox TO {role}",
+            s.tag
+        ),
+        format!(
+            "GRANT ALL ON SEQUENCE c{0}_task_outbox_id_seq, c{0}_notification_outbox_id_seq TO {role}",
+            s.tag
+        ),
+    ];
+    for sql in &statements {
+        sqlx::query(sql).execute(&mut *conn).await.unwrap();
+    }
+    let ids = urgencies(&outbox, &mut conn, 0..3).await;
+    let home = std::env::temp_dir().join(format!("outbox-cli-{}-home", s.tag));
+    std::fs::create_dir_all(&home).unwrap();
+    let file = home.join("passwords");
+    std::fs::write(
+        &file,
+        format!("# the relay's\n127.0.0.1:5432:*:{role}:pg\\:pass\\\\word\n"),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let brokers = std::env::var("OUTBOX_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let url = format!("postgres://{role}@127.0.0.1:5432/test");
+    let mut daemon = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args(["relay", "--brokers", &brokers, "--database-url", &url])
+            .env("OUTBOX_CONFIG", &s.config)
+            .env("PGPASSFILE", &file)
+            .env("HOME", &home)
+            .env_remove("PGPASSWORD")
+            .env_remove("DATABASE_URL")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_on_the_broker(&brokers, &format!("cli-{}.task.outbox", s.tag), &ids);
+    // Streamed: the slot was held by a replication connection of that role.
+    let streamed: Option<String> = sqlx::query_scalar(
+        "SELECT a.usename::TEXT FROM pg_replication_slots s \
+         JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = $1",
+    )
+    .bind(&slot)
+    .fetch_optional(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(streamed.as_deref(), Some(role));
+    Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    let (exit, stderr) = exited(
+        &mut daemon,
+        Instant::now() + Duration::from_secs(60),
+        "the relay did not stop on SIGTERM",
+    )
+    .await;
+    assert!(exit.success(), "{stderr}");
+    sqlx::query("SELECT pg_drop_replication_slot($1)::TEXT")
+        .bind(&slot)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    drop(conn);
+    s.drop_tables(&pool).await;
+    std::fs::remove_dir_all(&home).unwrap();
 }
 
 // A slot PostgreSQL invalidated (past `max_slot_wal_keep_size`): `status` shows it LOST with the

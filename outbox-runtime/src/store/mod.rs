@@ -48,6 +48,8 @@ use outbox_contract::{Listed, OutboxEvent};
 use crate::error::Error;
 
 pub use go::{GoDue, GoImport, GoMoved, GoRefused, GoRetry, GoRoute};
+#[cfg(feature = "postgres")]
+pub use postgres::connect_options;
 pub use queries::Arg;
 pub use wal::{Lsn, ReplicationTarget, SlotState, WalBatch, WalItem, WalLag};
 #[cfg(feature = "postgres")]

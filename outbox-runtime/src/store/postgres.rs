@@ -65,6 +65,32 @@ impl Backend for Postgres {
     }
 }
 
+/// The connect options of a `postgres://` URL, with the password libpq would send where the URL
+/// has none and `PGPASSWORD` is unset: the password file's (`PGPASSFILE`, else `~/.pgpass`),
+/// its `\:` and `\\` read as `:` and `\`. sqlx 0.8 reads the file too but keeps a password's
+/// escapes as written, so that a password with `:` or `\` in it is refused; a pool made with
+/// these options is not (and neither is the relay's replication stream, which reads the file
+/// the same way).
+///
+/// ```no_run
+/// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+/// let options = outbox_runtime::store::connect_options("postgres://relay@db.internal/app")?;
+/// let pool = outbox_runtime::sqlx::postgres::PgPoolOptions::new()
+///     .connect_with(options)
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, Error> {
+    let (options, password) = url_options(url)?;
+    if password.is_some() || std::env::var("PGPASSWORD").is_ok_and(|p| !p.is_empty()) {
+        return Ok(options);
+    }
+    Ok(match super::pgpass::password(&target_of(&options, None)) {
+        Some(password) => options.password(&password),
+        None => options,
+    })
+}
+
 /// A `postgres://` URL's options, and its password (which the options do not tell).
 fn url_options(url: &str) -> Result<(PgConnectOptions, Option<String>), Error> {
     let options: PgConnectOptions = url.parse()?;
