@@ -301,10 +301,31 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    log_to_stderr(matches!(cli.command, Command::Relay { .. }));
     if let Err(e) = run(cli).await {
         eprintln!("outbox: {e}");
         std::process::exit(1);
     }
+}
+
+/// What the runtime logs goes to stderr: its warnings (a publish that failed and will be
+/// retried, a replication stream refused, a slot lost) and, for `relay`, what it does (the
+/// slots it takes). `RUST_LOG` (`outbox_runtime=debug`, ...) says otherwise.
+fn log_to_stderr(daemon: bool) {
+    // pgwire-replication logs a refused stream as an error of its own; the relay's warning
+    // says the same with the fix.
+    let default = if daemon {
+        "warn,outbox_runtime=info,pgwire_replication=off"
+    } else {
+        "warn,pgwire_replication=off"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }
 
 async fn run(cli: Cli) -> Result<(), BoxError> {

@@ -1235,6 +1235,69 @@ async fn a_wal_relay_whose_password_is_only_in_the_password_file_streams_with_it
     std::fs::remove_dir_all(&home).unwrap();
 }
 
+// A relay whose replication stream the server refuses (a wrong password) says so on stderr,
+// with the fix, and keeps trying (the password may be fixed, or the server come back) without
+// stopping: the runtime's warnings reach the operator.
+#[tokio::test]
+async fn a_refused_stream_is_reported_on_stderr_with_the_fix_and_tried_again() {
+    let _turn = WAL_TESTS.lock().await;
+    let s = Setup::with_config(
+        PG,
+        serde_json::json!({
+            "relay": {
+                "poll_ms": 100,
+                "replication_url": "postgres://outbox_pgpass:wrong@127.0.0.1:5432/test"
+            },
+            "wal_services": ["task"]
+        }),
+    );
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .connect(&s.url)
+        .await
+        .expect("PostgreSQL is unreachable");
+    s.ok(&["migrate"]);
+    let slot = Outbox::<Postgres>::builder(s.catalog())
+        .wal("task")
+        .unwrap()
+        .build()
+        .wal_slot("task")
+        .unwrap();
+    let mut daemon = s.relay_daemon();
+    let stderr = daemon.stderr.take().unwrap();
+    let (lines, warnings) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("relay round failed") && lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // Two warnings: the first refusal, and the attempt after it.
+    for n in 0..2 {
+        let line = warnings
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("{n} warnings of a refused stream on stderr"));
+        assert!(
+            line.contains(&slot)
+                && line.contains("password authentication failed")
+                && line.contains("PGPASSWORD"),
+            "{line}"
+        );
+    }
+    assert!(daemon.try_wait().unwrap().is_none(), "it keeps trying");
+    drop(daemon);
+    sqlx::query("SELECT pg_drop_replication_slot($1)::TEXT")
+        .bind(&slot)
+        .execute(&pool)
+        .await
+        .unwrap();
+    s.drop_tables(&pool).await;
+}
+
 // A slot PostgreSQL invalidated (past `max_slot_wal_keep_size`): `status` shows it LOST with the
 // fix (`"lost": true` and no age in JSON), and `relay` exits non-zero naming the slot and the
 // fix rather than run on with nothing to read.

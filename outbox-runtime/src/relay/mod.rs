@@ -100,6 +100,20 @@ const TABLE_LINGER: Duration = Duration::from_millis(20);
 /// How soon a relay looks again when a writer that did not notify has yet to commit.
 const BUSY_RECHECK: Duration = Duration::from_millis(20);
 
+/// The longest a relay waits after rounds that failed (see [`after_failures`]).
+const FAILED_WAIT_MAX: Duration = Duration::from_secs(5);
+
+/// How long a relay waits after `failures` rounds in a row failed: the poll interval, doubled
+/// with each further failure, at most [`FAILED_WAIT_MAX`]. A database that is down, or a
+/// replication stream the server refuses (each attempt a connection, and for a password a
+/// SCRAM exchange that costs both sides CPU on purpose), is not retried in a tight loop.
+fn after_failures(poll_interval: Duration, failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    poll_interval
+        .saturating_mul(1 << doublings)
+        .min(FAILED_WAIT_MAX.max(poll_interval))
+}
+
 /// Relay settings: start from [`RelayConfig::default`] and change what you need.
 #[derive(Clone)]
 pub struct RelayConfig {
@@ -334,6 +348,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         // from one rest to the next; dropping it (closing it) gives the lock back.
         let mut rest_conn: Option<DB::Connection> = None;
         let mut resting = false;
+        let mut failures = 0_u32;
         while !shutdown.is_triggered() {
             // Registered before this round looks at the table: an enqueue during the round
             // wakes the wait below instead of being missed.
@@ -351,25 +366,33 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                     None => self.gauge_backlog(service).await,
                 }
             }
-            let claimed = match wal.as_mut() {
+            let round = match wal.as_mut() {
                 Some(slot) => match self.wal_round(service, slot).await {
-                    Ok(n) => n,
                     Err(e @ (Error::WalSlotMissing { .. } | Error::WalSlotLost { .. })) => {
                         return Err(e);
                     }
-                    Err(e) => {
-                        tracing::warn!(service, error = %e, "relay round failed");
-                        0
-                    }
+                    round => round,
                 },
-                None => match self.table_once(service).await {
-                    Ok(n) => n,
-                    Err(e) => {
-                        tracing::warn!(service, error = %e, "relay round failed");
+                None => self.table_once(service).await,
+            };
+            let claimed = match round {
+                Ok(n) => {
+                    failures = 0;
+                    n
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let wait = after_failures(self.config.poll_interval, failures);
+                    tracing::warn!(service, error = %e, failures, retry_in = ?wait, "relay round failed");
+                    if wal.is_none() {
                         self.check_table(service).await?;
-                        0
                     }
-                },
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.wait() => break,
+                    }
+                    continue;
+                }
             };
             // Claim again at once until a round finds nothing: a published run of a key lets
             // its next rows go.
@@ -722,4 +745,22 @@ fn outgoing_of(
         headers,
     };
     Ok((outgoing, span))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_rounds_wait_longer_each_time_up_to_a_bound() {
+        let poll = Duration::from_millis(100);
+        let waits: Vec<u128> = (1..=8)
+            .map(|n| after_failures(poll, n).as_millis())
+            .collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(after_failures(poll, u32::MAX), FAILED_WAIT_MAX);
+        // A poll interval longer than the bound is kept.
+        let slow = Duration::from_secs(30);
+        assert_eq!(after_failures(slow, 3), slow);
+    }
 }
