@@ -1045,9 +1045,24 @@ async fn exited(
 /// A setup whose `task` is relayed from the write-ahead log, migrated (its slot made): the
 /// pool, the outbox that writes its events, and the slot.
 async fn wal_setup() -> (Setup, sqlx::PgPool, Outbox<Postgres>, String) {
+    wal_setup_with(serde_json::json!({ "poll_ms": 100 })).await
+}
+
+/// Drops a [`wal_setup`]'s slot and tables.
+async fn wal_cleanup(s: &Setup, pool: &sqlx::PgPool, slot: &str) {
+    sqlx::query("SELECT pg_drop_replication_slot($1)::TEXT")
+        .bind(slot)
+        .execute(pool)
+        .await
+        .unwrap();
+    s.drop_tables(pool).await;
+}
+
+/// [`wal_setup`] with this `relay` section in the config file.
+async fn wal_setup_with(relay: Value) -> (Setup, sqlx::PgPool, Outbox<Postgres>, String) {
     let s = Setup::with_config(
         PG,
-        serde_json::json!({ "relay": { "poll_ms": 100 }, "wal_services": ["task"] }),
+        serde_json::json!({ "relay": relay, "wal_services": ["task"] }),
     );
     let pool = sqlx::postgres::PgPoolOptions::new()
         .connect(&s.url)
@@ -1138,19 +1153,15 @@ async fn a_wal_service_is_relayed_from_its_slot_and_a_second_daemon_takes_over_a
     let after = s.status_of("task");
     assert_eq!(after["wal"]["relay_active"], false, "{after}");
     assert_eq!(after["wal"]["lag_age_ms"], 0, "nothing waits: {after}");
-    sqlx::query("SELECT pg_drop_replication_slot($1)::TEXT")
-        .bind(&slot)
-        .execute(&mut *conn)
-        .await
-        .unwrap();
     drop(conn);
-    s.drop_tables(&pool).await;
+    wal_cleanup(&s, &pool, &slot).await;
 }
 
 // A relay whose database URL has no password, the server asking for one (SCRAM; the role's
-// line in pg_hba.conf is `scripts/servers.sh`'s), finds it in the password file: sqlx does so
-// for the pool, and the replication stream, which sqlx does not open, reads the same file (its
-// escapes and wildcards). No other source has it: no PGPASSWORD, no ~/.pgpass.
+// line in pg_hba.conf is `scripts/servers.sh`'s), finds it in the password file, `:` and `\`
+// escaped in it: for the pool (`store::connect_options`: sqlx 0.8 would keep the escapes) and
+// for the replication stream, which sqlx does not open. No other source has it: no PGPASSWORD,
+// no ~/.pgpass.
 #[tokio::test]
 async fn a_wal_relay_whose_password_is_only_in_the_password_file_streams_with_it() {
     let _turn = WAL_TESTS.lock().await;
@@ -1225,13 +1236,8 @@ async fn a_wal_relay_whose_password_is_only_in_the_password_file_streams_with_it
     )
     .await;
     assert!(exit.success(), "{stderr}");
-    sqlx::query("SELECT pg_drop_replication_slot($1)::TEXT")
-        .bind(&slot)
-        .execute(&mut *conn)
-        .await
-        .unwrap();
     drop(conn);
-    s.drop_tables(&pool).await;
+    wal_cleanup(&s, &pool, &slot).await;
     std::fs::remove_dir_all(&home).unwrap();
 }
 
@@ -1241,27 +1247,11 @@ async fn a_wal_relay_whose_password_is_only_in_the_password_file_streams_with_it
 #[tokio::test]
 async fn a_refused_stream_is_reported_on_stderr_with_the_fix_and_tried_again() {
     let _turn = WAL_TESTS.lock().await;
-    let s = Setup::with_config(
-        PG,
-        serde_json::json!({
-            "relay": {
-                "poll_ms": 100,
-                "replication_url": "postgres://outbox_pgpass:wrong@127.0.0.1:5432/test"
-            },
-            "wal_services": ["task"]
-        }),
-    );
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .connect(&s.url)
-        .await
-        .expect("PostgreSQL is unreachable");
-    s.ok(&["migrate"]);
-    let slot = Outbox::<Postgres>::builder(s.catalog())
-        .wal("task")
-        .unwrap()
-        .build()
-        .wal_slot("task")
-        .unwrap();
+    let (s, pool, _, slot) = wal_setup_with(serde_json::json!({
+        "poll_ms": 100,
+        "replication_url": "postgres://outbox_pgpass:wrong@127.0.0.1:5432/test"
+    }))
+    .await;
     let mut daemon = s.relay_daemon();
     let stderr = daemon.stderr.take().unwrap();
     let (lines, warnings) = std::sync::mpsc::channel();
@@ -1290,12 +1280,7 @@ async fn a_refused_stream_is_reported_on_stderr_with_the_fix_and_tried_again() {
     }
     assert!(daemon.try_wait().unwrap().is_none(), "it keeps trying");
     drop(daemon);
-    sqlx::query("SELECT pg_drop_replication_slot($1)::TEXT")
-        .bind(&slot)
-        .execute(&pool)
-        .await
-        .unwrap();
-    s.drop_tables(&pool).await;
+    wal_cleanup(&s, &pool, &slot).await;
 }
 
 // A slot PostgreSQL invalidated (past `max_slot_wal_keep_size`): `status` shows it LOST with the
@@ -1330,10 +1315,5 @@ async fn a_lost_slot_is_shown_lost_and_the_relay_exits_naming_the_fix() {
     assert!(!status.success(), "{stderr}");
     assert!(stderr.contains(&fix), "{stderr}");
 
-    sqlx::query("SELECT pg_drop_replication_slot($1)::TEXT")
-        .bind(&slot)
-        .execute(&pool)
-        .await
-        .unwrap();
-    s.drop_tables(&pool).await;
+    wal_cleanup(&s, &pool, &slot).await;
 }

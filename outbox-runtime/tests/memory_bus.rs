@@ -619,8 +619,9 @@ async fn poison_is_dead_lettered_with_its_reason_and_the_partition_moves_on() {
     assert_eq!(w.effects().await, vec![1, 2]);
 }
 
-#[tokio::test]
-async fn a_shutdown_in_the_middle_of_a_batch_finishes_it_and_commits_its_offsets() {
+/// Five events of one key on one partition, relayed, and a recorder whose handler of the third
+/// signals `entered` and waits for `gate`.
+async fn held_batch() -> (World, Arc<Recorder>, Arc<Notify>, Arc<Notify>) {
     let w = World::new(MemoryBus::new().with_partitions(1)).await;
     for n in 0..5 {
         w.enqueue("c1", n, 0).await;
@@ -631,6 +632,12 @@ async fn a_shutdown_in_the_middle_of_a_batch_finishes_it_and_commits_its_offsets
         hold: Some((2, entered.clone(), gate.clone())),
         ..Recorder::default()
     });
+    (w, recorder, entered, gate)
+}
+
+#[tokio::test]
+async fn a_shutdown_in_the_middle_of_a_batch_finishes_it_and_commits_its_offsets() {
+    let (w, recorder, entered, gate) = held_batch().await;
     let (trigger, shutdown) = Shutdown::new();
     let consumer = w.consumer(&w.pool, &recorder, ConsumerConfig::default().workers(1));
     let task = tokio::spawn(consumer.run(shutdown));
@@ -658,16 +665,7 @@ async fn a_shutdown_in_the_middle_of_a_batch_finishes_it_and_commits_its_offsets
 
 #[tokio::test]
 async fn a_dropped_engine_lets_the_batch_in_hand_finish_and_commit() {
-    let w = World::new(MemoryBus::new().with_partitions(1)).await;
-    for n in 0..5 {
-        w.enqueue("c1", n, 0).await;
-    }
-    w.relay_all().await;
-    let (entered, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let recorder = Arc::new(Recorder {
-        hold: Some((2, entered.clone(), gate.clone())),
-        ..Recorder::default()
-    });
+    let (w, recorder, entered, gate) = held_batch().await;
     let running = outbox_runtime::Engine::builder(w.pool.clone(), Arc::new(w.bus.clone()))
         .outbox(w.outbox.clone())
         .without_relay()
