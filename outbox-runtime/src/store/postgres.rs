@@ -31,19 +31,12 @@ impl Backend for Postgres {
         pool: &sqlx::Pool<Postgres>,
         url: Option<&str>,
     ) -> Result<Option<ReplicationTarget>, Error> {
-        // libpq's order: the URL's password, `PGPASSWORD`, the password file.
         let (options, password) = match url {
             Some(url) => url_options(url)?,
             None => ((*pool.connect_options()).clone(), None),
         };
-        let mut target = target_of(&options, password);
-        if target.password.is_none() {
-            target.password = std::env::var("PGPASSWORD")
-                .ok()
-                .filter(|p| !p.is_empty())
-                .or_else(|| super::pgpass::password(&target));
-        }
-        Ok(Some(target))
+        let password = libpq_password(&options, password);
+        Ok(Some(target_of(&options, password)))
     }
 
     fn spawn_listener(
@@ -82,13 +75,18 @@ impl Backend for Postgres {
 /// ```
 pub fn connect_options(url: &str) -> Result<PgConnectOptions, Error> {
     let (options, password) = url_options(url)?;
-    if password.is_some() || std::env::var("PGPASSWORD").is_ok_and(|p| !p.is_empty()) {
-        return Ok(options);
-    }
-    Ok(match super::pgpass::password(&target_of(&options, None)) {
+    Ok(match libpq_password(&options, password) {
         Some(password) => options.password(&password),
         None => options,
     })
+}
+
+/// The password libpq sends for `options`, in its order: the URL's (`from_url`), else a
+/// non-empty `PGPASSWORD`, else the password file's line for their server, database and user.
+fn libpq_password(options: &PgConnectOptions, from_url: Option<String>) -> Option<String> {
+    from_url
+        .or_else(|| std::env::var("PGPASSWORD").ok().filter(|p| !p.is_empty()))
+        .or_else(|| super::pgpass::password(&target_of(options, None)))
 }
 
 /// A `postgres://` URL's options, and its password (which the options do not tell).
