@@ -63,7 +63,9 @@ enum Command {
         #[arg(long)]
         print: bool,
     },
-    /// Counts per service and status, the age of the oldest due row, dead rows by reason.
+    /// Counts per service and status, the age of the oldest due row, dead rows by reason, and
+    /// each write-ahead-log service's slot lag. Exits 2, with the fix on stderr, when such a
+    /// service's slot is lost or missing.
     Status,
     /// Dead letters.
     #[command(subcommand)]
@@ -304,9 +306,23 @@ async fn main() {
     log_to_stderr(matches!(cli.command, Command::Relay { .. }));
     if let Err(e) = run(cli).await {
         eprintln!("outbox: {e}");
-        std::process::exit(1);
+        // 2: what was asked for was done, and it found something an operator must fix.
+        std::process::exit(if e.is::<Unhealthy>() { 2 } else { 1 });
     }
 }
+
+/// `outbox status` found a write-ahead-log service that cannot be relayed: its events are
+/// being lost. The status is printed whole before it; the exit code is 2 (1: no status).
+#[derive(Debug)]
+struct Unhealthy(String);
+
+impl std::fmt::Display for Unhealthy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unhealthy {}
 
 /// What the runtime logs goes to stderr: its warnings (a publish that failed and will be
 /// retried, a replication stream refused, a slot lost) and, for `relay`, what it does (the
@@ -594,7 +610,7 @@ async fn status<DB: Backend>(
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(());
+        return unrelayable(&lags);
     }
     println!(
         "{:<18} {:>8} {:>8} {:>10} {:>9} {:>6}  {:>11}  {:>16}  dead reasons",
@@ -647,15 +663,31 @@ async fn status<DB: Backend>(
                 if lag.relay_active { "active" } else { "none" },
             );
         }
-        for lag in lags.values().filter(|l| l.lost) {
-            let lost = outbox_runtime::Error::WalSlotLost {
-                service: lag.service.clone(),
-                slot: lag.slot.clone(),
-            };
-            println!("\n{lost}");
-        }
     }
-    Ok(())
+    unrelayable(&lags)
+}
+
+/// [`Unhealthy`], with the fix, when a write-ahead-log service's slot is lost or missing:
+/// the server keeps no log for a slot that is not there, so the service's events are not kept
+/// for the relay.
+fn unrelayable(lags: &BTreeMap<String, outbox_runtime::store::WalLag>) -> Result<(), BoxError> {
+    let broken: Vec<String> = lags
+        .values()
+        .filter_map(|l| {
+            let (service, slot) = (l.service.clone(), l.slot.clone());
+            if l.lost {
+                Some(outbox_runtime::Error::WalSlotLost { service, slot }.to_string())
+            } else if l.bytes.is_none() {
+                Some(outbox_runtime::Error::WalSlotMissing { service, slot }.to_string())
+            } else {
+                None
+            }
+        })
+        .collect();
+    if broken.is_empty() {
+        return Ok(());
+    }
+    Err(Box::new(Unhealthy(broken.join("; "))))
 }
 
 async fn republish<DB: Backend>(

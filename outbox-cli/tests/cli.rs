@@ -148,6 +148,17 @@ impl Setup {
             .clone()
     }
 
+    /// `outbox args` exits with `code`: its stdout and stderr.
+    fn exits(&self, code: i32, args: &[&str]) -> (String, String) {
+        let out = self.outbox_cmd(args);
+        let (stdout, stderr) = (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        );
+        assert_eq!(out.status.code(), Some(code), "outbox {args:?}: {stderr}");
+        (stdout, stderr)
+    }
+
     fn json(&self, args: &[&str]) -> Value {
         let mut all = args.to_vec();
         all.push("--json");
@@ -1283,9 +1294,39 @@ async fn a_refused_stream_is_reported_on_stderr_with_the_fix_and_tried_again() {
     wal_cleanup(&s, &pool, &slot).await;
 }
 
-// A slot PostgreSQL invalidated (past `max_slot_wal_keep_size`): `status` shows it LOST with the
-// fix (`"lost": true` and no age in JSON), and `relay` exits non-zero naming the slot and the
-// fix rather than run on with nothing to read.
+// A WAL service without its slot (dropped by hand): nothing keeps its events for a relay, so
+// `status` says "no slot" and exits 2 naming the fix; `migrate` makes the slot again, and then
+// `status` exits 0.
+#[tokio::test]
+async fn a_missing_slot_makes_status_exit_2_until_migrate_makes_it() {
+    let _turn = WAL_TESTS.lock().await;
+    let (s, pool, _outbox, slot) = wal_setup().await;
+    assert!(s.status_of("task")["wal"]["lag_bytes"].is_i64());
+    sqlx::query("SELECT pg_drop_replication_slot($1)::TEXT")
+        .bind(&slot)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let (table, stderr) = s.exits(2, &["status"]);
+    assert!(table.contains("no slot"), "{table}");
+    assert!(
+        stderr.contains(&format!(
+            "replication slot `{slot}` of service `task` does not exist"
+        )) && stderr.contains("outbox migrate"),
+        "{stderr}"
+    );
+    let (json, _) = s.exits(2, &["status", "--json"]);
+    assert!(json.contains("\"lag_bytes\": null"), "{json}");
+
+    s.ok(&["migrate"]);
+    assert!(s.status_of("task")["wal"]["lag_bytes"].is_i64());
+    wal_cleanup(&s, &pool, &slot).await;
+}
+
+// A slot PostgreSQL invalidated (past `max_slot_wal_keep_size`): `status` shows it LOST
+// (`"lost": true` and no age in JSON) and exits 2 with the fix, and `relay` exits non-zero
+// naming the slot and the fix rather than run on with nothing to read.
 #[tokio::test]
 async fn a_lost_slot_is_shown_lost_and_the_relay_exits_naming_the_fix() {
     let _turn = WAL_TESTS.lock().await;
@@ -1293,16 +1334,26 @@ async fn a_lost_slot_is_shown_lost_and_the_relay_exits_naming_the_fix() {
     let mut conn = pool.acquire().await.unwrap();
     urgencies(&outbox, &mut conn, 0..3).await;
     drop(conn);
+    assert_eq!(s.ok(&["status"]).matches("LOST").count(), 0, "not lost yet");
     lost_slot::invalidate(&pool, &slot).await;
 
-    let task = s.status_of("task");
+    let fix = format!("pg_drop_replication_slot('{slot}')");
+    let (json, stderr) = s.exits(2, &["status", "--json"]);
+    let status: Value = serde_json::from_str(&json).unwrap();
+    let task = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["service"] == "task")
+        .unwrap();
     assert_eq!(task["wal"]["lost"], true, "{task}");
     assert_eq!(task["wal"]["lag_age_ms"], Value::Null, "{task}");
-    let fix = format!("pg_drop_replication_slot('{slot}')");
-    let table = s.ok(&["status"]);
+    assert!(stderr.contains(&fix), "{stderr}");
+    let (table, stderr) = s.exits(2, &["status"]);
+    assert!(table.contains("LOST"), "{table}");
     assert!(
-        table.contains("LOST") && table.contains(&fix) && table.contains("outbox migrate"),
-        "{table}"
+        stderr.contains(&fix) && stderr.contains("outbox migrate"),
+        "{stderr}"
     );
 
     let mut relay = s.relay_daemon();

@@ -51,7 +51,7 @@ use outbox_contract::service::{Dispatch, HandlerError, OutboxService, Rejection}
 
 use crate::bus::{Bus, Outgoing, Position, Receive, Received};
 use crate::error::Error;
-use crate::relay::Shutdown;
+use crate::relay::{Crew, Shutdown};
 use crate::store::{Backend, CallClaim, InboxDead, InboxRetry, Outbox, OutboxRow, Transition};
 use crate::trace::TraceParent;
 
@@ -573,6 +573,9 @@ where
     }
 
     /// Consumes until `shutdown`, then finishes the messages in hand and commits their offsets.
+    /// Dropping the future stops it too: the messages in hand are finished in the background
+    /// and their offsets stored (committed with the group's next automatic commit, or as the
+    /// client closes).
     pub async fn run(self, shutdown: Shutdown) -> Result<(), Error> {
         self.run_signalling(shutdown, None).await
     }
@@ -611,8 +614,11 @@ where
                 .bus
                 .receiver(group, std::slice::from_ref(&self.inner.route.topic))?,
         );
+        // The workers' signal: `shutdown`, or this future dropped (they finish the messages in
+        // hand then, rather than being cut off inside a transaction).
+        let (mut crew, stop) = Crew::new(&shutdown);
         if let Some(ready) = ready {
-            let (receiver, shutdown) = (receiver.clone(), shutdown.clone());
+            let (receiver, shutdown) = (receiver.clone(), stop.clone());
             tokio::spawn(async move {
                 // Joining a group takes a rebalance; poll until partitions arrive (or the
                 // consumer stops first).
@@ -627,13 +633,11 @@ where
         }
         let workers = self.inner.config.workers.max(1);
         let mut senders = Vec::with_capacity(workers);
-        let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..workers {
             let (tx, mut rx) = mpsc::channel::<Received>(64);
             senders.push(tx);
-            let (inner, receiver, shutdown) =
-                (self.inner.clone(), receiver.clone(), shutdown.clone());
-            tasks.spawn(async move {
+            let (inner, receiver, shutdown) = (self.inner.clone(), receiver.clone(), stop.clone());
+            crew.tasks.spawn(async move {
                 // Partitions with a message left unsettled (the consumer stopped while the
                 // database was failing): no later offset of theirs may be stored, or the commit
                 // would skip that message.
@@ -668,10 +672,10 @@ where
         // call keeps its retries in its lease).
         let (stop_retries, retries_stop) = Shutdown::new();
         if self.inner.config.dedupe == Dedupe::Inbox && self.inner.kind.batch.is_some() {
-            tasks.spawn(
+            crew.tasks.spawn(
                 self.inner
                     .clone()
-                    .retry_kept::<S>(shutdown.clone(), retries_stop),
+                    .retry_kept::<S>(stop.clone(), retries_stop),
             );
         }
         let mut failed = None;
@@ -721,7 +725,7 @@ where
                         tokio::time::sleep(Duration::from_millis(300)).await;
                     }
                 },
-                Some(done) = tasks.join_next() => {
+                Some(done) = crew.tasks.join_next() => {
                     // A worker ends only when its channel closes, which has not happened yet.
                     let why = match done {
                         Err(e) => e.to_string(),
@@ -737,7 +741,7 @@ where
         }
         drop(senders);
         drop(stop_retries);
-        while let Some(done) = tasks.join_next().await {
+        while let Some(done) = crew.tasks.join_next().await {
             if let Err(e) = done {
                 failed.get_or_insert(Error::Task(format!(
                     "a worker of the `{}` consumer panicked: {e}",

@@ -695,6 +695,79 @@ async fn a_dropped_engine_lets_the_batch_in_hand_finish_and_commit() {
 }
 
 #[tokio::test]
+async fn a_dropped_consumer_future_lets_the_batch_in_hand_finish_and_commit() {
+    let (w, recorder, entered, gate) = held_batch().await;
+    // Never triggered: only the future's drop stops the consumer.
+    let (_trigger, shutdown) = Shutdown::new();
+    let consumer = w.consumer(&w.pool, &recorder, ConsumerConfig::default().workers(1));
+    // As a `select!` drops a `run` whose other branch won.
+    let task = tokio::spawn(consumer.run(shutdown));
+    entered.notified().await;
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    gate.notify_one();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let changed = w.bus.changed();
+        if w.bus.committed(&w.group, &w.topic) == vec![5] {
+            break;
+        }
+        assert!(
+            tokio::time::timeout_at(deadline, changed).await.is_ok(),
+            "the batch in hand was not committed: offsets {:?}",
+            w.bus.committed(&w.group, &w.topic)
+        );
+    }
+    assert_eq!(w.effects().await, vec![0, 1, 2, 3, 4]);
+    assert_eq!(recorder.calls(2), 1);
+}
+
+#[tokio::test]
+async fn a_dropped_relay_future_lets_the_round_in_hand_finish_and_mark_its_rows() {
+    let w = World::new(MemoryBus::new().with_partitions(1)).await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(w.enqueue("c1", n, 0).await);
+    }
+    let bus = Arc::new(HeldSend {
+        bus: w.bus.clone(),
+        entered: Notify::new(),
+        gate: Notify::new(),
+        held: Default::default(),
+    });
+    let relay = Relay::new(
+        w.outbox.clone(),
+        w.pool.clone(),
+        bus.clone(),
+        RelayConfig::default(),
+    );
+    let (_trigger, shutdown) = Shutdown::new();
+    let task = tokio::spawn(relay.run(shutdown));
+    // Claimed and being sent: the future is dropped in the middle of its round.
+    bus.entered.notified().await;
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    bus.gate.notify_one();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let mut statuses = Vec::new();
+        for id in &ids {
+            statuses.push(w.status(*id).await.status);
+        }
+        if statuses.iter().all(|s| *s == Status::Published) {
+            break;
+        }
+        // (The rows' status is in the database; nothing signals its change.)
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the round in hand did not mark its rows: {statuses:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(w.bus.messages(&w.topic).len(), 5, "each sent once");
+}
+
+#[tokio::test]
 async fn the_relay_keeps_each_keys_order_on_its_partition() {
     let w = World::new(MemoryBus::new().with_partitions(4)).await;
     for n in 0..40 {
@@ -1720,6 +1793,28 @@ impl Bus for SlowDeadLetters {
         topics: &[String],
     ) -> Result<Self::Receiver, outbox_runtime::Error> {
         self.0.receiver(group, topics)
+    }
+}
+
+/// A memory bus whose first send signals `entered` and waits for `gate`.
+struct HeldSend {
+    bus: MemoryBus,
+    entered: Notify,
+    gate: Notify,
+    held: std::sync::atomic::AtomicBool,
+}
+
+impl Publish for HeldSend {
+    async fn send_all(&self, records: &[Outgoing]) -> Vec<Sent> {
+        if !self.held.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.entered.notify_one();
+            self.gate.notified().await;
+        }
+        self.bus.send_all(records).await
+    }
+
+    async fn ensure_topics(&self, topics: &[String]) -> Result<(), outbox_runtime::Error> {
+        self.bus.ensure_topics(topics).await
     }
 }
 

@@ -77,6 +77,55 @@ impl Shutdown {
     }
 }
 
+impl Shutdown {
+    /// A signal of its own, sent when this one is, or by its trigger alone.
+    pub(crate) fn child(&self) -> (ShutdownTrigger, Shutdown) {
+        let token = self.0.child_token();
+        (ShutdownTrigger(token.clone()), Shutdown(token))
+    }
+}
+
+/// The tasks of a `run` future: dropping the future (a `select!` whose other branch won, an
+/// aborted task) asks them to stop and lets each finish the round or batch in hand in the
+/// background, as a [`Shutdown`] does, instead of aborting them. A task cut off inside a
+/// statement could hand its pooled connection back inside a transaction nobody ends: sqlx 0.8
+/// returns a connection whose `BEGIN` was cancelled to the pool as it is.
+pub(crate) struct Crew<T: 'static> {
+    pub(crate) tasks: tokio::task::JoinSet<T>,
+    /// Stops the tasks: triggered when the crew is dropped.
+    pub(crate) stop: ShutdownTrigger,
+}
+
+impl<T: 'static> Crew<T> {
+    /// No task yet, and the signal they are to watch: `shutdown`, or this crew's drop.
+    pub(crate) fn new(shutdown: &Shutdown) -> (Self, Shutdown) {
+        let (stop, watched) = shutdown.child();
+        let crew = Crew {
+            tasks: tokio::task::JoinSet::new(),
+            stop,
+        };
+        (crew, watched)
+    }
+}
+
+impl<T: 'static> Drop for Crew<T> {
+    fn drop(&mut self) {
+        // `stop`, dropped after this, triggers their signal.
+        self.tasks.detach_all();
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
 impl ShutdownTrigger {
     /// Asks every holder of the signal to stop.
     pub fn trigger(&self) {
@@ -299,19 +348,22 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         self
     }
 
-    /// Runs until `shutdown`, one loop per service.
+    /// Runs until `shutdown`, one loop per service. Dropping the future stops the loops as
+    /// `shutdown` does: each finishes its round in the background.
     pub async fn run(self, shutdown: Shutdown) -> Result<(), Error> {
-        let listener = DB::spawn_listener(&self.pool, self.outbox.wakeups());
+        // Its LISTEN loop holds a connection and no transaction: it goes with this future.
+        let _listener = AbortOnDrop(DB::spawn_listener(&self.pool, self.outbox.wakeups()));
         let this = Arc::new(self);
-        // Stops every loop when `shutdown` comes, or when one loop fails.
-        let stop = shutdown.0.child_token();
-        let mut tasks = tokio::task::JoinSet::new();
+        // Stops every loop when `shutdown` comes, when one loop fails, or when this future is
+        // dropped.
+        let (mut crew, stop) = Crew::new(&shutdown);
         for service in this.services.clone() {
-            let (this, shutdown) = (this.clone(), Shutdown(stop.clone()));
-            tasks.spawn(async move { this.run_service(&service, shutdown).await });
+            let (this, shutdown) = (this.clone(), stop.clone());
+            crew.tasks
+                .spawn(async move { this.run_service(&service, shutdown).await });
         }
         let mut failed = None;
-        while let Some(done) = tasks.join_next().await {
+        while let Some(done) = crew.tasks.join_next().await {
             let error = match done {
                 Ok(Ok(())) => continue,
                 Ok(Err(e)) => e,
@@ -323,10 +375,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             // ends its round first: a loop aborted between its `BEGIN` and sqlx's note of it
             // gave its pooled connection back inside a transaction that nothing ended, and
             // the application's next statements on it were never committed.
-            stop.cancel();
-        }
-        if let Some(l) = listener {
-            l.abort();
+            crew.stop.trigger();
         }
         failed.map_or(Ok(()), Err)
     }
