@@ -27,6 +27,8 @@
 //!   emitted into the log, no row, the relay streaming the slot); `wal_relay`: the relay daemon
 //!   draining a backlog of `--backlog` events (100,000 by default) by streaming the slot, and
 //!   `wal_relay_sql` the same through the SQL interface, one round after another;
+//!   `wal_enqueue_read`: `wal_enqueue` while a reader that publishes nothing streams the slot,
+//!   the server's share of `wal_e2e`'s cost (its WAL sender decodes each transaction);
 //! - `relay_backlog`: one relay draining a backlog of `--backlog` rows (1,000,000 by default
 //!   with `--brokers`, 200,000 with the mock cluster), with the process's peak memory while it
 //!   does (with the mock cluster, that includes the in-process broker holding every message).
@@ -169,7 +171,7 @@ fn print(o: &Options, rows: &[Row]) {
             o.brokers.as_deref().unwrap_or("mock cluster")
         );
         println!(
-            "{:<14} {:>10} {:>9} {:>9} {:>9} {:>9}",
+            "{:<16} {:>10} {:>9} {:>9} {:>9} {:>9}",
             "scenario", "events/s", "p50 ms", "p99 ms", "max ms", "peak MB"
         );
     }
@@ -187,7 +189,7 @@ fn print(o: &Options, rows: &[Row]) {
         } else {
             let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
             println!(
-                "{:<14} {:>10.0} {:>9} {:>9} {:>9} {:>9}",
+                "{:<16} {:>10.0} {:>9} {:>9} {:>9} {:>9}",
                 r.scenario,
                 r.events_per_sec,
                 f(pct(&l, 0.5)),
@@ -458,6 +460,7 @@ async fn end_to_end<DB: Backend>(
     if !running.ready(Duration::from_secs(60)).await {
         return Err("the consumer did not join its group".into());
     }
+    from_checkpoint(pool).await?;
     let started = Instant::now();
     write_events(pool, &outbox, n, o.writers).await?;
     progress.reached(Duration::from_secs(300)).await?;
@@ -545,15 +548,24 @@ async fn run<DB: Backend>(
         ("raw_insert", false, false),
         ("enqueue", true, false),
         ("wal_enqueue", true, true),
+        ("wal_enqueue_read", true, true),
     ] {
         if !o.runs(scenario) || (wal && o.backend != "postgres") {
             continue;
         }
         let outbox = fresh_in(&pool, "i", mock, &bus, wal).await?;
         let table = business_table(&pool, &outbox).await?;
+        let reader = match scenario {
+            "wal_enqueue_read" => Some(SlotReader::start(&pool, &outbox, o).await?),
+            _ => None,
+        };
+        from_checkpoint(&pool).await?;
         let started = Instant::now();
         let written =
             business_writers(&pool, with_outbox.then_some(&outbox), &table, n, o.writers).await?;
+        if let Some(reader) = reader {
+            reader.stop().await?;
+        }
         rows.push(Row {
             scenario,
             events_per_sec: written.len() as f64 / started.elapsed().as_secs_f64(),
@@ -579,6 +591,7 @@ async fn run<DB: Backend>(
             engine.without_relay()
         };
         let running = engine.start().await?;
+        from_checkpoint(&pool).await?;
         let started = Instant::now();
         write_events(&pool, &outbox, n, o.writers).await?;
         rows.push(Row {
@@ -656,6 +669,7 @@ async fn run<DB: Backend>(
             stop.clone(),
         ));
         tokio::time::sleep(Duration::from_secs(3)).await; // let the consumer join
+        from_checkpoint(&pool).await?;
         let started = Instant::now();
         write_events(&pool, &outbox, n, o.writers).await?;
         progress.reached(Duration::from_secs(600)).await?;
@@ -695,13 +709,6 @@ async fn run<DB: Backend>(
         }
         let outbox = fresh(&pool, "m", mock, &bus).await?;
         fill(&pool, &outbox, size, keys, o.backend == "mysql").await?;
-        // Each drain starts from a checkpoint on PostgreSQL (as pgbench's runs do): one that
-        // fell inside a drain would add its writes, and the full pages logged after it, to
-        // that drain alone.
-        if o.backend == "postgres" {
-            let mut conn = pool.acquire().await?;
-            DB::execute(&mut conn, "CHECKPOINT", Vec::new()).await?;
-        }
         let before = rss_mb();
         reset_peak_rss();
         let secs = drain(&pool, &outbox, &bus, size).await?;
@@ -796,6 +803,7 @@ async fn drain<DB: Backend>(
         counted.clone(),
         RelayConfig::default(),
     );
+    from_checkpoint(pool).await?;
     let started = Instant::now();
     let task = tokio::spawn(relay.run(shutdown));
     counted.progress.reached(Duration::from_secs(600)).await?;
@@ -1208,6 +1216,7 @@ async fn wal_end_to_end<DB: Backend>(
     if !running.ready(Duration::from_secs(60)).await {
         return Err("the consumer did not join its group".into());
     }
+    from_checkpoint(pool).await?;
     let started = Instant::now();
     let written: std::collections::HashMap<String, i64> =
         business_writers(pool, Some(&outbox), &table, n, o.writers)
@@ -1269,6 +1278,7 @@ async fn wal_backlog<DB: Backend>(
         relay_config(o),
     )
     .services(["task"]);
+    from_checkpoint(pool).await?;
     reset_peak_rss();
     let started = Instant::now();
     if sql {
@@ -1303,6 +1313,72 @@ async fn wal_backlog<DB: Backend>(
         latencies_ms: Vec::new(),
         peak_rss_mb: Some(peak_rss_mb()),
     })
+}
+
+/// `wal_enqueue_read`: the server's share of a WAL service's cost. The writers of
+/// `wal_enqueue` while the slot is streamed to a reader that only acknowledges what it reads
+/// (the WAL sender decodes every transaction of the database as it commits, and sends the
+/// events): what of `wal_e2e`'s cost is not the relay's publishing nor the consumer's.
+struct SlotReader {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), outbox_runtime::Error>>,
+}
+
+impl SlotReader {
+    async fn start<DB: Backend>(
+        pool: &Pool<DB>,
+        outbox: &Outbox<DB>,
+        o: &Options,
+    ) -> Result<Self, BoxError> {
+        let target = DB::replication_target(pool, o.url.as_deref())?.ok_or("no replication")?;
+        let mut conn = pool.acquire().await?;
+        let from = outbox
+            .wal_slot_state(&mut conn, "task")
+            .await?
+            .and_then(|s| s.confirmed)
+            .ok_or("no slot")?;
+        let mut stream = outbox_runtime::store::WalStream::open(
+            &target,
+            "task",
+            &outbox.wal_slot("task")?,
+            outbox.wal_prefix("task")?,
+            from,
+            Duration::from_millis(100),
+            10_000, // the relay's `wal_batch`
+        )
+        .await?;
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    got = stream.wait() => got?,
+                    _ = &mut stopped => break,
+                }
+                if let Some(end) = stream.read(usize::MAX).await?.end {
+                    stream.confirm(end);
+                }
+            }
+            stream.close().await;
+            Ok(())
+        });
+        Ok(Self { stop, task })
+    }
+
+    async fn stop(self) -> Result<(), BoxError> {
+        let _ = self.stop.send(());
+        Ok(self.task.await??)
+    }
+}
+
+/// On PostgreSQL, a checkpoint: each timed scenario starts from one (as pgbench's runs do), as
+/// the backlog's drains did before; one that fell inside a scenario would add its writes, and
+/// the full pages logged after it, to that scenario alone.
+async fn from_checkpoint<DB: Backend>(pool: &Pool<DB>) -> Result<(), BoxError> {
+    if <DB as sqlx::Database>::NAME == "PostgreSQL" {
+        let mut conn = pool.acquire().await?;
+        DB::execute(&mut conn, "CHECKPOINT", Vec::new()).await?;
+    }
+    Ok(())
 }
 
 /// A bus that counts what the broker acknowledged.
