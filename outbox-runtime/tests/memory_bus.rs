@@ -635,6 +635,27 @@ async fn held_batch() -> (World, Arc<Recorder>, Arc<Notify>, Arc<Notify>) {
     (w, recorder, entered, gate)
 }
 
+/// Opens [`held_batch`]'s gate and waits until the batch in hand, its handler no longer held,
+/// has committed its offsets (no consumer is left to do it otherwise); then checks that each of
+/// its events was applied once.
+async fn finished_held_batch(w: &World, recorder: &Recorder, gate: &Notify) {
+    gate.notify_one();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let changed = w.bus.changed();
+        if w.bus.committed(&w.group, &w.topic) == vec![5] {
+            break;
+        }
+        assert!(
+            tokio::time::timeout_at(deadline, changed).await.is_ok(),
+            "the batch in hand was not committed: offsets {:?}",
+            w.bus.committed(&w.group, &w.topic)
+        );
+    }
+    assert_eq!(w.effects().await, vec![0, 1, 2, 3, 4]);
+    assert_eq!(recorder.calls(2), 1);
+}
+
 #[tokio::test]
 async fn a_shutdown_in_the_middle_of_a_batch_finishes_it_and_commits_its_offsets() {
     let (w, recorder, entered, gate) = held_batch().await;
@@ -677,21 +698,7 @@ async fn a_dropped_engine_lets_the_batch_in_hand_finish_and_commit() {
     // Dropped in the middle of a batch (its transaction open, a handler running): the batch
     // is not cut off, it commits, and so do its offsets.
     drop(running);
-    gate.notify_one();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let changed = w.bus.changed();
-        if w.bus.committed(&w.group, &w.topic) == vec![5] {
-            break;
-        }
-        assert!(
-            tokio::time::timeout_at(deadline, changed).await.is_ok(),
-            "the batch in hand was not committed: offsets {:?}",
-            w.bus.committed(&w.group, &w.topic)
-        );
-    }
-    assert_eq!(w.effects().await, vec![0, 1, 2, 3, 4]);
-    assert_eq!(recorder.calls(2), 1);
+    finished_held_batch(&w, &recorder, &gate).await;
 }
 
 #[tokio::test]
@@ -705,21 +712,7 @@ async fn a_dropped_consumer_future_lets_the_batch_in_hand_finish_and_commit() {
     entered.notified().await;
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
-    gate.notify_one();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let changed = w.bus.changed();
-        if w.bus.committed(&w.group, &w.topic) == vec![5] {
-            break;
-        }
-        assert!(
-            tokio::time::timeout_at(deadline, changed).await.is_ok(),
-            "the batch in hand was not committed: offsets {:?}",
-            w.bus.committed(&w.group, &w.topic)
-        );
-    }
-    assert_eq!(w.effects().await, vec![0, 1, 2, 3, 4]);
-    assert_eq!(recorder.calls(2), 1);
+    finished_held_batch(&w, &recorder, &gate).await;
 }
 
 #[tokio::test]

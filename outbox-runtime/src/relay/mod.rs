@@ -75,9 +75,7 @@ impl Shutdown {
     pub async fn wait(&mut self) {
         self.0.cancelled().await;
     }
-}
 
-impl Shutdown {
     /// A signal of its own, sent when this one is, or by its trigger alone.
     pub(crate) fn child(&self) -> (ShutdownTrigger, Shutdown) {
         let token = self.0.child_token();
