@@ -118,13 +118,7 @@ impl Setup {
 
     /// Runs `outbox ARGS`, expecting success; its stdout.
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.outbox_cmd(args);
-        assert!(
-            out.status.success(),
-            "outbox {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        self.exits(0, args).0
     }
 
     /// Drops this test's tables.
@@ -1061,12 +1055,16 @@ async fn wal_setup() -> (Setup, sqlx::PgPool, Outbox<Postgres>, String) {
 
 /// Drops a [`wal_setup`]'s slot and tables.
 async fn wal_cleanup(s: &Setup, pool: &sqlx::PgPool, slot: &str) {
+    drop_slot(pool, slot).await;
+    s.drop_tables(pool).await;
+}
+
+async fn drop_slot(pool: &sqlx::PgPool, slot: &str) {
     sqlx::query("SELECT pg_drop_replication_slot($1)::TEXT")
         .bind(slot)
         .execute(pool)
         .await
         .unwrap();
-    s.drop_tables(pool).await;
 }
 
 /// [`wal_setup`] with this `relay` section in the config file.
@@ -1302,11 +1300,7 @@ async fn a_missing_slot_makes_status_exit_2_until_migrate_makes_it() {
     let _turn = WAL_TESTS.lock().await;
     let (s, pool, _outbox, slot) = wal_setup().await;
     assert!(s.status_of("task")["wal"]["lag_bytes"].is_i64());
-    sqlx::query("SELECT pg_drop_replication_slot($1)::TEXT")
-        .bind(&slot)
-        .execute(&pool)
-        .await
-        .unwrap();
+    drop_slot(&pool, &slot).await;
 
     let (table, stderr) = s.exits(2, &["status"]);
     assert!(table.contains("no slot"), "{table}");

@@ -26,7 +26,7 @@ use outbox_contract::service::{Dispatch, OutboxService};
 use crate::bus::{Bus, MemoryBus};
 use crate::consumer::{Call, Consumer, ConsumerConfig, Context, Ready};
 use crate::error::Error;
-use crate::relay::{Relay, RelayConfig, Shutdown, ShutdownTrigger};
+use crate::relay::{Crew, Relay, RelayConfig, Shutdown};
 use crate::store::{Backend, Outbox, StoreConfig};
 
 type Task = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
@@ -316,8 +316,8 @@ impl<DB: Backend, B: Bus> EngineBuilder<DB, B> {
             .collect();
         topics.sort();
         topics.dedup();
-        let (trigger, shutdown) = Shutdown::new();
-        let mut tasks = tokio::task::JoinSet::new();
+        let (mut crew, shutdown) = Crew::root();
+        let tasks = &mut crew.tasks;
         let mut names = HashMap::new();
         // The relay publishes while the topics are being made or checked (a publish to a topic
         // not there yet fails and is retried with backoff, as the Go system's last version
@@ -339,9 +339,8 @@ impl<DB: Backend, B: Bus> EngineBuilder<DB, B> {
         Ok(Running {
             outbox,
             bus,
-            trigger,
+            crew,
             shutdown,
-            tasks,
             names,
             ready,
             consumers: expected,
@@ -372,19 +371,12 @@ impl<DB: Backend, B: Bus> EngineBuilder<DB, B> {
 pub struct Running<DB: Backend, B: Bus> {
     outbox: Outbox<DB>,
     bus: Arc<B>,
-    trigger: ShutdownTrigger,
+    /// Its tasks: a dropped `Running` asks them to stop and does not abort them.
+    crew: Crew<Result<(), Error>>,
     shutdown: Shutdown,
-    tasks: tokio::task::JoinSet<Result<(), Error>>,
     names: HashMap<tokio::task::Id, String>,
     ready: Arc<Ready>,
     consumers: usize,
-}
-
-impl<DB: Backend, B: Bus> Drop for Running<DB, B> {
-    fn drop(&mut self) {
-        // The trigger, dropped after this, asks them to stop; they are not aborted.
-        self.tasks.detach_all();
-    }
 }
 
 impl<DB: Backend, B: Bus> Running<DB, B> {
@@ -416,7 +408,7 @@ impl<DB: Backend, B: Bus> Running<DB, B> {
     /// (and forever when nothing runs).
     pub async fn wait(&mut self) -> Result<(), Error> {
         loop {
-            let Some(done) = self.tasks.join_next_with_id().await else {
+            let Some(done) = self.crew.tasks.join_next_with_id().await else {
                 return std::future::pending().await;
             };
             let (id, result) = match done {
@@ -439,9 +431,9 @@ impl<DB: Backend, B: Bus> Running<DB, B> {
     /// Stops claiming and consuming, lets the work in hand finish, and waits for every task;
     /// the first failure is the result.
     pub async fn shutdown(mut self) -> Result<(), Error> {
-        self.trigger.trigger();
+        self.crew.stop.trigger();
         let mut first_error = None;
-        while let Some(done) = self.tasks.join_next_with_id().await {
+        while let Some(done) = self.crew.tasks.join_next_with_id().await {
             let failed = match done {
                 Ok((_, Ok(()))) => None,
                 Ok((_, Err(e))) => Some(e),

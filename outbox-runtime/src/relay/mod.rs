@@ -88,6 +88,7 @@ impl Shutdown {
 /// background, as a [`Shutdown`] does, instead of aborting them. A task cut off inside a
 /// statement could hand its pooled connection back inside a transaction nobody ends: sqlx 0.8
 /// returns a connection whose `BEGIN` was cancelled to the pool as it is.
+#[derive(Debug)]
 pub(crate) struct Crew<T: 'static> {
     pub(crate) tasks: tokio::task::JoinSet<T>,
     /// Stops the tasks: triggered when the crew is dropped.
@@ -97,7 +98,15 @@ pub(crate) struct Crew<T: 'static> {
 impl<T: 'static> Crew<T> {
     /// No task yet, and the signal they are to watch: `shutdown`, or this crew's drop.
     pub(crate) fn new(shutdown: &Shutdown) -> (Self, Shutdown) {
-        let (stop, watched) = shutdown.child();
+        Self::with(shutdown.child())
+    }
+
+    /// No task yet, and a signal of their own: this crew's trigger, or its drop.
+    pub(crate) fn root() -> (Self, Shutdown) {
+        Self::with(Shutdown::new())
+    }
+
+    fn with((stop, watched): (ShutdownTrigger, Shutdown)) -> (Self, Shutdown) {
         let crew = Crew {
             tasks: tokio::task::JoinSet::new(),
             stop,
@@ -110,17 +119,6 @@ impl<T: 'static> Drop for Crew<T> {
     fn drop(&mut self) {
         // `stop`, dropped after this, triggers their signal.
         self.tasks.detach_all();
-    }
-}
-
-/// Aborts its task when dropped.
-struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if let Some(task) = &self.0 {
-            task.abort();
-        }
     }
 }
 
@@ -350,7 +348,8 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
     /// `shutdown` does: each finishes its round in the background.
     pub async fn run(self, shutdown: Shutdown) -> Result<(), Error> {
         // Its LISTEN loop holds a connection and no transaction: it goes with this future.
-        let _listener = AbortOnDrop(DB::spawn_listener(&self.pool, self.outbox.wakeups()));
+        let _listener = DB::spawn_listener(&self.pool, self.outbox.wakeups())
+            .map(tokio_util::task::AbortOnDropHandle::new);
         let this = Arc::new(self);
         // Stops every loop when `shutdown` comes, when one loop fails, or when this future is
         // dropped.
