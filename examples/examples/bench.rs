@@ -3,9 +3,13 @@
 //!
 //! `cargo run --release -p examples --example bench -- [--backend postgres|mysql|sqlite]
 //!  [--database-url URL] [--brokers HOSTS] [--events N] [--writers C] [--backlog N]
-//!  [--only SCENARIO,...] [--json]`
+//!  [--only SCENARIO,...] [--rounds R] [--json]`
 //!
-//! Without `--brokers` it uses rdkafka's in-process mock cluster. Scenarios:
+//! Without `--brokers` it uses rdkafka's in-process mock cluster. With `--rounds R` it runs the
+//! chosen scenarios R times, one round after another, prints each round, then each scenario's
+//! median and range and, for each ratio the project sets a target on, the ratio in every round
+//! and its median: on a machine whose rates move by a fifth from one minute to the next, one
+//! round decides little near a target. Scenarios:
 //! - `raw_produce`: the producer alone, envelope-sized messages: the broker's limit;
 //! - `raw_insert`: single-row insert transactions from C writers: the database's limit;
 //! - `enqueue`: a business row plus one event per transaction, C writers;
@@ -63,6 +67,8 @@ struct Options {
     backlog: Option<usize>,
     /// Scenarios to run; empty: all.
     only: Vec<String>,
+    /// How many times to run the chosen scenarios.
+    rounds: usize,
     json: bool,
 }
 
@@ -90,6 +96,7 @@ fn options() -> Result<Options, BoxError> {
         writers: 4,
         backlog: None,
         only: Vec::new(),
+        rounds: 1,
         json: false,
     };
     let mut args = std::env::args().skip(1);
@@ -103,6 +110,7 @@ fn options() -> Result<Options, BoxError> {
             "--writers" => o.writers = value()?.parse()?,
             "--backlog" => o.backlog = Some(value()?.parse()?),
             "--only" => o.only = value()?.split(',').map(str::to_owned).collect(),
+            "--rounds" => o.rounds = value()?.parse::<usize>()?.max(1),
             "--json" => o.json = true,
             other => return Err(format!("unknown option `{other}`").into()),
         }
@@ -124,7 +132,7 @@ async fn main() -> Result<(), BoxError> {
                 .max_connections(16)
                 .connect(&url)
                 .await?;
-            run(pool, &brokers, mock.as_ref(), &o).await?
+            rounds(pool, &brokers, mock.as_ref(), &o).await?
         }
         "mysql" => {
             let url = o
@@ -135,20 +143,130 @@ async fn main() -> Result<(), BoxError> {
                 .max_connections(16)
                 .connect(&url)
                 .await?;
-            run(pool, &brokers, mock.as_ref(), &o).await?
+            rounds(pool, &brokers, mock.as_ref(), &o).await?
         }
         "sqlite" => {
             let path = std::env::temp_dir().join(format!("outbox-bench-{}.db", std::process::id()));
             let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&path);
             let pool = examples::sqlite_pool(options).await?;
-            let rows = run(pool, &brokers, mock.as_ref(), &o).await;
+            let rows = rounds(pool, &brokers, mock.as_ref(), &o).await;
             examples::remove_sqlite(&path);
             rows?
         }
         other => return Err(format!("unknown backend `{other}`").into()),
     };
-    print(&o, &rows);
+    if rows.len() > 1 && !o.json {
+        summary(&rows);
+    }
     Ok(())
+}
+
+/// Runs the chosen scenarios `--rounds` times, printing each round as it ends.
+async fn rounds<DB: Backend>(
+    pool: Pool<DB>,
+    brokers: &str,
+    mock: Option<&Mock>,
+    o: &Options,
+) -> Result<Vec<Vec<Row>>, BoxError> {
+    let mut all = Vec::with_capacity(o.rounds);
+    for round in 1..=o.rounds {
+        if o.rounds > 1 && !o.json {
+            println!("round {round} of {}", o.rounds);
+        }
+        let rows = run(pool.clone(), brokers, mock, o).await?;
+        print(o, round, &rows);
+        all.push(rows);
+    }
+    Ok(all)
+}
+
+/// The ratios the project sets targets on (issue 15), each a scenario against its reference.
+const RATIOS: [(&str, &str); 8] = [
+    ("enqueue", "raw_insert"),
+    ("e2e", "raw_insert"),
+    ("e2e_inbox", "raw_insert"),
+    ("wal_enqueue", "raw_insert"),
+    ("wal_e2e", "raw_insert"),
+    ("wal_relay", "raw_produce"),
+    ("backlog_10_keys", "relay_backlog"),
+    ("backlog_1_key", "relay_backlog"),
+];
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Each scenario's median and range over the rounds, and each targeted ratio in every round
+/// (both scenarios of a ratio ran in the same round, minutes apart at most) with its median.
+fn summary(rounds: &[Vec<Row>]) {
+    let rate = |round: &[Row], scenario: &str| {
+        round
+            .iter()
+            .find(|r| r.scenario == scenario)
+            .map(|r| r.events_per_sec)
+    };
+    println!("over {} rounds", rounds.len());
+    println!(
+        "{:<16} {:>10} {:>10} {:>10}",
+        "scenario", "median/s", "lowest/s", "highest/s"
+    );
+    for row in rounds.first().map(Vec::as_slice).unwrap_or_default() {
+        let v: Vec<f64> = rounds
+            .iter()
+            .filter_map(|round| rate(round, row.scenario))
+            .collect();
+        let (low, high) = v
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), x| {
+                (l.min(*x), h.max(*x))
+            });
+        println!(
+            "{:<16} {:>10.0} {:>10.0} {:>10.0}",
+            row.scenario,
+            median(&v),
+            low,
+            high
+        );
+    }
+    for (scenario, reference) in RATIOS {
+        let ratios: Vec<f64> = rounds
+            .iter()
+            .filter_map(|round| Some(rate(round, scenario)? / rate(round, reference)?))
+            .collect();
+        if ratios.is_empty() {
+            continue;
+        }
+        let each: Vec<String> = ratios
+            .iter()
+            .map(|r| format!("{:.0}%", r * 100.0))
+            .collect();
+        println!(
+            "{scenario} / {reference}: median {:.0}% (rounds: {})",
+            median(&ratios) * 100.0,
+            each.join(", ")
+        );
+    }
+    // 10x the rows in how many times the time: 10 x the tenth's rate / the whole's rate.
+    let growth: Vec<f64> = rounds
+        .iter()
+        .filter_map(|round| {
+            Some(10.0 * rate(round, "backlog_1_key/10")? / rate(round, "backlog_1_key")?)
+        })
+        .collect();
+    if !growth.is_empty() {
+        let each: Vec<String> = growth.iter().map(|g| format!("{g:.1}x")).collect();
+        println!(
+            "1 key, 10x the backlog: median {:.1}x the time (rounds: {})",
+            median(&growth),
+            each.join(", ")
+        );
+    }
 }
 
 fn pct(sorted: &[f64], p: f64) -> Option<f64> {
@@ -160,7 +278,7 @@ fn pct(sorted: &[f64], p: f64) -> Option<f64> {
         .copied()
 }
 
-fn print(o: &Options, rows: &[Row]) {
+fn print(o: &Options, round: usize, rows: &[Row]) {
     let rss = peak_rss_mb();
     if !o.json {
         println!(
@@ -182,7 +300,7 @@ fn print(o: &Options, rows: &[Row]) {
             println!(
                 "{}",
                 serde_json::json!({
-                    "scenario": r.scenario, "backend": o.backend, "events_per_sec": r.events_per_sec.round(),
+                    "scenario": r.scenario, "round": round, "backend": o.backend, "events_per_sec": r.events_per_sec.round(),
                     "p50_ms": pct(&l, 0.5), "p99_ms": pct(&l, 0.99), "max_ms": l.last(), "peak_rss_mb": r.peak_rss_mb.unwrap_or(rss),
                 })
             );
