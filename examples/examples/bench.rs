@@ -240,18 +240,10 @@ fn summary(rounds: &[Vec<Row>]) {
             .iter()
             .filter_map(|round| Some(rate(round, scenario)? / rate(round, reference)?))
             .collect();
-        if ratios.is_empty() {
-            continue;
+        let percent = |r: f64| format!("{:.0}%", r * 100.0);
+        if let Some(line) = over_rounds(&ratios, percent) {
+            println!("{scenario} / {reference}: {line}");
         }
-        let each: Vec<String> = ratios
-            .iter()
-            .map(|r| format!("{:.0}%", r * 100.0))
-            .collect();
-        println!(
-            "{scenario} / {reference}: median {:.0}% (rounds: {})",
-            median(&ratios) * 100.0,
-            each.join(", ")
-        );
     }
     // 10x the rows in how many times the time: 10 x the tenth's rate / the whole's rate.
     let growth: Vec<f64> = rounds
@@ -260,14 +252,22 @@ fn summary(rounds: &[Vec<Row>]) {
             Some(10.0 * rate(round, "backlog_1_key/10")? / rate(round, "backlog_1_key")?)
         })
         .collect();
-    if !growth.is_empty() {
-        let each: Vec<String> = growth.iter().map(|g| format!("{g:.1}x")).collect();
-        println!(
-            "1 key, 10x the backlog: median {:.1}x the time (rounds: {})",
-            median(&growth),
-            each.join(", ")
-        );
+    if let Some(line) = over_rounds(&growth, |g| format!("{g:.1}x")) {
+        println!("1 key, 10x the backlog, in how many times the time: {line}");
     }
+}
+
+/// `median M (rounds: a, b, …)`, each value written by `show`; `None` for no value.
+fn over_rounds(values: &[f64], show: impl Fn(f64) -> String) -> Option<String> {
+    if values.is_empty() {
+        return None;
+    }
+    let each: Vec<String> = values.iter().map(|&v| show(v)).collect();
+    Some(format!(
+        "median {} (rounds: {})",
+        show(median(values)),
+        each.join(", ")
+    ))
 }
 
 fn pct(sorted: &[f64], p: f64) -> Option<f64> {
