@@ -673,15 +673,15 @@ async fn status<DB: Backend>(
 fn unrelayable(lags: &BTreeMap<String, outbox_runtime::store::WalLag>) -> Result<(), BoxError> {
     let broken: Vec<String> = lags
         .values()
-        .filter_map(|l| {
+        .filter(|l| l.lost || l.bytes.is_none())
+        .map(|l| {
             let (service, slot) = (l.service.clone(), l.slot.clone());
-            if l.lost {
-                Some(outbox_runtime::Error::WalSlotLost { service, slot }.to_string())
-            } else if l.bytes.is_none() {
-                Some(outbox_runtime::Error::WalSlotMissing { service, slot }.to_string())
+            let broken = if l.lost {
+                outbox_runtime::Error::WalSlotLost { service, slot }
             } else {
-                None
-            }
+                outbox_runtime::Error::WalSlotMissing { service, slot }
+            };
+            broken.to_string()
         })
         .collect();
     if broken.is_empty() {

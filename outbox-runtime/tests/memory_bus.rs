@@ -701,17 +701,21 @@ async fn a_dropped_engine_lets_the_batch_in_hand_finish_and_commit() {
     finished_held_batch(&w, &recorder, &gate).await;
 }
 
+/// Drops the `run` future `task` runs, as a `select!` drops one whose other branch won.
+async fn drop_run_future(task: tokio::task::JoinHandle<Result<(), outbox_runtime::Error>>) {
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+}
+
 #[tokio::test]
 async fn a_dropped_consumer_future_lets_the_batch_in_hand_finish_and_commit() {
     let (w, recorder, entered, gate) = held_batch().await;
     // Never triggered: only the future's drop stops the consumer.
     let (_trigger, shutdown) = Shutdown::new();
     let consumer = w.consumer(&w.pool, &recorder, ConsumerConfig::default().workers(1));
-    // As a `select!` drops a `run` whose other branch won.
     let task = tokio::spawn(consumer.run(shutdown));
     entered.notified().await;
-    task.abort();
-    assert!(task.await.unwrap_err().is_cancelled());
+    drop_run_future(task).await;
     finished_held_batch(&w, &recorder, &gate).await;
 }
 
@@ -738,8 +742,7 @@ async fn a_dropped_relay_future_lets_the_round_in_hand_finish_and_mark_its_rows(
     let task = tokio::spawn(relay.run(shutdown));
     // Claimed and being sent: the future is dropped in the middle of its round.
     bus.entered.notified().await;
-    task.abort();
-    assert!(task.await.unwrap_err().is_cancelled());
+    drop_run_future(task).await;
     bus.gate.notify_one();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
