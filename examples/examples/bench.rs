@@ -9,7 +9,9 @@
 //! chosen scenarios R times, one round after another, prints each round, then each scenario's
 //! median and range and, for each ratio the project sets a target on, the ratio in every round
 //! and its median: on a machine whose rates move by a fifth from one minute to the next, one
-//! round decides little near a target. Scenarios:
+//! round decides little near a target. Each row gives, on Linux, the CPU an event cost (the
+//! machine's, the database server's, this process's) and the share the host took back (steal),
+//! and each targeted ratio is given by CPU per event too (see [`CpuUse`]). Scenarios:
 //! - `raw_produce`: the producer alone, envelope-sized messages: the broker's limit;
 //! - `raw_insert`: single-row insert transactions from C writers: the database's limit;
 //! - `enqueue`: a business row plus one event per transaction, C writers;
@@ -85,6 +87,8 @@ struct Row {
     latencies_ms: Vec<f64>,
     /// Peak memory of the process during this scenario.
     peak_rss_mb: Option<f64>,
+    /// The CPU the machine spent per event while it ran (Linux).
+    cpu: Option<CpuUse>,
 }
 
 fn options() -> Result<Options, BoxError> {
@@ -121,6 +125,11 @@ fn options() -> Result<Options, BoxError> {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let o = options()?;
+    let _ = DB_PROCESSES.set(match o.backend.as_str() {
+        "postgres" => &["postgres"],
+        "mysql" => &["mariadbd", "mysqld"],
+        _ => &[],
+    });
     let (brokers, mock) = examples::brokers(o.brokers.as_deref())?;
     let rows = match o.backend.as_str() {
         "postgres" => {
@@ -155,7 +164,7 @@ async fn main() -> Result<(), BoxError> {
         }
         other => return Err(format!("unknown backend `{other}`").into()),
     };
-    if rows.len() > 1 && !o.json {
+    if !o.json {
         summary(&rows);
     }
     Ok(())
@@ -203,69 +212,128 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// Each scenario's median and range over the rounds, and each targeted ratio in every round
-/// (both scenarios of a ratio ran in the same round, minutes apart at most) with its median.
+/// Over several rounds, each scenario's median and range. Then each targeted ratio in every
+/// round (both scenarios of a ratio ran in the same round, minutes apart at most) with its
+/// median, of the rates and of the CPU per event (the reference's cost over the scenario's:
+/// the ratio the rates would have on the same cores).
 fn summary(rounds: &[Vec<Row>]) {
-    let rate = |round: &[Row], scenario: &str| {
+    let find = |round: &[Row], scenario: &str| {
         round
             .iter()
             .find(|r| r.scenario == scenario)
-            .map(|r| r.events_per_sec)
+            .map(|r| (r.events_per_sec, r.cpu))
     };
-    println!("over {} rounds", rounds.len());
-    println!(
-        "{:<16} {:>10} {:>10} {:>10}",
-        "scenario", "median/s", "lowest/s", "highest/s"
-    );
-    for row in rounds.first().map(Vec::as_slice).unwrap_or_default() {
-        let v: Vec<f64> = rounds
-            .iter()
-            .filter_map(|round| rate(round, row.scenario))
-            .collect();
-        let (low, high) = v
-            .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), x| {
-                (l.min(*x), h.max(*x))
-            });
+    let rate = |round: &[Row], scenario: &str| find(round, scenario).map(|(rate, _)| rate);
+    let cost = |round: &[Row], scenario: &str| {
+        find(round, scenario)
+            .and_then(|(_, cpu)| cpu)
+            .map(|c| c.busy_us)
+            .filter(|&us| us > 0.0)
+    };
+    if rounds.len() > 1 {
+        println!("over {} rounds", rounds.len());
         println!(
-            "{:<16} {:>10.0} {:>10.0} {:>10.0}",
-            row.scenario,
-            median(&v),
-            low,
-            high
+            "{:<16} {:>10} {:>10} {:>10}",
+            "scenario", "median/s", "lowest/s", "highest/s"
         );
+        for row in rounds.first().map(Vec::as_slice).unwrap_or_default() {
+            let v: Vec<f64> = rounds
+                .iter()
+                .filter_map(|round| rate(round, row.scenario))
+                .collect();
+            let (low, high) = v
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), x| {
+                    (l.min(*x), h.max(*x))
+                });
+            println!(
+                "{:<16} {:>10.0} {:>10.0} {:>10.0}",
+                row.scenario,
+                median(&v),
+                low,
+                high
+            );
+        }
     }
-    for (scenario, reference) in RATIOS {
-        let ratios: Vec<f64> = rounds
+    // Whether either scenario of a ratio ran disturbed in that round.
+    let disturbed = |round: &[Row], scenarios: &[&str]| {
+        round
             .iter()
-            .filter_map(|round| Some(rate(round, scenario)? / rate(round, reference)?))
+            .any(|r| scenarios.contains(&r.scenario) && r.disturbed())
+    };
+    let percent = |r: f64| format!("{:.0}%", r * 100.0);
+    for (scenario, reference) in RATIOS {
+        let of_round = |round: &Vec<Row>, ratio: Option<f64>| {
+            Some((ratio?, disturbed(round, &[scenario, reference])))
+        };
+        let ratios: Vec<(f64, bool)> = rounds
+            .iter()
+            .filter_map(|round| {
+                of_round(
+                    round,
+                    Some(rate(round, scenario)? / rate(round, reference)?),
+                )
+            })
             .collect();
-        let percent = |r: f64| format!("{:.0}%", r * 100.0);
+        let by_cpu: Vec<(f64, bool)> = rounds
+            .iter()
+            .filter_map(|round| {
+                of_round(
+                    round,
+                    Some(cost(round, reference)? / cost(round, scenario)?),
+                )
+            })
+            .collect();
         if let Some(line) = over_rounds(&ratios, percent) {
             println!("{scenario} / {reference}: {line}");
         }
+        if let Some(line) = over_rounds(&by_cpu, percent) {
+            println!("  by CPU per event: {line}");
+        }
     }
-    // 10x the rows in how many times the time: 10 x the tenth's rate / the whole's rate.
-    let growth: Vec<f64> = rounds
+    // 10x the rows in how many times the time: 10 x the tenth's rate / the whole's rate (one
+    // round prints it as it ends).
+    let growth: Vec<(f64, bool)> = rounds
         .iter()
         .filter_map(|round| {
-            Some(10.0 * rate(round, "backlog_1_key/10")? / rate(round, "backlog_1_key")?)
+            let (small, big) = ("backlog_1_key/10", "backlog_1_key");
+            Some((
+                10.0 * rate(round, small)? / rate(round, big)?,
+                disturbed(round, &[small, big]),
+            ))
         })
         .collect();
-    if let Some(line) = over_rounds(&growth, |g| format!("{g:.1}x")) {
+    if rounds.len() > 1
+        && let Some(line) = over_rounds(&growth, |g| format!("{g:.1}x"))
+    {
         println!("1 key, 10x the backlog, in how many times the time: {line}");
+    }
+    if rounds.iter().flatten().any(Row::disturbed) {
+        println!("* in a round where a scenario of the ratio ran disturbed (steal)");
     }
 }
 
-/// `median M (rounds: a, b, …)`, each value written by `show`; `None` for no value.
-fn over_rounds(values: &[f64], show: impl Fn(f64) -> String) -> Option<String> {
-    if values.is_empty() {
-        return None;
+/// `median M (rounds: a, b*, …; without *: N)`, each value written by `show`, marked `*` when
+/// its round ran disturbed (with the median of the others); the value alone for one round;
+/// `None` for none.
+fn over_rounds(values: &[(f64, bool)], show: impl Fn(f64) -> String) -> Option<String> {
+    let shown = |&(v, disturbed): &(f64, bool)| show(v) + if disturbed { "*" } else { "" };
+    match values {
+        [] => return None,
+        [one] => return Some(shown(one)),
+        _ => {}
     }
-    let each: Vec<String> = values.iter().map(|&v| show(v)).collect();
+    let all: Vec<f64> = values.iter().map(|&(v, _)| v).collect();
+    let calm: Vec<f64> = values.iter().filter(|(_, d)| !d).map(|&(v, _)| v).collect();
+    let each: Vec<String> = values.iter().map(shown).collect();
+    let without = if calm.len() < all.len() && !calm.is_empty() {
+        format!("; without *: {}", show(median(&calm)))
+    } else {
+        String::new()
+    };
     Some(format!(
-        "median {} (rounds: {})",
-        show(median(values)),
+        "median {} (rounds: {}{without})",
+        show(median(&all)),
         each.join(", ")
     ))
 }
@@ -290,8 +358,17 @@ fn print(o: &Options, round: usize, rows: &[Row]) {
             o.brokers.as_deref().unwrap_or("mock cluster")
         );
         println!(
-            "{:<16} {:>10} {:>9} {:>9} {:>9} {:>9}",
-            "scenario", "events/s", "p50 ms", "p99 ms", "max ms", "peak MB"
+            "{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>7}",
+            "scenario",
+            "events/s",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "peak MB",
+            "cpu µs/ev",
+            "of it db",
+            "here",
+            "steal %"
         );
     }
     for r in rows {
@@ -303,22 +380,35 @@ fn print(o: &Options, round: usize, rows: &[Row]) {
                 serde_json::json!({
                     "scenario": r.scenario, "round": round, "backend": o.backend, "events_per_sec": r.events_per_sec.round(),
                     "p50_ms": pct(&l, 0.5), "p99_ms": pct(&l, 0.99), "max_ms": l.last(), "peak_rss_mb": r.peak_rss_mb.unwrap_or(rss),
+                    "cpu_us_per_event": r.cpu.map(|c| c.busy_us.round()), "db_us_per_event": r.cpu.and_then(|c| c.db_us).map(f64::round), "here_us_per_event": r.cpu.map(|c| c.here_us.round()),
+                    "steal_pct": r.cpu.map(|c| c.steal_pct.round()), "disturbed": r.disturbed(),
                 })
             );
         } else {
             let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+            let whole = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
             println!(
-                "{:<16} {:>10.0} {:>9} {:>9} {:>9} {:>9}",
+                "{:<16} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>7}",
                 r.scenario,
                 r.events_per_sec,
                 f(pct(&l, 0.5)),
                 f(pct(&l, 0.99)),
                 f(l.last().copied()),
-                f(r.peak_rss_mb)
+                f(r.peak_rss_mb),
+                whole(r.cpu.map(|c| c.busy_us)),
+                whole(r.cpu.and_then(|c| c.db_us)),
+                whole(r.cpu.map(|c| c.here_us)),
+                whole(r.cpu.map(|c| c.steal_pct)) + if r.disturbed() { "*" } else { "" },
             );
         }
     }
     if !o.json {
+        if rows.iter().any(Row::disturbed) {
+            println!(
+                "* the host took {DISTURBED_STEAL_PCT}% or more of the cores (steal): such a \
+                 row's rate and cost are not comparable with another's"
+            );
+        }
         println!("peak RSS of this process: {rss:.0} MB");
     }
 }
@@ -346,6 +436,176 @@ fn status_mb(field: &str) -> f64 {
 fn reset_peak_rss() {
     if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
         eprintln!("peak memory not reset ({e}): the figure is the process's peak so far");
+    }
+}
+
+/// The CPU a scenario cost per event, from Linux's counters (ticks of 10 ms, summed over the
+/// cores): the whole machine's, the database server's (when it runs on this machine) and this
+/// process's. Under load, a scenario's rate is the cores it had over its cost per event, so
+/// the ratio of two scenarios' costs is what the ratio of their rates would be on the same
+/// cores; on a machine whose rates move from one minute to the next, the costs move less. Not
+/// when the host of a virtual machine takes back a share of its cores (steal): each event then
+/// costs more, and more the more is taken, so a row with [`DISTURBED_STEAL_PCT`] or more of
+/// steal is marked, and compares with no other.
+#[derive(Debug, Clone, Copy)]
+struct CpuUse {
+    /// Busy (user, system, interrupts; not idle, waiting for I/O or stolen), every process.
+    busy_us: f64,
+    /// Of it, the database server's processes on this machine (PostgreSQL's, MariaDB's or
+    /// MySQL's); `None` when none runs here (SQLite runs in this process).
+    db_us: Option<f64>,
+    /// Of it, this process: the writers' client side, relays and consumers.
+    here_us: f64,
+    /// The share of the machine's time its host took while the scenario ran.
+    steal_pct: f64,
+}
+
+/// The share of steal from which a row's rate and cost are marked as disturbed.
+const DISTURBED_STEAL_PCT: f64 = 5.0;
+
+impl CpuUse {
+    fn disturbed(&self) -> bool {
+        self.steal_pct >= DISTURBED_STEAL_PCT
+    }
+}
+
+/// The counters [`CpuUse`] is worked out from.
+#[derive(Debug, Clone, Copy)]
+struct CpuTicks {
+    busy: u64,
+    steal: u64,
+    all: u64,
+    db: Option<u64>,
+    here: u64,
+}
+
+/// A process's `/proc/PID/stat` fields after its command: utime, stime, and its reaped
+/// children's cutime and cstime are the 12th to the 15th.
+fn process_ticks(stat: &str, children: bool) -> Option<u64> {
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let last = if children { 14 } else { 12 };
+    (11..=last)
+        .map(|i| fields.get(i)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The names of the chosen backend's server processes (none for SQLite), set once at the start.
+static DB_PROCESSES: std::sync::OnceLock<&'static [&'static str]> = std::sync::OnceLock::new();
+
+/// The database server's processes on this machine, with the children they reaped (a
+/// PostgreSQL backend that ended during the scenario is counted in its postmaster's); `None`
+/// when there are none.
+fn database_ticks() -> Option<u64> {
+    let names = DB_PROCESSES.get().copied().unwrap_or_default();
+    if names.is_empty() {
+        return None;
+    }
+    let dir = std::fs::read_dir("/proc").ok()?;
+    let ticks: Vec<u64> = dir
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| {
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            names
+                .contains(&comm.trim())
+                .then(|| std::fs::read_to_string(e.path().join("stat")).ok())
+                .flatten()
+                .and_then(|stat| process_ticks(&stat, true))
+        })
+        .collect();
+    (!ticks.is_empty()).then(|| ticks.iter().sum())
+}
+
+impl CpuTicks {
+    /// Now, or `None` off Linux.
+    fn now() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        // cpu user nice system idle iowait irq softirq steal ...
+        let t: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let [user, nice, system, idle, iowait, irq, softirq, steal] = t[..] else {
+            return None;
+        };
+        let here = process_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?, false)?;
+        let busy = user + nice + system + irq + softirq;
+        Some(Self {
+            busy,
+            steal,
+            all: busy + idle + iowait + steal,
+            db: database_ticks(),
+            here,
+        })
+    }
+}
+
+/// A scenario's timed part: its wall time and the CPU spent over it.
+struct Clock {
+    started: Instant,
+    ticks: Option<CpuTicks>,
+}
+
+/// What a [`Clock`] measured.
+struct Timed {
+    secs: f64,
+    cpu: Option<CpuUse>,
+}
+
+impl Clock {
+    fn start() -> Self {
+        Self {
+            ticks: CpuTicks::now(),
+            started: Instant::now(),
+        }
+    }
+
+    /// The seconds since the start, and the CPU per event for `events` events.
+    fn stop(&self, events: usize) -> Timed {
+        let secs = self.started.elapsed().as_secs_f64();
+        let cpu = self.ticks.zip(CpuTicks::now()).and_then(|(a, b)| {
+            // A tick is 10 ms: 10,000 µs.
+            let per_event = |ticks: u64| ticks as f64 * 10_000.0 / events as f64;
+            (events > 0 && b.all > a.all).then(|| CpuUse {
+                busy_us: per_event(b.busy.saturating_sub(a.busy)),
+                db_us: a.db.zip(b.db).map(|(a, b)| per_event(b.saturating_sub(a))),
+                here_us: per_event(b.here.saturating_sub(a.here)),
+                steal_pct: 100.0 * b.steal.saturating_sub(a.steal) as f64 / (b.all - a.all) as f64,
+            })
+        });
+        Timed { secs, cpu }
+    }
+}
+
+impl Row {
+    fn disturbed(&self) -> bool {
+        self.cpu.is_some_and(|c| c.disturbed())
+    }
+
+    fn timed(
+        scenario: &'static str,
+        events: usize,
+        timed: Timed,
+        latencies_ms: Vec<f64>,
+        peak_rss_mb: Option<f64>,
+    ) -> Self {
+        Self {
+            scenario,
+            events_per_sec: events as f64 / timed.secs,
+            latencies_ms,
+            peak_rss_mb,
+            cpu: timed.cpu,
+        }
     }
 }
 
@@ -580,14 +840,14 @@ async fn end_to_end<DB: Backend>(
         return Err("the consumer did not join its group".into());
     }
     from_checkpoint(pool).await?;
-    let started = Instant::now();
+    let clock = Clock::start();
     write_events(pool, &outbox, n, o.writers).await?;
     progress.reached(Duration::from_secs(300)).await?;
     match kind {
         Kind::Inbox => wait_for_inbox(pool, &group, n).await?,
         _ => wait_for(pool, &outbox, Status::Consumed, n).await?,
     }
-    let secs = started.elapsed().as_secs_f64();
+    let timed = clock.stop(n);
     running.shutdown().await?;
     let latencies_ms = match kind {
         Kind::Inbox => inbox_latencies(pool, &outbox, &group).await?,
@@ -602,12 +862,7 @@ async fn end_to_end<DB: Backend>(
         let forget = DB::dialect_sql("DELETE FROM outbox_inbox WHERE consumer_group = $1");
         DB::execute(&mut conn, &forget, vec![Arg::Str(group)]).await?;
     }
-    Ok(Row {
-        scenario: kind.scenario(),
-        events_per_sec: n as f64 / secs,
-        latencies_ms,
-        peak_rss_mb: None,
-    })
+    Ok(Row::timed(kind.scenario(), n, timed, latencies_ms, None))
 }
 
 fn event(n: u64) -> TaskUrgencyPromoteRequested {
@@ -638,7 +893,7 @@ async fn run<DB: Backend>(
             .cloned()
             .ok_or("no route")?;
         let value = envelope_sized();
-        let started = Instant::now();
+        let clock = Clock::start();
         for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
             let records: Vec<Outgoing> = chunk
                 .iter()
@@ -653,12 +908,13 @@ async fn run<DB: Backend>(
                 r.into_result()?;
             }
         }
-        rows.push(Row {
-            scenario: "raw_produce",
-            events_per_sec: n as f64 / started.elapsed().as_secs_f64(),
-            latencies_ms: Vec::new(),
-            peak_rss_mb: None,
-        });
+        rows.push(Row::timed(
+            "raw_produce",
+            n,
+            clock.stop(n),
+            Vec::new(),
+            None,
+        ));
         drop_table(&pool, &outbox).await?;
     }
 
@@ -679,18 +935,20 @@ async fn run<DB: Backend>(
             _ => None,
         };
         from_checkpoint(&pool).await?;
-        let started = Instant::now();
+        let clock = Clock::start();
         let written =
             business_writers(&pool, with_outbox.then_some(&outbox), &table, n, o.writers).await?;
         if let Some(reader) = reader {
             reader.stop().await?;
         }
-        rows.push(Row {
+        let timed = clock.stop(written.len());
+        rows.push(Row::timed(
             scenario,
-            events_per_sec: written.len() as f64 / started.elapsed().as_secs_f64(),
-            latencies_ms: written.into_iter().map(|w| w.latency_ms).collect(),
-            peak_rss_mb: None,
-        });
+            written.len(),
+            timed,
+            written.into_iter().map(|w| w.latency_ms).collect(),
+            None,
+        ));
         let mut conn = pool.acquire().await?;
         DB::execute(&mut conn, &format!("DROP TABLE {table}"), Vec::new()).await?;
         drop(conn);
@@ -711,14 +969,9 @@ async fn run<DB: Backend>(
         };
         let running = engine.start().await?;
         from_checkpoint(&pool).await?;
-        let started = Instant::now();
+        let clock = Clock::start();
         write_events(&pool, &outbox, n, o.writers).await?;
-        rows.push(Row {
-            scenario,
-            events_per_sec: n as f64 / started.elapsed().as_secs_f64(),
-            latencies_ms: Vec::new(),
-            peak_rss_mb: None,
-        });
+        rows.push(Row::timed(scenario, n, clock.stop(n), Vec::new(), None));
         running.shutdown().await?;
         drop_table(&pool, &outbox).await?;
     }
@@ -732,13 +985,8 @@ async fn run<DB: Backend>(
             outbox.enqueue_all(&mut *tx, chunk).await?;
             tx.commit().await?;
         }
-        let secs = drain(&pool, &outbox, &bus, n).await?;
-        rows.push(Row {
-            scenario: "relay",
-            events_per_sec: n as f64 / secs,
-            latencies_ms: Vec::new(),
-            peak_rss_mb: None,
-        });
+        let timed = drain(&pool, &outbox, &bus, n).await?;
+        rows.push(Row::timed("relay", n, timed, Vec::new(), None));
         table_cost(&pool, &outbox, "relay", o).await?;
         drop_table(&pool, &outbox).await?;
     }
@@ -789,21 +1037,16 @@ async fn run<DB: Backend>(
         ));
         tokio::time::sleep(Duration::from_secs(3)).await; // let the consumer join
         from_checkpoint(&pool).await?;
-        let started = Instant::now();
+        let clock = Clock::start();
         write_events(&pool, &outbox, n, o.writers).await?;
         progress.reached(Duration::from_secs(600)).await?;
         wait_for(&pool, &outbox, Status::Consumed, n).await?;
-        let secs = started.elapsed().as_secs_f64();
+        let timed = clock.stop(n);
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         relay.await??;
         consumer.await??;
         let lat = latencies(&pool, &outbox).await?;
-        rows.push(Row {
-            scenario: "seed_mode",
-            events_per_sec: n as f64 / secs,
-            latencies_ms: lat,
-            peak_rss_mb: None,
-        });
+        rows.push(Row::timed("seed_mode", n, timed, lat, None));
         drop_table(&pool, &outbox).await?;
     }
 
@@ -830,14 +1073,16 @@ async fn run<DB: Backend>(
         fill(&pool, &outbox, size, keys, o.backend == "mysql").await?;
         let before = rss_mb();
         reset_peak_rss();
-        let secs = drain(&pool, &outbox, &bus, size).await?;
+        let timed = drain(&pool, &outbox, &bus, size).await?;
+        let secs = timed.secs;
         secs_of.insert(scenario, secs);
-        rows.push(Row {
+        rows.push(Row::timed(
             scenario,
-            events_per_sec: size as f64 / secs,
-            latencies_ms: Vec::new(),
-            peak_rss_mb: Some(peak_rss_mb()),
-        });
+            size,
+            timed,
+            Vec::new(),
+            Some(peak_rss_mb()),
+        ));
         if !o.json {
             println!(
                 "{scenario}: {size} rows on {keys} keys in {secs:.1} s; resident {before:.0} MB \
@@ -904,13 +1149,13 @@ async fn write_events<DB: Backend>(
 }
 
 /// Runs one relay until `n` rows are published (the broker acknowledged them, counted as it
-/// does, and their marks committed), then stops it: the seconds it took.
+/// does, and their marks committed), then stops it: the seconds it took, and the CPU.
 async fn drain<DB: Backend>(
     pool: &Pool<DB>,
     outbox: &Outbox<DB>,
     bus: &Arc<KafkaBus>,
     n: usize,
-) -> Result<f64, BoxError> {
+) -> Result<Timed, BoxError> {
     let (trigger, shutdown) = Shutdown::new();
     let counted = Arc::new(Counted {
         bus: bus.clone(),
@@ -923,14 +1168,14 @@ async fn drain<DB: Backend>(
         RelayConfig::default(),
     );
     from_checkpoint(pool).await?;
-    let started = Instant::now();
+    let clock = Clock::start();
     let task = tokio::spawn(relay.run(shutdown));
     counted.progress.reached(Duration::from_secs(600)).await?;
     wait_for(pool, outbox, Status::Published, n).await?;
-    let secs = started.elapsed().as_secs_f64();
+    let timed = clock.stop(n);
     trigger.trigger();
     task.await??;
-    Ok(secs)
+    Ok(timed)
 }
 
 /// Waits until `n` rows reached `status` (or a later one), looking every 5 ms: a scenario's
@@ -1336,7 +1581,7 @@ async fn wal_end_to_end<DB: Backend>(
         return Err("the consumer did not join its group".into());
     }
     from_checkpoint(pool).await?;
-    let started = Instant::now();
+    let clock = Clock::start();
     let written: std::collections::HashMap<String, i64> =
         business_writers(pool, Some(&outbox), &table, n, o.writers)
             .await?
@@ -1345,7 +1590,7 @@ async fn wal_end_to_end<DB: Backend>(
             .collect();
     progress.reached(Duration::from_secs(300)).await?;
     wait_for_inbox(pool, &group, written.len()).await?;
-    let secs = started.elapsed().as_secs_f64();
+    let timed = clock.stop(written.len());
     running.shutdown().await?;
     let mut conn = pool.acquire().await?;
     let sql =
@@ -1361,12 +1606,13 @@ async fn wal_end_to_end<DB: Backend>(
     drop(conn);
     table_cost(pool, &outbox, "wal_e2e", o).await?;
     drop_table(pool, &outbox).await?;
-    Ok(Row {
-        scenario: "wal_e2e",
-        events_per_sec: written.len() as f64 / secs,
+    Ok(Row::timed(
+        "wal_e2e",
+        written.len(),
+        timed,
         latencies_ms,
-        peak_rss_mb: None,
-    })
+        None,
+    ))
 }
 
 /// `wal_relay`: a backlog in the write-ahead log (`--backlog` events, 100,000 by default, one
@@ -1399,7 +1645,7 @@ async fn wal_backlog<DB: Backend>(
     .services(["task"]);
     from_checkpoint(pool).await?;
     reset_peak_rss();
-    let started = Instant::now();
+    let clock = Clock::start();
     if sql {
         loop {
             if relay.relay_once("task").await? == 0 {
@@ -1417,21 +1663,22 @@ async fn wal_backlog<DB: Backend>(
         trigger.trigger();
         running.await??;
     }
-    let secs = started.elapsed().as_secs_f64();
+    let timed = clock.stop(size);
     let acked = counted.progress.count();
     if acked < size {
         return Err(format!("{scenario}: the broker acknowledged {acked} of {size} events").into());
     }
     if !o.json {
-        println!("{scenario}: {size} events in {secs:.1} s");
+        println!("{scenario}: {size} events in {:.1} s", timed.secs);
     }
     drop_table(pool, &outbox).await?;
-    Ok(Row {
+    Ok(Row::timed(
         scenario,
-        events_per_sec: size as f64 / secs,
-        latencies_ms: Vec::new(),
-        peak_rss_mb: Some(peak_rss_mb()),
-    })
+        size,
+        timed,
+        Vec::new(),
+        Some(peak_rss_mb()),
+    ))
 }
 
 /// `wal_enqueue_read`: the server's share of a WAL service's cost. The writers of
