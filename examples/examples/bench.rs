@@ -215,7 +215,7 @@ fn median(values: &[f64]) -> f64 {
 /// Over several rounds, each scenario's median and range. Then each targeted ratio in every
 /// round (both scenarios of a ratio ran in the same round, minutes apart at most) with its
 /// median, of the rates and of the CPU per event (the reference's cost over the scenario's:
-/// the ratio the rates would have on the same cores).
+/// the ratio the rates would have on the same cores if both kept them busy).
 fn summary(rounds: &[Vec<Row>]) {
     let find = |round: &[Row], scenario: &str| {
         round
@@ -358,7 +358,7 @@ fn print(o: &Options, round: usize, rows: &[Row]) {
             o.brokers.as_deref().unwrap_or("mock cluster")
         );
         println!(
-            "{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>7}",
+            "{:<16} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>6} {:>7} {:>7}",
             "scenario",
             "events/s",
             "p50 ms",
@@ -368,6 +368,7 @@ fn print(o: &Options, round: usize, rows: &[Row]) {
             "cpu µs/ev",
             "of it db",
             "here",
+            "busy %",
             "steal %"
         );
     }
@@ -381,14 +382,14 @@ fn print(o: &Options, round: usize, rows: &[Row]) {
                     "scenario": r.scenario, "round": round, "backend": o.backend, "events_per_sec": r.events_per_sec.round(),
                     "p50_ms": pct(&l, 0.5), "p99_ms": pct(&l, 0.99), "max_ms": l.last(), "peak_rss_mb": r.peak_rss_mb.unwrap_or(rss),
                     "cpu_us_per_event": r.cpu.map(|c| c.busy_us.round()), "db_us_per_event": r.cpu.and_then(|c| c.db_us).map(f64::round), "here_us_per_event": r.cpu.map(|c| c.here_us.round()),
-                    "steal_pct": r.cpu.map(|c| c.steal_pct.round()), "disturbed": r.disturbed(),
+                    "busy_pct": r.cpu.map(|c| c.busy_pct.round()), "steal_pct": r.cpu.map(|c| c.steal_pct.round()), "disturbed": r.disturbed(),
                 })
             );
         } else {
             let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
             let whole = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
             println!(
-                "{:<16} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>7}",
+                "{:<16} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>6} {:>7} {:>7}",
                 r.scenario,
                 r.events_per_sec,
                 f(pct(&l, 0.5)),
@@ -398,6 +399,7 @@ fn print(o: &Options, round: usize, rows: &[Row]) {
                 whole(r.cpu.map(|c| c.busy_us)),
                 whole(r.cpu.and_then(|c| c.db_us)),
                 whole(r.cpu.map(|c| c.here_us)),
+                whole(r.cpu.map(|c| c.busy_pct)),
                 whole(r.cpu.map(|c| c.steal_pct)) + if r.disturbed() { "*" } else { "" },
             );
         }
@@ -441,12 +443,14 @@ fn reset_peak_rss() {
 
 /// The CPU a scenario cost per event, from Linux's counters (ticks of 10 ms, summed over the
 /// cores): the whole machine's, the database server's (when it runs on this machine) and this
-/// process's. Under load, a scenario's rate is the cores it had over its cost per event, so
-/// the ratio of two scenarios' costs is what the ratio of their rates would be on the same
-/// cores; on a machine whose rates move from one minute to the next, the costs move less. Not
-/// when the host of a virtual machine takes back a share of its cores (steal): each event then
-/// costs more, and more the more is taken, so a row with [`DISTURBED_STEAL_PCT`] or more of
-/// steal is marked, and compares with no other.
+/// process's, and how busy the machine was. A scenario that keeps the cores busy runs at the
+/// cores it had over its cost per event, so for two such scenarios the ratio of their costs is
+/// the ratio their rates would have on the same cores; one that leaves the cores partly idle
+/// (writers waiting for their commits' flushes) runs faster than its cost alone says. On a
+/// machine whose rates move from one minute to the next, the costs move less. Not when the
+/// host of a virtual machine takes back a share of its cores (steal): each event then costs
+/// more, and more the more is taken, so a row with [`DISTURBED_STEAL_PCT`] or more of steal is
+/// marked, and compares with no other.
 #[derive(Debug, Clone, Copy)]
 struct CpuUse {
     /// Busy (user, system, interrupts; not idle, waiting for I/O or stolen), every process.
@@ -456,6 +460,8 @@ struct CpuUse {
     db_us: Option<f64>,
     /// Of it, this process: the writers' client side, relays and consumers.
     here_us: f64,
+    /// The share of the machine's time (every core's, steal included) that was busy.
+    busy_pct: f64,
     /// The share of the machine's time its host took while the scenario ran.
     steal_pct: f64,
 }
@@ -580,6 +586,7 @@ impl Clock {
                 busy_us: per_event(b.busy.saturating_sub(a.busy)),
                 db_us: a.db.zip(b.db).map(|(a, b)| per_event(b.saturating_sub(a))),
                 here_us: per_event(b.here.saturating_sub(a.here)),
+                busy_pct: 100.0 * b.busy.saturating_sub(a.busy) as f64 / (b.all - a.all) as f64,
                 steal_pct: 100.0 * b.steal.saturating_sub(a.steal) as f64 / (b.all - a.all) as f64,
             })
         });
