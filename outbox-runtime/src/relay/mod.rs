@@ -139,6 +139,10 @@ impl Drop for ShutdownTrigger {
 /// writers committed.
 const LINGER: Duration = Duration::from_millis(5);
 
+/// How many batches' worth of open rows a claim made while a batch is in flight reads at most
+/// (see [`Relay::table_rounds`]): the batch in flight, and as much again past it.
+const PIPELINED_READ: usize = 2;
+
 /// How long a relay waits after a claim that did not fill its batch.
 const TABLE_LINGER: Duration = Duration::from_millis(20);
 
@@ -417,14 +421,14 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                     Err(e @ (Error::WalSlotMissing { .. } | Error::WalSlotLost { .. })) => {
                         return Err(e);
                     }
-                    round => round,
+                    round => round.map(|n| (n, slot.was_full())),
                 },
-                None => self.table_once(service).await,
+                None => self.table_rounds(service, &shutdown).await,
             };
-            let claimed = match round {
-                Ok(n) => {
+            let (claimed, full) = match round {
+                Ok(round) => {
                     failures = 0;
-                    n
+                    round
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
@@ -451,9 +455,9 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                 // restart point (up to 15 s of it, until PostgreSQL logs its next snapshot of
                 // running transactions), and a stream's next round takes what committed
                 // meanwhile in fewer, larger requests to the broker.
-                let (full, pause) = match &wal {
-                    Some(slot) => (slot.was_full(), slot.linger()),
-                    None => (claimed >= self.config.batch, TABLE_LINGER),
+                let pause = match &wal {
+                    Some(slot) => slot.linger(),
+                    None => TABLE_LINGER,
                 };
                 if !full {
                     tokio::select! {
@@ -625,22 +629,101 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
 
     /// [`Relay::relay_once`] of a service relayed from its table.
     async fn table_once(&self, service: &str) -> Result<usize, Error> {
-        let owner = &self.config.owner;
-        let rows = {
-            let mut conn = self.pool.acquire().await?;
-            self.outbox
-                .claim(
-                    &mut conn,
-                    service,
-                    owner,
-                    self.config.batch,
-                    self.config.lease,
-                )
-                .await?
-        };
-        if rows.is_empty() {
-            return Ok(0);
+        let rows = self.claim_batch(service, usize::MAX).await?;
+        self.send_batch(service, &rows).await?;
+        Ok(rows.len())
+    }
+
+    /// Rounds of a service relayed from its table, from one claim for as long as a backlog fills
+    /// them: each full batch is published while the next is claimed, so the database claims
+    /// while the broker acknowledges (one after the other, each waits on the other, and half
+    /// of two cores stays idle). The next claim finds the keys of the batch in flight leased,
+    /// takes none of their rows (per-key order holds as between two relays), and reads past
+    /// them at most [`PIPELINED_READ`] batches' worth of open rows: a backlog of few keys gives
+    /// it nothing, and the rounds go on one at a time. Returns how many rows it claimed, and
+    /// whether its last claim that read without bound filled its batch (the caller claims again
+    /// at once). Stops claiming once `shutdown` is triggered, and publishes what it holds.
+    async fn table_rounds(
+        &self,
+        service: &str,
+        shutdown: &Shutdown,
+    ) -> Result<(usize, bool), Error> {
+        let batch = self.config.batch;
+        let mut rows = self.claim_batch(service, usize::MAX).await?;
+        let mut claimed = rows.len();
+        if rows.len() < batch {
+            self.send_batch(service, &rows).await?;
+            return Ok((claimed, false));
         }
+        loop {
+            if shutdown.is_triggered() {
+                self.send_batch(service, &rows).await?;
+                return Ok((claimed, true));
+            }
+            let max_read = batch.saturating_mul(PIPELINED_READ);
+            let (sent, next) = tokio::join!(
+                self.send_batch(service, &rows),
+                self.claim_batch(service, max_read)
+            );
+            match (sent, next) {
+                (Ok(()), Ok(next)) => {
+                    claimed += next.len();
+                    rows = next;
+                }
+                (Err(e), Ok(next)) => {
+                    self.give_back(service, &next).await;
+                    return Err(e);
+                }
+                (_, Err(e)) => return Err(e),
+            }
+            if rows.len() < batch {
+                self.send_batch(service, &rows).await?;
+                return Ok((claimed, true));
+            }
+        }
+    }
+
+    /// Claims a batch, reading at most `max_read` open rows to plan it.
+    async fn claim_batch(&self, service: &str, max_read: usize) -> Result<Vec<OutboxRow>, Error> {
+        let mut conn = self.pool.acquire().await?;
+        self.outbox
+            .claim_reading(
+                &mut conn,
+                service,
+                &self.config.owner,
+                self.config.batch,
+                self.config.lease,
+                max_read,
+            )
+            .await
+    }
+
+    /// Claimed rows never sent (the batch before them failed to record its outcome): back to
+    /// pending at once, if the database lets us; else their leases run out.
+    async fn give_back(&self, service: &str, rows: &[OutboxRow]) {
+        if rows.is_empty() {
+            return;
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let released = match self.pool.acquire().await {
+            Ok(mut conn) => {
+                self.outbox
+                    .release_leased(&mut conn, service, &self.config.owner, &ids)
+                    .await
+            }
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = released {
+            tracing::warn!(service, error = %e, rows = ids.len(), "claimed rows not given back; their leases will run out");
+        }
+    }
+
+    /// Publishes a claimed batch and records each row's outcome.
+    async fn send_batch(&self, service: &str, rows: &[OutboxRow]) -> Result<(), Error> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let owner = &self.config.owner;
         let version_format = self.config.version_format_of(service);
         let mut sendable: Vec<&OutboxRow> = Vec::with_capacity(rows.len());
         // One span per row, continuing the trace the row was enqueued in, open until its
@@ -648,7 +731,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         let mut spans = Vec::with_capacity(rows.len());
         let mut outgoing = Vec::with_capacity(rows.len());
         let mut conn = self.pool.acquire().await?;
-        for row in &rows {
+        for row in rows {
             match outgoing_of(service, row, version_format) {
                 Ok((record, span)) => {
                     spans.push(span);
@@ -711,7 +794,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         metrics::counter!("outbox_published_total", "service" => service.to_owned())
             .increment(marked);
         drop(spans);
-        Ok(rows.len())
+        Ok(())
     }
 
     /// Records a failed publish: dead at once when no retry can deliver it (too large), else

@@ -778,7 +778,8 @@ async fn claim_rows<DB: Backend>(
     }
     let mut plan = ClaimPlan::new(limit);
     let mut after = i64::MIN;
-    let mut window = limit.clamp(64, MAX_WINDOW);
+    let mut window = limit.clamp(64, MAX_WINDOW).min(c.max_read.max(1));
+    let mut read = 0_usize;
     loop {
         let n = i64::try_from(window).unwrap_or(i64::MAX);
         let args = vec![
@@ -792,16 +793,17 @@ async fn claim_rows<DB: Backend>(
         ];
         let rows = DB::fetch_window(&mut tx, sql.get("claim_window"), args).await?;
         let full = rows.len() == window;
+        read = read.saturating_add(rows.len());
         let Some(last) = rows.last().map(|r| r.id) else {
             break;
         };
-        if !rows.into_iter().all(|r| plan.offer(r)) || !full {
+        if !rows.into_iter().all(|r| plan.offer(r)) || !full || read >= c.max_read {
             break;
         }
         // Keys that cannot go fill this window (one held by another relay, one waiting for a
         // retry): read on, in larger windows, to the rows of keys that can.
         after = last;
-        window = (window * 2).min(MAX_WINDOW);
+        window = (window * 2).min(MAX_WINDOW).min(c.max_read - read);
     }
     if plan.is_empty() {
         tx.commit().await?;
@@ -906,6 +908,9 @@ pub struct ClaimArgs {
     pub now: i64,
     pub lease_until: i64,
     pub limit: i64,
+    /// How many open rows the claim reads at most, in windows, before it leases what it
+    /// planned (`usize::MAX`: until its plan is full or the open rows end).
+    pub max_read: usize,
 }
 
 /// One service's queries, with its table name and the dialect's placeholders filled in.
@@ -1384,6 +1389,24 @@ impl<DB: Backend> Outbox<DB> {
         limit: usize,
         lease: Duration,
     ) -> Result<Vec<OutboxRow>, Error> {
+        self.claim_reading(conn, service, owner, limit, lease, usize::MAX)
+            .await
+    }
+
+    /// [`Outbox::claim`], reading at most `max_read` open rows to plan it: a claim made while
+    /// the owner's previous batch is still being published, whose rows (and so their keys)
+    /// come first, reads past them to other keys' rows and no further (the rows of a hot key
+    /// behind a batch in flight would otherwise be read to the end of the backlog, for
+    /// nothing).
+    pub(crate) async fn claim_reading(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        owner: &str,
+        limit: usize,
+        lease: Duration,
+        max_read: usize,
+    ) -> Result<Vec<OutboxRow>, Error> {
         let table = self.table(service)?;
         let now = self.now_ms();
         DB::expire_leases(table, conn, now).await?;
@@ -1392,6 +1415,7 @@ impl<DB: Backend> Outbox<DB> {
             now,
             lease_until: now.saturating_add(duration_ms(lease)),
             limit: i64::try_from(limit).unwrap_or(i64::MAX),
+            max_read,
         };
         Ok(DB::claim(table, conn, args).await?)
     }
