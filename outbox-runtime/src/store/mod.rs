@@ -1398,7 +1398,8 @@ impl<DB: Backend> Outbox<DB> {
     /// come first, reads past them to other keys' rows and no further (the rows of a hot key
     /// behind a batch in flight would otherwise be read to the end of the backlog, for
     /// nothing).
-    pub(crate) async fn claim_reading(
+    #[doc(hidden)]
+    pub async fn claim_reading(
         &self,
         conn: &mut DB::Connection,
         service: &str,

@@ -79,6 +79,7 @@ e2e_on_every_backend!(
     a_panicking_handler_is_retried_and_its_partition_goes_on,
     an_oversized_event_goes_dead_and_its_keys_later_rows_follow_in_order,
     a_failed_publish_holds_its_keys_later_rows_back_until_it_goes,
+    a_backlog_is_claimed_while_the_batch_before_it_is_published_keys_in_order,
 );
 
 // A consumer with a database of its own (the inbox), on another server than the producer.
@@ -1352,6 +1353,127 @@ async fn a_failed_publish_holds_its_keys_later_rows_back_until_it_goes<DB: TestD
         }
     }
     assert_key_order_on_the_broker(&w, "5", &rows.iter().collect::<Vec<_>>()).await;
+    w.cleanup().await;
+}
+
+/// A bus that, on its first send, waits until the relay has claimed more rows than that send
+/// carries (the next batch, claimed while this one is published) and records whether it saw
+/// that within 30 s; then it passes every send to the broker.
+struct OverlapWatch<DB: TestDb> {
+    bus: Arc<KafkaBus>,
+    pool: outbox_runtime::sqlx::Pool<DB>,
+    outbox: outbox_runtime::Outbox<DB>,
+    first: std::sync::atomic::AtomicBool,
+    overlapped: std::sync::atomic::AtomicBool,
+}
+
+impl<DB: TestDb> OverlapWatch<DB> {
+    async fn sending(&self) -> i64 {
+        let mut conn = self.pool.acquire().await.unwrap();
+        let stats = self.outbox.stats(&mut conn).await.unwrap();
+        let task = stats.iter().find(|s| s.service == "task").unwrap();
+        task.counts.get(&Status::Sending).copied().unwrap_or(0)
+    }
+}
+
+impl<DB: TestDb> Publish for OverlapWatch<DB> {
+    async fn send_all(&self, records: &[Outgoing]) -> Vec<outbox_runtime::bus::Sent> {
+        use std::sync::atomic::Ordering;
+        if self.first.swap(false, Ordering::SeqCst) {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if self.sending().await > records.len() as i64 {
+                    self.overlapped.store(true, Ordering::SeqCst);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        self.bus.send_all(records).await
+    }
+
+    async fn ensure_topics(&self, topics: &[String]) -> Result<(), outbox_runtime::Error> {
+        self.bus.ensure_topics(topics).await
+    }
+}
+
+// A backlog that fills the relay's batches: each batch is published while the next is claimed
+// (the database claims while the broker acknowledges). The next claim takes no row of a key in
+// flight, so every key reaches the broker in id order, a hot key among twenty others as well,
+// and through a failure: the hot key's oversized event goes dead, and its later rows follow
+// the rows before it.
+async fn a_backlog_is_claimed_while_the_batch_before_it_is_published_keys_in_order<DB: TestDb>() {
+    let w = World::<DB>::new().await;
+    // Eight times: one event of each of keys 100..=119, then five of key 5; the eleventh event
+    // of key 5 is too large for the producer.
+    let mut of_key: HashMap<String, Vec<Enqueued>> = HashMap::new();
+    let mut oversized = None;
+    for round in 0..8u64 {
+        for k in 100..120u64 {
+            let mut e = samples::urgency(round * 100 + k);
+            e.user_id = k;
+            of_key
+                .entry(k.to_string())
+                .or_default()
+                .push(put_task(&w, &e).await);
+        }
+        for j in 0..5u64 {
+            let mut e = samples::urgency(round * 10 + j);
+            e.user_id = 5;
+            if round == 2 && j == 0 {
+                e.task_ids = (0..500).map(|n| 1_000_000_000_000_000 + n).collect();
+                oversized = Some(put_task(&w, &e).await);
+                continue;
+            }
+            of_key
+                .entry("5".to_owned())
+                .or_default()
+                .push(put_task(&w, &e).await);
+        }
+    }
+    let oversized = oversized.unwrap();
+    let kafka = KafkaConfig::new(brokers()).set("message.max.bytes", "2000");
+    let watch = Arc::new(OverlapWatch {
+        bus: Arc::new(KafkaBus::new(kafka).unwrap()),
+        pool: w.h.pool.clone(),
+        outbox: w.h.outbox.clone(),
+        first: true.into(),
+        overlapped: false.into(),
+    });
+    watch.ensure_topics(&[task_topic(&w)]).await.unwrap();
+    let relay = outbox_runtime::relay::Relay::new(
+        w.h.outbox.clone(),
+        w.h.pool.clone(),
+        watch.clone(),
+        relay().batch(10),
+    )
+    .services(["task"]);
+    let (trigger, shutdown) = outbox_runtime::relay::Shutdown::new();
+    let task = tokio::spawn(relay.run(shutdown));
+    let total = 8 * 25;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while w.count("task", Status::Published).await + w.count("task", Status::Dead).await < total {
+        assert!(
+            Instant::now() < deadline,
+            "the backlog did not drain in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+    assert!(
+        watch.overlapped.load(std::sync::atomic::Ordering::SeqCst),
+        "no batch was claimed while the first one was being published"
+    );
+    let dead = task_row(&w, oversized.id).await;
+    assert_eq!(
+        (dead.status, dead.dead_reason.as_deref()),
+        (Status::Dead, Some("message_too_large"))
+    );
+    assert_eq!(w.count("task", Status::Dead).await, 1);
+    for (key, rows) in &of_key {
+        assert_key_order_on_the_broker(&w, key, &rows.iter().collect::<Vec<_>>()).await;
+    }
     w.cleanup().await;
 }
 

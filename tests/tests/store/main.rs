@@ -56,6 +56,7 @@ on_every_backend!(
     a_backlog_of_one_key_is_claimed_a_full_batch_at_a_time,
     a_key_waiting_for_a_retry_holds_its_later_rows_back,
     rows_behind_a_held_keys_backlog_are_still_claimed,
+    a_claim_reads_no_further_than_it_is_allowed,
     an_expired_lease_is_reclaimed_and_a_live_one_is_not,
     a_lease_expiring_on_the_last_attempt_goes_dead,
     mark_published_changes_only_rows_still_leased_by_the_owner,
@@ -724,6 +725,37 @@ async fn rows_behind_a_held_keys_backlog_are_still_claimed<DB: TestDb>() {
     assert_eq!(held[0].message_key.as_deref(), Some("7"));
     let got = claim(&h, "task", "relay", 100).await;
     assert_eq!(got.iter().map(|r| r.id).collect::<Vec<_>>(), behind);
+    h.cleanup().await;
+}
+
+// A relay claims its next batch while its last is in flight with a bound on the open rows it
+// reads: behind a hot key's rows in flight it finds the other keys' rows if they are within the
+// bound, and stops at the bound otherwise (taking nothing) instead of reading the backlog to its
+// end (without a bound it reads on to them: `rows_behind_a_held_keys_backlog_are_still_claimed`).
+async fn a_claim_reads_no_further_than_it_is_allowed<DB: TestDb>() {
+    let h = Harness::<DB>::new().await;
+    let hot: Vec<_> = (0..300u64).map(|n| urgency(n, 7)).collect();
+    let mut tx = h.pool.begin().await.unwrap();
+    h.outbox.enqueue_all(&mut *tx, &hot).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut behind = Vec::new();
+    for n in 0..5 {
+        behind.push(put(&h, &urgency(10_000 + n, 100 + n)).await.id);
+    }
+    // The hot key's first 100 rows in flight: its other 200 cannot go before them.
+    assert_eq!(claim(&h, "task", "relay", 100).await.len(), 100);
+    let mut conn = h.pool.acquire().await.unwrap();
+    let mut reading = async |max_read: usize| {
+        let rows = h
+            .outbox
+            .claim_reading(&mut conn, "task", "relay", 100, LEASE, max_read)
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.id).collect::<Vec<_>>()
+    };
+    assert_eq!(reading(200).await, Vec::<i64>::new(), "read past its bound");
+    assert_eq!(reading(305).await, behind);
+    drop(conn);
     h.cleanup().await;
 }
 
