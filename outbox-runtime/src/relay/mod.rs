@@ -16,14 +16,21 @@
 //! still deliver later records of its partition (its documented gap); the relay then marks
 //! those published and counts them in `outbox_key_order_gaps_total`.
 //!
+//! While a backlog fills its batches, a relay publishes each batch while it claims the next,
+//! so that the database claims while the broker acknowledges (not on SQLite, where the claim
+//! would wait for the mark's write lock). The next claim finds the batch in
+//! flight leased and takes no row of its keys (the rule between any two relays), and reads at
+//! most two batches' worth of open rows: behind a hot key in flight it takes nothing, and the
+//! key's next batch is claimed once this one is marked.
+//!
 //! A service relayed from PostgreSQL's write-ahead log
 //! ([`OutboxBuilder::wal`](crate::store::OutboxBuilder::wal)) is read from its replication slot
 //! instead: one relay holds the slot at a time (the others stand by), publishes in commit order,
 //! and advances the slot past what the broker acknowledged, at least once.
 //!
 //! A relay wakes at once on new rows (PostgreSQL `LISTEN`; an in-process signal for writers in
-//! the same process) and polls as a fallback. On shutdown it stops claiming, finishes the batch
-//! in flight, and returns.
+//! the same process) and polls as a fallback. On shutdown it stops claiming, finishes the
+//! batches in hand, and returns.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -642,7 +649,10 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
     /// them at most [`PIPELINED_READ`] batches' worth of open rows: a backlog of few keys gives
     /// it nothing, and the rounds go on one at a time. Returns how many rows it claimed, and
     /// whether its last claim that read without bound filled its batch (the caller claims again
-    /// at once). Stops claiming once `shutdown` is triggered, and publishes what it holds.
+    /// at once). Stops claiming once `shutdown` is triggered, and publishes what it holds. With
+    /// one writer at a time (SQLite) it runs one round: there the claim would wait for the mark
+    /// beside it (a 100,000-row drain on 1,000 keys ran at 17,000–20,000 rows/s so, against
+    /// 22,000–27,000 on few keys, one round at a time).
     async fn table_rounds(
         &self,
         service: &str,
@@ -651,9 +661,9 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         let batch = self.config.batch;
         let mut rows = self.claim_batch(service, usize::MAX).await?;
         let mut claimed = rows.len();
-        if rows.len() < batch {
+        if rows.len() < batch || DB::ONE_WRITER {
             self.send_batch(service, &rows).await?;
-            return Ok((claimed, false));
+            return Ok((claimed, claimed >= batch));
         }
         loop {
             if shutdown.is_triggered() {

@@ -479,6 +479,10 @@ pub trait Backend: sqlx::Database + private::Sealed {
     /// `$1` placeholders (PostgreSQL) rather than `?`.
     #[doc(hidden)]
     const NUMBERED: bool;
+    /// One writer at a time (SQLite): a relay claims its next batch only once it has marked the
+    /// one before, since a claim beside the mark would wait for the write lock.
+    #[doc(hidden)]
+    const ONE_WRITER: bool = false;
 
     /// `sql` written with PostgreSQL's `$n` placeholders, in this database's spelling (`?`
     /// elsewhere); each parameter must appear once, in binding order. For tools and tests that

@@ -11,6 +11,7 @@ impl private::Sealed for Sqlite {}
 impl Backend for Sqlite {
     const QUERIES: &'static str = include_str!("queries/sqlite.sql");
     const NUMBERED: bool = false;
+    const ONE_WRITER: bool = true;
 
     common_methods!();
 
