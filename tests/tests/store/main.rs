@@ -708,18 +708,24 @@ async fn a_key_waiting_for_a_retry_holds_its_later_rows_back<DB: TestDb>() {
     h.cleanup().await;
 }
 
+/// `hot` rows of key 7, then one row of each of keys 100 to 104: the ids of those five.
+async fn five_behind_a_hot_key<DB: TestDb>(h: &Harness<DB>, hot: u64) -> Vec<i64> {
+    let rows: Vec<_> = (0..hot).map(|n| urgency(n, 7)).collect();
+    let mut tx = h.pool.begin().await.unwrap();
+    h.outbox.enqueue_all(&mut *tx, &rows).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut behind = Vec::new();
+    for n in 0..5 {
+        behind.push(put(h, &urgency(10_000 + n, 100 + n)).await.id);
+    }
+    behind
+}
+
 // Rows of a key that cannot go (leased to another claimer) fill far more than one claim's
 // window; the claim reads on past them and still finds the rows of the keys that can.
 async fn rows_behind_a_held_keys_backlog_are_still_claimed<DB: TestDb>() {
     let h = Harness::<DB>::new().await;
-    let hot: Vec<_> = (0..3000u64).map(|n| urgency(n, 7)).collect();
-    let mut tx = h.pool.begin().await.unwrap();
-    h.outbox.enqueue_all(&mut *tx, &hot).await.unwrap();
-    tx.commit().await.unwrap();
-    let mut behind = Vec::new();
-    for n in 0..5 {
-        behind.push(put(&h, &urgency(10_000 + n, 100 + n)).await.id);
-    }
+    let behind = five_behind_a_hot_key(&h, 3000).await;
     let held = claim(&h, "task", "holder", 1).await;
     assert_eq!(held.len(), 1);
     assert_eq!(held[0].message_key.as_deref(), Some("7"));
@@ -734,14 +740,7 @@ async fn rows_behind_a_held_keys_backlog_are_still_claimed<DB: TestDb>() {
 // end (without a bound it reads on to them: `rows_behind_a_held_keys_backlog_are_still_claimed`).
 async fn a_claim_reads_no_further_than_it_is_allowed<DB: TestDb>() {
     let h = Harness::<DB>::new().await;
-    let hot: Vec<_> = (0..300u64).map(|n| urgency(n, 7)).collect();
-    let mut tx = h.pool.begin().await.unwrap();
-    h.outbox.enqueue_all(&mut *tx, &hot).await.unwrap();
-    tx.commit().await.unwrap();
-    let mut behind = Vec::new();
-    for n in 0..5 {
-        behind.push(put(&h, &urgency(10_000 + n, 100 + n)).await.id);
-    }
+    let behind = five_behind_a_hot_key(&h, 300).await;
     // The hot key's first 100 rows in flight: its other 200 cannot go before them.
     assert_eq!(claim(&h, "task", "relay", 100).await.len(), 100);
     let mut conn = h.pool.acquire().await.unwrap();
