@@ -125,11 +125,6 @@ fn options() -> Result<Options, BoxError> {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let o = options()?;
-    let _ = DB_PROCESSES.set(match o.backend.as_str() {
-        "postgres" => &["postgres"],
-        "mysql" => &["mariadbd", "mysqld"],
-        _ => &[],
-    });
     let (brokers, mock) = examples::brokers(o.brokers.as_deref())?;
     let rows = match o.backend.as_str() {
         "postgres" => {
@@ -495,14 +490,19 @@ fn process_ticks(stat: &str, children: bool) -> Option<u64> {
         .sum()
 }
 
-/// The names of the chosen backend's server processes (none for SQLite), set once at the start.
-static DB_PROCESSES: std::sync::OnceLock<&'static [&'static str]> = std::sync::OnceLock::new();
+/// The names of `DB`'s server processes (none for SQLite, which runs in this process).
+fn server_processes<DB: Backend>() -> &'static [&'static str] {
+    match <DB as sqlx::Database>::NAME {
+        "PostgreSQL" => &["postgres"],
+        "MySQL" => &["mariadbd", "mysqld"],
+        _ => &[],
+    }
+}
 
-/// The database server's processes on this machine, with the children they reaped (a
-/// PostgreSQL backend that ended during the scenario is counted in its postmaster's); `None`
-/// when there are none.
-fn database_ticks() -> Option<u64> {
-    let names = DB_PROCESSES.get().copied().unwrap_or_default();
+/// The processes named `names` on this machine, with the children they reaped (a PostgreSQL
+/// backend that ended during the scenario is counted in its postmaster's); `None` when there
+/// are none.
+fn database_ticks(names: &[&str]) -> Option<u64> {
     if names.is_empty() {
         return None;
     }
@@ -528,8 +528,8 @@ fn database_ticks() -> Option<u64> {
 }
 
 impl CpuTicks {
-    /// Now, or `None` off Linux.
-    fn now() -> Option<Self> {
+    /// Now, the database server's processes among them, or `None` off Linux.
+    fn now(db: &[&str]) -> Option<Self> {
         let stat = std::fs::read_to_string("/proc/stat").ok()?;
         // cpu user nice system idle iowait irq softirq steal ...
         let t: Vec<u64> = stat
@@ -550,7 +550,7 @@ impl CpuTicks {
             busy,
             steal,
             all: busy + idle + iowait + steal,
-            db: database_ticks(),
+            db: database_ticks(db),
             here,
         })
     }
@@ -560,6 +560,7 @@ impl CpuTicks {
 struct Clock {
     started: Instant,
     ticks: Option<CpuTicks>,
+    db: &'static [&'static str],
 }
 
 /// What a [`Clock`] measured.
@@ -569,17 +570,20 @@ struct Timed {
 }
 
 impl Clock {
-    fn start() -> Self {
+    /// Starts timing a scenario on `DB`.
+    fn start<DB: Backend>() -> Self {
+        let db = server_processes::<DB>();
         Self {
-            ticks: CpuTicks::now(),
+            ticks: CpuTicks::now(db),
             started: Instant::now(),
+            db,
         }
     }
 
     /// The seconds since the start, and the CPU per event for `events` events.
     fn stop(&self, events: usize) -> Timed {
         let secs = self.started.elapsed().as_secs_f64();
-        let cpu = self.ticks.zip(CpuTicks::now()).and_then(|(a, b)| {
+        let cpu = self.ticks.zip(CpuTicks::now(self.db)).and_then(|(a, b)| {
             // A tick is 10 ms: 10,000 µs.
             let per_event = |ticks: u64| ticks as f64 * 10_000.0 / events as f64;
             (events > 0 && b.all > a.all).then(|| CpuUse {
@@ -847,7 +851,7 @@ async fn end_to_end<DB: Backend>(
         return Err("the consumer did not join its group".into());
     }
     from_checkpoint(pool).await?;
-    let clock = Clock::start();
+    let clock = Clock::start::<DB>();
     write_events(pool, &outbox, n, o.writers).await?;
     progress.reached(Duration::from_secs(300)).await?;
     match kind {
@@ -900,7 +904,7 @@ async fn run<DB: Backend>(
             .cloned()
             .ok_or("no route")?;
         let value = envelope_sized();
-        let clock = Clock::start();
+        let clock = Clock::start::<DB>();
         for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
             let records: Vec<Outgoing> = chunk
                 .iter()
@@ -942,7 +946,7 @@ async fn run<DB: Backend>(
             _ => None,
         };
         from_checkpoint(&pool).await?;
-        let clock = Clock::start();
+        let clock = Clock::start::<DB>();
         let written =
             business_writers(&pool, with_outbox.then_some(&outbox), &table, n, o.writers).await?;
         if let Some(reader) = reader {
@@ -976,7 +980,7 @@ async fn run<DB: Backend>(
         };
         let running = engine.start().await?;
         from_checkpoint(&pool).await?;
-        let clock = Clock::start();
+        let clock = Clock::start::<DB>();
         write_events(&pool, &outbox, n, o.writers).await?;
         rows.push(Row::timed(scenario, n, clock.stop(n), Vec::new(), None));
         running.shutdown().await?;
@@ -1044,7 +1048,7 @@ async fn run<DB: Backend>(
         ));
         tokio::time::sleep(Duration::from_secs(3)).await; // let the consumer join
         from_checkpoint(&pool).await?;
-        let clock = Clock::start();
+        let clock = Clock::start::<DB>();
         write_events(&pool, &outbox, n, o.writers).await?;
         progress.reached(Duration::from_secs(600)).await?;
         wait_for(&pool, &outbox, Status::Consumed, n).await?;
@@ -1175,7 +1179,7 @@ async fn drain<DB: Backend>(
         RelayConfig::default(),
     );
     from_checkpoint(pool).await?;
-    let clock = Clock::start();
+    let clock = Clock::start::<DB>();
     let task = tokio::spawn(relay.run(shutdown));
     counted.progress.reached(Duration::from_secs(600)).await?;
     wait_for(pool, outbox, Status::Published, n).await?;
@@ -1588,7 +1592,7 @@ async fn wal_end_to_end<DB: Backend>(
         return Err("the consumer did not join its group".into());
     }
     from_checkpoint(pool).await?;
-    let clock = Clock::start();
+    let clock = Clock::start::<DB>();
     let written: std::collections::HashMap<String, i64> =
         business_writers(pool, Some(&outbox), &table, n, o.writers)
             .await?
@@ -1652,7 +1656,7 @@ async fn wal_backlog<DB: Backend>(
     .services(["task"]);
     from_checkpoint(pool).await?;
     reset_peak_rss();
-    let clock = Clock::start();
+    let clock = Clock::start::<DB>();
     if sql {
         loop {
             if relay.relay_once("task").await? == 0 {
