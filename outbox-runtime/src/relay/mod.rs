@@ -684,7 +684,13 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                     self.give_back(service, &next).await;
                     return Err(e);
                 }
-                (_, Err(e)) => return Err(e),
+                (sent, Err(e)) => {
+                    // The round reports the claim's error; the batch's would be lost with it.
+                    if let Err(failed) = sent {
+                        tracing::warn!(service, error = %failed, rows = rows.len(), "a batch's outcome was not recorded while the next claim failed; its leases will run out");
+                    }
+                    return Err(e);
+                }
             }
             if rows.len() < batch {
                 self.send_batch(service, &rows).await?;
