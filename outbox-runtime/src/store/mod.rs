@@ -2384,15 +2384,12 @@ impl<DB: Backend> Outbox<DB> {
         }
     }
 
-    /// Rows of `service` not yet on the broker (pending or sending).
+    /// Rows of `service` not yet on the broker (pending or sending), counted through the open
+    /// statuses' indexes: the published and consumed rows are not read.
     pub async fn backlog(&self, conn: &mut DB::Connection, service: &str) -> Result<i64, Error> {
         let table = self.table(service)?;
-        let counts = DB::fetch_pairs(conn, table.get("count_by_status"), Vec::new()).await?;
-        Ok(counts
-            .into_iter()
-            .filter(|(s, _)| s == "pending" || s == "sending")
-            .map(|(_, n)| n)
-            .sum())
+        let counts = DB::fetch_ints(conn, table.get("count_open"), Vec::new()).await?;
+        Ok(counts.into_iter().flatten().sum())
     }
 
     /// Counts per service and status, the age of the oldest due row, and dead rows by reason.

@@ -234,6 +234,7 @@ mod tests {
             "get_by_event_id",
             "list_dead",
             "count_by_status",
+            "count_open",
             "oldest_due",
             "dead_by_reason",
         ];

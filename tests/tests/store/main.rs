@@ -78,6 +78,7 @@ on_every_backend!(
     replay_reopens_dead_rows_and_discard_deletes_them,
     retention_purges_old_consumed_rows_in_batches_and_keeps_dead_ones,
     stats_count_statuses_oldest_due_and_dead_reasons,
+    the_backlog_counts_pending_and_sending_rows_only,
     rows_stuck_in_published_are_aged_and_republished_by_compare_and_set,
     migrate_is_idempotent,
     migrate_refuses_a_table_of_another_layout_naming_what_differs,
@@ -498,6 +499,53 @@ async fn a_claim_reads_no_published_row_whatever_the_statistics_postgres() {
     assert!(
         read < drained,
         "the claim read {read} primary-key entries with {drained} rows published"
+    );
+    drop(conn);
+    h.cleanup().await;
+}
+
+// The backlog gauge, read by every relay every few seconds, reads the open rows through their
+// indexes and not the published rows retention keeps (most of a table): counted by PostgreSQL
+// itself, the rows the reading reads sequentially.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_backlog_reads_no_published_row_postgres() {
+    use outbox_runtime::sqlx::{self, Postgres};
+    let h = Harness::<Postgres>::new().await;
+    let table = h.table("task");
+    let events: Vec<_> = (0..20_100u64).map(|n| urgency(n, n + 1)).collect();
+    for chunk in events.chunks(2000) {
+        let mut tx = h.pool.begin().await.unwrap();
+        h.outbox.enqueue_all(&mut *tx, chunk).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let mut conn = h.pool.acquire().await.unwrap().detach();
+    // The first 20,000 published, as a relay would have left them.
+    for sql in [
+        format!(
+            "UPDATE {table} SET status = 'published', published_at = updated_at \
+             WHERE id < (SELECT MIN(id) + 20000 FROM {table})"
+        ),
+        format!("VACUUM ANALYZE {table}"),
+    ] {
+        sqlx::query(&sql).execute(&mut conn).await.unwrap();
+    }
+    async fn read_in_order(conn: &mut sqlx::PgConnection, table: &str) -> i64 {
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::query_scalar("SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = $1")
+            .bind(table)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap()
+    }
+    let before = read_in_order(&mut conn, &table).await;
+    assert_eq!(h.outbox.backlog(&mut conn, "task").await.unwrap(), 100);
+    let read = read_in_order(&mut conn, &table).await - before;
+    assert!(
+        read < 20_000,
+        "the backlog's reading read {read} rows in order with 20,000 published"
     );
     drop(conn);
     h.cleanup().await;
@@ -1826,6 +1874,52 @@ async fn stats_count_statuses_oldest_due_and_dead_reasons<DB: TestDb>() {
     let memory = stats.iter().find(|s| s.service == "memory").unwrap();
     assert_eq!(memory.oldest_due_ms, None);
     assert_eq!(stats.len(), 6);
+    h.cleanup().await;
+}
+
+// The relay's backlog gauge: the rows not yet on the broker, whatever became of the others.
+async fn the_backlog_counts_pending_and_sending_rows_only<DB: TestDb>() {
+    let h = Harness::<DB>::new().await;
+    let mut rows = Vec::new();
+    for n in 0..8 {
+        rows.push(put(&h, &urgency(n, n + 1)).await);
+    }
+    let leased: Vec<i64> = claim(&h, "task", "relay", 5)
+        .await
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(leased.len(), 5);
+    let mut conn = h.pool.acquire().await.unwrap();
+    assert_eq!(h.outbox.backlog(&mut conn, "task").await.unwrap(), 8);
+    let published = h
+        .outbox
+        .mark_published(&mut conn, "task", "relay", &leased[..2])
+        .await
+        .unwrap();
+    assert_eq!(published, 2);
+    assert!(
+        h.outbox
+            .mark_consumed(&mut conn, "task", leased[0])
+            .await
+            .unwrap()
+    );
+    let open = rows.iter().find(|r| !leased.contains(&r.id)).unwrap();
+    h.outbox
+        .reject(&mut conn, "task", &open.event_id, "invalid_payload", "x")
+        .await
+        .unwrap();
+    // Two pending, three sending; one published, one consumed, one dead.
+    assert_eq!(h.outbox.backlog(&mut conn, "task").await.unwrap(), 5);
+    let stats = h.outbox.stats(&mut conn).await.unwrap();
+    let counts = &stats.iter().find(|s| s.service == "task").unwrap().counts;
+    assert_eq!(
+        counts.values().copied().collect::<Vec<i64>>(),
+        [2, 3, 1, 1, 1],
+        "pending..dead"
+    );
+    assert_eq!(h.outbox.backlog(&mut conn, "memory").await.unwrap(), 0);
+    drop(conn);
     h.cleanup().await;
 }
 

@@ -232,6 +232,14 @@ WHERE id IN (
     WHERE CASE WHEN status = 'sending' THEN lease_owner = $3 ELSE FALSE END AND id IN ({ids})
     FOR UPDATE SKIP LOCKED)
 
+-- name: count_open
+-- The backlog the relay's gauge reports every few seconds: pending and sending rows, each
+-- status counted through its own index. Grouping every row by status read the published and
+-- consumed rows that retention keeps, most of the table: 197 ms and 434 MB per reading on
+-- PostgreSQL for 500 open rows among 1,000,000 published (0.3 ms so).
+SELECT (SELECT COUNT(*) FROM {table} WHERE status = 'pending')
+    + (SELECT COUNT(*) FROM {table} WHERE status = 'sending')
+
 -- name: get_for_update
 -- event_id
 SELECT {columns} FROM {table} WHERE event_id = $1 FOR UPDATE
