@@ -609,8 +609,9 @@ async fn a_claim_locks_its_rows_by_key_on_a_backlog_its_statistics_never_saw_pos
 }
 
 // A table made before the open statuses had an index each: `migrate` drops the old index over
-// both (which the planner passed over) and the unused key index, makes the new ones, and the
-// table's rows are claimed in order through them.
+// both (which the planner passed over) and the key, due-time and lease indexes no query needs,
+// makes the new ones, and the table's rows are claimed in order through them (and an expired
+// lease found without its index).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn migrate_replaces_the_old_open_row_indexes_postgres() {
     migrate_replaces_the_old_open_row_indexes::<outbox_runtime::sqlx::Postgres>(
@@ -645,18 +646,24 @@ async fn migrate_replaces_the_old_open_row_indexes<DB: TestDb>(list: &str) {
             "CREATE INDEX {table}_key ON {table} (message_key, id) \
              WHERE status IN ('pending', 'sending')"
         ),
+        format!(
+            "CREATE INDEX {table}_due ON {table} (next_attempt_at, id) WHERE status = 'pending'"
+        ),
+        format!("CREATE INDEX {table}_lease ON {table} (lease_until) WHERE status = 'sending'"),
     ] {
         h.exec(&mut conn, &old, Vec::new()).await;
     }
     let before = indexes(&mut conn).await;
-    assert!(before.contains(&format!("{table}_open")), "{before:?}");
+    for old in ["open", "due", "lease"] {
+        assert!(before.contains(&format!("{table}_{old}")), "{before:?}");
+    }
     let mut ids = Vec::new();
     for n in 0..3u64 {
         ids.push(put(&h, &urgency(n, 7)).await.id);
     }
     h.outbox.migrate(&mut conn).await.unwrap();
     let after = indexes(&mut conn).await;
-    for gone in ["open", "key"] {
+    for gone in ["open", "key", "due", "lease"] {
         assert!(!after.contains(&format!("{table}_{gone}")), "{after:?}");
     }
     for made in ["pending", "sending"] {
@@ -665,6 +672,10 @@ async fn migrate_replaces_the_old_open_row_indexes<DB: TestDb>(list: &str) {
     drop(conn);
     let rows = claim(&h, "task", "relay", 10).await;
     assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
+    // Leased away, then left: past the lease the rows are claimed again, in order.
+    h.clock.advance(LEASE);
+    let again = claim(&h, "task", "other", 10).await;
+    assert_eq!(again.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
     h.cleanup().await;
 }
 
