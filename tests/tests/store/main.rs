@@ -434,26 +434,30 @@ async fn claim_reading(
     conn: &mut outbox_runtime::sqlx::PgConnection,
     index: &str,
 ) -> (Vec<outbox_runtime::store::OutboxRow>, i64) {
-    use outbox_runtime::sqlx;
-    async fn reads(conn: &mut sqlx::PgConnection, index: &str) -> i64 {
-        sqlx::query("SELECT pg_stat_force_next_flush()")
-            .execute(&mut *conn)
-            .await
-            .unwrap();
-        sqlx::query_scalar("SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = $1")
-            .bind(index)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap()
-    }
-    let before = reads(conn, index).await;
+    const READS: &str = "SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = $1";
+    let before = pg_counter(conn, READS, index).await;
     let rows = h
         .outbox
         .claim(conn, "task", "relay", 500, LEASE)
         .await
         .unwrap();
-    let read = reads(conn, index).await - before;
+    let read = pg_counter(conn, READS, index).await - before;
     (rows, read)
+}
+
+/// One of PostgreSQL's statistics counters (`query`, of the object named `name`), this
+/// connection's statistics flushed first.
+async fn pg_counter(conn: &mut outbox_runtime::sqlx::PgConnection, query: &str, name: &str) -> i64 {
+    use outbox_runtime::sqlx;
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query_scalar(query)
+        .bind(name)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
 }
 
 // After an outage the planner's statistics say nearly every row is pending; a claim must still
@@ -529,20 +533,10 @@ async fn the_backlog_reads_no_published_row_postgres() {
     ] {
         sqlx::query(&sql).execute(&mut conn).await.unwrap();
     }
-    async fn read_in_order(conn: &mut sqlx::PgConnection, table: &str) -> i64 {
-        sqlx::query("SELECT pg_stat_force_next_flush()")
-            .execute(&mut *conn)
-            .await
-            .unwrap();
-        sqlx::query_scalar("SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = $1")
-            .bind(table)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap()
-    }
-    let before = read_in_order(&mut conn, &table).await;
+    const SEQ_READS: &str = "SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = $1";
+    let before = pg_counter(&mut conn, SEQ_READS, &table).await;
     assert_eq!(h.outbox.backlog(&mut conn, "task").await.unwrap(), 100);
-    let read = read_in_order(&mut conn, &table).await - before;
+    let read = pg_counter(&mut conn, SEQ_READS, &table).await - before;
     assert!(
         read < 20_000,
         "the backlog's reading read {read} rows in order with 20,000 published"
