@@ -18,10 +18,13 @@
 //!
 //! While a backlog fills its batches, a relay publishes each batch while it claims the next,
 //! so that the database claims while the broker acknowledges (not on SQLite, where the claim
-//! would wait for the mark's write lock). The next claim finds the batch in
-//! flight leased and takes no row of its keys (the rule between any two relays), and reads at
-//! most two batches' worth of open rows: behind a hot key in flight it takes nothing, and the
-//! key's next batch is claimed once this one is marked.
+//! would wait for the mark's write lock). The next claim passes over the relay's own batch in
+//! flight and takes the rows behind it, of its keys too, so that a hot key drains as fast as
+//! many keys; it reads at most two batches' worth of open rows. That batch is published only
+//! after the one in flight is acknowledged, and a key with a row in flight that was not (a
+//! failed publish, a row held back behind one) has its rows of the next batch given back
+//! uncounted before anything is sent: they wait behind the failed row as they would have in
+//! one batch. Another relay's leases stop a key, as before.
 //!
 //! A service relayed from PostgreSQL's write-ahead log
 //! ([`OutboxBuilder::wal`](crate::store::OutboxBuilder::wal)) is read from its replication slot
@@ -636,7 +639,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
 
     /// [`Relay::relay_once`] of a service relayed from its table.
     async fn table_once(&self, service: &str) -> Result<usize, Error> {
-        let rows = self.claim_batch(service, usize::MAX).await?;
+        let rows = self.claim_batch(service, usize::MAX, &[]).await?;
         self.send_batch(service, &rows).await?;
         Ok(rows.len())
     }
@@ -644,10 +647,11 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
     /// Rounds of a service relayed from its table, from one claim for as long as a backlog fills
     /// them: each full batch is published while the next is claimed, so the database claims
     /// while the broker acknowledges (one after the other, each waits on the other, and half
-    /// of two cores stays idle). The next claim finds the keys of the batch in flight leased,
-    /// takes none of their rows (per-key order holds as between two relays), and reads past
-    /// them at most [`PIPELINED_READ`] batches' worth of open rows: a backlog of few keys gives
-    /// it nothing, and the rounds go on one at a time. Returns how many rows it claimed, and
+    /// of two cores stays idle). The next claim passes over the batch in flight and takes the
+    /// rows behind it, of its keys too, reading at most [`PIPELINED_READ`] batches' worth of
+    /// open rows. Before that batch is sent, the rows of each key that has a row in flight not
+    /// acknowledged are given back uncounted, so a key's later rows never pass a failed one: as
+    /// within one batch, they wait for its retry. Returns how many rows it claimed, and
     /// whether its last claim that read without bound filled its batch (the caller claims again
     /// at once). Stops claiming once `shutdown` is triggered, and publishes what it holds. With
     /// one writer at a time (SQLite) it runs one round: there the claim would wait for the mark
@@ -659,7 +663,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         shutdown: &Shutdown,
     ) -> Result<(usize, bool), Error> {
         let batch = self.config.batch;
-        let mut rows = self.claim_batch(service, usize::MAX).await?;
+        let mut rows = self.claim_batch(service, usize::MAX, &[]).await?;
         let mut claimed = rows.len();
         if rows.len() < batch || DB::ONE_WRITER {
             self.send_batch(service, &rows).await?;
@@ -671,14 +675,22 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                 return Ok((claimed, true));
             }
             let max_read = batch.saturating_mul(PIPELINED_READ);
+            let in_flight: Vec<i64> = rows.iter().map(|r| r.id).collect();
             let (sent, next) = tokio::join!(
                 self.send_batch(service, &rows),
-                self.claim_batch(service, max_read)
+                self.claim_batch(service, max_read, &in_flight)
             );
             match (sent, next) {
-                (Ok(()), Ok(next)) => {
-                    claimed += next.len();
-                    rows = next;
+                (Ok(unsent), Ok(next)) => {
+                    let (held, go): (Vec<OutboxRow>, Vec<OutboxRow>) =
+                        next.into_iter().partition(|r| {
+                            r.message_key.as_deref().is_some_and(|k| unsent.contains(k))
+                        });
+                    // Left leased if the database refuses, they stop their keys until the
+                    // leases run out: the next claim passes over only the batch it is given.
+                    self.give_back(service, &held).await;
+                    claimed += go.len();
+                    rows = go;
                 }
                 (Err(e), Ok(next)) => {
                     self.give_back(service, &next).await;
@@ -699,8 +711,14 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         }
     }
 
-    /// Claims a batch, reading at most `max_read` open rows to plan it.
-    async fn claim_batch(&self, service: &str, max_read: usize) -> Result<Vec<OutboxRow>, Error> {
+    /// Claims a batch, reading at most `max_read` open rows to plan it, passing over the
+    /// relay's batch `in_flight`.
+    async fn claim_batch(
+        &self,
+        service: &str,
+        max_read: usize,
+        in_flight: &[i64],
+    ) -> Result<Vec<OutboxRow>, Error> {
         let mut conn = self.pool.acquire().await?;
         self.outbox
             .claim_reading(
@@ -710,12 +728,14 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                 self.config.batch,
                 self.config.lease,
                 max_read,
+                in_flight,
             )
             .await
     }
 
-    /// Claimed rows never sent (the batch before them failed to record its outcome): back to
-    /// pending at once, if the database lets us; else their leases run out.
+    /// Claimed rows never sent (the batch before them failed to record its outcome, or a row
+    /// of their key in it was not acknowledged): back to pending at once, uncounted, if the
+    /// database lets us; else their leases run out.
     async fn give_back(&self, service: &str, rows: &[OutboxRow]) {
         if rows.is_empty() {
             return;
@@ -734,10 +754,16 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         }
     }
 
-    /// Publishes a claimed batch and records each row's outcome.
-    async fn send_batch(&self, service: &str, rows: &[OutboxRow]) -> Result<(), Error> {
+    /// Publishes a claimed batch and records each row's outcome. Returns the keys of the rows
+    /// the broker did not acknowledge (failed, or held back behind a failure), whose later
+    /// rows must wait.
+    async fn send_batch(
+        &self,
+        service: &str,
+        rows: &[OutboxRow],
+    ) -> Result<HashSet<String>, Error> {
         if rows.is_empty() {
-            return Ok(());
+            return Ok(HashSet::new());
         }
         let owner = &self.config.owner;
         let version_format = self.config.version_format_of(service);
@@ -768,6 +794,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         // Rows behind a failed row of their key: never sent (or failed behind it), so given
         // back uncounted, to go after it.
         let mut released = Vec::new();
+        // Keys with a row the broker did not acknowledge.
         let mut failed_keys: HashSet<&str> = HashSet::new();
         let mut conn = self.pool.acquire().await?;
         for (row, result) in sendable.iter().zip(results) {
@@ -788,7 +815,11 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                         );
                     }
                 }
-                Sent::HeldBack => released.push(row.id),
+                Sent::HeldBack => {
+                    // Behind a refused record of its key, whose key is here already.
+                    failed_keys.extend(key);
+                    released.push(row.id);
+                }
                 Sent::Failed(_) if behind_failure => released.push(row.id),
                 Sent::Failed(e) => {
                     if let Some(k) = key {
@@ -810,7 +841,7 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
         metrics::counter!("outbox_published_total", "service" => service.to_owned())
             .increment(marked);
         drop(spans);
-        Ok(())
+        Ok(failed_keys.into_iter().map(str::to_owned).collect())
     }
 
     /// Records a failed publish: dead at once when no retry can deliver it (too large), else

@@ -762,7 +762,9 @@ const MAX_WINDOW: usize = 10_000;
 ///    cannot be claimed (leased to another relay, or waiting for a retry). Every earlier open
 ///    row of a key comes before its later ones in this read, so a key's planned rows are the
 ///    run of its oldest open rows, as many as the limit allows. The read ends when the plan
-///    is full or the open rows are, so a backlog of one key costs a claim one window.
+///    is full or the open rows are, so a backlog of one key costs a claim one window. The
+///    claimer's own batch in flight is passed over: its rows are neither taken nor stop
+///    their keys.
 /// 2. **Lock.** Lock the planned rows that are still claimable, skipping rows another claimer
 ///    holds, and keep for each key only its planned rows before the first one not locked:
 ///    another claimer may have taken a key's oldest rows since the plan was read.
@@ -781,6 +783,7 @@ async fn claim_rows<DB: Backend>(
         DB::execute(&mut tx, settings, Vec::new()).await?;
     }
     let mut plan = ClaimPlan::new(limit);
+    plan.in_flight = c.in_flight;
     let mut after = i64::MIN;
     let mut window = limit.clamp(64, MAX_WINDOW).min(c.max_read.max(1));
     let mut read = 0_usize;
@@ -851,6 +854,8 @@ struct ClaimPlan {
     rows: Vec<(i64, Option<String>)>,
     /// Keys whose oldest open row cannot be claimed now: none of their rows is.
     stopped: HashSet<String>,
+    /// The claimer's own batch in flight: neither taken nor stopping its keys.
+    in_flight: HashSet<i64>,
 }
 
 impl ClaimPlan {
@@ -859,6 +864,7 @@ impl ClaimPlan {
             limit,
             rows: Vec::new(),
             stopped: HashSet::new(),
+            in_flight: HashSet::new(),
         }
     }
 
@@ -866,6 +872,9 @@ impl ClaimPlan {
     fn offer(&mut self, row: WindowRow) -> bool {
         if self.rows.len() >= self.limit {
             return false;
+        }
+        if self.in_flight.contains(&row.id) {
+            return true;
         }
         match row.key {
             None if row.claimable => self.rows.push((row.id, None)),
@@ -915,6 +924,8 @@ pub struct ClaimArgs {
     /// How many open rows the claim reads at most, in windows, before it leases what it
     /// planned (`usize::MAX`: until its plan is full or the open rows end).
     pub max_read: usize,
+    /// The claimer's batch in flight: passed over, its keys not stopped by it.
+    pub in_flight: HashSet<i64>,
 }
 
 /// One service's queries, with its table name and the dialect's placeholders filled in.
@@ -1393,16 +1404,19 @@ impl<DB: Backend> Outbox<DB> {
         limit: usize,
         lease: Duration,
     ) -> Result<Vec<OutboxRow>, Error> {
-        self.claim_reading(conn, service, owner, limit, lease, usize::MAX)
+        self.claim_reading(conn, service, owner, limit, lease, usize::MAX, &[])
             .await
     }
 
-    /// [`Outbox::claim`], reading at most `max_read` open rows to plan it: a claim made while
-    /// the owner's previous batch is still being published, whose rows (and so their keys)
-    /// come first, reads past them to other keys' rows and no further (the rows of a hot key
-    /// behind a batch in flight would otherwise be read to the end of the backlog, for
-    /// nothing).
+    /// [`Outbox::claim`], reading at most `max_read` open rows to plan it, made while the
+    /// owner publishes `in_flight` (the ids of its previous batch, leased to it). Those rows
+    /// are passed over as if published: the claim takes the rows of their keys behind them,
+    /// and the owner must give back those of a key whose row in flight is not acknowledged
+    /// (see [`Relay`](crate::relay::Relay)). A claim made so reads the batch in flight, which
+    /// comes first, and past it at most what `max_read` leaves, so that a claim behind a
+    /// stopped key does not read to the end of the backlog.
     #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
     pub async fn claim_reading(
         &self,
         conn: &mut DB::Connection,
@@ -1411,6 +1425,7 @@ impl<DB: Backend> Outbox<DB> {
         limit: usize,
         lease: Duration,
         max_read: usize,
+        in_flight: &[i64],
     ) -> Result<Vec<OutboxRow>, Error> {
         let table = self.table(service)?;
         let now = self.now_ms();
@@ -1421,6 +1436,7 @@ impl<DB: Backend> Outbox<DB> {
             lease_until: now.saturating_add(duration_ms(lease)),
             limit: i64::try_from(limit).unwrap_or(i64::MAX),
             max_read,
+            in_flight: in_flight.iter().copied().collect(),
         };
         Ok(DB::claim(table, conn, args).await?)
     }

@@ -80,6 +80,7 @@ e2e_on_every_backend!(
     an_oversized_event_goes_dead_and_its_keys_later_rows_follow_in_order,
     a_failed_publish_holds_its_keys_later_rows_back_until_it_goes,
     a_backlog_is_claimed_while_the_batch_before_it_is_published_keys_in_order,
+    a_hot_keys_next_batch_is_claimed_behind_the_one_in_flight_and_waits_for_its_failed_row,
 );
 
 // A consumer with a database of its own (the inbox), on another server than the producer.
@@ -1404,9 +1405,9 @@ impl<DB: TestDb> Publish for OverlapWatch<DB> {
 
 // A backlog that fills the relay's batches: each batch is published while the next is claimed
 // (the database claims while the broker acknowledges; with one writer at a time, SQLite, one
-// after the other). The next claim takes no row of a key in flight, so every key reaches the
-// broker in id order, a hot key among twenty others as well, and through a failure: the hot
-// key's oversized event goes dead, and its later rows follow the rows before it.
+// after the other). Every key reaches the broker in id order, a hot key among twenty others as
+// well, and through a failure: the hot key's oversized event goes dead, and its later rows
+// follow the rows before it.
 async fn a_backlog_is_claimed_while_the_batch_before_it_is_published_keys_in_order<DB: TestDb>() {
     let w = World::<DB>::new().await;
     // Eight times: one event of each of keys 100..=119, then five of key 5; the eleventh event
@@ -1479,6 +1480,156 @@ async fn a_backlog_is_claimed_while_the_batch_before_it_is_published_keys_in_ord
     );
     assert_eq!(w.count("task", Status::Dead).await, 1);
     for (key, rows) in &of_key {
+        assert_key_order_on_the_broker(&w, key, &rows.iter().collect::<Vec<_>>()).await;
+    }
+    w.cleanup().await;
+}
+
+/// A bus that fails one record, found by its event id, the first time it is asked to send it
+/// (a transient error, as a broker that is briefly unreachable gives), holding back the later
+/// records of its key in that call as the producer does. Before it answers that call it waits
+/// until the relay has claimed more rows than the call carries (the next batch, claimed while
+/// this one is in flight), at most 30 s, and records whether it saw that (with one writer at a
+/// time, where the relay claims nothing while it publishes, it looks once).
+struct FailOnceInFlight<DB: TestDb> {
+    watch: OverlapWatch<DB>,
+    fail: String,
+}
+
+impl<DB: TestDb> Publish for FailOnceInFlight<DB> {
+    async fn send_all(&self, records: &[Outgoing]) -> Vec<outbox_runtime::bus::Sent> {
+        use outbox_runtime::bus::Sent;
+        use std::sync::atomic::Ordering;
+        let event_id = |r: &Outgoing| {
+            serde_json::from_slice::<serde_json::Value>(&r.value).unwrap()["event_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        let Some(at) = records.iter().position(|r| event_id(r) == self.fail) else {
+            return self.watch.bus.send_all(records).await;
+        };
+        if !self.watch.first.swap(false, Ordering::SeqCst) {
+            return self.watch.bus.send_all(records).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(if DB::ONE_WRITER { 0 } else { 30 });
+        loop {
+            if self.watch.sending().await > records.len() as i64 {
+                self.watch.overlapped.store(true, Ordering::SeqCst);
+                break;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let key = records[at].key.clone();
+        let held = |i: usize| i > at && records[i].key == key;
+        let passed: Vec<Outgoing> = (0..records.len())
+            .filter(|&i| i != at && !held(i))
+            .map(|i| records[i].clone())
+            .collect();
+        let mut sent = self.watch.bus.send_all(&passed).await.into_iter();
+        (0..records.len())
+            .map(|i| {
+                if i == at {
+                    Sent::Failed(outbox_runtime::Error::Bus(
+                        "the broker is away (test)".into(),
+                    ))
+                } else if held(i) {
+                    Sent::HeldBack
+                } else {
+                    sent.next().unwrap()
+                }
+            })
+            .collect()
+    }
+
+    async fn ensure_topics(&self, topics: &[String]) -> Result<(), outbox_runtime::Error> {
+        self.watch.bus.ensure_topics(topics).await
+    }
+}
+
+// A hot key drains as fast as many keys: while the relay publishes a batch, it claims the next
+// one behind it, of the same key (on SQLite, one batch after the other). When a row of the
+// batch in flight fails, its key's rows in the next batch are given back uncounted before that
+// batch is sent, so none reaches the broker before the failed row's retry: the key arrives in
+// id order, every row with one attempt but the failed one (two), and the other key's rows in
+// the next batch go on.
+async fn a_hot_keys_next_batch_is_claimed_behind_the_one_in_flight_and_waits_for_its_failed_row<
+    DB: TestDb,
+>() {
+    let w = World::<DB>::new().await;
+    // 40 events of key 5, and after every fifth one of key 6.
+    let mut of_key: HashMap<String, Vec<Enqueued>> = HashMap::new();
+    for i in 0..40u64 {
+        let mut e = samples::urgency(i);
+        e.user_id = 5;
+        of_key
+            .entry("5".to_owned())
+            .or_default()
+            .push(put_task(&w, &e).await);
+        if i % 5 == 4 {
+            let mut e = samples::urgency(100 + i);
+            e.user_id = 6;
+            of_key
+                .entry("6".to_owned())
+                .or_default()
+                .push(put_task(&w, &e).await);
+        }
+    }
+    // The sixth event of key 5, in the first batch of ten.
+    let failing = of_key["5"][5].clone();
+    let bus = Arc::new(FailOnceInFlight {
+        watch: OverlapWatch {
+            bus: Arc::new(KafkaBus::new(KafkaConfig::new(brokers())).unwrap()),
+            pool: w.h.pool.clone(),
+            outbox: w.h.outbox.clone(),
+            first: true.into(),
+            overlapped: false.into(),
+        },
+        fail: failing.event_id.clone(),
+    });
+    bus.ensure_topics(&[task_topic(&w)]).await.unwrap();
+    let relay = outbox_runtime::relay::Relay::new(
+        w.h.outbox.clone(),
+        w.h.pool.clone(),
+        bus.clone(),
+        relay().batch(10),
+    )
+    .services(["task"]);
+    let (trigger, shutdown) = outbox_runtime::relay::Shutdown::new();
+    let task = tokio::spawn(relay.run(shutdown));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while w.count("task", Status::Published).await < 48 {
+        assert!(
+            Instant::now() < deadline,
+            "the backlog did not drain in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    trigger.trigger();
+    task.await.unwrap().unwrap();
+    assert_eq!(
+        bus.watch
+            .overlapped
+            .load(std::sync::atomic::Ordering::SeqCst),
+        !DB::ONE_WRITER,
+        "whether the hot key's next batch was claimed while the first was in flight (one \
+         writer: {})",
+        DB::ONE_WRITER
+    );
+    for (key, rows) in &of_key {
+        for r in rows {
+            let row = task_row(&w, r.id).await;
+            let want = if r.id == failing.id { 2 } else { 1 };
+            assert_eq!(
+                (row.status, row.attempts),
+                (Status::Published, want),
+                "row {} of key {key}",
+                r.id
+            );
+        }
         assert_key_order_on_the_broker(&w, key, &rows.iter().collect::<Vec<_>>()).await;
     }
     w.cleanup().await;

@@ -57,6 +57,7 @@ on_every_backend!(
     a_key_waiting_for_a_retry_holds_its_later_rows_back,
     rows_behind_a_held_keys_backlog_are_still_claimed,
     a_claim_reads_no_further_than_it_is_allowed,
+    a_claim_passes_over_its_own_batch_in_flight_and_no_other_lease,
     an_expired_lease_is_reclaimed_and_a_live_one_is_not,
     a_lease_expiring_on_the_last_attempt_goes_dead,
     mark_published_changes_only_rows_still_leased_by_the_owner,
@@ -763,15 +764,20 @@ async fn a_key_waiting_for_a_retry_holds_its_later_rows_back<DB: TestDb>() {
 
 /// `hot` rows of key 7, then one row of each of keys 100 to 104: the ids of those five.
 async fn five_behind_a_hot_key<DB: TestDb>(h: &Harness<DB>, hot: u64) -> Vec<i64> {
+    hot_key_then_five(h, hot).await.1
+}
+
+/// [`five_behind_a_hot_key`], with the ids of the hot key's rows first.
+async fn hot_key_then_five<DB: TestDb>(h: &Harness<DB>, hot: u64) -> (Vec<i64>, Vec<i64>) {
     let rows: Vec<_> = (0..hot).map(|n| urgency(n, 7)).collect();
     let mut tx = h.pool.begin().await.unwrap();
-    h.outbox.enqueue_all(&mut *tx, &rows).await.unwrap();
+    let hot = h.outbox.enqueue_all(&mut *tx, &rows).await.unwrap();
     tx.commit().await.unwrap();
     let mut behind = Vec::new();
     for n in 0..5 {
         behind.push(put(h, &urgency(10_000 + n, 100 + n)).await.id);
     }
-    behind
+    (hot.iter().map(|e| e.id).collect(), behind)
 }
 
 // Rows of a key that cannot go (leased to another claimer) fill far more than one claim's
@@ -788,9 +794,10 @@ async fn rows_behind_a_held_keys_backlog_are_still_claimed<DB: TestDb>() {
 }
 
 // A relay claims its next batch while its last is in flight with a bound on the open rows it
-// reads: behind a hot key's rows in flight it finds the other keys' rows if they are within the
-// bound, and stops at the bound otherwise (taking nothing) instead of reading the backlog to its
-// end (without a bound it reads on to them: `rows_behind_a_held_keys_backlog_are_still_claimed`).
+// reads: behind a hot key's leased rows that stop the key (not named in flight here) it finds
+// the other keys' rows if they are within the bound, and stops at the bound otherwise (taking
+// nothing) instead of reading the backlog to its end (without a bound it reads on to them:
+// `rows_behind_a_held_keys_backlog_are_still_claimed`).
 async fn a_claim_reads_no_further_than_it_is_allowed<DB: TestDb>() {
     let h = Harness::<DB>::new().await;
     let behind = five_behind_a_hot_key(&h, 300).await;
@@ -800,13 +807,82 @@ async fn a_claim_reads_no_further_than_it_is_allowed<DB: TestDb>() {
     let mut reading = async |max_read: usize| {
         let rows = h
             .outbox
-            .claim_reading(&mut conn, "task", "relay", 100, LEASE, max_read)
+            .claim_reading(&mut conn, "task", "relay", 100, LEASE, max_read, &[])
             .await
             .unwrap();
         rows.iter().map(|r| r.id).collect::<Vec<_>>()
     };
     assert_eq!(reading(200).await, Vec::<i64>::new(), "read past its bound");
     assert_eq!(reading(305).await, behind);
+    drop(conn);
+    h.cleanup().await;
+}
+
+// A relay claims its next batch while its last is in flight, naming that batch: the claim
+// passes over those rows and takes the hot key's rows behind them, in id order, with the other
+// keys' rows in id order among them. A lease not named in flight still stops its key: another
+// claimer's, and the claimer's own row it did not name (a batch whose outcome it never
+// recorded), whose key's later rows must wait for it.
+async fn a_claim_passes_over_its_own_batch_in_flight_and_no_other_lease<DB: TestDb>() {
+    let h = Harness::<DB>::new().await;
+    let (hot, behind) = hot_key_then_five(&h, 300).await;
+    let first: Vec<i64> = claim(&h, "task", "relay", 100)
+        .await
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(first, hot[..100]);
+    let mut conn = h.pool.acquire().await.unwrap();
+    let ids = |rows: Vec<outbox_runtime::store::OutboxRow>| -> Vec<i64> {
+        rows.iter().map(|r| r.id).collect()
+    };
+    // Another claimer, naming a batch of its own: relay's leases stop key 7 for it, and the
+    // rows of keys 100..=104 behind (within its 305-row read) are what it gets.
+    let other = h
+        .outbox
+        .claim_reading(&mut conn, "task", "other", 100, LEASE, 305, &[-1])
+        .await
+        .unwrap();
+    assert_eq!(ids(other.clone()), behind);
+    let given_back: Vec<i64> = other.iter().map(|r| r.id).collect();
+    h.outbox
+        .release_leased(&mut conn, "task", "other", &given_back)
+        .await
+        .unwrap();
+    // Naming all but the last row of its batch: that row stops the key.
+    let short = h
+        .outbox
+        .claim_reading(&mut conn, "task", "relay", 100, LEASE, 200, &first[..99])
+        .await
+        .unwrap();
+    assert!(
+        short.is_empty(),
+        "passed a lease not named in flight: {short:?}"
+    );
+    // Naming its whole batch: the key's next 100 rows.
+    let next = h
+        .outbox
+        .claim_reading(&mut conn, "task", "relay", 100, LEASE, 200, &first)
+        .await
+        .unwrap();
+    let want = &hot[100..200];
+    assert_eq!(ids(next.clone()), want);
+    assert!(
+        next.iter()
+            .all(|r| r.message_key.as_deref() == Some("7") && r.attempts == 1),
+        "{next:?}"
+    );
+    // With both batches in flight and a read that reaches the end: the key's last 100 rows,
+    // then the five rows behind them, in id order.
+    let both: Vec<i64> = first.iter().chain(want).copied().collect();
+    let last = ids(h
+        .outbox
+        .claim_reading(&mut conn, "task", "relay", 105, LEASE, usize::MAX, &both)
+        .await
+        .unwrap());
+    let mut expected = hot[200..].to_vec();
+    expected.extend(&behind);
+    assert_eq!(last, expected);
     drop(conn);
     h.cleanup().await;
 }
