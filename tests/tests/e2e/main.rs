@@ -1370,31 +1370,60 @@ struct OverlapWatch<DB: TestDb> {
 }
 
 impl<DB: TestDb> OverlapWatch<DB> {
+    fn new(w: &World<DB>, kafka: KafkaConfig) -> Self {
+        Self {
+            bus: Arc::new(KafkaBus::new(kafka).unwrap()),
+            pool: w.h.pool.clone(),
+            outbox: w.h.outbox.clone(),
+            first: true.into(),
+            overlapped: false.into(),
+        }
+    }
+
     async fn sending(&self) -> i64 {
         let mut conn = self.pool.acquire().await.unwrap();
         let stats = self.outbox.stats(&mut conn).await.unwrap();
         let task = stats.iter().find(|s| s.service == "task").unwrap();
         task.counts.get(&Status::Sending).copied().unwrap_or(0)
     }
+
+    /// On the first call only: waits until more rows are leased than a send of `carried`
+    /// records holds (30 s at most; with one writer at a time, looks once), and records
+    /// whether it saw that.
+    async fn first_overlap(&self, carried: usize) {
+        use std::sync::atomic::Ordering;
+        if !self.first.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let wait = if DB::ONE_WRITER { 0 } else { 30 };
+        let deadline = Instant::now() + Duration::from_secs(wait);
+        loop {
+            if self.sending().await > carried as i64 {
+                self.overlapped.store(true, Ordering::SeqCst);
+                return;
+            }
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Asserts that the relay claimed a batch while it published the first one, unless the
+    /// backend has one writer at a time.
+    fn assert_overlapped(&self) {
+        assert_eq!(
+            self.overlapped.load(std::sync::atomic::Ordering::SeqCst),
+            !DB::ONE_WRITER,
+            "whether a batch was claimed while the first one was in flight (one writer: {})",
+            DB::ONE_WRITER
+        );
+    }
 }
 
 impl<DB: TestDb> Publish for OverlapWatch<DB> {
     async fn send_all(&self, records: &[Outgoing]) -> Vec<outbox_runtime::bus::Sent> {
-        use std::sync::atomic::Ordering;
-        if self.first.swap(false, Ordering::SeqCst) {
-            let wait = if DB::ONE_WRITER { 0 } else { 30 };
-            let deadline = Instant::now() + Duration::from_secs(wait);
-            loop {
-                if self.sending().await > records.len() as i64 {
-                    self.overlapped.store(true, Ordering::SeqCst);
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
+        self.first_overlap(records.len()).await;
         self.bus.send_all(records).await
     }
 
@@ -1439,40 +1468,9 @@ async fn a_backlog_is_claimed_while_the_batch_before_it_is_published_keys_in_ord
     }
     let oversized = oversized.unwrap();
     let kafka = KafkaConfig::new(brokers()).set("message.max.bytes", "2000");
-    let watch = Arc::new(OverlapWatch {
-        bus: Arc::new(KafkaBus::new(kafka).unwrap()),
-        pool: w.h.pool.clone(),
-        outbox: w.h.outbox.clone(),
-        first: true.into(),
-        overlapped: false.into(),
-    });
-    watch.ensure_topics(&[task_topic(&w)]).await.unwrap();
-    let relay = outbox_runtime::relay::Relay::new(
-        w.h.outbox.clone(),
-        w.h.pool.clone(),
-        watch.clone(),
-        relay().batch(10),
-    )
-    .services(["task"]);
-    let (trigger, shutdown) = outbox_runtime::relay::Shutdown::new();
-    let task = tokio::spawn(relay.run(shutdown));
-    let total = 8 * 25;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while w.count("task", Status::Published).await + w.count("task", Status::Dead).await < total {
-        assert!(
-            Instant::now() < deadline,
-            "the backlog did not drain in 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    trigger.trigger();
-    task.await.unwrap().unwrap();
-    assert_eq!(
-        watch.overlapped.load(std::sync::atomic::Ordering::SeqCst),
-        !DB::ONE_WRITER,
-        "whether a batch was claimed while the first one was being published (one writer: {})",
-        DB::ONE_WRITER
-    );
+    let watch = Arc::new(OverlapWatch::new(&w, kafka));
+    drain_in_batches_of_ten(&w, watch.clone(), 8 * 25).await;
+    watch.assert_overlapped();
     let dead = task_row(&w, oversized.id).await;
     assert_eq!(
         (dead.status, dead.dead_reason.as_deref()),
@@ -1494,6 +1492,7 @@ async fn a_backlog_is_claimed_while_the_batch_before_it_is_published_keys_in_ord
 struct FailOnceInFlight<DB: TestDb> {
     watch: OverlapWatch<DB>,
     fail: String,
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl<DB: TestDb> Publish for FailOnceInFlight<DB> {
@@ -1506,23 +1505,11 @@ impl<DB: TestDb> Publish for FailOnceInFlight<DB> {
                 .unwrap()
                 .to_owned()
         };
-        let Some(at) = records.iter().position(|r| event_id(r) == self.fail) else {
+        let at = records.iter().position(|r| event_id(r) == self.fail);
+        let Some(at) = at.filter(|_| !self.failed.swap(true, Ordering::SeqCst)) else {
             return self.watch.bus.send_all(records).await;
         };
-        if !self.watch.first.swap(false, Ordering::SeqCst) {
-            return self.watch.bus.send_all(records).await;
-        }
-        let deadline = Instant::now() + Duration::from_secs(if DB::ONE_WRITER { 0 } else { 30 });
-        loop {
-            if self.watch.sending().await > records.len() as i64 {
-                self.watch.overlapped.store(true, Ordering::SeqCst);
-                break;
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        self.watch.first_overlap(records.len()).await;
         let key = records[at].key.clone();
         let held = |i: usize| i > at && records[i].key == key;
         let passed: Vec<Outgoing> = (0..records.len())
@@ -1581,44 +1568,14 @@ async fn a_hot_keys_next_batch_is_claimed_behind_the_one_in_flight_and_waits_for
     // The sixth event of key 5, in the first batch of ten.
     let failing = of_key["5"][5].clone();
     let bus = Arc::new(FailOnceInFlight {
-        watch: OverlapWatch {
-            bus: Arc::new(KafkaBus::new(KafkaConfig::new(brokers())).unwrap()),
-            pool: w.h.pool.clone(),
-            outbox: w.h.outbox.clone(),
-            first: true.into(),
-            overlapped: false.into(),
-        },
+        watch: OverlapWatch::new(&w, KafkaConfig::new(brokers())),
         fail: failing.event_id.clone(),
+        failed: false.into(),
     });
-    bus.ensure_topics(&[task_topic(&w)]).await.unwrap();
-    let relay = outbox_runtime::relay::Relay::new(
-        w.h.outbox.clone(),
-        w.h.pool.clone(),
-        bus.clone(),
-        relay().batch(10),
-    )
-    .services(["task"]);
-    let (trigger, shutdown) = outbox_runtime::relay::Shutdown::new();
-    let task = tokio::spawn(relay.run(shutdown));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while w.count("task", Status::Published).await < 48 {
-        assert!(
-            Instant::now() < deadline,
-            "the backlog did not drain in 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    trigger.trigger();
-    task.await.unwrap().unwrap();
-    assert_eq!(
-        bus.watch
-            .overlapped
-            .load(std::sync::atomic::Ordering::SeqCst),
-        !DB::ONE_WRITER,
-        "whether the hot key's next batch was claimed while the first was in flight (one \
-         writer: {})",
-        DB::ONE_WRITER
-    );
+    drain_in_batches_of_ten(&w, bus.clone(), 48).await;
+    // Only one key besides 5, whose rows are in the first batch too: a claim that passed over
+    // nothing in flight would have found every key stopped.
+    bus.watch.assert_overlapped();
     for (key, rows) in &of_key {
         for r in rows {
             let row = task_row(&w, r.id).await;
@@ -1633,6 +1590,31 @@ async fn a_hot_keys_next_batch_is_claimed_behind_the_one_in_flight_and_waits_for
         assert_key_order_on_the_broker(&w, key, &rows.iter().collect::<Vec<_>>()).await;
     }
     w.cleanup().await;
+}
+
+/// Runs a relay of the task service with batches of ten on `bus` until `settled` rows are
+/// published or dead (60 s at most), and stops it.
+async fn drain_in_batches_of_ten<DB: TestDb, B: Publish>(w: &World<DB>, bus: Arc<B>, settled: i64) {
+    bus.ensure_topics(&[task_topic(w)]).await.unwrap();
+    let relay = outbox_runtime::relay::Relay::new(
+        w.h.outbox.clone(),
+        w.h.pool.clone(),
+        bus,
+        relay().batch(10),
+    )
+    .services(["task"]);
+    let (trigger, shutdown) = outbox_runtime::relay::Shutdown::new();
+    let task = tokio::spawn(relay.run(shutdown));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while w.count("task", Status::Published).await + w.count("task", Status::Dead).await < settled {
+        assert!(
+            Instant::now() < deadline,
+            "the backlog did not drain in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    trigger.trigger();
+    task.await.unwrap().unwrap();
 }
 
 /// `(status, attempts, dead_reason)` of each row.
