@@ -1412,9 +1412,9 @@ impl<DB: Backend> Outbox<DB> {
     /// owner publishes `in_flight` (the ids of its previous batch, leased to it). Those rows
     /// are passed over as if published: the claim takes the rows of their keys behind them,
     /// and the owner must give back those of a key whose row in flight is not acknowledged
-    /// (see [`Relay`](crate::relay::Relay)). A claim made so reads the batch in flight, which
-    /// comes first, and past it at most what `max_read` leaves, so that a claim behind a
-    /// stopped key does not read to the end of the backlog.
+    /// (as the relay does). A claim made so reads the batch in flight, which comes first, and
+    /// past it at most what `max_read` leaves, so that a claim behind a stopped key does not
+    /// read to the end of the backlog.
     #[doc(hidden)]
     #[allow(clippy::too_many_arguments)]
     pub async fn claim_reading(
