@@ -821,10 +821,10 @@ async fn a_claim_reads_no_further_than_it_is_allowed<DB: TestDb>() {
 }
 
 // A relay claims its next batch while its last is in flight, naming that batch: the claim
-// passes over those rows and takes the hot key's rows behind them, in id order, with the other
-// keys' rows in id order among them. A lease not named in flight still stops its key: another
-// claimer's, and the claimer's own row it did not name (a batch whose outcome it never
-// recorded), whose key's later rows must wait for it.
+// passes over those rows and takes the hot key's rows behind them in id order, then the other
+// keys' rows behind those. A lease not named in flight still stops its key: another claimer's,
+// and the claimer's own row it did not name (a batch whose outcome it never recorded), whose
+// key's later rows must wait for it.
 async fn a_claim_passes_over_its_own_batch_in_flight_and_no_other_lease<DB: TestDb>() {
     let h = Harness::<DB>::new().await;
     let (hot, behind) = hot_key_then_five(&h, 300).await;
@@ -835,7 +835,7 @@ async fn a_claim_passes_over_its_own_batch_in_flight_and_no_other_lease<DB: Test
         .collect();
     assert_eq!(first, hot[..100]);
     let mut conn = h.pool.acquire().await.unwrap();
-    let ids = |rows: Vec<outbox_runtime::store::OutboxRow>| -> Vec<i64> {
+    let ids = |rows: &[outbox_runtime::store::OutboxRow]| -> Vec<i64> {
         rows.iter().map(|r| r.id).collect()
     };
     // Another claimer, naming a batch of its own: relay's leases stop key 7 for it, and the
@@ -845,10 +845,9 @@ async fn a_claim_passes_over_its_own_batch_in_flight_and_no_other_lease<DB: Test
         .claim_reading(&mut conn, "task", "other", 100, LEASE, 305, &[-1])
         .await
         .unwrap();
-    assert_eq!(ids(other.clone()), behind);
-    let given_back: Vec<i64> = other.iter().map(|r| r.id).collect();
+    assert_eq!(ids(&other), behind);
     h.outbox
-        .release_leased(&mut conn, "task", "other", &given_back)
+        .release_leased(&mut conn, "task", "other", &ids(&other))
         .await
         .unwrap();
     // Naming all but the last row of its batch: that row stops the key.
@@ -868,7 +867,7 @@ async fn a_claim_passes_over_its_own_batch_in_flight_and_no_other_lease<DB: Test
         .await
         .unwrap();
     let want = &hot[100..200];
-    assert_eq!(ids(next.clone()), want);
+    assert_eq!(ids(&next), want);
     assert!(
         next.iter()
             .all(|r| r.message_key.as_deref() == Some("7") && r.attempts == 1),
@@ -877,14 +876,14 @@ async fn a_claim_passes_over_its_own_batch_in_flight_and_no_other_lease<DB: Test
     // With both batches in flight and a read that reaches the end: the key's last 100 rows,
     // then the five rows behind them, in id order.
     let both: Vec<i64> = first.iter().chain(want).copied().collect();
-    let last = ids(h
+    let last = h
         .outbox
         .claim_reading(&mut conn, "task", "relay", 105, LEASE, usize::MAX, &both)
         .await
-        .unwrap());
+        .unwrap();
     let mut expected = hot[200..].to_vec();
     expected.extend(&behind);
-    assert_eq!(last, expected);
+    assert_eq!(ids(&last), expected);
     drop(conn);
     h.cleanup().await;
 }
