@@ -816,7 +816,8 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
                     }
                 }
                 Sent::HeldBack => {
-                    // Behind a refused record of its key, whose key is here already.
+                    // Held back behind a refused record of its key, which put the key here
+                    // already; a bus that holds records back on its own is counted too.
                     failed_keys.extend(key);
                     released.push(row.id);
                 }
