@@ -1133,6 +1133,8 @@ fn envelope_sized() -> Vec<u8> {
     v
 }
 
+/// `writers` tasks writing `n` transactions in all, each an event and nothing else, begun
+/// with it ([`Outbox::begin_with`]).
 async fn write_events<DB: Backend>(
     pool: &Pool<DB>,
     outbox: &Outbox<DB>,
@@ -1145,9 +1147,11 @@ async fn write_events<DB: Backend>(
         let per = n / writers + usize::from(w < n % writers);
         let base = w * (n / writers + 1);
         tasks.spawn(async move {
+            let mut conn = pool.acquire().await?;
             for i in 0..per {
-                let mut tx = pool.begin().await?;
-                outbox.enqueue(&mut *tx, &event((base + i) as u64)).await?;
+                let (tx, _) = outbox
+                    .begin_with(&mut *conn, [&event((base + i) as u64)])
+                    .await?;
                 tx.commit().await?;
             }
             Ok::<_, BoxError>(())
@@ -1503,7 +1507,7 @@ struct Written {
 }
 
 /// `writers` tasks writing `n` transactions in all, each a business row of 700 characters in
-/// `table` and, with `outbox`, an event.
+/// `table` and, with `outbox`, an event, which begins the transaction ([`Outbox::begin_with`]).
 async fn business_writers<DB: Backend>(
     pool: &Pool<DB>,
     outbox: Option<&Outbox<DB>>,
@@ -1525,19 +1529,23 @@ async fn business_writers<DB: Backend>(
             for i in 0..per {
                 let id = (w * per + i) as i64;
                 let t = Instant::now();
-                let mut tx = pool.begin().await?;
+                let mut conn = pool.acquire().await?;
+                // The event begins the transaction: with the `BEGIN`, in one message, for a
+                // service relayed from the write-ahead log.
+                let (mut tx, event_id) = match &outbox {
+                    Some(outbox) => {
+                        let (tx, stored) =
+                            outbox.begin_with(&mut *conn, [&event(id as u64)]).await?;
+                        (tx, stored.into_iter().next().map(|e| e.event_id))
+                    }
+                    None => (sqlx::Connection::begin(&mut *conn).await?, None),
+                };
                 DB::execute(
                     &mut tx,
                     &insert,
                     vec![Arg::I64(id), Arg::Str(payload.clone())],
                 )
                 .await?;
-                let event_id = match &outbox {
-                    Some(outbox) => {
-                        Some(outbox.enqueue(&mut *tx, &event(id as u64)).await?.event_id)
-                    }
-                    None => None,
-                };
                 tx.commit().await?;
                 written.push(Written {
                     latency_ms: t.elapsed().as_secs_f64() * 1000.0,

@@ -76,6 +76,58 @@ fn parse(file: &'static str) -> Vec<(&'static str, String)> {
     out
 }
 
+/// `sql` (PostgreSQL's spelling) with each `$n` placeholder replaced by `args[n - 1]` written
+/// as a literal, in one pass over `sql` (a literal's own text is not read again): a statement
+/// for a simple query, which takes no parameters. A placeholder with no argument stays.
+pub(super) fn inline(sql: &str, args: &[Arg]) -> String {
+    let mut out = String::with_capacity(sql.len() + 64);
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let digits = rest[at + 1..]
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len() - at - 1);
+        let number = &rest[at + 1..at + 1 + digits];
+        match number
+            .parse::<usize>()
+            .ok()
+            .and_then(|n| args.get(n.checked_sub(1)?))
+        {
+            Some(arg) => literal(&mut out, arg),
+            None => out.push_str(&rest[at..at + 1 + digits]),
+        }
+        rest = &rest[at + 1 + digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Writes `arg` as a PostgreSQL literal of the type it is bound as: `BIGINT`, or text as an
+/// escape string (`E'...'`), whose backslashes are escapes whatever
+/// `standard_conforming_strings` says, so that doubling every backslash and quote is the whole
+/// of the quoting.
+fn literal(out: &mut String, arg: &Arg) {
+    use std::fmt::Write as _;
+    match arg {
+        Arg::I64(v) | Arg::OptI64(Some(v)) => {
+            let _ = write!(out, "CAST({v} AS BIGINT)");
+        }
+        Arg::OptI64(None) => out.push_str("CAST(NULL AS BIGINT)"),
+        Arg::OptStr(None) => out.push_str("CAST(NULL AS TEXT)"),
+        Arg::Str(text) | Arg::OptStr(Some(text)) => {
+            out.push_str("CAST(E'");
+            for c in text.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '\'' => out.push_str("''"),
+                    c => out.push(c),
+                }
+            }
+            out.push_str("' AS TEXT)");
+        }
+    }
+}
+
 /// `$3` → `?`. Valid because each parameter appears once, in binding order.
 pub(super) fn unnumber(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len());
@@ -157,6 +209,28 @@ pub(super) fn ddl(queries: &HashMap<&'static str, String>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inlined_arguments_are_literals_of_their_type_and_are_not_read_again() {
+        let args = [
+            Arg::Str(r"it's $2 \ b".into()),
+            Arg::I64(-7),
+            Arg::OptStr(None),
+            Arg::OptI64(Some(3)),
+            Arg::OptI64(None),
+            Arg::OptStr(Some(String::new())),
+        ];
+        assert_eq!(
+            inline("f($1, $2), g($3, $4, $5, $6), $7 $ $0 '$'", &args),
+            "f(CAST(E'it''s $2 \\\\ b' AS TEXT), CAST(-7 AS BIGINT)), g(CAST(NULL AS TEXT), \
+             CAST(3 AS BIGINT), CAST(NULL AS BIGINT), CAST(E'' AS TEXT)), $7 $ $0 '$'"
+        );
+        assert_eq!(
+            inline("$2$1", &args[..2]),
+            format!("{}{}", inline("$2", &args), inline("$1", &args))
+        );
+        assert_eq!(inline("no placeholders", &args), "no placeholders");
+    }
 
     #[test]
     fn placeholders_follow_the_dialect() {

@@ -496,6 +496,13 @@ impl<DB: Backend> Outbox<DB> {
 
     /// Emits a prepared event into the write-ahead log, in the caller's transaction.
     pub(super) async fn emit(&self, conn: &mut DB::Connection, p: &Prepared) -> Result<(), Error> {
+        let (sql, args) = self.emit_args(p)?;
+        DB::execute(conn, sql, args).await?;
+        Ok(())
+    }
+
+    /// `wal_emit` and its arguments: the prefix and the event as it travels in the log.
+    pub(super) fn emit_args(&self, p: &Prepared) -> Result<(&str, Vec<Arg>), Error> {
         let table = self.table(p.service)?;
         let payload: &RawValue = serde_json::from_str(&p.payload).map_err(Error::Encode)?;
         let content = serde_json::to_string(&WalOut {
@@ -511,13 +518,10 @@ impl<DB: Backend> Outbox<DB> {
             payload,
         })
         .map_err(Error::Encode)?;
-        DB::execute(
-            conn,
+        Ok((
             table.get("wal_emit"),
             vec![Arg::Str(prefix(&table.route.table)), Arg::Str(content)],
-        )
-        .await?;
-        Ok(())
+        ))
     }
 
     /// Takes `service`'s slot for this connection (a session advisory lock, held until

@@ -179,6 +179,127 @@ async fn e2e_wal_events_reach_an_inbox_consumer_in_its_own_database_once() {
     wal_cleanup(w).await;
 }
 
+// `begin_with` on a WAL service sends the events with the `BEGIN`, in one message: they are
+// decoded with the transaction's commit, whole and in commit order (a payload full of quotes,
+// backslashes and placeholders included), and a rolled-back transaction's never. An emit the
+// server refuses fails the begin with the server's reason, emits nothing and leaves the
+// connection idle, not in an aborted transaction; in a transaction, the events go into a
+// savepoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wal_a_transaction_begun_with_its_events_brings_them_to_the_slot_with_its_commit() {
+    use outbox_runtime::OutboxEvent as _;
+    use outbox_runtime::sqlx::Connection as _;
+    use outbox_runtime::store::WalItem;
+    let w = wal_world("notification").await;
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    let mut quoted = samples::feishu(1);
+    quoted.summary_text = Some(r#"it's \'; ROLLBACK; -- \\ $1 $2 $$ E'\x' "日本" ü"#.into());
+    let second = samples::feishu(2);
+
+    let (mut tx, stored) =
+        w.h.outbox
+            .begin_with(&mut *conn, [&quoted, &second])
+            .await
+            .unwrap();
+    w.h.write_business(&mut tx, 1, "two events").await;
+    tx.commit().await.unwrap();
+
+    let (mut tx, gone) =
+        w.h.outbox
+            .begin_with(&mut *conn, [&samples::feishu(3)])
+            .await
+            .unwrap();
+    w.h.write_business(&mut tx, 2, "rolled back").await;
+    tx.rollback().await.unwrap();
+
+    // A server that refuses the emit: a function of its name earlier in the search path.
+    let schema = format!("{}_refuse", w.h.table("notification"));
+    let mut other = w.h.pool.acquire().await.unwrap();
+    for sql in [
+        format!("CREATE SCHEMA {schema}"),
+        format!(
+            "CREATE FUNCTION {schema}.pg_logical_emit_message(boolean, text, text) \
+             RETURNS pg_lsn LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'emit refused here'; END $$"
+        ),
+        format!("SET search_path = {schema}, pg_catalog, public"),
+    ] {
+        Postgres::execute(&mut other, &sql, Vec::new())
+            .await
+            .unwrap();
+    }
+    let refused =
+        w.h.outbox
+            .begin_with(&mut *other, [&samples::feishu(4)])
+            .await
+            .unwrap_err();
+    assert!(
+        refused.to_string().contains("emit refused here"),
+        "{refused}"
+    );
+    assert!(!other.is_in_transaction());
+    let idle = Postgres::fetch_ints(&mut other, "SELECT 1::BIGINT", Vec::new()).await;
+    assert_eq!(
+        idle.unwrap(),
+        vec![Some(1)],
+        "the connection is idle, not in an aborted transaction"
+    );
+    for sql in [
+        "RESET search_path".to_owned(),
+        format!("DROP SCHEMA {schema} CASCADE"),
+    ] {
+        Postgres::execute(&mut other, &sql, Vec::new())
+            .await
+            .unwrap();
+    }
+    drop(other);
+
+    let mut outer = conn.begin().await.unwrap();
+    let (inner, nested) =
+        w.h.outbox
+            .begin_with(&mut *outer, [&samples::feishu(5)])
+            .await
+            .unwrap();
+    inner.commit().await.unwrap();
+    outer.commit().await.unwrap();
+
+    let read =
+        w.h.outbox
+            .wal_peek(&mut conn, "notification", 10_000)
+            .await
+            .unwrap();
+    let rows: Vec<_> = read
+        .items
+        .into_iter()
+        .map(|(item, _)| match item {
+            WalItem::Event(row) => *row,
+            other => panic!("not an event: {other:?}"),
+        })
+        .collect();
+    let got: Vec<&str> = rows.iter().map(|r| r.event_id.as_str()).collect();
+    let want: Vec<&str> = stored
+        .iter()
+        .chain(&nested)
+        .map(|e| e.event_id.as_str())
+        .collect();
+    assert_eq!(got, want, "the committed events, in commit order");
+    assert!(!got.contains(&gone[0].event_id.as_str()));
+    let payload: serde_json::Value = serde_json::from_str(&rows[0].payload).unwrap();
+    let sent: serde_json::Value = serde_json::from_slice(&quoted.to_payload().unwrap()).unwrap();
+    assert_eq!(payload, sent, "the payload whole");
+    assert_eq!(
+        (rows[0].event_type.as_str(), rows[0].message_key.clone()),
+        ("notification.feishu.requested", quoted.message_key())
+    );
+    drop(conn);
+    assert_eq!(w.h.business_rows().await, 1);
+    assert_eq!(
+        table_rows(&w, "notification").await,
+        0,
+        "no row was written"
+    );
+    wal_cleanup(w).await;
+}
+
 // The slot is one ordered log: an event larger than the broker takes goes dead (a dead row in
 // the service's table, with its reason) and no longer holds the log back; the later events of
 // its key, held back behind it, go out on the next round, in commit order, and nothing twice.

@@ -48,6 +48,7 @@ on_every_backend!(
     enqueue_refuses_an_invalid_event_and_writes_nothing,
     enqueue_refuses_a_service_not_in_the_catalog,
     a_business_rollback_leaves_no_outbox_row,
+    a_transaction_begun_with_events_stores_them_with_its_commit_only,
     enqueue_all_stores_none_when_one_is_invalid,
     enqueue_carries_the_trace_context_in_scope,
     event_ids_are_global_while_row_ids_are_per_table,
@@ -314,6 +315,86 @@ async fn a_business_rollback_leaves_no_outbox_row<DB: TestDb>() {
         (h.business_rows().await, h.rows("token-store").await),
         (1, 1)
     );
+    h.cleanup().await;
+}
+
+// `begin_with`: the events are stored with the transaction's commit, never with its
+// rollback; one invalid event begins nothing; inside a transaction it is a savepoint's.
+async fn a_transaction_begun_with_events_stores_them_with_its_commit_only<DB: TestDb>() {
+    use outbox_runtime::sqlx::Connection as _;
+    let h = Harness::<DB>::new().await;
+    let mut conn = h.pool.acquire().await.unwrap();
+    let events = [samples::liked(1), samples::liked(2)];
+
+    let (mut tx, _) = h.outbox.begin_with(&mut *conn, &events).await.unwrap();
+    h.write_business(&mut tx, 1, "like").await;
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        (h.business_rows().await, h.rows("token-store").await),
+        (0, 0)
+    );
+
+    let (mut tx, stored) = h.outbox.begin_with(&mut *conn, &events).await.unwrap();
+    h.write_business(&mut tx, 2, "like").await;
+    tx.commit().await.unwrap();
+    assert_eq!(
+        (h.business_rows().await, h.rows("token-store").await),
+        (1, 2)
+    );
+    let sql = format!(
+        "SELECT event_id, id FROM {} ORDER BY id",
+        h.table("token-store")
+    );
+    let rows = DB::fetch_pairs(&mut conn, &sql, Vec::new()).await.unwrap();
+    let told: Vec<(String, i64)> = stored.into_iter().map(|e| (e.event_id, e.id)).collect();
+    assert_eq!(told, rows, "each event's row id and event id, in order");
+
+    let mut bad = samples::liked(3);
+    bad.post_id = 0;
+    let err = h
+        .outbox
+        .begin_with(&mut *conn, [&samples::liked(4), &bad])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidEvent { .. }), "{err}");
+    assert!(!conn.is_in_transaction(), "nothing was begun");
+
+    // A begin whose insert fails stores nothing and leaves the connection outside any
+    // transaction: the next statement runs.
+    let table = h.table("token-store");
+    let away = format!("ALTER TABLE {table} RENAME TO {table}_away");
+    h.exec(&mut conn, &away, Vec::new()).await;
+    let err = h
+        .outbox
+        .begin_with(&mut *conn, [&samples::liked(7)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Database(_)), "{err}");
+    assert!(!conn.is_in_transaction());
+    let back = format!("ALTER TABLE {table}_away RENAME TO {table}");
+    h.exec(&mut conn, &back, Vec::new()).await;
+
+    // In a transaction: a savepoint, whose rollback takes its events and nothing else.
+    let mut outer = conn.begin().await.unwrap();
+    h.write_business(&mut outer, 5, "outer").await;
+    let (inner, _) = h
+        .outbox
+        .begin_with(&mut *outer, [&samples::liked(5)])
+        .await
+        .unwrap();
+    inner.rollback().await.unwrap();
+    let (inner, _) = h
+        .outbox
+        .begin_with(&mut *outer, [&samples::liked(6)])
+        .await
+        .unwrap();
+    inner.commit().await.unwrap();
+    outer.commit().await.unwrap();
+    assert_eq!(
+        (h.business_rows().await, h.rows("token-store").await),
+        (2, 3)
+    );
+    drop(conn);
     h.cleanup().await;
 }
 
