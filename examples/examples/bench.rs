@@ -1147,8 +1147,10 @@ async fn write_events<DB: Backend>(
         let per = n / writers + usize::from(w < n % writers);
         let base = w * (n / writers + 1);
         tasks.spawn(async move {
-            let mut conn = pool.acquire().await?;
             for i in 0..per {
+                // A connection from the pool per transaction, as `business_writers` takes
+                // (the pool tests it with a round trip before it hands it over).
+                let mut conn = pool.acquire().await?;
                 let (tx, _) = outbox
                     .begin_with(&mut *conn, [&event((base + i) as u64)])
                     .await?;

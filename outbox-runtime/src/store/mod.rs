@@ -1256,6 +1256,9 @@ impl<DB: Backend> Outbox<DB> {
     ///
     /// `E` must be [`Listed`] in its service's `#[derive(OutboxService)]` enum: an event that
     /// no enum lists has no handler anywhere, and does not compile here.
+    ///
+    /// For a service relayed from the write-ahead log, an event known before the transaction
+    /// begins is cheaper through [`Outbox::begin_with`], which sends it with the `BEGIN`.
     pub async fn enqueue<E: OutboxEvent + Listed>(
         &self,
         conn: &mut DB::Connection,
