@@ -1277,10 +1277,24 @@ impl<DB: Backend> Outbox<DB> {
         conn: &mut DB::Connection,
         events: impl IntoIterator<Item = &'e E>,
     ) -> Result<Vec<Enqueued>, Error> {
-        let prepared = events
-            .into_iter()
-            .map(|e| self.prepare(e))
-            .collect::<Result<Vec<_>, _>>()?;
+        let prepared = self.prepare_all(events)?;
+        self.insert_all(conn, prepared).await
+    }
+
+    /// Each event validated and prepared, or the first refusal.
+    fn prepare_all<'e, E: OutboxEvent + Listed + 'e>(
+        &self,
+        events: impl IntoIterator<Item = &'e E>,
+    ) -> Result<Vec<Prepared>, Error> {
+        events.into_iter().map(|e| self.prepare(e)).collect()
+    }
+
+    /// Stores prepared events one after another, then wakes this process's relay.
+    async fn insert_all(
+        &self,
+        conn: &mut DB::Connection,
+        prepared: Vec<Prepared>,
+    ) -> Result<Vec<Enqueued>, Error> {
         let mut out = Vec::with_capacity(prepared.len());
         for p in prepared {
             out.push(self.insert(conn, p).await?);
@@ -1326,10 +1340,7 @@ impl<DB: Backend> Outbox<DB> {
         events: impl IntoIterator<Item = &'e E>,
     ) -> Result<(sqlx::Transaction<'c, DB>, Vec<Enqueued>), Error> {
         use sqlx::Connection as _;
-        let prepared = events
-            .into_iter()
-            .map(|e| self.prepare(e))
-            .collect::<Result<Vec<_>, _>>()?;
+        let prepared = self.prepare_all(events)?;
         if self.inner.wal.contains(E::SERVICE) && !conn.is_in_transaction() {
             // `emit; …; BEGIN` as one simple query: the statements before the `BEGIN` run in
             // the implicit transaction that the `BEGIN` turns into the caller's, and a failure
@@ -1343,33 +1354,21 @@ impl<DB: Backend> Outbox<DB> {
             statement.push_str("BEGIN");
             let tx = conn.begin_with(statement).await?;
             self.inner.wake.notify_waiters();
-            let stored = prepared
-                .into_iter()
-                .map(|p| Enqueued {
-                    id: 0,
-                    event_id: p.event_id,
-                    service: p.service.to_owned(),
-                })
-                .collect();
+            let stored = prepared.into_iter().map(Prepared::without_row).collect();
             return Ok((tx, stored));
         }
         let mut tx = conn.begin().await?;
-        let mut stored = Vec::with_capacity(prepared.len());
-        for p in prepared {
-            match self.insert(&mut tx, p).await {
-                Ok(done) => stored.push(done),
-                Err(e) => {
-                    // Rolled back before the error is returned, not when `tx` drops (SQLite
-                    // does that on its worker thread, later): `conn` is out of it on return.
-                    if let Err(rollback) = tx.rollback().await {
-                        tracing::debug!(error = %rollback, "rolling back a failed begin_with");
-                    }
-                    return Err(e);
+        match self.insert_all(&mut tx, prepared).await {
+            Ok(stored) => Ok((tx, stored)),
+            Err(e) => {
+                // Rolled back before the error is returned, not when `tx` drops (SQLite does
+                // that on its worker thread, later): `conn` is out of it on return.
+                if let Err(rollback) = tx.rollback().await {
+                    tracing::debug!(error = %rollback, "rolling back a failed begin_with");
                 }
+                Err(e)
             }
         }
-        self.inner.wake.notify_waiters();
-        Ok((tx, stored))
     }
 
     fn prepare<E: OutboxEvent + Listed>(&self, event: &E) -> Result<Prepared, Error> {
@@ -1439,11 +1438,7 @@ impl<DB: Backend> Outbox<DB> {
         }
         if self.inner.wal.contains(p.service) {
             self.emit(conn, &p).await?;
-            return Ok(Enqueued {
-                id: 0,
-                event_id: p.event_id,
-                service: p.service.to_owned(),
-            });
+            return Ok(p.without_row());
         }
         let table = self.table(p.service)?;
         let now = self.now_ms();
@@ -2558,6 +2553,17 @@ struct Prepared {
     aggregate: Option<String>,
     payload: String,
     headers: String,
+}
+
+impl Prepared {
+    /// What a caller is told of an event stored without a row (a write-ahead-log service's).
+    fn without_row(self) -> Enqueued {
+        Enqueued {
+            id: 0,
+            event_id: self.event_id,
+            service: self.service.to_owned(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -76,30 +76,43 @@ fn parse(file: &'static str) -> Vec<(&'static str, String)> {
     out
 }
 
-/// `sql` (PostgreSQL's spelling) with each `$n` placeholder replaced by `args[n - 1]` written
-/// as a literal, in one pass over `sql` (a literal's own text is not read again): a statement
-/// for a simple query, which takes no parameters. A placeholder with no argument stays.
-pub(super) fn inline(sql: &str, args: &[Arg]) -> String {
-    let mut out = String::with_capacity(sql.len() + 64);
+/// `sql` with each `$n` placeholder (a `$` followed by digits) written by `write`, given the
+/// placeholder's text, and everything else copied, in one pass over `sql` (what `write` puts
+/// in is not read again).
+fn rewrite_placeholders(sql: &str, mut write: impl FnMut(&mut String, &str)) -> String {
+    let mut out = String::with_capacity(sql.len());
     let mut rest = sql;
     while let Some(at) = rest.find('$') {
         out.push_str(&rest[..at]);
         let digits = rest[at + 1..]
             .find(|c: char| !c.is_ascii_digit())
             .unwrap_or(rest.len() - at - 1);
-        let number = &rest[at + 1..at + 1 + digits];
-        match number
+        let (placeholder, after) = rest[at..].split_at(1 + digits);
+        if digits == 0 {
+            out.push('$');
+        } else {
+            write(&mut out, placeholder);
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `sql` (PostgreSQL's spelling) with each `$n` placeholder replaced by `args[n - 1]` written
+/// as a literal: a statement for a simple query, which takes no parameters. A placeholder with
+/// no argument stays.
+pub(super) fn inline(sql: &str, args: &[Arg]) -> String {
+    rewrite_placeholders(sql, |out, placeholder| {
+        match placeholder[1..]
             .parse::<usize>()
             .ok()
             .and_then(|n| args.get(n.checked_sub(1)?))
         {
-            Some(arg) => literal(&mut out, arg),
-            None => out.push_str(&rest[at..at + 1 + digits]),
+            Some(arg) => literal(out, arg),
+            None => out.push_str(placeholder),
         }
-        rest = &rest[at + 1 + digits..];
-    }
-    out.push_str(rest);
-    out
+    })
 }
 
 /// Writes `arg` as a PostgreSQL literal of the type it is bound as: `BIGINT`, or text as an
@@ -130,19 +143,7 @@ fn literal(out: &mut String, arg: &Arg) {
 
 /// `$3` → `?`. Valid because each parameter appears once, in binding order.
 pub(super) fn unnumber(sql: &str) -> String {
-    let mut out = String::with_capacity(sql.len());
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
-            while chars.peek().is_some_and(char::is_ascii_digit) {
-                chars.next();
-            }
-            out.push('?');
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    rewrite_placeholders(sql, |out, _| out.push('?'))
 }
 
 /// `sql` with `{ids}` replaced by a placeholder for each of `ids`, which it appends to `args`
