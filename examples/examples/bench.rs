@@ -29,8 +29,9 @@
 //! - `seed_mode`: the same end to end with the Go system's algorithm (one row at a time: select
 //!   due, synchronous produce, update; one consumer transaction per message);
 //! - `wal_enqueue`, `wal_e2e` (PostgreSQL): `enqueue`, and end to end with `raw_insert`'s
-//!   writers and an inbox consumer, for a service relayed from the write-ahead log (its events
-//!   emitted into the log, no row, the relay streaming the slot); `wal_relay`: the relay daemon
+//!   writers and an inbox consumer in a database of its own on the same server
+//!   (`outbox_bench_consumer`, made when missing), for a service relayed from the write-ahead
+//!   log (its events emitted into the log, no row, the relay streaming the slot); `wal_relay`: the relay daemon
 //!   draining a backlog of `--backlog` events (100,000 by default) by streaming the slot, and
 //!   `wal_relay_sql` the same through the SQL interface, one round after another;
 //!   `wal_enqueue_read`: `wal_enqueue` while a reader that publishes nothing streams the slot,
@@ -132,11 +133,13 @@ async fn main() -> Result<(), BoxError> {
                 .url
                 .clone()
                 .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into());
+            let options: sqlx::postgres::PgConnectOptions = url.parse()?;
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(16)
-                .connect(&url)
+                .connect_with(options.clone())
                 .await?;
-            rounds(pool, &brokers, mock.as_ref(), &o).await?
+            let consumer = consumer_database(&pool, options).await?;
+            rounds(pool, Some(consumer), &brokers, mock.as_ref(), &o).await?
         }
         "mysql" => {
             let url = o
@@ -147,13 +150,13 @@ async fn main() -> Result<(), BoxError> {
                 .max_connections(16)
                 .connect(&url)
                 .await?;
-            rounds(pool, &brokers, mock.as_ref(), &o).await?
+            rounds(pool, None, &brokers, mock.as_ref(), &o).await?
         }
         "sqlite" => {
             let path = std::env::temp_dir().join(format!("outbox-bench-{}.db", std::process::id()));
             let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&path);
             let pool = examples::sqlite_pool(options).await?;
-            let rows = rounds(pool, &brokers, mock.as_ref(), &o).await;
+            let rows = rounds(pool, None, &brokers, mock.as_ref(), &o).await;
             examples::remove_sqlite(&path);
             rows?
         }
@@ -165,9 +168,34 @@ async fn main() -> Result<(), BoxError> {
     Ok(())
 }
 
-/// Runs the chosen scenarios `--rounds` times, printing each round as it ends.
+/// The database of `wal_e2e`'s consumer, on the server of `pool` (made when missing): a
+/// consumer with a database of its own, as a WAL service's consumers are. The server's WAL
+/// sender skips its changes, as it would another server's.
+async fn consumer_database(
+    pool: &Pool<sqlx::Postgres>,
+    options: sqlx::postgres::PgConnectOptions,
+) -> Result<Pool<sqlx::Postgres>, BoxError> {
+    const NAME: &str = "outbox_bench_consumer";
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(NAME)
+        .fetch_optional(pool)
+        .await?;
+    if exists.is_none() {
+        sqlx::query(&format!("CREATE DATABASE {NAME}"))
+            .execute(pool)
+            .await?;
+    }
+    Ok(sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(options.database(NAME))
+        .await?)
+}
+
+/// Runs the chosen scenarios `--rounds` times, printing each round as it ends. `consumer` is
+/// the database of `wal_e2e`'s consumer (PostgreSQL).
 async fn rounds<DB: Backend>(
     pool: Pool<DB>,
+    consumer: Option<Pool<DB>>,
     brokers: &str,
     mock: Option<&Mock>,
     o: &Options,
@@ -177,7 +205,7 @@ async fn rounds<DB: Backend>(
         if o.rounds > 1 && !o.json {
             println!("round {round} of {}", o.rounds);
         }
-        let rows = run(pool.clone(), brokers, mock, o).await?;
+        let rows = run(pool.clone(), consumer.as_ref(), brokers, mock, o).await?;
         print(o, round, &rows);
         all.push(rows);
     }
@@ -884,6 +912,7 @@ fn event(n: u64) -> TaskUrgencyPromoteRequested {
 
 async fn run<DB: Backend>(
     pool: Pool<DB>,
+    consumer: Option<&Pool<DB>>,
     brokers: &str,
     mock: Option<&Mock>,
     o: &Options,
@@ -1012,7 +1041,8 @@ async fn run<DB: Backend>(
     // The write-ahead-log relay (PostgreSQL): end to end, and a backlog.
     if o.backend == "postgres" {
         if o.runs("wal_e2e") {
-            rows.push(wal_end_to_end(&pool, &bus, mock, o, n).await?);
+            let consumer = consumer.ok_or("wal_e2e needs the consumer's database")?;
+            rows.push(wal_end_to_end(&pool, consumer, &bus, mock, o, n).await?);
         }
         if o.runs("wal_relay") {
             rows.push(wal_backlog(&pool, &bus, mock, o, false).await?);
@@ -1573,9 +1603,11 @@ fn now_ms() -> i64 {
 
 /// `wal_e2e`: `raw_insert`'s writers (a business row per transaction) with an event each in the
 /// write-ahead log, a relay reading the slot and a consumer recording applied events in the
-/// inbox: applied per second, and enqueue-to-inbox latency.
+/// inbox of its own database (`consumer`, on the same server): applied per second, and
+/// enqueue-to-inbox latency.
 async fn wal_end_to_end<DB: Backend>(
     pool: &Pool<DB>,
+    consumer: &Pool<DB>,
     bus: &Arc<KafkaBus>,
     mock: Option<&Mock>,
     o: &Options,
@@ -1587,18 +1619,26 @@ async fn wal_end_to_end<DB: Backend>(
         .service("task")
         .map(|r| r.group.clone())
         .ok_or("no route")?;
+    // The consumer's side: the same contracts, its inbox in its own database.
+    let inbox = Outbox::<DB>::builder(outbox.catalog().clone()).build();
+    inbox.migrate(&mut *consumer.acquire().await?).await?;
     let table = business_table(pool, &outbox).await?;
     let progress = Progress::new(n / o.writers * o.writers);
-    let running = Engine::builder(pool.clone(), bus.clone())
+    let relaying = Engine::builder(pool.clone(), bus.clone())
         .outbox(outbox.clone())
         .relay(relay_config(o).poll_interval(Duration::from_millis(50)))
+        .start()
+        .await?;
+    let consuming = Engine::builder(consumer.clone(), bus.clone())
+        .outbox(inbox.clone())
+        .without_relay()
         .consumer_with::<TaskEvents, _>(
             Counter(progress.clone()),
             ConsumerConfig::default().dedupe(Dedupe::Inbox),
         )
         .start()
         .await?;
-    if !running.ready(Duration::from_secs(60)).await {
+    if !consuming.ready(Duration::from_secs(60)).await {
         return Err("the consumer did not join its group".into());
     }
     from_checkpoint(pool).await?;
@@ -1610,10 +1650,11 @@ async fn wal_end_to_end<DB: Backend>(
             .filter_map(|w| Some((w.event_id?, w.committed_at_ms)))
             .collect();
     progress.reached(Duration::from_secs(300)).await?;
-    wait_for_inbox(pool, &group, written.len()).await?;
+    wait_for_inbox(consumer, &group, written.len()).await?;
     let timed = clock.stop(written.len());
-    running.shutdown().await?;
-    let mut conn = pool.acquire().await?;
+    consuming.shutdown().await?;
+    relaying.shutdown().await?;
+    let mut conn = consumer.acquire().await?;
     let sql =
         DB::dialect_sql("SELECT event_id, consumed_at FROM outbox_inbox WHERE consumer_group = $1");
     let latencies_ms = DB::fetch_pairs(&mut conn, &sql, vec![Arg::Str(group.clone())])
@@ -1623,6 +1664,9 @@ async fn wal_end_to_end<DB: Backend>(
         .collect();
     let forget = DB::dialect_sql("DELETE FROM outbox_inbox WHERE consumer_group = $1");
     DB::execute(&mut conn, &forget, vec![Arg::Str(group)]).await?;
+    drop(conn);
+    drop_table(consumer, &inbox).await?;
+    let mut conn = pool.acquire().await?;
     DB::execute(&mut conn, &format!("DROP TABLE {table}"), Vec::new()).await?;
     drop(conn);
     table_cost(pool, &outbox, "wal_e2e", o).await?;
