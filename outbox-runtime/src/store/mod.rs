@@ -1228,23 +1228,15 @@ impl<DB: Backend> Outbox<DB> {
         for sql in self.table_migration_sql() {
             DB::execute(conn, &sql, Vec::new()).await?;
         }
-        // What `CREATE ... IF NOT EXISTS` cannot change in a table made by an older version
-        // (a narrower column; on MySQL, an index): each dialect's `upgrade_check_X` counts what
-        // is missing, and `upgrade_X` adds it.
-        let mut checks: Vec<&str> = self
-            .inner
-            .inbox
-            .keys()
-            .filter_map(|k| k.strip_prefix("upgrade_check_"))
-            .collect();
-        checks.sort_unstable();
-        for name in checks {
-            let check = self.inbox_sql(&format!("upgrade_check_{name}"));
-            let missing = DB::fetch_ints(conn, check, Vec::new()).await?;
-            if missing.first().copied().flatten().unwrap_or(0) > 0 {
-                DB::execute(conn, self.inbox_sql(&format!("upgrade_{name}")), Vec::new()).await?;
-            }
+        // What `CREATE ... IF NOT EXISTS` cannot change in a service table made by an older
+        // version (on MySQL, indexes no query reads any more): `table_upgrade_check_X` counts
+        // what is there to change, and `table_upgrade_X` changes it.
+        for t in self.inner.tables.values() {
+            upgrade::<DB>(conn, &t.queries, "table_upgrade_").await?;
         }
+        // The same for the inbox's tables (a narrower column; on MySQL, an index):
+        // `upgrade_check_X` counts what is missing, and `upgrade_X` adds it.
+        upgrade::<DB>(conn, &self.inner.inbox, "upgrade_").await?;
         self.migrate_wal(conn).await
     }
 
@@ -2564,6 +2556,31 @@ impl Prepared {
             service: self.service.to_owned(),
         }
     }
+}
+
+/// Runs each of `queries`' upgrades of prefix `prefix` whose check counts something to do:
+/// `{prefix}check_X` counts, and `{prefix}X` changes, in the order of their names.
+async fn upgrade<DB: Backend>(
+    conn: &mut DB::Connection,
+    queries: &HashMap<&'static str, String>,
+    prefix: &str,
+) -> Result<(), Error> {
+    let check_prefix = format!("{prefix}check_");
+    let mut checks: Vec<&str> = queries
+        .keys()
+        .filter_map(|k| k.strip_prefix(check_prefix.as_str()))
+        .collect();
+    checks.sort_unstable();
+    for name in checks {
+        let check = &queries[format!("{check_prefix}{name}").as_str()];
+        let found = DB::fetch_ints(conn, check, Vec::new()).await?;
+        if found.first().copied().flatten().unwrap_or(0) > 0 {
+            // Each check has its change (`every_dialect_has_every_query`).
+            let change = &queries[format!("{prefix}{name}").as_str()];
+            DB::execute(conn, change, Vec::new()).await?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

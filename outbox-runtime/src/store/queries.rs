@@ -328,11 +328,16 @@ mod tests {
                 );
             }
             assert!(ddl(&q)[0].starts_with("CREATE TABLE IF NOT EXISTS t_outbox"));
-            for check in q.keys().filter_map(|k| k.strip_prefix("upgrade_check_")) {
-                assert!(
-                    q.contains_key(format!("upgrade_{check}").as_str()),
-                    "upgrade_check_{check} has no upgrade_{check}"
-                );
+            for prefix in ["upgrade_", "table_upgrade_"] {
+                for check in q
+                    .keys()
+                    .filter_map(|k| k.strip_prefix(&format!("{prefix}check_")))
+                {
+                    assert!(
+                        q.contains_key(format!("{prefix}{check}").as_str()),
+                        "{prefix}check_{check} has no {prefix}{check}"
+                    );
+                }
             }
         }
     }

@@ -757,6 +757,72 @@ async fn migrate_replaces_the_old_open_row_indexes<DB: TestDb>(list: &str) {
     h.cleanup().await;
 }
 
+// A MySQL service table has no index that no query reads; one made before 2026-12-07 had three
+// (`_due`, `_lease`, `_key`), which every insert and change of status wrote: `migrate` drops
+// them, keeps those the queries read, and the rows are claimed in order without them (and an
+// expired lease found).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrate_drops_the_indexes_no_query_reads_mysql() {
+    use outbox_runtime::sqlx::MySql;
+    let h = Harness::<MySql>::new().await;
+    let table = h.table("task");
+    let mut conn = h.pool.acquire().await.unwrap();
+    let list = format!(
+        "SELECT DISTINCT CAST(index_name AS CHAR), CAST(0 AS SIGNED) \
+         FROM information_schema.statistics \
+         WHERE table_schema = DATABASE() AND table_name = '{table}'"
+    );
+    let indexes = async |conn: &mut <MySql as outbox_runtime::sqlx::Database>::Connection| {
+        let rows = <MySql as outbox_runtime::store::Backend>::fetch_pairs(conn, &list, Vec::new())
+            .await
+            .unwrap();
+        rows.into_iter()
+            .map(|(name, _)| name)
+            .collect::<Vec<String>>()
+    };
+    let (unread, read) = (["due", "lease", "key"], ["eid", "open", "st"]);
+    let made = indexes(&mut conn).await;
+    for name in unread {
+        assert!(!made.contains(&format!("{table}_{name}")), "{made:?}");
+    }
+    for name in read {
+        assert!(made.contains(&format!("{table}_{name}")), "{made:?}");
+    }
+    // The layout before 2026-12-07.
+    let old = format!(
+        "ALTER TABLE {table} ADD KEY {table}_due (status, next_attempt_at, id), \
+         ADD KEY {table}_lease (status, lease_until), ADD KEY {table}_key (message_key, status, id)"
+    );
+    h.exec(&mut conn, &old, Vec::new()).await;
+    let before = indexes(&mut conn).await;
+    for name in unread {
+        assert!(before.contains(&format!("{table}_{name}")), "{before:?}");
+    }
+    let mut ids = Vec::new();
+    for n in 0..3u64 {
+        ids.push(put(&h, &urgency(n, 7)).await.id);
+    }
+    h.outbox.migrate(&mut conn).await.unwrap();
+    let after = indexes(&mut conn).await;
+    for name in unread {
+        assert!(!after.contains(&format!("{table}_{name}")), "{after:?}");
+    }
+    for name in read {
+        assert!(after.contains(&format!("{table}_{name}")), "{after:?}");
+    }
+    // Again: nothing left to drop.
+    h.outbox.migrate(&mut conn).await.unwrap();
+    assert_eq!(indexes(&mut conn).await, after);
+    drop(conn);
+    let rows = claim(&h, "task", "relay", 10).await;
+    assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
+    // Leased away, then left: past the lease the rows are claimed again, in order.
+    h.clock.advance(LEASE);
+    let again = claim(&h, "task", "other", 10).await;
+    assert_eq!(again.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
+    h.cleanup().await;
+}
+
 // A backlog of one key goes out a batch per claim, in id order (the claim took one row of a key
 // per round before, and walked the whole backlog to find it).
 async fn a_backlog_of_one_key_is_claimed_a_full_batch_at_a_time<DB: TestDb>() {
