@@ -819,13 +819,19 @@ async fn migrate_replaces_the_old_open_row_indexes<DB: TestDb>(list: &str) {
         assert!(after.contains(&format!("{table}_{made}")), "{after:?}");
     }
     drop(conn);
-    let rows = claim(&h, "task", "relay", 10).await;
+    claimed_in_order_and_again_past_their_lease(&h, &ids).await;
+    h.cleanup().await;
+}
+
+/// `ids`, the open rows of `task`, are claimed in order, and again in order once their lease
+/// ran out.
+async fn claimed_in_order_and_again_past_their_lease<DB: TestDb>(h: &Harness<DB>, ids: &[i64]) {
+    let rows = claim(h, "task", "relay", 10).await;
     assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
     // Leased away, then left: past the lease the rows are claimed again, in order.
     h.clock.advance(LEASE);
-    let again = claim(&h, "task", "other", 10).await;
+    let again = claim(h, "task", "other", 10).await;
     assert_eq!(again.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
-    h.cleanup().await;
 }
 
 // A MySQL service table has no index that no query reads; one made before 2026-12-07 had three
@@ -885,12 +891,7 @@ async fn migrate_drops_the_indexes_no_query_reads_mysql() {
     h.outbox.migrate(&mut conn).await.unwrap();
     assert_eq!(indexes(&mut conn).await, after);
     drop(conn);
-    let rows = claim(&h, "task", "relay", 10).await;
-    assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
-    // Leased away, then left: past the lease the rows are claimed again, in order.
-    h.clock.advance(LEASE);
-    let again = claim(&h, "task", "other", 10).await;
-    assert_eq!(again.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
+    claimed_in_order_and_again_past_their_lease(&h, &ids).await;
     h.cleanup().await;
 }
 
