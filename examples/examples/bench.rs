@@ -31,9 +31,10 @@
 //! - `wal_enqueue`, `wal_e2e` (PostgreSQL): `enqueue`, and end to end with `raw_insert`'s
 //!   writers and an inbox consumer in a database of its own on the same server
 //!   (`outbox_bench_consumer`, made when missing), for a service relayed from the write-ahead
-//!   log (its events emitted into the log, no row, the relay streaming the slot); `wal_relay`: the relay daemon
-//!   draining a backlog of `--backlog` events (100,000 by default) by streaming the slot, and
-//!   `wal_relay_sql` the same through the SQL interface, one round after another;
+//!   log (its events emitted into the log, no row, the relay streaming the slot);
+//!   `wal_relay`: the relay daemon draining a backlog of `--backlog` events (100,000 by
+//!   default) by streaming the slot, and `wal_relay_sql` the same through the SQL interface,
+//!   one round after another;
 //!   `wal_enqueue_read`: `wal_enqueue` while a reader that publishes nothing streams the slot,
 //!   the server's share of `wal_e2e`'s cost (its WAL sender decodes each transaction);
 //! - `relay_backlog`: one relay draining a backlog of `--backlog` rows (1,000,000 by default
@@ -138,8 +139,13 @@ async fn main() -> Result<(), BoxError> {
                 .max_connections(16)
                 .connect_with(options.clone())
                 .await?;
-            let consumer = consumer_database(&pool, options).await?;
-            rounds(pool, Some(consumer), &brokers, mock.as_ref(), &o).await?
+            // Made only for the scenario that uses it.
+            let consumer = if o.runs("wal_e2e") {
+                Some(consumer_database(&pool, options).await?)
+            } else {
+                None
+            };
+            rounds(pool, consumer, &brokers, mock.as_ref(), &o).await?
         }
         "mysql" => {
             let url = o

@@ -763,75 +763,20 @@ async fn a_claim_locks_its_rows_by_key_on_a_backlog_its_statistics_never_saw_pos
 // lease found without its index).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn migrate_replaces_the_old_open_row_indexes_postgres() {
-    migrate_replaces_the_old_open_row_indexes::<outbox_runtime::sqlx::Postgres>(
+    migrate_replaces_the_old_indexes::<outbox_runtime::sqlx::Postgres>(
         "SELECT indexname, 0::BIGINT FROM pg_indexes WHERE tablename = '{table}'",
+        &partial_open_row_indexes,
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn migrate_replaces_the_old_open_row_indexes_sqlite() {
-    migrate_replaces_the_old_open_row_indexes::<outbox_runtime::sqlx::Sqlite>(
+    migrate_replaces_the_old_indexes::<outbox_runtime::sqlx::Sqlite>(
         "SELECT name, 0 FROM pragma_index_list('{table}') WHERE origin = 'c'",
+        &partial_open_row_indexes,
     )
     .await;
-}
-
-async fn migrate_replaces_the_old_open_row_indexes<DB: TestDb>(list: &str) {
-    let h = Harness::<DB>::new().await;
-    let table = h.table("task");
-    let mut conn = h.pool.acquire().await.unwrap();
-    let indexes = async |conn: &mut DB::Connection| -> Vec<String> {
-        let sql = list.replace("{table}", &table);
-        let rows = DB::fetch_pairs(conn, &sql, Vec::new()).await.unwrap();
-        rows.into_iter().map(|(name, _)| name).collect()
-    };
-    // The layout of 2026-12-05.
-    for old in [
-        format!("DROP INDEX {table}_pending"),
-        format!("DROP INDEX {table}_sending"),
-        format!("CREATE INDEX {table}_open ON {table} (id) WHERE status IN ('pending', 'sending')"),
-        format!(
-            "CREATE INDEX {table}_key ON {table} (message_key, id) \
-             WHERE status IN ('pending', 'sending')"
-        ),
-        format!(
-            "CREATE INDEX {table}_due ON {table} (next_attempt_at, id) WHERE status = 'pending'"
-        ),
-        format!("CREATE INDEX {table}_lease ON {table} (lease_until) WHERE status = 'sending'"),
-    ] {
-        h.exec(&mut conn, &old, Vec::new()).await;
-    }
-    let before = indexes(&mut conn).await;
-    for old in ["open", "due", "lease"] {
-        assert!(before.contains(&format!("{table}_{old}")), "{before:?}");
-    }
-    let mut ids = Vec::new();
-    for n in 0..3u64 {
-        ids.push(put(&h, &urgency(n, 7)).await.id);
-    }
-    h.outbox.migrate(&mut conn).await.unwrap();
-    let after = indexes(&mut conn).await;
-    for gone in ["open", "key", "due", "lease"] {
-        assert!(!after.contains(&format!("{table}_{gone}")), "{after:?}");
-    }
-    for made in ["pending", "sending"] {
-        assert!(after.contains(&format!("{table}_{made}")), "{after:?}");
-    }
-    drop(conn);
-    claimed_in_order_and_again_past_their_lease(&h, &ids).await;
-    h.cleanup().await;
-}
-
-/// `ids`, the open rows of `task`, are claimed in order, and again in order once their lease
-/// ran out.
-async fn claimed_in_order_and_again_past_their_lease<DB: TestDb>(h: &Harness<DB>, ids: &[i64]) {
-    let rows = claim(h, "task", "relay", 10).await;
-    assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
-    // Leased away, then left: past the lease the rows are claimed again, in order.
-    h.clock.advance(LEASE);
-    let again = claim(h, "task", "other", 10).await;
-    assert_eq!(again.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
 }
 
 // A MySQL service table has no index that no query reads; one made before 2026-12-07 had three
@@ -840,58 +785,104 @@ async fn claimed_in_order_and_again_past_their_lease<DB: TestDb>(h: &Harness<DB>
 // expired lease found).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn migrate_drops_the_indexes_no_query_reads_mysql() {
-    use outbox_runtime::sqlx::MySql;
-    let h = Harness::<MySql>::new().await;
-    let table = h.table("task");
-    let mut conn = h.pool.acquire().await.unwrap();
-    let list = format!(
+    migrate_replaces_the_old_indexes::<outbox_runtime::sqlx::MySql>(
         "SELECT DISTINCT CAST(index_name AS CHAR), CAST(0 AS SIGNED) \
          FROM information_schema.statistics \
-         WHERE table_schema = DATABASE() AND table_name = '{table}'"
-    );
-    let indexes = async |conn: &mut <MySql as outbox_runtime::sqlx::Database>::Connection| {
-        let rows = <MySql as outbox_runtime::store::Backend>::fetch_pairs(conn, &list, Vec::new())
-            .await
-            .unwrap();
-        rows.into_iter()
-            .map(|(name, _)| name)
-            .collect::<Vec<String>>()
+         WHERE table_schema = DATABASE() AND table_name = '{table}'",
+        &|table| OldIndexes {
+            restore: vec![format!(
+                "ALTER TABLE {table} ADD KEY {table}_due (status, next_attempt_at, id), \
+                 ADD KEY {table}_lease (status, lease_until), \
+                 ADD KEY {table}_key (message_key, status, id)"
+            )],
+            gone: &["due", "lease", "key"],
+            kept: &["eid", "open", "st"],
+        },
+    )
+    .await;
+}
+
+/// A service table's indexes before a change of layout: the statements that bring them back
+/// on a table of today, the suffixes of those `migrate` drops, and of those it keeps or makes.
+struct OldIndexes {
+    restore: Vec<String>,
+    gone: &'static [&'static str],
+    kept: &'static [&'static str],
+}
+
+/// PostgreSQL's and SQLite's layout of 2026-12-05: one partial index over both open statuses,
+/// and the key, due-time and lease indexes.
+fn partial_open_row_indexes(table: &str) -> OldIndexes {
+    OldIndexes {
+        restore: vec![
+            format!("DROP INDEX {table}_pending"),
+            format!("DROP INDEX {table}_sending"),
+            format!(
+                "CREATE INDEX {table}_open ON {table} (id) WHERE status IN ('pending', 'sending')"
+            ),
+            format!(
+                "CREATE INDEX {table}_key ON {table} (message_key, id) \
+                 WHERE status IN ('pending', 'sending')"
+            ),
+            format!(
+                "CREATE INDEX {table}_due ON {table} (next_attempt_at, id) WHERE status = 'pending'"
+            ),
+            format!("CREATE INDEX {table}_lease ON {table} (lease_until) WHERE status = 'sending'"),
+        ],
+        gone: &["open", "key", "due", "lease"],
+        kept: &["pending", "sending"],
+    }
+}
+
+/// `migrate` on a table of the layout `old` makes: the table of today (`list` names its
+/// indexes) has none of the old indexes and all of the new, the old layout has them back,
+/// `migrate` drops them and keeps (or makes) the new, a second `migrate` changes nothing, and
+/// the rows are claimed in order, and again once their lease ran out.
+async fn migrate_replaces_the_old_indexes<DB: TestDb>(
+    list: &str,
+    old: &dyn Fn(&str) -> OldIndexes,
+) {
+    let h = Harness::<DB>::new().await;
+    let table = h.table("task");
+    let old = old(&table);
+    let mut conn = h.pool.acquire().await.unwrap();
+    let indexes = async |conn: &mut DB::Connection| -> Vec<String> {
+        let sql = list.replace("{table}", &table);
+        let rows = DB::fetch_pairs(conn, &sql, Vec::new()).await.unwrap();
+        let mut names: Vec<String> = rows.into_iter().map(|(name, _)| name).collect();
+        names.sort_unstable();
+        names
     };
-    let (unread, read) = (["due", "lease", "key"], ["eid", "open", "st"]);
+    let named = |suffixes: &[&str]| -> Vec<String> {
+        suffixes.iter().map(|s| format!("{table}_{s}")).collect()
+    };
+    let (gone, kept) = (named(old.gone), named(old.kept));
     let made = indexes(&mut conn).await;
-    for name in unread {
-        assert!(!made.contains(&format!("{table}_{name}")), "{made:?}");
+    assert!(gone.iter().all(|i| !made.contains(i)), "{made:?}");
+    assert!(kept.iter().all(|i| made.contains(i)), "{made:?}");
+    for sql in &old.restore {
+        h.exec(&mut conn, sql, Vec::new()).await;
     }
-    for name in read {
-        assert!(made.contains(&format!("{table}_{name}")), "{made:?}");
-    }
-    // The layout before 2026-12-07.
-    let old = format!(
-        "ALTER TABLE {table} ADD KEY {table}_due (status, next_attempt_at, id), \
-         ADD KEY {table}_lease (status, lease_until), ADD KEY {table}_key (message_key, status, id)"
-    );
-    h.exec(&mut conn, &old, Vec::new()).await;
     let before = indexes(&mut conn).await;
-    for name in unread {
-        assert!(before.contains(&format!("{table}_{name}")), "{before:?}");
-    }
+    assert!(gone.iter().all(|i| before.contains(i)), "{before:?}");
     let mut ids = Vec::new();
     for n in 0..3u64 {
         ids.push(put(&h, &urgency(n, 7)).await.id);
     }
     h.outbox.migrate(&mut conn).await.unwrap();
     let after = indexes(&mut conn).await;
-    for name in unread {
-        assert!(!after.contains(&format!("{table}_{name}")), "{after:?}");
-    }
-    for name in read {
-        assert!(after.contains(&format!("{table}_{name}")), "{after:?}");
-    }
-    // Again: nothing left to drop.
+    assert!(gone.iter().all(|i| !after.contains(i)), "{after:?}");
+    assert!(kept.iter().all(|i| after.contains(i)), "{after:?}");
+    // Again: nothing left to change.
     h.outbox.migrate(&mut conn).await.unwrap();
     assert_eq!(indexes(&mut conn).await, after);
     drop(conn);
-    claimed_in_order_and_again_past_their_lease(&h, &ids).await;
+    let rows = claim(&h, "task", "relay", 10).await;
+    assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
+    // Leased away, then left: past the lease the rows are claimed again, in order.
+    h.clock.advance(LEASE);
+    let again = claim(&h, "task", "other", 10).await;
+    assert_eq!(again.iter().map(|r| r.id).collect::<Vec<_>>(), ids);
     h.cleanup().await;
 }
 
