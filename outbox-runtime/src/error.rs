@@ -45,6 +45,21 @@ pub enum Error {
         /// Columns the table requires (NOT NULL, no default) that the outbox does not write.
         foreign: Vec<String>,
     },
+    /// A service's table made by an older version, which lacks columns this version's relay
+    /// and consumers write: [`crate::store::Outbox::migrate`] (or `outbox migrate`) adds
+    /// them. Nothing was changed.
+    #[error(
+        "table `{table}` of service `{service}` was made by an older version and has no column {}; run `outbox migrate` (or `Outbox::migrate`), which adds it",
+        missing.join(", ")
+    )]
+    TableOutdated {
+        /// The service.
+        service: String,
+        /// The table.
+        table: String,
+        /// The columns `migrate` adds.
+        missing: Vec<String>,
+    },
     /// A write-ahead-log service ([`crate::store::OutboxBuilder::wal`]) on a database whose
     /// `wal_level` is not `logical`: its events could not be read back.
     #[error(

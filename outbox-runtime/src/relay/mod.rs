@@ -556,7 +556,11 @@ impl<DB: Backend, B: Publish> Relay<DB, B> {
             return Ok(());
         };
         match self.outbox.check_table(&mut conn, service).await {
-            Err(e @ (Error::TableMissing { .. } | Error::TableMismatch { .. })) => Err(e),
+            Err(
+                e @ (Error::TableMissing { .. }
+                | Error::TableMismatch { .. }
+                | Error::TableOutdated { .. }),
+            ) => Err(e),
             _ => Ok(()),
         }
     }

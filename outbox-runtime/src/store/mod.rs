@@ -483,6 +483,10 @@ pub trait Backend: sqlx::Database + private::Sealed {
     /// one before, since a claim beside the mark would wait for the write lock.
     #[doc(hidden)]
     const ONE_WRITER: bool = false;
+    /// Columns of this dialect's service table beside [`COLUMNS`], which the relay or the
+    /// consumers write and `migrate` adds to a table made by an older version.
+    #[doc(hidden)]
+    const ADDED_COLUMNS: &'static [&'static str] = &[];
 
     /// `sql` written with PostgreSQL's `$n` placeholders, in this database's spelling (`?`
     /// elsewhere); each parameter must appear once, in binding order. For tools and tests that
@@ -1173,10 +1177,18 @@ impl<DB: Backend> Outbox<DB> {
     /// Refuses a service table that exists with another layout than this version's
     /// ([`Error::TableMismatch`], naming the columns that differ): a column the outbox reads or
     /// writes that it lacks, or one it requires that the outbox does not write (a Go outbox
-    /// table's `biz_type`, say). A table that does not exist passes.
+    /// table's `biz_type`, say). A table that does not exist passes; one made by an older
+    /// version that `migrate` has not brought up to date yet is refused
+    /// ([`Error::TableOutdated`]).
     pub async fn check_tables(&self, conn: &mut DB::Connection) -> Result<(), Error> {
+        self.check_all(conn, true).await
+    }
+
+    /// [`Outbox::check_tables`]; with `added` false, tables without the columns `migrate` adds
+    /// pass.
+    async fn check_all(&self, conn: &mut DB::Connection, added: bool) -> Result<(), Error> {
         for service in self.inner.tables.keys() {
-            match self.check_table(conn, service).await {
+            match self.check_layout(conn, service, added).await {
                 Err(Error::TableMissing { .. }) | Ok(()) => {}
                 Err(e) => return Err(e),
             }
@@ -1186,7 +1198,20 @@ impl<DB: Backend> Outbox<DB> {
 
     /// Checks that `service`'s table is there ([`Error::TableMissing`]) with this version's
     /// layout ([`Error::TableMismatch`]).
+    /// A table this version can migrate but not yet use (made by an older version, without
+    /// a column `migrate` adds) is refused with [`Error::TableOutdated`].
     pub async fn check_table(&self, conn: &mut DB::Connection, service: &str) -> Result<(), Error> {
+        self.check_layout(conn, service, true).await
+    }
+
+    /// [`Outbox::check_table`]; with `added` false, a table without the columns `migrate`
+    /// adds passes.
+    async fn check_layout(
+        &self,
+        conn: &mut DB::Connection,
+        service: &str,
+        added: bool,
+    ) -> Result<(), Error> {
         let t = self.table(service)?;
         let columns = DB::fetch_pairs(conn, t.get("table_columns"), Vec::new()).await?;
         if columns.is_empty() {
@@ -1215,16 +1240,30 @@ impl<DB: Backend> Outbox<DB> {
                 foreign,
             });
         }
+        let outdated: Vec<String> = DB::ADDED_COLUMNS
+            .iter()
+            .filter(|c| added && !has.contains(**c))
+            .map(|c| (*c).to_owned())
+            .collect();
+        if !outdated.is_empty() {
+            return Err(Error::TableOutdated {
+                service: service.to_owned(),
+                table: t.route.table.clone(),
+                missing: outdated,
+            });
+        }
         Ok(())
     }
 
-    /// Creates every table and index that does not exist yet, and brings an inbox table made
-    /// by an older version up to date (event ids of 255 characters, the retention index).
+    /// Creates every table and index that does not exist yet, and brings a service or inbox
+    /// table made by an older version up to date (on MySQL, the indexes no query reads dropped
+    /// and the column `room` added; the inbox's event ids of 255 characters, its retention
+    /// index).
     /// For services relayed from the write-ahead log, checks `wal_level` and makes their
     /// replication slots (outside a transaction: PostgreSQL makes no slot in one that wrote).
     /// An existing service table of another layout is refused first ([`Outbox::check_tables`]).
     pub async fn migrate(&self, conn: &mut DB::Connection) -> Result<(), Error> {
-        self.check_tables(conn).await?;
+        self.check_all(conn, false).await?;
         for sql in self.table_migration_sql() {
             DB::execute(conn, &sql, Vec::new()).await?;
         }

@@ -29,6 +29,7 @@ impl private::Sealed for MySql {}
 impl Backend for MySql {
     const QUERIES: &'static str = include_str!("queries/mysql.sql");
     const NUMBERED: bool = false;
+    const ADDED_COLUMNS: &'static [&'static str] = &["room"];
 
     common_methods!();
 

@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use contracts::samples;
 use harness::{Harness, T0, TestDb};
-use outbox_runtime::store::{ConsumeError, Consumed, ManualClock, StoreConfig, Transition};
+use outbox_runtime::sqlx::MySql;
+use outbox_runtime::store::{
+    Arg, Backend, ConsumeError, Consumed, ManualClock, StoreConfig, Transition,
+};
 use outbox_runtime::trace::TraceParent;
 use outbox_runtime::{
     Catalog, Error, Listed, Outbox, OutboxEvent, OutboxService, RouteConfig, Status,
@@ -600,7 +603,7 @@ async fn a_claim_reads_no_published_row_whatever_the_statistics_postgres() {
 // out), so this bounds what a lock reads rather than reproducing the choice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_consumers_lock_reads_its_rows_only_whatever_the_statistics_mysql() {
-    use outbox_runtime::sqlx::{self, Connection, MySql};
+    use outbox_runtime::sqlx::{self, Connection};
     let h = Harness::<MySql>::new().await;
     let table = h.table("task");
     let mut conn = h.pool.acquire().await.unwrap().detach();
@@ -800,6 +803,151 @@ async fn migrate_drops_the_indexes_no_query_reads_mysql() {
         },
     )
     .await;
+}
+
+// A MySQL table made before 2026-12-07 has no `room`: the relay and the consumers would fail on
+// their first claim or mark, so the table is refused until `migrate` adds it (writers go on
+// inserting meanwhile: the insert does not name it), and then its old rows are claimed,
+// published and consumed like new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_table_without_room_is_refused_until_migrate_adds_it_mysql() {
+    let h = Harness::<MySql>::new().await;
+    let table = h.table("task");
+    let mut conn = h.pool.acquire().await.unwrap();
+    h.exec(
+        &mut conn,
+        &format!("ALTER TABLE {table} DROP COLUMN room"),
+        Vec::new(),
+    )
+    .await;
+    let old = put(&h, &urgency(1, 7)).await.id;
+    let refused = h.outbox.check_tables(&mut conn).await.unwrap_err();
+    match &refused {
+        Error::TableOutdated {
+            service,
+            table: t,
+            missing,
+        } => {
+            assert_eq!((service.as_str(), t.as_str()), ("task", table.as_str()));
+            assert_eq!(missing, &["room"]);
+            assert!(refused.to_string().contains("outbox migrate"), "{refused}");
+        }
+        other => panic!("not refused as outdated: {other:?}"),
+    }
+    h.outbox.migrate(&mut conn).await.unwrap();
+    h.outbox.check_tables(&mut conn).await.unwrap();
+    let new = put(&h, &urgency(2, 7)).await.id;
+    drop(conn);
+    // The old row reads as having the default, as new rows get it.
+    let room = format!("SELECT CAST(CHAR_LENGTH(room) AS SIGNED) FROM {table} WHERE id = ?");
+    assert_eq!(int_of_row(&h, &room, old).await, Some(40));
+    assert_eq!(int_of_row(&h, &room, new).await, Some(40));
+    let rows = claim(&h, "task", "relay", 10).await;
+    assert_eq!(
+        rows.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![old, new]
+    );
+    assert_eq!(publish(&h, "task", "relay", &[old, new]).await, 2);
+    let mut conn = h.pool.acquire().await.unwrap();
+    assert_eq!(
+        h.outbox
+            .mark_many_consumed(&mut conn, "task", &[old, new])
+            .await
+            .unwrap(),
+        2
+    );
+    for id in [old, new] {
+        assert_eq!(row(&h, "task", id).await.status, Status::Consumed);
+    }
+    drop(conn);
+    h.cleanup().await;
+}
+
+/// `sql`'s one integer (NULL as `None`) for the row `id`, on MySQL.
+async fn int_of_row(h: &Harness<MySql>, sql: &str, id: i64) -> Option<i64> {
+    let mut conn = h.pool.acquire().await.unwrap();
+    let got = MySql::fetch_ints(&mut conn, sql, vec![Arg::I64(id)])
+        .await
+        .unwrap();
+    got.first().copied().flatten()
+}
+
+// On MySQL a row is never rewritten larger than it was, from its insert to its end, whichever
+// way it goes (claimed, published and consumed; consumed while still leased; claimed again after
+// its lease ran out): InnoDB puts a larger row in new space of its page, and rows inserted in id
+// order fill their pages, so each growth reorganized or split a page (3.3 KB of redo per claimed
+// row). The size is InnoDB's for the columns a change of status writes: a NULL takes no bytes,
+// a BIGINT 8, a short text its bytes and one for its length. The owner is as long as a relay's
+// own (`relay-<pid>-<8 hex digits>`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_is_never_rewritten_larger_mysql() {
+    let h = Harness::<MySql>::new().await;
+    let table = h.table("task");
+    let size = format!(
+        "SELECT CAST({} AS SIGNED) FROM {table} WHERE id = ?",
+        ["status", "lease_owner", "last_error", "dead_reason", "room"]
+            .map(|c| format!("COALESCE(LENGTH({c}) + 1, 0)"))
+            .into_iter()
+            .chain(
+                [
+                    "next_attempt_at",
+                    "lease_until",
+                    "published_at",
+                    "consumed_at"
+                ]
+                .map(|c| format!("IF({c} IS NULL, 0, 8)"))
+            )
+            .collect::<Vec<_>>()
+            .join(" + ")
+    );
+    let size_of = async |id: i64| int_of_row(&h, &size, id).await.unwrap();
+    let owner = "relay-4194304-9f3a07c2";
+    // Claimed, published, consumed.
+    let a = put(&h, &urgency(1, 7)).await.id;
+    // Claimed, consumed before its publication is marked.
+    let b = put(&h, &urgency(2, 8)).await.id;
+    // Claimed, its lease run out, claimed by another relay, published.
+    let c = put(&h, &urgency(3, 9)).await.id;
+    let mut sizes: std::collections::HashMap<i64, Vec<i64>> = Default::default();
+    for id in [a, b, c] {
+        sizes.entry(id).or_default().push(size_of(id).await);
+    }
+    assert_eq!(claim(&h, "task", owner, 10).await.len(), 3);
+    for id in [a, b, c] {
+        sizes.entry(id).or_default().push(size_of(id).await);
+    }
+    assert_eq!(publish(&h, "task", owner, &[a]).await, 1);
+    let mut conn = h.pool.acquire().await.unwrap();
+    assert_eq!(
+        h.outbox
+            .mark_many_consumed(&mut conn, "task", &[b])
+            .await
+            .unwrap(),
+        1
+    );
+    drop(conn);
+    for id in [a, b] {
+        sizes.entry(id).or_default().push(size_of(id).await);
+    }
+    let mut conn = h.pool.acquire().await.unwrap();
+    assert!(h.outbox.mark_consumed(&mut conn, "task", a).await.unwrap());
+    drop(conn);
+    sizes.entry(a).or_default().push(size_of(a).await);
+    h.clock.advance(LEASE);
+    let again = claim(&h, "task", "relay-4194305-0be11a9d", 10).await;
+    assert_eq!(again.iter().map(|r| r.id).collect::<Vec<_>>(), vec![c]);
+    sizes.entry(c).or_default().push(size_of(c).await);
+    assert_eq!(publish(&h, "task", "relay-4194305-0be11a9d", &[c]).await, 1);
+    sizes.entry(c).or_default().push(size_of(c).await);
+    for (id, steps) in &sizes {
+        assert!(
+            steps.windows(2).all(|w| w[1] <= w[0]),
+            "row {id} grew: {steps:?}"
+        );
+    }
+    assert_eq!(sizes[&a].len(), 4);
+    assert_eq!(sizes[&c].len(), 4);
+    h.cleanup().await;
 }
 
 /// A service table's indexes before a change of layout: the statements that bring them back
