@@ -293,15 +293,19 @@ impl<DB: Backend, B: Bus> EngineBuilder<DB, B> {
         if self.migrate {
             let mut conn = self.pool.acquire().await?;
             outbox.migrate(&mut conn).await?;
-        } else if self.relay.is_some() {
-            // A relay on a table of another layout would fail every query: refuse to start. A
-            // database that cannot be reached now is the relay's to retry.
+        } else if self.relay.is_some() || !consumers.is_empty() {
+            // A relay or a consumer on a table of another layout, or one `migrate` has not
+            // brought up to date, would fail every query: refuse to start. (A consumer with its
+            // own database finds no service table there, which passes.) A database that cannot
+            // be reached now is the relay's and the consumers' to retry.
             match self.pool.acquire().await {
                 Ok(mut conn) => {
                     outbox.check_tables(&mut conn).await?;
                     // A WAL service on a server that cannot decode its log, or without its
                     // slot, is refused here, with the fix, not by a relay loop later.
-                    outbox.check_wal(&mut conn).await?;
+                    if self.relay.is_some() {
+                        outbox.check_wal(&mut conn).await?;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "tables not checked: the database is unreachable")

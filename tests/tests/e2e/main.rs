@@ -1144,6 +1144,63 @@ async fn a_consumer_of_a_second_enum_of_a_service_is_refused() {
     );
 }
 
+// An engine whose relay or consumers would write a table that `migrate` has not brought up to
+// date (a MySQL table made before it had `room`) does not start: it says which column is
+// missing and that `outbox migrate` adds it. Once migrated, the engine starts, and the event
+// written before and the one after are consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_engine_on_a_table_migrate_has_not_brought_up_to_date_is_refused_mysql() {
+    use outbox_runtime::Error;
+    use outbox_runtime::sqlx::MySql;
+    use outbox_runtime::store::Backend;
+    let w = World::<MySql>::new().await;
+    let table = w.h.table("task");
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    let drop_room = format!("ALTER TABLE {table} DROP COLUMN room");
+    MySql::execute(&mut conn, &drop_room, Vec::new())
+        .await
+        .unwrap();
+    drop(conn);
+    let engine = |relay: bool| {
+        let engine = Engine::builder(w.h.pool.clone(), KafkaConfig::new(brokers()))
+            .outbox(w.h.outbox.clone());
+        if relay {
+            engine.relay(self::relay())
+        } else {
+            engine
+                .without_relay()
+                .consumer::<TaskEvents, _>(w.recorder())
+        }
+    };
+    for relay in [true, false] {
+        let Err(err) = engine(relay).start().await else {
+            panic!("started on an outdated table (relay: {relay})");
+        };
+        let Error::TableOutdated {
+            table: t, missing, ..
+        } = &err
+        else {
+            panic!("{err}");
+        };
+        assert_eq!(
+            (t.as_str(), missing.as_slice()),
+            (table.as_str(), &["room".to_owned()][..])
+        );
+        assert!(err.to_string().contains("run `outbox migrate`"), "{err}");
+    }
+    // Writers go on meanwhile: the insert does not name the column.
+    put_task(&w, &samples::urgency(1)).await;
+    let mut conn = w.h.pool.acquire().await.unwrap();
+    w.h.outbox.migrate(&mut conn).await.unwrap();
+    drop(conn);
+    let running = w.start(w.recorder(), relay()).await;
+    put_task(&w, &samples::urgency(2)).await;
+    w.settle(2).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(w.count("task", Status::Consumed).await, 2);
+    w.h.cleanup().await;
+}
+
 /// A relay of the task service alone, on its own producer.
 fn task_relay<DB: TestDb>(
     w: &World<DB>,
