@@ -1845,10 +1845,7 @@ impl<DB: Backend> Outbox<DB> {
         service: &str,
         id: i64,
     ) -> Result<bool, Error> {
-        let table = self.table(service)?;
-        let now = self.now_ms();
-        let args = vec![Arg::I64(now), Arg::I64(now), Arg::I64(id)];
-        Ok(DB::execute(conn, table.get("mark_consumed"), args).await? == 1)
+        Ok(self.mark_many_consumed(conn, service, &[id]).await? == 1)
     }
 
     /// A relay with nothing to do asks to be woken by the next insert into `service`'s table:

@@ -302,7 +302,7 @@ mod tests {
             "dead_leased",
             "retry_open",
             "dead_open",
-            "mark_consumed",
+            "mark_many_consumed",
             "replay",
             "discard",
             "get",

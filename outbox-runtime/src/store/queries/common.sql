@@ -43,18 +43,10 @@ SET status = 'dead', dead_reason = $1, last_error = $2, next_attempt_at = NULL,
     lease_owner = NULL, lease_until = NULL, updated_at = $3
 WHERE id = $4 AND status IN ('pending', 'sending', 'published')
 
--- name: mark_consumed
--- A row that went dead because its lease ran out on the last attempt may still have been
--- published; when its message arrives it is applied like any open row.
--- consumed_at, updated_at, id
-UPDATE {table}
-SET status = 'consumed', consumed_at = $1, updated_at = $2, lease_owner = NULL,
-    lease_until = NULL, next_attempt_at = NULL, dead_reason = NULL
-WHERE id = $3 AND (status IN ('pending', 'sending', 'published')
-    OR (status = 'dead' AND dead_reason = 'lease_expired'))
-
 -- name: mark_many_consumed
--- mark_consumed for a consumer's batch.
+-- A consumer's batch (or one row) consumed. A row that went dead because its lease ran out on
+-- the last attempt may still have been published; when its message arrives it is applied like
+-- any open row.
 -- consumed_at, updated_at, ids...
 UPDATE {table}
 SET status = 'consumed', consumed_at = $1, updated_at = $2, lease_owner = NULL,

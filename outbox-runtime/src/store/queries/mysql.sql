@@ -284,20 +284,8 @@ SET status = 'sending', lease_owner = $1,
     lease_until = $2, attempts = attempts + 1, updated_at = $3
 WHERE id IN ({ids})
 
--- name: mark_consumed
--- As in common.sql, and the row gives up the `room` its consumed time takes.
--- consumed_at, updated_at, id
-UPDATE {table}
-SET status = 'consumed',
-    room = CASE WHEN consumed_at IS NULL THEN LEFT(room, GREATEST(0, CHAR_LENGTH(room) - 8))
-        ELSE room END,
-    consumed_at = $1, updated_at = $2, lease_owner = NULL, lease_until = NULL,
-    next_attempt_at = NULL, dead_reason = NULL
-WHERE id = $3 AND (status IN ('pending', 'sending', 'published')
-    OR (status = 'dead' AND dead_reason = 'lease_expired'))
-
 -- name: mark_many_consumed
--- mark_consumed for a consumer's batch.
+-- As in common.sql, and the row gives up the `room` its consumed time takes.
 -- consumed_at, updated_at, ids...
 UPDATE {table}
 SET status = 'consumed',
