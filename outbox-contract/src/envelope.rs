@@ -9,8 +9,6 @@
 //! The decoder accepts what the Go system wrote: a version of `"1"`, `"v1"`, `1`, or none (the
 //! Go default, version 1); a missing `event_id` means the decimal outbox id.
 
-use std::fmt::Write as _;
-
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -66,26 +64,30 @@ pub fn encode<'a>(
     let r: Record<'a> = record.into();
     // The payload is embedded as is; check that it is one JSON value first.
     serde_json::from_str::<serde::de::IgnoredAny>(r.payload)?;
-    let mut out = String::with_capacity(r.payload.len() + 256);
-    let quote = |s: &str| serde_json::to_string(s);
-    let version = match format {
-        VersionFormat::Number => r.event_version.to_string(),
-        VersionFormat::Prefixed => format!("v{}", r.event_version),
-    };
-    let _ = write!(
-        out,
-        "{{\"outbox_id\":{},\"event_id\":{},\"event_type\":{},\"event_version\":{},\"service_name\":{}",
-        r.outbox_id,
-        quote(r.event_id)?,
-        quote(r.event_type)?,
-        quote(&version)?,
-        quote(r.service)?,
-    );
+    let payload = r.payload.trim();
+    // One buffer, every string escaped straight into it: this runs once per published event.
+    let mut out = Vec::with_capacity(payload.len() + 192 + r.event_type.len() + r.service.len());
+    out.extend_from_slice(b"{\"outbox_id\":");
+    serde_json::to_writer(&mut out, &r.outbox_id)?;
+    out.extend_from_slice(b",\"event_id\":");
+    serde_json::to_writer(&mut out, r.event_id)?;
+    out.extend_from_slice(b",\"event_type\":");
+    serde_json::to_writer(&mut out, r.event_type)?;
+    out.extend_from_slice(match format {
+        VersionFormat::Number => b",\"event_version\":\"",
+        VersionFormat::Prefixed => b",\"event_version\":\"v",
+    });
+    serde_json::to_writer(&mut out, &r.event_version)?;
+    out.extend_from_slice(b"\",\"service_name\":");
+    serde_json::to_writer(&mut out, r.service)?;
     if let Some(agg) = r.aggregate_id.or(r.message_key) {
-        let _ = write!(out, ",\"aggregate_id\":{}", quote(agg)?);
+        out.extend_from_slice(b",\"aggregate_id\":");
+        serde_json::to_writer(&mut out, agg)?;
     }
-    let _ = write!(out, ",\"payload\":{}}}", r.payload.trim());
-    Ok(out.into_bytes())
+    out.extend_from_slice(b",\"payload\":");
+    out.extend_from_slice(payload.as_bytes());
+    out.push(b'}');
+    Ok(out)
 }
 
 /// The Kafka headers of a stored event: its `traceparent`, if any, and the CloudEvents binding's
@@ -410,6 +412,28 @@ mod tests {
         assert_eq!(get("ce_time"), Some("2026-11-23T09:00:00.123Z"));
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn strings_that_need_escapes_and_a_padded_payload_come_back_as_they_were() {
+        let mut r = row();
+        r.event_id = "id \"quoted\" \\ back";
+        r.event_type = "type\twith\ncontrols\u{1}";
+        r.service = "sérvice";
+        r.aggregate_id = Some("agg \u{2028} line");
+        r.event_version = 4_000_000_000;
+        r.payload = " \n{\"s\": \"\\\"\"} \t";
+        for format in [VersionFormat::Number, VersionFormat::Prefixed] {
+            let bytes = encode(r, format).unwrap();
+            let env = decode(&bytes).unwrap();
+            assert_eq!(env.event_id, r.event_id);
+            assert_eq!(env.event_type, r.event_type);
+            assert_eq!(env.service.as_deref(), Some(r.service));
+            assert_eq!(env.aggregate_id.as_deref(), r.aggregate_id);
+            assert_eq!(env.version, 4_000_000_000);
+            assert_eq!(env.outbox_id, 12);
+            assert_eq!(env.payload, b"{\"s\": \"\\\"\"}", "trimmed, not rewritten");
+        }
     }
 
     #[test]

@@ -261,7 +261,8 @@ fn read_event(service: &str, lsn: Lsn, content: &[u8]) -> WalItem {
         topic: event.topic,
         message_key: event.message_key,
         aggregate_id: event.aggregate_id,
-        payload: event.payload.get().to_owned(),
+        // The text serde_json read, kept: no copy.
+        payload: Box::<str>::from(event.payload).into_string(),
         headers: event.headers,
         status: Status::Sending,
         attempts: 0,
