@@ -211,6 +211,18 @@ pub(super) fn ddl(queries: &HashMap<&'static str, String>) -> Vec<String> {
 mod tests {
     use super::*;
 
+    /// Every dialect's queries (each backend's `QUERIES`, whatever features this build has).
+    const DIALECTS: [&str; 3] = [
+        include_str!("queries/postgres.sql"),
+        include_str!("queries/mysql.sql"),
+        include_str!("queries/sqlite.sql"),
+    ];
+
+    /// `sql` with every run of white space made one space.
+    fn words(sql: &str) -> String {
+        sql.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
     #[test]
     fn inlined_arguments_are_literals_of_their_type_and_are_not_read_again() {
         let args = [
@@ -313,11 +325,7 @@ mod tests {
             "oldest_due",
             "dead_by_reason",
         ];
-        for dialect in [
-            include_str!("queries/postgres.sql"),
-            include_str!("queries/mysql.sql"),
-            include_str!("queries/sqlite.sql"),
-        ] {
+        for dialect in DIALECTS {
             let q = for_table(dialect, "t_outbox", false);
             for name in needed {
                 assert!(q.contains_key(name), "missing {name}");
@@ -345,18 +353,11 @@ mod tests {
     #[test]
     fn a_column_migrate_adds_is_the_column_a_new_table_gets() {
         let mut added = 0;
-        for dialect in [
-            include_str!("queries/postgres.sql"),
-            include_str!("queries/mysql.sql"),
-            include_str!("queries/sqlite.sql"),
-        ] {
+        for dialect in DIALECTS {
             let q = for_table(dialect, "t_outbox", false);
-            let create = q["create_table"]
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ");
+            let create = words(&q["create_table"]);
             for (name, sql) in q.iter().filter(|(k, _)| k.starts_with("table_upgrade_")) {
-                let sql = sql.split_whitespace().collect::<Vec<_>>().join(" ");
+                let sql = words(sql);
                 let Some(column) = sql.strip_prefix("ALTER TABLE t_outbox ADD COLUMN ") else {
                     continue;
                 };
