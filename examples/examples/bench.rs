@@ -42,6 +42,12 @@
 //!   does (with the mock cluster, that includes the in-process broker holding every message).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+/// The allocator of the `outbox` daemon, jemalloc, so that the relay runs here as it runs
+/// there; `--no-default-features` measures on the system's allocator.
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
