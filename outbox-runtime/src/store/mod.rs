@@ -38,7 +38,7 @@ use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use outbox_contract::envelope::{MAX_EVENT_ID_LEN, Record};
@@ -570,6 +570,18 @@ pub trait Backend: sqlx::Database + private::Sealed {
         conn: &mut Self::Connection,
     ) -> impl Future<Output = Result<sqlx::Transaction<'_, Self>, sqlx::Error>> + Send;
 
+    /// Begins a relay's transaction on `sql`'s table (a claim; on MySQL also a mark published
+    /// and an expiry): [`Backend::begin_write`], except where the table's queries need another
+    /// isolation level (MySQL's ranges of ids, see `begin_relay` in `mysql.rs`).
+    #[doc(hidden)]
+    fn begin_relay<'c>(
+        sql: &TableSql,
+        conn: &'c mut Self::Connection,
+    ) -> impl Future<Output = Result<sqlx::Transaction<'c, Self>, sqlx::Error>> + Send {
+        let _ = sql;
+        Self::begin_write(conn)
+    }
+
     /// Begins a write transaction on a pooled connection that the transaction owns.
     #[doc(hidden)]
     fn begin_pool_write(
@@ -782,7 +794,7 @@ async fn claim_rows<DB: Backend>(
     if limit == 0 {
         return Ok(Vec::new());
     }
-    let mut tx = DB::begin_write(conn).await?;
+    let mut tx = DB::begin_relay(sql, conn).await?;
     if let Some(settings) = sql.find("claim_settings") {
         DB::execute(&mut tx, settings, Vec::new()).await?;
     }
@@ -823,11 +835,7 @@ async fn claim_rows<DB: Backend>(
     let mut locked = HashSet::new();
     for chunk in plan.ids().chunks(1024) {
         let mut args = vec![Arg::I64(c.now), Arg::I64(c.now)];
-        let lock = sql.with_ids(
-            "claim_lock",
-            &mut args,
-            chunk.iter().map(|&id| Arg::I64(id)),
-        );
+        let lock = sql.with_row_ids("claim_lock", &mut args, chunk);
         locked.extend(
             DB::fetch_ints(&mut tx, &lock, args)
                 .await?
@@ -939,6 +947,9 @@ pub struct TableSql {
     route: ServiceRoute,
     numbered: bool,
     queries: HashMap<&'static str, String>,
+    /// The server refused a write at `READ COMMITTED` (MySQL logging statements): `{id_ranges}`
+    /// is a list of the ids from then on ([`TableSql::with_row_ids`]).
+    lists_only: AtomicBool,
 }
 
 impl TableSql {
@@ -948,7 +959,35 @@ impl TableSql {
             route,
             numbered: DB::NUMBERED,
             queries,
+            lists_only: AtomicBool::new(false),
         }
+    }
+
+    /// The query `name` over the rows `ids`: its `{ids}` a list of them, its `{id_ranges}` one
+    /// range per run of consecutive ids ([`queries::with_id_ranges`]), or a list of them once
+    /// ranges are refused (see [`TableSql::refuse_ranges`]). The ids are bound after what
+    /// `args` holds.
+    pub fn with_row_ids(&self, name: &str, args: &mut Vec<Arg>, ids: &[i64]) -> String {
+        let sql = self.get(name);
+        if !sql.contains("{id_ranges}") {
+            queries::with_ids(sql, self.numbered, args, ids.iter().map(|&id| Arg::I64(id)))
+        } else if self.ranges() {
+            queries::with_id_ranges(sql, self.numbered, args, ids)
+        } else {
+            queries::with_id_list(sql, self.numbered, args, ids)
+        }
+    }
+
+    /// Whether `{id_ranges}` are ranges (and MySQL's relay transactions `READ COMMITTED`,
+    /// which ranges need).
+    fn ranges(&self) -> bool {
+        !self.lists_only.load(Ordering::Relaxed)
+    }
+
+    /// From now on, `{id_ranges}` are lists of the ids, read at the server's default isolation
+    /// level.
+    fn refuse_ranges(&self) {
+        self.lists_only.store(true, Ordering::Relaxed);
     }
 
     /// The query `name`; the set is fixed at build time, so a missing name is a bug here.
@@ -1136,6 +1175,16 @@ impl<DB: Backend> Outbox<DB> {
     /// The current time of the store's clock (ms).
     pub fn now_ms(&self) -> i64 {
         self.inner.clock.now_ms()
+    }
+
+    /// Reads every table's rows by lists of their ids, as after a server refused a write at
+    /// `READ COMMITTED` (MySQL logging statements): what tests use to run that path on a server
+    /// that does not refuse. No effect on PostgreSQL and SQLite, which read lists anyway.
+    #[doc(hidden)]
+    pub fn refuse_id_ranges(&self) {
+        for table in self.inner.tables.values() {
+            table.refuse_ranges();
+        }
     }
 
     fn table(&self, service: &str) -> Result<&TableSql, Error> {

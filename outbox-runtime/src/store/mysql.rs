@@ -1,5 +1,7 @@
 //! MySQL 8 and MariaDB 10.6+: no `UPDATE ... RETURNING`, so a claim updates the rows it
-//! locked and reads them back; a claim InnoDB picked as a deadlock victim runs again.
+//! locked and reads them back; a claim InnoDB picked as a deadlock victim runs again. The
+//! relay's transactions read the rows they chose by ranges of ids, at `READ COMMITTED`
+//! ([`begin_relay`]).
 //!
 //! The claim's plan is a plain (non-locking) read, on purpose: InnoDB's locking reads skip
 //! another claimer's locked rows, and the plan must see every open row of a key to know where
@@ -9,15 +11,24 @@ use sqlx::{Connection as _, MySql, MySqlConnection};
 
 use super::{Arg, Backend, ClaimArgs, OutboxRow, TableSql, private};
 
-/// Awaits `$run` (a whole transaction) again when InnoDB picked it as a deadlock victim, up to
-/// `DEADLOCK_RETRIES` times. A macro rather than a function: each try borrows the connection
-/// anew.
+/// Awaits `$run` (a whole transaction on the table of `$sql`) again when InnoDB picked it as a
+/// deadlock victim, up to `DEADLOCK_RETRIES` times, and once more with lists of ids when the
+/// server refused its writes at `READ COMMITTED` (see [`begin_relay`]). A macro rather than a
+/// function: each try borrows the connection anew.
 macro_rules! retrying {
-    ($run:expr) => {{
+    ($sql:expr, $run:expr) => {{
         let mut tries = 0;
         loop {
             match $run.await {
                 Err(e) if is_deadlock(&e) && tries < DEADLOCK_RETRIES => tries += 1,
+                Err(e) if refuses_read_committed(&e) && $sql.ranges() => {
+                    tracing::warn!(
+                        error = %e,
+                        "the server refuses writes at READ COMMITTED (its binary log is in \
+                         statement format): the relay reads rows by lists of ids from now on"
+                    );
+                    $sql.refuse_ranges();
+                }
                 other => break other,
             }
         }
@@ -62,9 +73,16 @@ impl Backend for MySql {
                 .collect();
         let mut changed = 0;
         for chunk in ids.chunks(1024) {
-            changed += retrying!(expire_chunk(sql, conn, now, chunk))?;
+            changed += retrying!(sql, expire_chunk(sql, conn, now, chunk))?;
         }
         Ok(changed)
+    }
+
+    fn begin_relay<'c>(
+        sql: &TableSql,
+        conn: &'c mut MySqlConnection,
+    ) -> impl Future<Output = Result<sqlx::Transaction<'c, MySql>, sqlx::Error>> + Send {
+        begin_relay(sql, conn)
     }
 
     async fn begin_pool_write(
@@ -80,7 +98,7 @@ impl Backend for MySql {
         owner: &str,
         ids: &[i64],
     ) -> Result<u64, sqlx::Error> {
-        retrying!(mark_published_once(sql, conn, now, owner, ids))
+        retrying!(sql, mark_published_once(sql, conn, now, owner, ids))
     }
 
     async fn claim_update(
@@ -89,11 +107,10 @@ impl Backend for MySql {
         mut args: Vec<Arg>,
         ids: &[i64],
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-        let ids = || ids.iter().map(|&id| Arg::I64(id));
-        let update = sql.with_ids("claim_update", &mut args, ids());
+        let update = sql.with_row_ids("claim_update", &mut args, ids);
         Self::execute(conn, &update, args).await?;
         let mut args = Vec::new();
-        let select = sql.with_ids("select_ids", &mut args, ids());
+        let select = sql.with_row_ids("select_ids", &mut args, ids);
         Self::fetch_rows(conn, &select, args).await
     }
 
@@ -102,12 +119,45 @@ impl Backend for MySql {
         conn: &mut MySqlConnection,
         c: ClaimArgs,
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-        retrying!(super::claim_rows::<MySql>(sql, conn, c.clone()))
+        retrying!(sql, super::claim_rows::<MySql>(sql, conn, c.clone()))
     }
 }
 
-/// InnoDB may still pick a claim as a deadlock victim (its gap locks are not ours to choose);
-/// the claim rolled back whole, so it is safe to run again.
+/// Begins a relay's transaction: at `READ COMMITTED` while the table reads rows by ranges of
+/// ids, at the server's default level once it reads them by lists.
+///
+/// A locking read or an update that scans a range locks, at `REPEATABLE READ` (InnoDB's
+/// default), the record after the range's end too, and at the end of the table the gap every
+/// insert goes into: a claim of a backlog's last rows would hold every writer's insert until it
+/// committed, and a claim of rows 2–3 another relay's row 4. At `READ COMMITTED` it locks the
+/// rows it keeps and nothing else. The level is set for this transaction alone, in the
+/// statement that begins it, so it never outlives it on a pooled connection.
+///
+/// A server that writes its binary log as statements (`binlog_format = STATEMENT`) refuses
+/// InnoDB writes at `READ COMMITTED`; [`retrying!`] then turns the table to lists of ids, whose
+/// point lookups lock no gap at any level.
+async fn begin_relay<'c>(
+    sql: &TableSql,
+    conn: &'c mut MySqlConnection,
+) -> Result<sqlx::Transaction<'c, MySql>, sqlx::Error> {
+    if sql.ranges() {
+        conn.begin_with("SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION")
+            .await
+    } else {
+        conn.begin().await
+    }
+}
+
+/// Error 1665: the server logs statements, and InnoDB logs only rows at `READ COMMITTED`.
+fn refuses_read_committed(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+        .is_some_and(|d| d.number() == 1665)
+}
+
+/// InnoDB may still pick a claim as a deadlock victim (at `REPEATABLE READ`, after the server
+/// refused `READ COMMITTED`, its gap locks are not ours to choose); the claim rolled back
+/// whole, so it is safe to run again.
 const DEADLOCK_RETRIES: u32 = 3;
 
 fn is_deadlock(e: &sqlx::Error) -> bool {
@@ -165,9 +215,9 @@ async fn lock_then_update(
     (update, update_args): (&str, &[Arg]),
     ids: &[i64],
 ) -> Result<u64, sqlx::Error> {
-    let mut tx = conn.begin().await?;
+    let mut tx = begin_relay(sql, conn).await?;
     let mut args = lock_args.to_vec();
-    let query = sql.with_ids(lock, &mut args, ids.iter().map(|&id| Arg::I64(id)));
+    let query = sql.with_row_ids(lock, &mut args, ids);
     let locked: Vec<i64> = MySql::fetch_ints(&mut tx, &query, args)
         .await?
         .into_iter()
@@ -176,7 +226,7 @@ async fn lock_then_update(
     let mut changed = 0;
     if !locked.is_empty() {
         let mut args = update_args.to_vec();
-        let query = sql.with_ids(update, &mut args, locked.iter().map(|&id| Arg::I64(id)));
+        let query = sql.with_row_ids(update, &mut args, &locked);
         changed = MySql::execute(&mut tx, &query, args).await?;
     }
     tx.commit().await?;

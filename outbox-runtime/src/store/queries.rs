@@ -165,6 +165,53 @@ pub(super) fn with_ids(
     expand_ids(sql, before, n, numbered)
 }
 
+/// Replaces `{id_ranges}` with one `id BETWEEN lo AND hi` per run of consecutive ids, or-ed
+/// (each run's first and last id bound after what `args` holds), its runs padded to the next
+/// power of two by repeating the last one, as [`with_ids`] pads its list.
+///
+/// Each value of an `IN` list is a descent of the primary key from its root, and a table a
+/// level deeper makes each one dearer; a run of consecutive ids read as a range descends once.
+/// The ids need not be sorted nor distinct. With none, the condition is false.
+pub(super) fn with_id_ranges(
+    sql: &str,
+    numbered: bool,
+    args: &mut Vec<Arg>,
+    ids: &[i64],
+) -> String {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut runs: Vec<(i64, i64)> = Vec::new();
+    for id in sorted {
+        match runs.last_mut() {
+            Some((_, hi)) if hi.checked_add(1) == Some(id) => *hi = id,
+            _ => runs.push((id, id)),
+        }
+    }
+    pad_from(&mut runs, 0);
+    let mut text = Vec::with_capacity(runs.len());
+    for (lo, hi) in runs {
+        args.extend([Arg::I64(lo), Arg::I64(hi)]);
+        text.push(if numbered {
+            format!("id BETWEEN ${} AND ${}", args.len() - 1, args.len())
+        } else {
+            "id BETWEEN ? AND ?".to_owned()
+        });
+    }
+    let condition = if text.is_empty() {
+        "1 = 0".to_owned()
+    } else {
+        format!("({})", text.join(" OR "))
+    };
+    sql.replace("{id_ranges}", &condition)
+}
+
+/// `{id_ranges}` as a list of the ids instead, `id IN (...)` ([`with_ids`]).
+pub(super) fn with_id_list(sql: &str, numbered: bool, args: &mut Vec<Arg>, ids: &[i64]) -> String {
+    let sql = sql.replace("{id_ranges}", "id IN ({ids})");
+    with_ids(&sql, numbered, args, ids.iter().map(|&id| Arg::I64(id)))
+}
+
 /// Appends `ids` to `args`, padded to the next power of two with the last one; returns how
 /// many it appended.
 fn push_ids(args: &mut Vec<Arg>, ids: impl IntoIterator<Item = Arg>) -> usize {
@@ -295,6 +342,66 @@ mod tests {
     }
 
     #[test]
+    fn id_ranges_are_the_runs_of_consecutive_ids_padded_to_a_power_of_two() {
+        let sql = "SELECT id FROM t WHERE s = ? AND {id_ranges}";
+        // Unsorted, with a repeat: the runs 3..=5, 9, 11..=12, the last repeated to four.
+        let mut args = vec![Arg::Str("sending".into())];
+        let got = with_id_ranges(sql, false, &mut args, &[12, 4, 9, 3, 5, 11, 4]);
+        assert_eq!(
+            got,
+            "SELECT id FROM t WHERE s = ? AND (id BETWEEN ? AND ? OR id BETWEEN ? AND ? \
+             OR id BETWEEN ? AND ? OR id BETWEEN ? AND ?)"
+        );
+        let bounds: Vec<i64> = args[1..]
+            .iter()
+            .map(|a| match a {
+                Arg::I64(v) => *v,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(bounds, [3, 5, 9, 9, 11, 12, 11, 12]);
+        // A batch of one run, as a hot key's is: one range, numbered after what came first.
+        let mut args = vec![Arg::I64(0)];
+        let ids: Vec<i64> = (100..600).collect();
+        assert_eq!(
+            with_id_ranges("x = $1 AND {id_ranges}", true, &mut args, &ids),
+            "x = $1 AND (id BETWEEN $2 AND $3)"
+        );
+        assert_eq!(args, [0, 100, 599].map(Arg::I64));
+        // The extremes do not overflow, and nothing selects nothing.
+        let mut args = Vec::new();
+        with_id_ranges(
+            "{id_ranges}",
+            false,
+            &mut args,
+            &[i64::MAX, i64::MAX - 1, i64::MIN],
+        );
+        assert_eq!(
+            args,
+            [i64::MIN, i64::MIN, i64::MAX - 1, i64::MAX].map(Arg::I64)
+        );
+        assert_eq!(
+            with_id_ranges("{id_ranges}", false, &mut Vec::new(), &[]),
+            "1 = 0"
+        );
+        // Any set of up to 1,024 ids gives one of 11 texts.
+        let texts: std::collections::BTreeSet<String> = (1..=1024_i64)
+            .map(|n| {
+                let ids: Vec<i64> = (0..n).map(|i| i * 2).collect();
+                with_id_ranges("{id_ranges}", false, &mut Vec::new(), &ids)
+            })
+            .collect();
+        assert_eq!(texts.len(), 11);
+        // The same statement as a list of the ids.
+        let mut args = vec![Arg::Str("sending".into())];
+        assert_eq!(
+            with_id_list(sql, false, &mut args, &[4, 3, 5]),
+            "SELECT id FROM t WHERE s = ? AND id IN (?, ?, ?, ?)"
+        );
+        assert_eq!(args[1..], [4, 3, 5, 5].map(Arg::I64));
+    }
+
+    #[test]
     fn every_dialect_has_every_query() {
         let needed = [
             "create_table",
@@ -329,7 +436,7 @@ mod tests {
             let q = for_table(dialect, "t_outbox", false);
             for name in needed {
                 assert!(q.contains_key(name), "missing {name}");
-                let filled = q[name].replace("{ids}", "");
+                let filled = q[name].replace("{ids}", "").replace("{id_ranges}", "");
                 assert!(
                     !filled.contains('{'),
                     "{name} has an unfilled part: {filled}"

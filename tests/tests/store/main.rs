@@ -641,25 +641,137 @@ async fn a_consumers_lock_reads_its_rows_only_whatever_the_statistics_mysql() {
     // The last 64 rows, asked for out of order.
     let mut batch: Vec<&str> = stored[3936..].iter().map(|e| e.event_id.as_str()).collect();
     batch.reverse();
-    let reads = async |conn: &mut sqlx::MySqlConnection| -> i64 {
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "SHOW SESSION STATUS WHERE Variable_name IN ('Handler_read_next', 'Handler_read_rnd_next')",
-        )
-        .fetch_all(&mut *conn)
-        .await
-        .unwrap();
-        rows.iter().map(|(_, v)| v.parse::<i64>().unwrap()).sum()
-    };
-    let before = reads(&mut conn).await;
+    const READS: &str = "'Handler_read_next', 'Handler_read_rnd_next'";
+    let before = session_counters(&mut conn, READS).await;
     let mut tx = conn.begin().await.unwrap();
     let rows = h.outbox.lock_rows(&mut *tx, "task", &batch).await.unwrap();
     tx.commit().await.unwrap();
-    let read = reads(&mut conn).await - before;
+    let read = session_counters(&mut conn, READS).await - before;
     let want: Vec<i64> = stored[3936..].iter().map(|e| e.id).collect();
     assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), want);
     // The 64 rows (and what reading the counters costs, a few dozen); the primary key walked
     // from its start reads the 3,936 rows before them besides.
     assert!(read < 1000, "locking 64 rows read {read} entries");
+    drop(conn);
+    h.cleanup().await;
+}
+
+// A run of one key's rows is read as a range of the primary key, not one lookup per id: a
+// claim of 500 and its mark published look up a handful of index entries, where lists of the
+// ids (the relay on a server that refuses ranges) look up each row in each of the five
+// statements. Counted by the server itself. The rows, their order and their marks are the
+// same both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_and_its_mark_read_a_run_of_rows_as_one_range_mysql() {
+    use outbox_runtime::sqlx::Connection;
+    let h = Harness::<MySql>::new().await;
+    let mut conn = h.pool.acquire().await.unwrap().detach();
+    let events: Vec<_> = (0..1000u64).map(|n| urgency(n, 7)).collect();
+    let mut tx = conn.begin().await.unwrap();
+    let stored = h.outbox.enqueue_all(&mut *tx, &events).await.unwrap();
+    tx.commit().await.unwrap();
+    const LOOKUPS: &str = "'Handler_read_key'";
+    let mut looked_up = Vec::new();
+    for half in stored.chunks(500) {
+        if !looked_up.is_empty() {
+            h.outbox.refuse_id_ranges();
+        }
+        let before = session_counters(&mut conn, LOOKUPS).await;
+        let rows = h
+            .outbox
+            .claim(&mut conn, "task", "relay", 500, LEASE)
+            .await
+            .unwrap();
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let marked = h
+            .outbox
+            .mark_published(&mut conn, "task", "relay", &ids)
+            .await
+            .unwrap();
+        looked_up.push(session_counters(&mut conn, LOOKUPS).await - before);
+        let want: Vec<i64> = half.iter().map(|e| e.id).collect();
+        assert_eq!(ids, want);
+        assert_eq!(marked, 500);
+        assert!(
+            rows.iter()
+                .all(|r| r.status == Status::Sending && r.attempts == 1)
+        );
+        for id in [want[0], want[499]] {
+            assert_eq!(row(&h, "task", id).await.status, Status::Published);
+        }
+    }
+    let (ranges, lists) = (looked_up[0], looked_up[1]);
+    assert!(
+        ranges < 50,
+        "a run of 500 rows read as ranges: {ranges} lookups"
+    );
+    assert!(
+        lists >= 2500,
+        "500 rows read by lists of ids: {lists} lookups"
+    );
+    drop(conn);
+    h.cleanup().await;
+}
+
+/// The sum of this MySQL session's status counters `names` (a quoted, comma-separated list), as
+/// the server counts them.
+async fn session_counters(conn: &mut outbox_runtime::sqlx::MySqlConnection, names: &str) -> i64 {
+    let sql = format!("SHOW SESSION STATUS WHERE Variable_name IN ({names})");
+    let rows: Vec<(String, String)> = outbox_runtime::sqlx::query_as(&sql)
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    assert!(!rows.is_empty(), "no counter {names}");
+    rows.iter().map(|(_, v)| v.parse::<i64>().unwrap()).sum()
+}
+
+// The relay's transactions on MySQL run at READ COMMITTED, set for each transaction alone: the
+// next transaction on the same pooled connection (an application's) runs at the server's level
+// (REPEATABLE READ), and reads again what it read before another transaction changed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_leaves_the_next_transaction_on_its_connection_at_the_servers_level_mysql() {
+    use outbox_runtime::sqlx::{self, Connection};
+    let h = Harness::<MySql>::new().await;
+    let business = h.business.clone();
+    put(&h, &samples::urgency(1)).await;
+    sqlx::query(&format!(
+        "INSERT INTO {business} (id, note) VALUES (1, 'before')"
+    ))
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    let mut conn = h.pool.acquire().await.unwrap().detach();
+    let rows = h
+        .outbox
+        .claim(&mut conn, "task", "relay", 10, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    let ids = [rows[0].id];
+    assert_eq!(
+        h.outbox
+            .mark_published(&mut conn, "task", "relay", &ids)
+            .await
+            .unwrap(),
+        1
+    );
+    let note = format!("SELECT note FROM {business} WHERE id = 1");
+    let mut tx = conn.begin().await.unwrap();
+    let first: String = sqlx::query_scalar(&note).fetch_one(&mut *tx).await.unwrap();
+    sqlx::query(&format!(
+        "UPDATE {business} SET note = 'after' WHERE id = 1"
+    ))
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    let again: String = sqlx::query_scalar(&note).fetch_one(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!((first.as_str(), again.as_str()), ("before", "before"));
+    let now: String = sqlx::query_scalar(&note)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(now, "after");
     drop(conn);
     h.cleanup().await;
 }
@@ -2655,16 +2767,29 @@ async fn a_claimer_that_dies_loses_its_rows_when_the_lease_ends<DB: TestDb>() {
 
 // Per-key order under four concurrent claimers: each key's rows are published in id order.
 async fn per_key_order_holds_under_concurrent_claimers<DB: TestDb>() {
-    per_key_order_under_four_claimers::<DB>(12, 5).await;
+    per_key_order_under_four_claimers::<DB>(12, 5, false).await;
 }
 
 // The same with two hot keys and batches that take long runs of one key.
 async fn per_key_order_holds_for_hot_keys_under_concurrent_claimers<DB: TestDb>() {
-    per_key_order_under_four_claimers::<DB>(2, 40).await;
+    per_key_order_under_four_claimers::<DB>(2, 40, false).await;
 }
 
-async fn per_key_order_under_four_claimers<DB: TestDb>(keys: u64, batch: usize) {
+// MySQL's relay reads the rows it chose by lists of their ids on a server that refuses its
+// ranges (see `refuse_id_ranges`): order holds there too, with many keys and with hot ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_key_order_holds_when_the_relay_reads_lists_of_ids_mysql() {
+    per_key_order_under_four_claimers::<MySql>(12, 5, true).await;
+    per_key_order_under_four_claimers::<MySql>(2, 40, true).await;
+}
+
+/// Four claimers publish 600 rows on `keys` keys, `batch` at a time; `lists`: the relay reads
+/// rows by lists of ids.
+async fn per_key_order_under_four_claimers<DB: TestDb>(keys: u64, batch: usize, lists: bool) {
     let h = Arc::new(Harness::<DB>::new().await);
+    if lists {
+        h.outbox.refuse_id_ranges();
+    }
     let events: Vec<_> = (0..600u64).map(|n| urgency(n, 1 + n % keys)).collect();
     for chunk in events.chunks(200) {
         let mut tx = h.pool.begin().await.unwrap();
