@@ -658,9 +658,8 @@ async fn a_consumers_lock_reads_its_rows_only_whatever_the_statistics_mysql() {
 
 // A run of one key's rows is read as a range of the primary key, not one lookup per id: a
 // claim of 500 and its mark published look up a handful of index entries, where lists of the
-// ids (the relay on a server that refuses ranges) look up each row in each of the five
-// statements. Counted by the server itself. The rows, their order and their marks are the
-// same both ways.
+// ids (the relay on a server that refuses ranges) look up each row in several statements.
+// Counted by the server itself. The rows, their order and their marks are the same both ways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_claim_and_its_mark_read_a_run_of_rows_as_one_range_mysql() {
     use outbox_runtime::sqlx::Connection;
@@ -705,8 +704,10 @@ async fn a_claim_and_its_mark_read_a_run_of_rows_as_one_range_mysql() {
         ranges < 50,
         "a run of 500 rows read as ranges: {ranges} lookups"
     );
+    // With lists, the two locking reads (forced onto the primary key) look up each row; the
+    // updates and the read back do too, or scan this small table, as its statistics say.
     assert!(
-        lists >= 2500,
+        lists >= 1000,
         "500 rows read by lists of ids: {lists} lookups"
     );
     drop(conn);
