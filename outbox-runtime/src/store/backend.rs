@@ -236,9 +236,9 @@ macro_rules! returning_methods {
             conn: &mut Self::Connection,
             mut args: Vec<$crate::store::Arg>,
             ids: &[i64],
+            how: $crate::store::RowIds,
         ) -> Result<Vec<$crate::store::OutboxRow>, sqlx::Error> {
-            let ids = ids.iter().map(|&id| $crate::store::Arg::I64(id));
-            let update = sql.with_ids("claim_update", &mut args, ids);
+            let update = sql.with_row_ids("claim_update", &mut args, ids, how);
             Self::fetch_rows(conn, &update, args).await
         }
     };

@@ -571,15 +571,17 @@ pub trait Backend: sqlx::Database + private::Sealed {
     ) -> impl Future<Output = Result<sqlx::Transaction<'_, Self>, sqlx::Error>> + Send;
 
     /// Begins a relay's transaction on `sql`'s table (a claim; on MySQL also a mark published
-    /// and an expiry): [`Backend::begin_write`], except where the table's queries need another
-    /// isolation level (MySQL's ranges of ids, see `begin_relay` in `mysql.rs`).
+    /// and an expiry), and says how its statements may name the rows they chose: by
+    /// [`Backend::begin_write`] and ranges, except where ranges need another isolation level
+    /// (MySQL, see `begin_relay` in `mysql.rs`).
     #[doc(hidden)]
     fn begin_relay<'c>(
         sql: &TableSql,
         conn: &'c mut Self::Connection,
-    ) -> impl Future<Output = Result<sqlx::Transaction<'c, Self>, sqlx::Error>> + Send {
+    ) -> impl Future<Output = Result<(sqlx::Transaction<'c, Self>, RowIds), sqlx::Error>> + Send
+    {
         let _ = sql;
-        Self::begin_write(conn)
+        async move { Ok((Self::begin_write(conn).await?, RowIds::Ranges)) }
     }
 
     /// Begins a write transaction on a pooled connection that the transaction owns.
@@ -669,13 +671,14 @@ pub trait Backend: sqlx::Database + private::Sealed {
     ) -> impl Future<Output = Result<Vec<WindowRow>, sqlx::Error>> + Send;
 
     /// Leases the rows a claim keeps (`claim_update` over `ids`, bound after `args`: the
-    /// owner, the lease's end and the time) and returns them.
+    /// owner, the lease's end and the time, named as `how` says) and returns them.
     #[doc(hidden)]
     fn claim_update(
         sql: &TableSql,
         conn: &mut Self::Connection,
         args: Vec<Arg>,
         ids: &[i64],
+        how: RowIds,
     ) -> impl Future<Output = Result<Vec<OutboxRow>, sqlx::Error>> + Send;
 
     /// Claims due rows; see [`Outbox::claim`].
@@ -794,7 +797,7 @@ async fn claim_rows<DB: Backend>(
     if limit == 0 {
         return Ok(Vec::new());
     }
-    let mut tx = DB::begin_relay(sql, conn).await?;
+    let (mut tx, how) = DB::begin_relay(sql, conn).await?;
     if let Some(settings) = sql.find("claim_settings") {
         DB::execute(&mut tx, settings, Vec::new()).await?;
     }
@@ -835,7 +838,7 @@ async fn claim_rows<DB: Backend>(
     let mut locked = HashSet::new();
     for chunk in plan.ids().chunks(1024) {
         let mut args = vec![Arg::I64(c.now), Arg::I64(c.now)];
-        let lock = sql.with_row_ids("claim_lock", &mut args, chunk);
+        let lock = sql.with_row_ids("claim_lock", &mut args, chunk, how);
         locked.extend(
             DB::fetch_ints(&mut tx, &lock, args)
                 .await?
@@ -851,7 +854,7 @@ async fn claim_rows<DB: Backend>(
             Arg::I64(c.lease_until),
             Arg::I64(c.now),
         ];
-        rows.extend(DB::claim_update(sql, &mut tx, args, chunk).await?);
+        rows.extend(DB::claim_update(sql, &mut tx, args, chunk, how).await?);
     }
     tx.commit().await?;
     rows.sort_unstable_by_key(|r| r.id);
@@ -940,6 +943,16 @@ pub struct ClaimArgs {
     pub in_flight: HashSet<i64>,
 }
 
+/// How a relay's statements name the rows they chose, where their text says `{id_ranges}`.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowIds {
+    /// One `id BETWEEN lo AND hi` per run of consecutive ids.
+    Ranges,
+    /// `id IN (...)`: point lookups, which lock no gap at any isolation level.
+    Lists,
+}
+
 /// One service's queries, with its table name and the dialect's placeholders filled in.
 #[doc(hidden)]
 #[derive(Debug)]
@@ -947,8 +960,8 @@ pub struct TableSql {
     route: ServiceRoute,
     numbered: bool,
     queries: HashMap<&'static str, String>,
-    /// The server refused a write at `READ COMMITTED` (MySQL logging statements): `{id_ranges}`
-    /// is a list of the ids from then on ([`TableSql::with_row_ids`]).
+    /// The server refused a write at `READ COMMITTED` (MySQL logging statements): the relay's
+    /// transactions name rows by lists of ids from then on ([`TableSql::ranges`]).
     lists_only: AtomicBool,
 }
 
@@ -963,29 +976,34 @@ impl TableSql {
         }
     }
 
-    /// The query `name` over the rows `ids`: its `{ids}` a list of them, its `{id_ranges}` one
-    /// range per run of consecutive ids ([`queries::with_id_ranges`]), or a list of them once
-    /// ranges are refused (see [`TableSql::refuse_ranges`]). The ids are bound after what
-    /// `args` holds.
-    pub fn with_row_ids(&self, name: &str, args: &mut Vec<Arg>, ids: &[i64]) -> String {
+    /// The query `name` over the rows `ids`, bound after what `args` holds: its `{ids}` a list
+    /// of them; its `{id_ranges}` as `how` says, one range per run of consecutive ids
+    /// ([`queries::with_id_ranges`]) or a list.
+    pub fn with_row_ids(
+        &self,
+        name: &str,
+        args: &mut Vec<Arg>,
+        ids: &[i64],
+        how: RowIds,
+    ) -> String {
         let sql = self.get(name);
         if !sql.contains("{id_ranges}") {
             queries::with_ids(sql, self.numbered, args, ids.iter().map(|&id| Arg::I64(id)))
-        } else if self.ranges() {
+        } else if how == RowIds::Ranges {
             queries::with_id_ranges(sql, self.numbered, args, ids)
         } else {
             queries::with_id_list(sql, self.numbered, args, ids)
         }
     }
 
-    /// Whether `{id_ranges}` are ranges (and MySQL's relay transactions `READ COMMITTED`,
-    /// which ranges need).
+    /// Whether the relay's transactions on this table may name rows by ranges (on MySQL, at
+    /// `READ COMMITTED`): until the server refused that level.
     fn ranges(&self) -> bool {
         !self.lists_only.load(Ordering::Relaxed)
     }
 
-    /// From now on, `{id_ranges}` are lists of the ids, read at the server's default isolation
-    /// level.
+    /// From now on, the relay's transactions on this table name rows by lists of ids, at the
+    /// server's default isolation level.
     fn refuse_ranges(&self) {
         self.lists_only.store(true, Ordering::Relaxed);
     }

@@ -9,7 +9,7 @@
 
 use sqlx::{Connection as _, MySql, MySqlConnection};
 
-use super::{Arg, Backend, ClaimArgs, OutboxRow, TableSql, private};
+use super::{Arg, Backend, ClaimArgs, OutboxRow, RowIds, TableSql, private};
 
 /// Awaits `$run` (a whole transaction on the table of `$sql`) again when InnoDB picked it as a
 /// deadlock victim, up to `DEADLOCK_RETRIES` times, and once more with lists of ids when the
@@ -81,7 +81,8 @@ impl Backend for MySql {
     fn begin_relay<'c>(
         sql: &TableSql,
         conn: &'c mut MySqlConnection,
-    ) -> impl Future<Output = Result<sqlx::Transaction<'c, MySql>, sqlx::Error>> + Send {
+    ) -> impl Future<Output = Result<(sqlx::Transaction<'c, MySql>, RowIds), sqlx::Error>> + Send
+    {
         begin_relay(sql, conn)
     }
 
@@ -106,11 +107,12 @@ impl Backend for MySql {
         conn: &mut MySqlConnection,
         mut args: Vec<Arg>,
         ids: &[i64],
+        how: RowIds,
     ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-        let update = sql.with_row_ids("claim_update", &mut args, ids);
+        let update = sql.with_row_ids("claim_update", &mut args, ids, how);
         Self::execute(conn, &update, args).await?;
         let mut args = Vec::new();
-        let select = sql.with_row_ids("select_ids", &mut args, ids);
+        let select = sql.with_row_ids("select_ids", &mut args, ids, how);
         Self::fetch_rows(conn, &select, args).await
     }
 
@@ -123,8 +125,10 @@ impl Backend for MySql {
     }
 }
 
-/// Begins a relay's transaction: at `READ COMMITTED` while the table reads rows by ranges of
-/// ids, at the server's default level once it reads them by lists.
+/// Begins a relay's transaction, and says how its statements name the rows they chose: by
+/// ranges of ids at `READ COMMITTED`; by lists at the server's default level once the server
+/// refused `READ COMMITTED` on this table; by lists inside a transaction the caller holds (a
+/// savepoint, at the caller's level, whose locks last as long as the caller's transaction).
 ///
 /// A locking read or an update that scans a range locks, at `REPEATABLE READ` (InnoDB's
 /// default), the record after the range's end too, and at the end of the table the gap every
@@ -139,12 +143,14 @@ impl Backend for MySql {
 async fn begin_relay<'c>(
     sql: &TableSql,
     conn: &'c mut MySqlConnection,
-) -> Result<sqlx::Transaction<'c, MySql>, sqlx::Error> {
-    if sql.ranges() {
-        conn.begin_with("SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION")
-            .await
+) -> Result<(sqlx::Transaction<'c, MySql>, RowIds), sqlx::Error> {
+    if sql.ranges() && !conn.is_in_transaction() {
+        let tx = conn
+            .begin_with("SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION")
+            .await?;
+        Ok((tx, RowIds::Ranges))
     } else {
-        conn.begin().await
+        Ok((conn.begin().await?, RowIds::Lists))
     }
 }
 
@@ -215,9 +221,9 @@ async fn lock_then_update(
     (update, update_args): (&str, &[Arg]),
     ids: &[i64],
 ) -> Result<u64, sqlx::Error> {
-    let mut tx = begin_relay(sql, conn).await?;
+    let (mut tx, how) = begin_relay(sql, conn).await?;
     let mut args = lock_args.to_vec();
-    let query = sql.with_row_ids(lock, &mut args, ids);
+    let query = sql.with_row_ids(lock, &mut args, ids, how);
     let locked: Vec<i64> = MySql::fetch_ints(&mut tx, &query, args)
         .await?
         .into_iter()
@@ -226,7 +232,7 @@ async fn lock_then_update(
     let mut changed = 0;
     if !locked.is_empty() {
         let mut args = update_args.to_vec();
-        let query = sql.with_row_ids(update, &mut args, &locked);
+        let query = sql.with_row_ids(update, &mut args, &locked, how);
         changed = MySql::execute(&mut tx, &query, args).await?;
     }
     tx.commit().await?;

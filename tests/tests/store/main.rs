@@ -714,6 +714,54 @@ async fn a_claim_and_its_mark_read_a_run_of_rows_as_one_range_mysql() {
     h.cleanup().await;
 }
 
+// Inside a transaction the caller holds, a claim cannot choose its isolation level: it names
+// its rows by lists of ids, whose point lookups lock those rows and no gap, so writers go on
+// inserting while the caller holds the claimed rows (at REPEATABLE READ, a range of the
+// table's last rows would also lock the gap every insert goes into, until the caller commits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_inside_the_callers_transaction_holds_no_writer_back_mysql() {
+    use outbox_runtime::sqlx::{self, Connection};
+    let h = Harness::<MySql>::new().await;
+    for n in 0..10 {
+        put(&h, &urgency(n, 7)).await;
+    }
+    let mut conn = h.pool.acquire().await.unwrap().detach();
+    let mut tx = conn.begin().await.unwrap();
+    let rows = h
+        .outbox
+        .claim(&mut *tx, "task", "relay", 100, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 10);
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    assert_eq!(
+        h.outbox
+            .mark_published(&mut *tx, "task", "relay", &ids)
+            .await
+            .unwrap(),
+        10
+    );
+    // A writer that waits at most 1 s for a lock, while the claim's transaction is open.
+    let mut writer = h.pool.acquire().await.unwrap().detach();
+    sqlx::query("SET SESSION innodb_lock_wait_timeout = 1")
+        .execute(&mut writer)
+        .await
+        .unwrap();
+    for n in 10..12 {
+        let mut wtx = writer.begin().await.unwrap();
+        let stored = h.outbox.enqueue(&mut *wtx, &urgency(n, 8)).await;
+        assert!(stored.is_ok(), "the writer waited: {stored:?}");
+        wtx.commit().await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    for id in ids {
+        assert_eq!(row(&h, "task", id).await.status, Status::Published);
+    }
+    assert_eq!(claim(&h, "task", "relay", 100).await.len(), 2);
+    drop((conn, writer));
+    h.cleanup().await;
+}
+
 /// The sum of this MySQL session's status counters `names` (a quoted, comma-separated list), as
 /// the server counts them.
 async fn session_counters(conn: &mut outbox_runtime::sqlx::MySqlConnection, names: &str) -> i64 {

@@ -146,7 +146,7 @@ WHERE status = 'sending' AND lease_until <= ? AND attempts >= max_attempts
 -- name: expire_leases
 -- The rows `expire_lock` locked, by primary key alone (see `mark_published`).
 -- updated_at, id ranges...
-UPDATE {table}
+UPDATE {table} FORCE INDEX (PRIMARY)
 SET status = 'dead', dead_reason = 'lease_expired',
     last_error = 'the lease expired on the last allowed attempt; the publisher holding it stopped',
     lease_owner = NULL, lease_until = NULL, next_attempt_at = NULL, updated_at = ?
@@ -188,8 +188,10 @@ LIMIT $7
 -- pages per row at 10,000 rows and 20 at 100,000, a level deeper; ranges 9 at both). The
 -- transactions that run them are `READ COMMITTED` (`begin_relay` in `mysql.rs`), where a
 -- range locks the rows it keeps and no other row or gap; on a server that refuses that level,
--- the relay reads lists of the ids instead (`id IN (...)`: point lookups lock no gap at any
--- level).
+-- and inside a transaction the caller holds (a savepoint, at the caller's level), the relay
+-- reads lists of the ids instead (`id IN (...)`: point lookups lock no gap at any level). The
+-- updates are forced onto the primary key too: on a small table the optimizer chose to scan
+-- it, which at `REPEATABLE READ` locks every row and the gap at its end.
 -- lease_owner, id ranges...
 SELECT id FROM {table} FORCE INDEX (PRIMARY)
 WHERE status = 'sending' AND lease_owner = ? AND {id_ranges}
@@ -199,7 +201,7 @@ FOR UPDATE SKIP LOCKED
 -- The rows `mark_published_lock` locked (still sending under the owner's lease: no one can
 -- change them before this transaction ends), by primary key alone.
 -- published_at, updated_at, id ranges...
-UPDATE {table}
+UPDATE {table} FORCE INDEX (PRIMARY)
 SET status = 'published', published_at = ?, updated_at = ?, lease_owner = NULL,
     lease_until = NULL, next_attempt_at = NULL, last_error = NULL
 WHERE {id_ranges}
@@ -285,7 +287,7 @@ FOR UPDATE SKIP LOCKED
 -- SIMULTANEOUS_ASSIGNMENT mode it sees the old owner, NULL, and gives up all its room: the row
 -- still does not grow.)
 -- lease_owner, lease_until, updated_at, id ranges...
-UPDATE {table}
+UPDATE {table} FORCE INDEX (PRIMARY)
 SET status = 'sending', lease_owner = $1,
     room = CASE WHEN lease_until IS NULL
         THEN LEFT(room, GREATEST(0, CHAR_LENGTH(room) - CHAR_LENGTH(lease_owner) - 9))
