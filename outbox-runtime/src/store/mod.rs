@@ -998,6 +998,7 @@ impl TableSql {
 
     /// Whether the relay's transactions on this table may name rows by ranges (on MySQL, at
     /// `READ COMMITTED`): until the server refused that level.
+    #[cfg(feature = "mysql")]
     fn ranges(&self) -> bool {
         !self.lists_only.load(Ordering::Relaxed)
     }
