@@ -987,9 +987,7 @@ impl TableSql {
         how: RowIds,
     ) -> String {
         let sql = self.get(name);
-        if !sql.contains("{id_ranges}") {
-            queries::with_ids(sql, self.numbered, args, ids.iter().map(|&id| Arg::I64(id)))
-        } else if how == RowIds::Ranges {
+        if how == RowIds::Ranges && sql.contains("{id_ranges}") {
             queries::with_id_ranges(sql, self.numbered, args, ids)
         } else {
             queries::with_id_list(sql, self.numbered, args, ids)

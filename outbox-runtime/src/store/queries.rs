@@ -206,7 +206,8 @@ pub(super) fn with_id_ranges(
     sql.replace("{id_ranges}", &condition)
 }
 
-/// `{id_ranges}` as a list of the ids instead, `id IN (...)` ([`with_ids`]).
+/// `{id_ranges}` as a list of the ids instead, `id IN (...)`, and `{ids}` as the list itself
+/// ([`with_ids`]).
 pub(super) fn with_id_list(sql: &str, numbered: bool, args: &mut Vec<Arg>, ids: &[i64]) -> String {
     let sql = sql.replace("{id_ranges}", "id IN ({ids})");
     with_ids(&sql, numbered, args, ids.iter().map(|&id| Arg::I64(id)))
@@ -399,6 +400,13 @@ mod tests {
             "SELECT id FROM t WHERE s = ? AND id IN (?, ?, ?, ?)"
         );
         assert_eq!(args[1..], [4, 3, 5, 5].map(Arg::I64));
+        // A statement written with `{ids}` (PostgreSQL's, SQLite's) is its list either way.
+        let mut args = vec![Arg::I64(0)];
+        assert_eq!(
+            with_id_list("x = $1 AND id IN ({ids})", true, &mut args, &[9, 8]),
+            "x = $1 AND id IN ($2, $3)"
+        );
+        assert_eq!(args, [0, 9, 8].map(Arg::I64));
     }
 
     #[test]

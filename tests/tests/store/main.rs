@@ -210,6 +210,27 @@ async fn publish<DB: TestDb>(h: &Harness<DB>, service: &str, owner: &str, ids: &
         .unwrap()
 }
 
+/// One relay round on `conn`: claims up to `limit` rows of `task` as `relay` and marks them
+/// published. Returns the rows as claimed and how many were marked.
+async fn claim_and_mark<DB: TestDb>(
+    h: &Harness<DB>,
+    conn: &mut DB::Connection,
+    limit: usize,
+) -> (Vec<outbox_runtime::store::OutboxRow>, u64) {
+    let rows = h
+        .outbox
+        .claim(&mut *conn, "task", "relay", limit, LEASE)
+        .await
+        .unwrap();
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let marked = h
+        .outbox
+        .mark_published(conn, "task", "relay", &ids)
+        .await
+        .unwrap();
+    (rows, marked)
+}
+
 /// A task urgency event for `user`; its key is the user.
 fn urgency(n: u64, user: u64) -> contracts::task::TaskUrgencyPromoteRequested {
     let mut e = samples::urgency(n);
@@ -565,18 +586,8 @@ async fn a_claim_reads_no_published_row_whatever_the_statistics_postgres() {
         .unwrap();
     let mut drained = 0;
     for _ in 0..7 {
-        let rows = h
-            .outbox
-            .claim(&mut conn, "task", "relay", 500, LEASE)
-            .await
-            .unwrap();
+        let (rows, marked) = claim_and_mark(&h, &mut conn, 500).await;
         assert_eq!(rows.len(), 500);
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        let marked = h
-            .outbox
-            .mark_published(&mut conn, "task", "relay", &ids)
-            .await
-            .unwrap();
         assert_eq!(marked, 500);
         drained += 500;
     }
@@ -626,17 +637,8 @@ async fn a_consumers_lock_reads_its_rows_only_whatever_the_statistics_mysql() {
     }
     let mut published = 0;
     while published < 3936 {
-        let rows = h
-            .outbox
-            .claim(&mut conn, "task", "relay", 500.min(3936 - published), LEASE)
-            .await
-            .unwrap();
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        published += h
-            .outbox
-            .mark_published(&mut conn, "task", "relay", &ids)
-            .await
-            .unwrap() as usize;
+        let (_, marked) = claim_and_mark(&h, &mut conn, 500.min(3936 - published)).await;
+        published += marked as usize;
     }
     // The last 64 rows, asked for out of order.
     let mut batch: Vec<&str> = stored[3936..].iter().map(|e| e.event_id.as_str()).collect();
@@ -676,20 +678,10 @@ async fn a_claim_and_its_mark_read_a_run_of_rows_as_one_range_mysql() {
             h.outbox.refuse_id_ranges();
         }
         let before = session_counters(&mut conn, LOOKUPS).await;
-        let rows = h
-            .outbox
-            .claim(&mut conn, "task", "relay", 500, LEASE)
-            .await
-            .unwrap();
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        let marked = h
-            .outbox
-            .mark_published(&mut conn, "task", "relay", &ids)
-            .await
-            .unwrap();
+        let (rows, marked) = claim_and_mark(&h, &mut conn, 500).await;
         looked_up.push(session_counters(&mut conn, LOOKUPS).await - before);
         let want: Vec<i64> = half.iter().map(|e| e.id).collect();
-        assert_eq!(ids, want);
+        assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), want);
         assert_eq!(marked, 500);
         assert!(
             rows.iter()
@@ -727,20 +719,8 @@ async fn a_claim_inside_the_callers_transaction_holds_no_writer_back_mysql() {
     }
     let mut conn = h.pool.acquire().await.unwrap().detach();
     let mut tx = conn.begin().await.unwrap();
-    let rows = h
-        .outbox
-        .claim(&mut *tx, "task", "relay", 100, LEASE)
-        .await
-        .unwrap();
-    assert_eq!(rows.len(), 10);
-    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    assert_eq!(
-        h.outbox
-            .mark_published(&mut *tx, "task", "relay", &ids)
-            .await
-            .unwrap(),
-        10
-    );
+    let (rows, marked) = claim_and_mark(&h, &mut *tx, 100).await;
+    assert_eq!((rows.len(), marked), (10, 10));
     // A writer that waits at most 1 s for a lock, while the claim's transaction is open.
     let mut writer = h.pool.acquire().await.unwrap().detach();
     sqlx::query("SET SESSION innodb_lock_wait_timeout = 1")
@@ -754,7 +734,7 @@ async fn a_claim_inside_the_callers_transaction_holds_no_writer_back_mysql() {
         wtx.commit().await.unwrap();
     }
     tx.commit().await.unwrap();
-    for id in ids {
+    for id in rows.iter().map(|r| r.id) {
         assert_eq!(row(&h, "task", id).await.status, Status::Published);
     }
     assert_eq!(claim(&h, "task", "relay", 100).await.len(), 2);
@@ -790,20 +770,8 @@ async fn a_claim_leaves_the_next_transaction_on_its_connection_at_the_servers_le
     .await
     .unwrap();
     let mut conn = h.pool.acquire().await.unwrap().detach();
-    let rows = h
-        .outbox
-        .claim(&mut conn, "task", "relay", 10, LEASE)
-        .await
-        .unwrap();
-    assert_eq!(rows.len(), 1);
-    let ids = [rows[0].id];
-    assert_eq!(
-        h.outbox
-            .mark_published(&mut conn, "task", "relay", &ids)
-            .await
-            .unwrap(),
-        1
-    );
+    let (rows, marked) = claim_and_mark(&h, &mut conn, 10).await;
+    assert_eq!((rows.len(), marked), (1, 1));
     let note = format!("SELECT note FROM {business} WHERE id = 1");
     let mut tx = conn.begin().await.unwrap();
     let first: String = sqlx::query_scalar(&note).fetch_one(&mut *tx).await.unwrap();
